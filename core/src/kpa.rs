@@ -1,0 +1,1 @@
+//! KPA decider (placeholder; see issue 5).

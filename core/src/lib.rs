@@ -1,0 +1,9 @@
+//! inflight-core: every decision the inflight gateway filter makes, with no I/O.
+//!
+//! The filter (`inflight-filter`) is a thin proxy-wasm adapter around this crate; the CLI's
+//! local scaler uses the same decider. Nothing here imports proxy-wasm or reads a clock: time
+//! is passed in as milliseconds, so every test drives the clock exactly, and the crate builds
+//! for native targets and for `wasm32-wasip1` alike.
+
+pub mod kpa;
+pub mod window;

@@ -1,0 +1,1 @@
+//! Time-weighted concurrency windows (placeholder; see issue 5).

@@ -1,0 +1,1 @@
+//! Test support for running filter.wasm in real Envoy and in an emulated host.
