@@ -5,5 +5,13 @@
 //! is passed in as milliseconds, so every test drives the clock exactly, and the crate builds
 //! for native targets and for `wasm32-wasip1` alike.
 
+pub mod admission;
+pub mod config;
+pub mod duration;
 pub mod kpa;
+pub mod table;
 pub mod window;
+
+pub use admission::{Admission, Grant, Owner, RevisionState, ShedReason, Waiter};
+pub use config::{Config, ConfigError, Limits, RevisionConfig, UnknownRevision};
+pub use table::{RevisionId, RevisionTable};

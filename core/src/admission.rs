@@ -1,0 +1,525 @@
+//! Admission: who may go upstream now, who waits, who is shed — for one revision.
+//!
+//! [`RevisionState`] is the part of a revision's state that every Envoy worker must agree on:
+//! requests in flight, the next ticket number, and the FIFO of waiters (each remembering which
+//! worker VM and stream holds it, so a freed slot can be handed to exactly that stream). The
+//! filter keeps it in Envoy shared data and applies these methods inside a compare-and-swap
+//! loop, so each method is a pure state transition: decode, apply, encode, swap.
+//!
+//! Strict FIFO: a new arrival is admitted only if nobody waits, so tickets are granted in the
+//! order they were taken (Knative's breaker lets a new arrival barge past waiters; we don't).
+//!
+//! A granted slot belongs to the waiter from the moment it is granted (`active` counts it). If
+//! the waiter turns out to be gone, whoever notices calls [`RevisionState::release`], which
+//! passes the slot on to the next ticket.
+//!
+//! The capacity is an input ([`Limits`]), not state: it follows the ready replicas, which the
+//! filter learns separately, and a later per-endpoint model can sum its endpoints' capacity
+//! without changing this type's contract.
+
+use crate::config::Limits;
+use std::collections::VecDeque;
+use thiserror::Error;
+
+/// Where a waiting stream lives: the worker VM (by its shared id) and the stream's context id.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct Owner {
+    pub vm: u32,
+    pub context: u32,
+}
+
+/// A request waiting for a slot.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Waiter {
+    pub ticket: u64,
+    pub owner: Owner,
+    pub since_ms: u64,
+}
+
+/// A slot handed to a waiter; `active` already counts it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Grant {
+    pub ticket: u64,
+    pub owner: Owner,
+    pub waited_ms: u64,
+}
+
+/// Why a request was shed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum ShedReason {
+    /// The buffer had no room (or the revision has neither capacity nor buffer).
+    BufferFull,
+    /// It waited the revision's maximum wait without getting a slot.
+    WaitTimeout,
+}
+
+impl ShedReason {
+    /// The value of the reason header on the 503.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ShedReason::BufferFull => "buffer-full",
+            ShedReason::WaitTimeout => "wait-timeout",
+        }
+    }
+}
+
+/// The answer to a request asking to go upstream.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Admission {
+    /// Go now; a slot is taken and must be released when the stream ends.
+    Admitted,
+    /// Wait with this ticket until granted, cancelled or expired.
+    Queued { ticket: u64 },
+    /// Answer 503 now.
+    Shed(ShedReason),
+}
+
+/// Shared-data bytes that could not be decoded (another version, or corruption).
+#[derive(Debug, Clone, PartialEq, Eq, Error)]
+pub enum DecodeError {
+    #[error("revision state has unknown version {0}")]
+    Version(u8),
+    #[error("revision state is truncated ({0} bytes)")]
+    Truncated(usize),
+    #[error("revision state has {0} trailing bytes")]
+    Trailing(usize),
+}
+
+const VERSION: u8 = 1;
+const WAITER_BYTES: usize = 8 + 4 + 4 + 8;
+
+/// A revision's state shared by all workers.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct RevisionState {
+    /// Requests holding a slot (admitted or granted, not yet released).
+    pub active: u32,
+    /// The ticket the next waiter gets; tickets only grow.
+    pub next_ticket: u64,
+    waiters: VecDeque<Waiter>,
+}
+
+impl RevisionState {
+    /// Admit, queue or shed one arriving request.
+    pub fn try_admit(&mut self, limits: Limits, owner: Owner, now_ms: u64) -> Admission {
+        let has_room = match limits.capacity {
+            None => true,
+            Some(cap) => self.active < cap,
+        };
+        if has_room && self.waiters.is_empty() {
+            self.active = self.active.saturating_add(1);
+            return Admission::Admitted;
+        }
+        if (self.waiters.len() as u64) < u64::from(limits.buffer) {
+            let ticket = self.next_ticket;
+            self.next_ticket = self.next_ticket.wrapping_add(1);
+            self.waiters.push_back(Waiter {
+                ticket,
+                owner,
+                since_ms: now_ms,
+            });
+            return Admission::Queued { ticket };
+        }
+        Admission::Shed(ShedReason::BufferFull)
+    }
+
+    /// One slot frees (a stream ended, or a granted waiter was gone); returns the grants that
+    /// follow, oldest ticket first.
+    pub fn release(&mut self, limits: Limits, now_ms: u64) -> Vec<Grant> {
+        self.active = self.active.saturating_sub(1);
+        self.grant_ready(limits, now_ms)
+    }
+
+    /// Grants slots to the oldest waiters while capacity allows — after a release, or when the
+    /// capacity grew (more ready replicas).
+    pub fn grant_ready(&mut self, limits: Limits, now_ms: u64) -> Vec<Grant> {
+        let mut grants = Vec::new();
+        while limits.capacity.is_none_or(|cap| self.active < cap) {
+            let Some(w) = self.waiters.pop_front() else {
+                break;
+            };
+            self.active = self.active.saturating_add(1);
+            grants.push(Grant {
+                ticket: w.ticket,
+                owner: w.owner,
+                waited_ms: now_ms.saturating_sub(w.since_ms),
+            });
+        }
+        grants
+    }
+
+    /// Removes a waiter (its client left, or it timed out). `None` means it is no longer
+    /// waiting: a grant for it is on its way and must be passed on by whoever receives it.
+    pub fn cancel(&mut self, ticket: u64) -> Option<Waiter> {
+        let i = self.waiters.iter().position(|w| w.ticket == ticket)?;
+        self.waiters.remove(i)
+    }
+
+    /// Removes waiters that waited longer than `max_age_ms`: their owner should have expired
+    /// them itself, so it is gone (a crashed VM). Keeps the buffer from filling with ghosts.
+    pub fn reap(&mut self, now_ms: u64, max_age_ms: u64) -> Vec<Waiter> {
+        let mut reaped = Vec::new();
+        self.waiters.retain(|w| {
+            let stale = now_ms.saturating_sub(w.since_ms) > max_age_ms;
+            if stale {
+                reaped.push(*w);
+            }
+            !stale
+        });
+        reaped
+    }
+
+    /// Requests waiting for a slot.
+    pub fn queued(&self) -> u32 {
+        u32::try_from(self.waiters.len()).unwrap_or(u32::MAX)
+    }
+
+    /// The waiters, oldest first.
+    pub fn waiters(&self) -> impl Iterator<Item = &Waiter> {
+        self.waiters.iter()
+    }
+
+    /// Compact little-endian encoding for shared data.
+    pub fn encode(&self) -> Vec<u8> {
+        let mut out = Vec::with_capacity(1 + 4 + 8 + 4 + self.waiters.len() * WAITER_BYTES);
+        out.push(VERSION);
+        out.extend_from_slice(&self.active.to_le_bytes());
+        out.extend_from_slice(&self.next_ticket.to_le_bytes());
+        out.extend_from_slice(&self.queued().to_le_bytes());
+        for w in &self.waiters {
+            out.extend_from_slice(&w.ticket.to_le_bytes());
+            out.extend_from_slice(&w.owner.vm.to_le_bytes());
+            out.extend_from_slice(&w.owner.context.to_le_bytes());
+            out.extend_from_slice(&w.since_ms.to_le_bytes());
+        }
+        out
+    }
+
+    /// Decodes [`encode`](Self::encode)'s bytes; never panics on bad input.
+    pub fn decode(bytes: &[u8]) -> Result<Self, DecodeError> {
+        let mut r = Reader { bytes, at: 0 };
+        let version = r.u8()?;
+        if version != VERSION {
+            return Err(DecodeError::Version(version));
+        }
+        let active = r.u32()?;
+        let next_ticket = r.u64()?;
+        let n = r.u32()? as usize;
+        if bytes.len().saturating_sub(r.at) < n.saturating_mul(WAITER_BYTES) {
+            return Err(DecodeError::Truncated(bytes.len()));
+        }
+        let mut waiters = VecDeque::with_capacity(n);
+        for _ in 0..n {
+            let ticket = r.u64()?;
+            let vm = r.u32()?;
+            let context = r.u32()?;
+            let since_ms = r.u64()?;
+            waiters.push_back(Waiter {
+                ticket,
+                owner: Owner { vm, context },
+                since_ms,
+            });
+        }
+        if r.at != bytes.len() {
+            return Err(DecodeError::Trailing(bytes.len() - r.at));
+        }
+        Ok(RevisionState {
+            active,
+            next_ticket,
+            waiters,
+        })
+    }
+}
+
+struct Reader<'a> {
+    bytes: &'a [u8],
+    at: usize,
+}
+
+impl Reader<'_> {
+    fn take<const N: usize>(&mut self) -> Result<[u8; N], DecodeError> {
+        let end = self
+            .at
+            .checked_add(N)
+            .ok_or(DecodeError::Truncated(self.bytes.len()))?;
+        let slice = self
+            .bytes
+            .get(self.at..end)
+            .ok_or(DecodeError::Truncated(self.bytes.len()))?;
+        let mut out = [0u8; N];
+        out.copy_from_slice(slice);
+        self.at = end;
+        Ok(out)
+    }
+    fn u8(&mut self) -> Result<u8, DecodeError> {
+        Ok(self.take::<1>()?[0])
+    }
+    fn u32(&mut self) -> Result<u32, DecodeError> {
+        Ok(u32::from_le_bytes(self.take()?))
+    }
+    fn u64(&mut self) -> Result<u64, DecodeError> {
+        Ok(u64::from_le_bytes(self.take()?))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    const fn lim(capacity: u32, buffer: u32) -> Limits {
+        Limits {
+            capacity: Some(capacity),
+            buffer,
+        }
+    }
+    fn owner(vm: u32, context: u32) -> Owner {
+        Owner { vm, context }
+    }
+
+    #[test]
+    fn admits_up_to_capacity_then_queues_then_sheds() {
+        let mut s = RevisionState::default();
+        let l = lim(2, 1);
+        assert_eq!(s.try_admit(l, owner(0, 1), 0), Admission::Admitted);
+        assert_eq!(s.try_admit(l, owner(1, 1), 0), Admission::Admitted);
+        assert_eq!(
+            s.try_admit(l, owner(2, 1), 5),
+            Admission::Queued { ticket: 0 }
+        );
+        assert_eq!(
+            s.try_admit(l, owner(3, 1), 6),
+            Admission::Shed(ShedReason::BufferFull)
+        );
+        assert_eq!((s.active, s.queued()), (2, 1));
+        let g = s.release(l, 45);
+        assert_eq!(
+            g,
+            vec![Grant {
+                ticket: 0,
+                owner: owner(2, 1),
+                waited_ms: 40
+            }]
+        );
+        assert_eq!((s.active, s.queued()), (2, 0));
+    }
+
+    #[test]
+    fn new_arrivals_do_not_barge_past_waiters() {
+        let mut s = RevisionState::default();
+        let l = lim(1, 5);
+        assert_eq!(s.try_admit(l, owner(0, 1), 0), Admission::Admitted);
+        assert_eq!(
+            s.try_admit(l, owner(0, 2), 0),
+            Admission::Queued { ticket: 0 }
+        );
+        // The slot frees but the grant is in transit; capacity is full again with the grantee.
+        let g = s.release(l, 1);
+        assert_eq!(g.len(), 1);
+        // Even with room, an arrival while someone waits must queue.
+        let mut s2 = RevisionState::default();
+        s2.try_admit(lim(0, 5), owner(0, 1), 0);
+        assert_eq!(
+            s2.try_admit(lim(1, 5), owner(0, 2), 0),
+            Admission::Queued { ticket: 1 }
+        );
+    }
+
+    #[test]
+    fn unlimited_always_admits() {
+        let mut s = RevisionState::default();
+        let l = Limits {
+            capacity: None,
+            buffer: 0,
+        };
+        for i in 0..1000 {
+            assert_eq!(s.try_admit(l, owner(0, i), 0), Admission::Admitted);
+        }
+        assert_eq!(s.active, 1000);
+    }
+
+    #[test]
+    fn zero_capacity_buffers_until_capacity_appears() {
+        let mut s = RevisionState::default();
+        let zero = lim(0, 3);
+        for c in 0..3 {
+            assert_eq!(
+                s.try_admit(zero, owner(0, c), c.into()),
+                Admission::Queued { ticket: c.into() }
+            );
+        }
+        assert_eq!(
+            s.try_admit(zero, owner(0, 9), 0),
+            Admission::Shed(ShedReason::BufferFull)
+        );
+        assert!(s.grant_ready(zero, 10).is_empty());
+        let grants = s.grant_ready(lim(2, 3), 10);
+        assert_eq!(
+            grants.iter().map(|g| g.ticket).collect::<Vec<_>>(),
+            vec![0, 1]
+        );
+        assert_eq!((s.active, s.queued()), (2, 1));
+    }
+
+    #[test]
+    fn no_capacity_no_buffer_sheds() {
+        let mut s = RevisionState::default();
+        assert_eq!(
+            s.try_admit(lim(0, 0), owner(0, 1), 0),
+            Admission::Shed(ShedReason::BufferFull)
+        );
+    }
+
+    #[test]
+    fn cancel_removes_only_that_waiter() {
+        let mut s = RevisionState::default();
+        let l = lim(0, 10);
+        for c in 0..4 {
+            s.try_admit(l, owner(c, c), 0);
+        }
+        assert_eq!(s.cancel(2).map(|w| w.owner), Some(owner(2, 2)));
+        assert_eq!(s.cancel(2), None, "second cancel finds nothing");
+        assert_eq!(s.cancel(99), None);
+        assert_eq!(
+            s.waiters().map(|w| w.ticket).collect::<Vec<_>>(),
+            vec![0, 1, 3]
+        );
+        // Cancelling never touches active.
+        assert_eq!(s.active, 0);
+    }
+
+    #[test]
+    fn release_of_empty_state_saturates() {
+        let mut s = RevisionState::default();
+        assert!(s.release(lim(1, 1), 0).is_empty());
+        assert_eq!(s.active, 0);
+    }
+
+    #[test]
+    fn reap_takes_only_stale_waiters() {
+        let mut s = RevisionState::default();
+        let l = lim(0, 10);
+        s.try_admit(l, owner(0, 1), 0);
+        s.try_admit(l, owner(0, 2), 500);
+        let reaped = s.reap(1_200, 1_000);
+        assert_eq!(reaped.iter().map(|w| w.ticket).collect::<Vec<_>>(), vec![0]);
+        assert_eq!(s.queued(), 1);
+        assert!(s.reap(1_200, 1_000).is_empty());
+    }
+
+    #[test]
+    fn decode_rejects_bad_bytes() {
+        let mut s = RevisionState::default();
+        s.try_admit(lim(0, 4), owner(7, 9), 3);
+        let bytes = s.encode();
+        assert_eq!(RevisionState::decode(&bytes), Ok(s.clone()));
+        assert_eq!(RevisionState::decode(&[]), Err(DecodeError::Truncated(0)));
+        assert_eq!(RevisionState::decode(&[9]), Err(DecodeError::Version(9)));
+        assert!(matches!(
+            RevisionState::decode(&bytes[..bytes.len() - 1]),
+            Err(DecodeError::Truncated(_))
+        ));
+        let mut long = bytes.clone();
+        long.push(0);
+        assert_eq!(RevisionState::decode(&long), Err(DecodeError::Trailing(1)));
+        // A huge waiter count must not allocate or panic.
+        let mut lying = bytes[..13].to_vec();
+        lying.extend_from_slice(&u32::MAX.to_le_bytes());
+        assert!(RevisionState::decode(&lying).is_err());
+    }
+
+    #[derive(Debug, Clone)]
+    enum Op {
+        Arrive(u32),
+        Finish(usize),
+        Cancel(usize),
+        Resize(u32),
+        Tick(u64),
+    }
+
+    fn op() -> impl Strategy<Value = Op> {
+        prop_oneof![
+            4 => (0u32..8).prop_map(Op::Arrive),
+            3 => (0usize..64).prop_map(Op::Finish),
+            1 => (0usize..64).prop_map(Op::Cancel),
+            1 => (0u32..6).prop_map(Op::Resize),
+            1 => (0u64..100).prop_map(Op::Tick),
+        ]
+    }
+
+    proptest! {
+        /// Against a plain model: in-flight never exceeds capacity, grants come in ticket
+        /// order, and draining returns everything to zero.
+        #[test]
+        fn invariants_hold(ops in proptest::collection::vec(op(), 1..200), cap in 0u32..5, buffer in 0u32..8) {
+            let mut s = RevisionState::default();
+            let mut limits = lim(cap, buffer);
+            let mut running: Vec<u64> = Vec::new(); // admitted ids (tickets or arrival ids)
+            let mut last_granted: Option<u64> = None;
+            let mut now = 0u64;
+            let mut arrivals = 0u64;
+            for o in ops {
+                let grants = match o {
+                    Op::Arrive(vm) => {
+                        arrivals += 1;
+                        match s.try_admit(limits, owner(vm, arrivals as u32), now) {
+                            Admission::Admitted => { running.push(u64::MAX - arrivals); vec![] }
+                            Admission::Queued { .. } | Admission::Shed(_) => vec![],
+                        }
+                    }
+                    Op::Finish(i) => {
+                        if running.is_empty() { vec![] } else {
+                            running.remove(i % running.len());
+                            s.release(limits, now)
+                        }
+                    }
+                    Op::Cancel(i) => {
+                        let tickets: Vec<u64> = s.waiters().map(|w| w.ticket).collect();
+                        if !tickets.is_empty() {
+                            prop_assert!(s.cancel(tickets[i % tickets.len()]).is_some());
+                        }
+                        vec![]
+                    }
+                    Op::Resize(c) => { limits = lim(c, buffer); s.grant_ready(limits, now) }
+                    Op::Tick(d) => { now += d; vec![] }
+                };
+                for g in grants {
+                    if let Some(prev) = last_granted { prop_assert!(g.ticket > prev, "FIFO"); }
+                    last_granted = Some(g.ticket);
+                    running.push(g.ticket);
+                }
+                prop_assert_eq!(s.active as usize, running.len());
+                prop_assert!(s.queued() <= buffer);
+                // A shrink may leave active above capacity until releases catch up; never grow past it.
+                if !s.waiters().next().is_none() {
+                    prop_assert!(s.active >= limits.capacity.unwrap_or(0).min(s.active));
+                }
+                prop_assert_eq!(RevisionState::decode(&s.encode()), Ok(s.clone()));
+            }
+            // Drain: finish everything, cancel everyone.
+            let tickets: Vec<u64> = s.waiters().map(|w| w.ticket).collect();
+            for t in tickets { s.cancel(t); }
+            while !running.is_empty() { running.pop(); prop_assert!(s.release(limits, now).is_empty()); }
+            prop_assert_eq!((s.active, s.queued()), (0, 0));
+        }
+
+        #[test]
+        fn never_above_capacity_without_shrink(ops in proptest::collection::vec(0u8..3, 1..300), cap in 1u32..6) {
+            let mut s = RevisionState::default();
+            let l = lim(cap, 20);
+            let mut held = 0u32;
+            for o in ops {
+                match o {
+                    0 | 1 => { if s.try_admit(l, owner(0, 0), 0) == Admission::Admitted { held += 1; } }
+                    _ => if held > 0 { held -= 1; held += s.release(l, 0).len() as u32; },
+                }
+                prop_assert!(s.active <= cap);
+                prop_assert_eq!(s.active, held);
+            }
+        }
+
+        #[test]
+        fn decode_never_panics(bytes in proptest::collection::vec(proptest::num::u8::ANY, 0..100)) {
+            let _ = RevisionState::decode(&bytes);
+        }
+    }
+}

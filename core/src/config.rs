@@ -1,0 +1,595 @@
+//! The plugin configuration: what operators write (JSON) and what the filter runs on.
+//!
+//! Two stages, as in the house style: serde structs that mirror the JSON exactly (unknown keys
+//! rejected, defaults explicit) and a validated [`Config`] with durations in milliseconds and a
+//! precompiled [`RevisionTable`]. Every error names the key (`revisions[1].maxWait`), the
+//! revision when there is one, and what was expected, because an operator reads it in Envoy's
+//! log with nothing else to go on.
+
+use crate::duration::{self, DurationError};
+use crate::table::{RevisionId, RevisionTable, TableError};
+use serde::Deserialize;
+use thiserror::Error;
+
+/// Knative's default soft target (`container-concurrency-target-default`).
+pub const DEFAULT_TARGET: f64 = 100.0;
+/// Knative's default target utilization (`container-concurrency-target-percentage`).
+pub const DEFAULT_UTILIZATION_PERCENT: f64 = 70.0;
+/// Buffer depth per unit of capacity when `bufferDepth` is not set.
+pub const DEFAULT_BUFFER_PER_SLOT: u32 = 10;
+pub const DEFAULT_MAX_WAIT: &str = "30s";
+pub const DEFAULT_TICK: &str = "100ms";
+pub const DEFAULT_RETRY_AFTER: &str = "1s";
+
+/// A configuration that could not be used. The filter logs it and refuses the configuration.
+#[derive(Debug, Clone, PartialEq, Error)]
+pub enum ConfigError {
+    #[error("plugin configuration is empty; expected a JSON object with a `revisions` list")]
+    Empty,
+    #[error("plugin configuration: `{path}`: {message}")]
+    Json { path: String, message: String },
+    #[error("plugin configuration: `{path}`: {message}")]
+    Invalid { path: String, message: String },
+}
+
+impl ConfigError {
+    fn invalid(path: impl Into<String>, message: impl Into<String>) -> Self {
+        ConfigError::Invalid {
+            path: path.into(),
+            message: message.into(),
+        }
+    }
+
+    /// The key the error is about, e.g. `revisions[0].maxWait`.
+    pub fn path(&self) -> &str {
+        match self {
+            ConfigError::Empty => "",
+            ConfigError::Json { path, .. } | ConfigError::Invalid { path, .. } => path,
+        }
+    }
+}
+
+/// What to do with a request that matches no configured revision.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub enum UnknownRevision {
+    /// Forward it untracked (the default: the filter never breaks traffic it does not own).
+    #[default]
+    PassThrough,
+    /// Answer 404 with the `unknown-revision` reason.
+    Reject,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct RawConfig {
+    revisions: Vec<RawRevision>,
+    #[serde(default)]
+    revision_header: Option<String>,
+    #[serde(default)]
+    unknown_revision: UnknownRevision,
+    #[serde(default)]
+    tick: Option<String>,
+    #[serde(default)]
+    retry_after: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct RawRevision {
+    name: String,
+    #[serde(default)]
+    hosts: Vec<String>,
+    #[serde(default)]
+    clusters: Vec<String>,
+    #[serde(default)]
+    container_concurrency: u32,
+    #[serde(default)]
+    target: Option<f64>,
+    #[serde(default)]
+    target_utilization_percentage: Option<f64>,
+    #[serde(default)]
+    ready_replicas: Option<u32>,
+    #[serde(default)]
+    buffer_depth: Option<u32>,
+    #[serde(default)]
+    max_wait: Option<String>,
+}
+
+/// One revision's validated limits.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RevisionConfig {
+    /// DNS-1123 label; also the `revision` label of every metric.
+    pub name: String,
+    pub hosts: Vec<String>,
+    pub clusters: Vec<String>,
+    /// Hard limit per ready replica; 0 means unlimited (stats only).
+    pub container_concurrency: u32,
+    /// Soft target (a scaling signal, never enforced).
+    pub target: f64,
+    pub target_utilization_percentage: f64,
+    /// Ready replicas assumed until the gateway learns them from Envoy.
+    pub ready_replicas: u32,
+    /// Explicit buffer depth; `None` means `10 × cc × max(ready, 1)`.
+    pub buffer_depth: Option<u32>,
+    pub max_wait_ms: u64,
+}
+
+/// Capacity and buffer of a revision at a given number of ready replicas.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Limits {
+    /// Requests allowed in flight; `None` is unlimited.
+    pub capacity: Option<u32>,
+    /// Requests allowed to wait.
+    pub buffer: u32,
+}
+
+impl RevisionConfig {
+    /// Limits for `ready` replicas: capacity = cc × ready (cc 0 = unlimited); the default buffer
+    /// keeps room while scaling from zero, so it counts at least one replica.
+    pub fn limits(&self, ready: u32) -> Limits {
+        if self.container_concurrency == 0 {
+            return Limits {
+                capacity: None,
+                buffer: self.buffer_depth.unwrap_or(0),
+            };
+        }
+        let capacity = self.container_concurrency.saturating_mul(ready);
+        let buffer = self.buffer_depth.unwrap_or_else(|| {
+            DEFAULT_BUFFER_PER_SLOT
+                .saturating_mul(self.container_concurrency)
+                .saturating_mul(ready.max(1))
+        });
+        Limits {
+            capacity: Some(capacity),
+            buffer,
+        }
+    }
+
+    /// Knative's effective soft target: min(target, cc when cc > 0) × utilization.
+    pub fn effective_target(&self) -> f64 {
+        let mut t = self.target;
+        if self.container_concurrency > 0 {
+            t = t.min(f64::from(self.container_concurrency));
+        }
+        t * self.target_utilization_percentage / 100.0
+    }
+}
+
+/// The validated plugin configuration.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Config {
+    pub revisions: Vec<RevisionConfig>,
+    /// Lower-case header name whose value names a revision (set by the gateway, not clients).
+    pub revision_header: Option<String>,
+    pub unknown_revision: UnknownRevision,
+    pub tick_ms: u64,
+    /// `retry-after` seconds on shed replies.
+    pub retry_after_s: u64,
+    pub table: RevisionTable,
+}
+
+impl Config {
+    /// Parses and validates the plugin configuration bytes.
+    pub fn parse(bytes: &[u8]) -> Result<Config, ConfigError> {
+        if bytes.iter().all(u8::is_ascii_whitespace) {
+            return Err(ConfigError::Empty);
+        }
+        let de = &mut serde_json::Deserializer::from_slice(bytes);
+        let raw: RawConfig = serde_path_to_error::deserialize(de).map_err(|e| {
+            let path = e.path().to_string();
+            ConfigError::Json {
+                path: if path == "." || path == "?" {
+                    "(top level)".into()
+                } else {
+                    path
+                },
+                message: e.into_inner().to_string(),
+            }
+        })?;
+        Self::validate(raw)
+    }
+
+    fn validate(raw: RawConfig) -> Result<Config, ConfigError> {
+        let tick_ms = duration_key("tick", raw.tick.as_deref().unwrap_or(DEFAULT_TICK))?;
+        if !(1..=10_000).contains(&tick_ms) {
+            return Err(ConfigError::invalid(
+                "tick",
+                format!("{tick_ms}ms is out of range; expected 1ms to 10s"),
+            ));
+        }
+        let retry_after_ms = duration_key(
+            "retryAfter",
+            raw.retry_after.as_deref().unwrap_or(DEFAULT_RETRY_AFTER),
+        )?;
+        if retry_after_ms % 1000 != 0 {
+            return Err(ConfigError::invalid(
+                "retryAfter",
+                "the retry-after header counts whole seconds; use e.g. \"1s\"",
+            ));
+        }
+        let revision_header = match raw.revision_header {
+            None => None,
+            Some(h) => {
+                let h = h.trim().to_ascii_lowercase();
+                if h.is_empty() || h.starts_with(':') || !h.bytes().all(is_header_char) {
+                    return Err(ConfigError::invalid(
+                        "revisionHeader",
+                        format!("`{h}` is not a valid request header name"),
+                    ));
+                }
+                Some(h)
+            }
+        };
+        if raw.revisions.is_empty() {
+            return Err(ConfigError::invalid(
+                "revisions",
+                "no revisions configured; add at least one {\"name\": ..., \"hosts\": [...]}",
+            ));
+        }
+        let mut revisions = Vec::with_capacity(raw.revisions.len());
+        for (i, r) in raw.revisions.into_iter().enumerate() {
+            revisions.push(validate_revision(i, r, revision_header.is_some())?);
+        }
+        let table = RevisionTable::build(&revisions).map_err(|e| match e {
+            TableError::DuplicateName { index, name } => ConfigError::invalid(
+                format!("revisions[{index}].name"),
+                format!("revision `{name}` is configured twice; names must be unique"),
+            ),
+            TableError::DuplicateHost { index, host, other } => ConfigError::invalid(
+                format!("revisions[{index}].hosts"),
+                format!("host `{host}` already belongs to revision `{other}`"),
+            ),
+            TableError::DuplicateCluster {
+                index,
+                cluster,
+                other,
+            } => ConfigError::invalid(
+                format!("revisions[{index}].clusters"),
+                format!("cluster `{cluster}` already belongs to revision `{other}`"),
+            ),
+        })?;
+        Ok(Config {
+            revisions,
+            revision_header,
+            unknown_revision: raw.unknown_revision,
+            tick_ms,
+            retry_after_s: retry_after_ms / 1000,
+            table,
+        })
+    }
+
+    /// The revision with this id. Ids come from this config's table, so they are in range.
+    pub fn revision(&self, id: RevisionId) -> Option<&RevisionConfig> {
+        self.revisions.get(id.0)
+    }
+}
+
+fn duration_key(path: &str, value: &str) -> Result<u64, ConfigError> {
+    duration::parse_ms(value).map_err(|e: DurationError| ConfigError::invalid(path, e.to_string()))
+}
+
+fn is_header_char(b: u8) -> bool {
+    b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b)
+}
+
+/// DNS-1123 label, as Kubernetes names revisions; it also keeps metric names parseable.
+fn is_dns_label(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 63
+        && s.bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        && !s.starts_with('-')
+        && !s.ends_with('-')
+}
+
+fn validate_revision(
+    i: usize,
+    r: RawRevision,
+    has_header: bool,
+) -> Result<RevisionConfig, ConfigError> {
+    let at = |key: &str| format!("revisions[{i}].{key}");
+    if !is_dns_label(&r.name) {
+        return Err(ConfigError::invalid(
+            at("name"),
+            format!(
+                "`{}` is not a valid revision name; expected a DNS label (lower-case letters, digits and '-', at most 63, like a Kubernetes name)",
+                r.name
+            ),
+        ));
+    }
+    let named = |key: &str| format!("revisions[{i}].{key} (revision `{}`)", r.name);
+    let mut hosts = Vec::with_capacity(r.hosts.len());
+    for h in &r.hosts {
+        let h = h.trim().to_ascii_lowercase();
+        let bare = h.strip_prefix("*.").unwrap_or(&h);
+        let ok = !bare.is_empty()
+            && !bare.contains('*')
+            && !bare.contains(':')
+            && bare
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.');
+        if !ok {
+            return Err(ConfigError::invalid(
+                named("hosts"),
+                format!("`{h}` is not a host name; expected `name.example.com` or `*.example.com` (no port, no scheme)"),
+            ));
+        }
+        hosts.push(h);
+    }
+    let clusters: Vec<String> = r.clusters.iter().map(|c| c.trim().to_string()).collect();
+    if let Some(c) = clusters.iter().find(|c| c.is_empty()) {
+        return Err(ConfigError::invalid(
+            named("clusters"),
+            format!("`{c}`: an empty cluster name matches nothing"),
+        ));
+    }
+    if hosts.is_empty() && clusters.is_empty() && !has_header {
+        return Err(ConfigError::invalid(
+            named("hosts"),
+            "the revision can never match: give it `hosts`, `clusters`, or set `revisionHeader`",
+        ));
+    }
+    let target = r.target.unwrap_or(DEFAULT_TARGET);
+    if !(target.is_finite() && target > 0.0) {
+        return Err(ConfigError::invalid(
+            named("target"),
+            format!(
+                "{target} is not a valid soft target; expected a number > 0 (Knative default 100)"
+            ),
+        ));
+    }
+    let util = r
+        .target_utilization_percentage
+        .unwrap_or(DEFAULT_UTILIZATION_PERCENT);
+    if !(util.is_finite() && util > 0.0 && util <= 100.0) {
+        return Err(ConfigError::invalid(
+            named("targetUtilizationPercentage"),
+            format!(
+                "{util} is out of range; expected a percentage in (0, 100] (Knative default 70)"
+            ),
+        ));
+    }
+    let max_wait_ms = match r.max_wait.as_deref() {
+        None => duration::parse_ms(DEFAULT_MAX_WAIT).unwrap_or(30_000),
+        Some(s) => duration_key(&named("maxWait"), s)?,
+    };
+    if max_wait_ms == 0 && r.buffer_depth.unwrap_or(1) > 0 && r.container_concurrency > 0 {
+        return Err(ConfigError::invalid(
+            named("maxWait"),
+            "0 would shed every buffered request at once; set bufferDepth to 0 to disable buffering, or a wait like \"30s\"",
+        ));
+    }
+    Ok(RevisionConfig {
+        name: r.name,
+        hosts,
+        clusters,
+        container_concurrency: r.container_concurrency,
+        target,
+        target_utilization_percentage: util,
+        ready_replicas: r.ready_replicas.unwrap_or(1),
+        buffer_depth: r.buffer_depth,
+        max_wait_ms,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(s: &str) -> Result<Config, ConfigError> {
+        Config::parse(s.as_bytes())
+    }
+
+    const MINIMAL: &str = r#"{"revisions":[{"name":"torchserve","hosts":["torchserve.default.example.com"],"containerConcurrency":10,"target":10}]}"#;
+
+    #[test]
+    fn minimal_config_gets_knative_defaults() {
+        let c = parse(MINIMAL).unwrap();
+        let r = &c.revisions[0];
+        assert_eq!(r.container_concurrency, 10);
+        assert_eq!(r.target, 10.0);
+        assert_eq!(r.target_utilization_percentage, 70.0);
+        assert_eq!(r.ready_replicas, 1);
+        assert_eq!(r.max_wait_ms, 30_000);
+        assert_eq!(c.tick_ms, 100);
+        assert_eq!(c.retry_after_s, 1);
+        assert_eq!(c.unknown_revision, UnknownRevision::PassThrough);
+        assert_eq!(
+            r.limits(1),
+            Limits {
+                capacity: Some(10),
+                buffer: 100
+            }
+        );
+        assert_eq!(r.limits(3).capacity, Some(30));
+        assert_eq!(r.limits(3).buffer, 300);
+        // Scale from zero: no capacity, but room to wait.
+        assert_eq!(
+            r.limits(0),
+            Limits {
+                capacity: Some(0),
+                buffer: 100
+            }
+        );
+        assert!((r.effective_target() - 7.0).abs() < 1e-9);
+    }
+
+    #[test]
+    fn full_config_parses() {
+        let c = parse(
+            r#"{"revisions":[{"name":"a","hosts":["A.example.com","*.b.example.com"],"clusters":["outbound|80||a"],
+                "containerConcurrency":2,"target":10,"targetUtilizationPercentage":100,"readyReplicas":3,
+                "bufferDepth":5,"maxWait":"1.5s"}],
+                "revisionHeader":"X-Inflight-Revision","unknownRevision":"reject","tick":"50ms","retryAfter":"2s"}"#,
+        )
+        .unwrap();
+        let r = &c.revisions[0];
+        assert_eq!(r.hosts, vec!["a.example.com", "*.b.example.com"]);
+        assert_eq!(r.max_wait_ms, 1_500);
+        assert_eq!(
+            r.limits(3),
+            Limits {
+                capacity: Some(6),
+                buffer: 5
+            }
+        );
+        assert_eq!(c.revision_header.as_deref(), Some("x-inflight-revision"));
+        assert_eq!(c.unknown_revision, UnknownRevision::Reject);
+        assert_eq!((c.tick_ms, c.retry_after_s), (50, 2));
+        assert!(
+            (r.effective_target() - 2.0).abs() < 1e-9,
+            "cc caps the target"
+        );
+    }
+
+    #[test]
+    fn unlimited_when_cc_zero() {
+        let c = parse(r#"{"revisions":[{"name":"a","hosts":["a"]}]}"#).unwrap();
+        assert_eq!(
+            c.revisions[0].limits(0),
+            Limits {
+                capacity: None,
+                buffer: 0
+            }
+        );
+        assert!((c.revisions[0].effective_target() - 70.0).abs() < 1e-9);
+    }
+
+    #[test]
+    fn errors_name_the_key() {
+        let cases: &[(&str, &str, &str, &str)] = &[
+            ("empty", "  ", "", "empty"),
+            ("not json", "{", "(top level)", "EOF"),
+            (
+                "unknown top key",
+                r#"{"revisions":[],"revisoinHeader":"x"}"#,
+                "revisoinHeader",
+                "unknown field",
+            ),
+            (
+                "unknown revision key",
+                r#"{"revisions":[{"name":"a","hosts":["a"],"concurrency":3}]}"#,
+                "revisions[0].concurrency",
+                "unknown field",
+            ),
+            (
+                "wrong type",
+                r#"{"revisions":[{"name":"a","hosts":["a"],"containerConcurrency":"ten"}]}"#,
+                "revisions[0].containerConcurrency",
+                "expected u32",
+            ),
+            (
+                "negative cc",
+                r#"{"revisions":[{"name":"a","hosts":["a"],"containerConcurrency":-1}]}"#,
+                "revisions[0].containerConcurrency",
+                "invalid value",
+            ),
+            (
+                "missing name",
+                r#"{"revisions":[{"hosts":["a"]}]}"#,
+                "revisions[0]",
+                "missing field `name`",
+            ),
+            (
+                "no revisions",
+                r#"{"revisions":[]}"#,
+                "revisions",
+                "no revisions",
+            ),
+            (
+                "bad name",
+                r#"{"revisions":[{"name":"Torch_Serve","hosts":["a"]}]}"#,
+                "revisions[0].name",
+                "DNS label",
+            ),
+            (
+                "bad duration",
+                r#"{"revisions":[{"name":"a","hosts":["a"],"maxWait":"30"}]}"#,
+                "revisions[0].maxWait (revision `a`)",
+                "no unit",
+            ),
+            (
+                "bad utilization",
+                r#"{"revisions":[{"name":"a","hosts":["a"],"targetUtilizationPercentage":170}]}"#,
+                "revisions[0].targetUtilizationPercentage (revision `a`)",
+                "(0, 100]",
+            ),
+            (
+                "zero target",
+                r#"{"revisions":[{"name":"a","hosts":["a"],"target":0}]}"#,
+                "revisions[0].target (revision `a`)",
+                "> 0",
+            ),
+            (
+                "host with port",
+                r#"{"revisions":[{"name":"a","hosts":["a:80"]}]}"#,
+                "revisions[0].hosts (revision `a`)",
+                "no port",
+            ),
+            (
+                "unreachable",
+                r#"{"revisions":[{"name":"a"}]}"#,
+                "revisions[0].hosts (revision `a`)",
+                "never match",
+            ),
+            (
+                "duplicate host",
+                r#"{"revisions":[{"name":"a","hosts":["x"]},{"name":"b","hosts":["X"]}]}"#,
+                "revisions[1].hosts",
+                "already belongs to revision `a`",
+            ),
+            (
+                "duplicate name",
+                r#"{"revisions":[{"name":"a","hosts":["x"]},{"name":"a","hosts":["y"]}]}"#,
+                "revisions[1].name",
+                "twice",
+            ),
+            (
+                "tick zero",
+                r#"{"revisions":[{"name":"a","hosts":["a"]}],"tick":"0s"}"#,
+                "tick",
+                "out of range",
+            ),
+            (
+                "retry after ms",
+                r#"{"revisions":[{"name":"a","hosts":["a"]}],"retryAfter":"500ms"}"#,
+                "retryAfter",
+                "whole seconds",
+            ),
+            (
+                "bad header",
+                r#"{"revisions":[{"name":"a","hosts":["a"]}],"revisionHeader":":authority"}"#,
+                "revisionHeader",
+                "not a valid",
+            ),
+            (
+                "bad unknown policy",
+                r#"{"revisions":[{"name":"a","hosts":["a"]}],"unknownRevision":"drop"}"#,
+                "unknownRevision",
+                "unknown variant",
+            ),
+            (
+                "zero wait with buffer",
+                r#"{"revisions":[{"name":"a","hosts":["a"],"containerConcurrency":1,"maxWait":"0s"}]}"#,
+                "revisions[0].maxWait (revision `a`)",
+                "bufferDepth to 0",
+            ),
+        ];
+        for (name, input, path, fragment) in cases {
+            let err = parse(input).expect_err(name);
+            assert_eq!(err.path(), *path, "case {name}: {err}");
+            assert!(
+                err.to_string().contains(fragment),
+                "case {name}: `{err}` lacks `{fragment}`"
+            );
+        }
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn parse_never_panics(bytes in proptest::collection::vec(proptest::num::u8::ANY, 0..200)) {
+            let _ = Config::parse(&bytes);
+        }
+    }
+}
