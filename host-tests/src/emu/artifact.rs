@@ -1,0 +1,70 @@
+//! Builds the release `filter.wasm` once per test process, so `cargo test -p
+//! inflight-host-tests` works from a clean checkout:
+//!
+//! ```text
+//! cargo build -p inflight-filter --target wasm32-wasip1 --profile wasm
+//! ```
+//!
+//! run with its own target directory (`target-emu-wasm/` at the workspace root) so it never
+//! waits on the lock of the build that runs the tests. `INFLIGHT_FILTER_WASM=/path/to.wasm`
+//! skips the build and loads that file instead.
+
+use std::path::PathBuf;
+use std::process::Command;
+use std::sync::OnceLock;
+
+use super::Filter;
+
+fn workspace_root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("."))
+}
+
+/// The path of the release filter, building it first (once per process) unless
+/// `INFLIGHT_FILTER_WASM` names one.
+pub fn filter_wasm_path() -> &'static PathBuf {
+    static PATH: OnceLock<PathBuf> = OnceLock::new();
+    PATH.get_or_init(|| {
+        if let Some(p) = std::env::var_os("INFLIGHT_FILTER_WASM") {
+            return PathBuf::from(p);
+        }
+        let root = workspace_root();
+        let target_dir = root.join("target-emu-wasm");
+        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+        let status = Command::new(cargo)
+            .current_dir(&root)
+            .env("CARGO_TARGET_DIR", &target_dir)
+            .env_remove("RUSTFLAGS")
+            .env_remove("CARGO_ENCODED_RUSTFLAGS")
+            .args([
+                "build",
+                "-p",
+                "inflight-filter",
+                "--target",
+                "wasm32-wasip1",
+                "--profile",
+                "wasm",
+            ])
+            .status()
+            .unwrap_or_else(|e| panic!("could not run cargo to build filter.wasm: {e}"));
+        assert!(
+            status.success(),
+            "building filter.wasm failed: cargo build -p inflight-filter --target wasm32-wasip1 --profile wasm"
+        );
+        target_dir.join("wasm32-wasip1/wasm/inflight_filter.wasm")
+    })
+}
+
+/// The compiled filter, shared by every host in the process.
+pub fn filter() -> &'static Filter {
+    static FILTER: OnceLock<Filter> = OnceLock::new();
+    FILTER.get_or_init(|| {
+        let path = filter_wasm_path();
+        let bytes = std::fs::read(path)
+            .unwrap_or_else(|e| panic!("reading {}: {e}", path.display()));
+        Filter::from_bytes(&bytes)
+            .unwrap_or_else(|e| panic!("compiling {}: {e:#}", path.display()))
+    })
+}
