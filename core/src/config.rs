@@ -202,7 +202,7 @@ impl Config {
             "retryAfter",
             raw.retry_after.as_deref().unwrap_or(DEFAULT_RETRY_AFTER),
         )?;
-        if retry_after_ms % 1000 != 0 {
+        if !retry_after_ms.is_multiple_of(1000) {
             return Err(ConfigError::invalid(
                 "retryAfter",
                 "the retry-after header counts whole seconds; use e.g. \"1s\"",
@@ -232,15 +232,15 @@ impl Config {
             revisions.push(validate_revision(i, r, revision_header.is_some())?);
         }
         let table = RevisionTable::build(&revisions).map_err(|e| match e {
-            TableError::DuplicateName { index, name } => ConfigError::invalid(
+            TableError::Name { index, name } => ConfigError::invalid(
                 format!("revisions[{index}].name"),
                 format!("revision `{name}` is configured twice; names must be unique"),
             ),
-            TableError::DuplicateHost { index, host, other } => ConfigError::invalid(
+            TableError::Host { index, host, other } => ConfigError::invalid(
                 format!("revisions[{index}].hosts"),
                 format!("host `{host}` already belongs to revision `{other}`"),
             ),
-            TableError::DuplicateCluster {
+            TableError::Cluster {
                 index,
                 cluster,
                 other,

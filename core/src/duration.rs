@@ -87,7 +87,7 @@ pub fn parse_ms(input: &str) -> Result<u64, DurationError> {
         };
         let frac_den: u128 = 10u128.pow(frac.len() as u32);
         let frac_us = frac_num * unit_us;
-        if frac_us % frac_den != 0 {
+        if !frac_us.is_multiple_of(frac_den) {
             return Err(DurationError::SubMillisecond(input.to_string()));
         }
         total_us = whole
@@ -96,7 +96,7 @@ pub fn parse_ms(input: &str) -> Result<u64, DurationError> {
             .and_then(|v| total_us.checked_add(v))
             .ok_or_else(|| DurationError::Overflow(input.to_string()))?;
     }
-    if total_us % 1_000 != 0 {
+    if !total_us.is_multiple_of(1_000) {
         return Err(DurationError::SubMillisecond(input.to_string()));
     }
     u64::try_from(total_us / 1_000).map_err(|_| DurationError::Overflow(input.to_string()))
@@ -104,11 +104,11 @@ pub fn parse_ms(input: &str) -> Result<u64, DurationError> {
 
 /// Formats milliseconds the way `parse_ms` reads them (used in docs, errors and rendered config).
 pub fn format_ms(ms: u64) -> String {
-    if ms != 0 && ms % 3_600_000 == 0 {
+    if ms != 0 && ms.is_multiple_of(3_600_000) {
         format!("{}h", ms / 3_600_000)
-    } else if ms != 0 && ms % 60_000 == 0 {
+    } else if ms != 0 && ms.is_multiple_of(60_000) {
         format!("{}m", ms / 60_000)
-    } else if ms % 1_000 == 0 {
+    } else if ms.is_multiple_of(1_000) {
         format!("{}s", ms / 1_000)
     } else {
         format!("{ms}ms")

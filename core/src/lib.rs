@@ -10,6 +10,7 @@ pub mod config;
 pub mod duration;
 pub mod kpa;
 pub mod table;
+pub mod wake;
 pub mod window;
 
 pub use admission::{Admission, Grant, Owner, RevisionState, ShedReason, Waiter};

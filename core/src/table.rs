@@ -17,16 +17,16 @@ pub const MAX_AUTHORITY_LEN: usize = 300;
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) enum TableError {
-    DuplicateName {
+    Name {
         index: usize,
         name: String,
     },
-    DuplicateHost {
+    Host {
         index: usize,
         host: String,
         other: String,
     },
-    DuplicateCluster {
+    Cluster {
         index: usize,
         cluster: String,
         other: String,
@@ -49,7 +49,7 @@ impl RevisionTable {
         for (index, r) in revisions.iter().enumerate() {
             let id = RevisionId(index);
             if t.names.insert(r.name.clone(), id).is_some() {
-                return Err(TableError::DuplicateName {
+                return Err(TableError::Name {
                     index,
                     name: r.name.clone(),
                 });
@@ -70,7 +70,7 @@ impl RevisionTable {
                     None => t.exact.insert(h.clone(), id),
                 };
                 if let Some(other) = previous {
-                    return Err(TableError::DuplicateHost {
+                    return Err(TableError::Host {
                         index,
                         host: h.clone(),
                         other: revisions[other.0].name.clone(),
@@ -79,7 +79,7 @@ impl RevisionTable {
             }
             for c in &r.clusters {
                 if let Some(other) = t.clusters.insert(c.clone(), id) {
-                    return Err(TableError::DuplicateCluster {
+                    return Err(TableError::Cluster {
                         index,
                         cluster: c.clone(),
                         other: revisions[other.0].name.clone(),

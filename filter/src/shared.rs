@@ -1,0 +1,151 @@
+//! Cross-worker state in Envoy shared data, and the wake queues between workers.
+//!
+//! Every Envoy worker thread runs its own VM; shared data is the only memory they share.
+//! Updates are compare-and-swap loops. Envoy ignores the CAS on a key that does not exist yet,
+//! so keys are created with [`create_if_absent`], which passes a CAS value that no live key can
+//! have: the write then either creates the key or fails with `CasMismatch` because someone else
+//! created it first — never overwriting a live value.
+
+use inflight_core::RevisionState;
+use proxy_wasm::hostcalls;
+use proxy_wasm::types::Status;
+
+/// Envoy hands out CAS values from a counter starting at 1; this one is never current for a key
+/// written fewer than 2^32 − 1 times since Envoy started, which is how we detect "exists".
+const CAS_NEVER_CURRENT: u32 = u32::MAX;
+/// Bound on CAS retries; contention between a handful of workers settles in a few.
+const MAX_ATTEMPTS: u32 = 10_000;
+
+/// Why an update of shared state failed.
+#[derive(Debug)]
+pub enum SharedError {
+    Host(Status),
+    Corrupt(String),
+    Contended,
+}
+
+impl std::fmt::Display for SharedError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            SharedError::Host(s) => write!(f, "host call failed: {s:?}"),
+            SharedError::Corrupt(e) => write!(f, "shared state unreadable: {e}"),
+            SharedError::Contended => {
+                write!(f, "shared state update lost {MAX_ATTEMPTS} CAS races")
+            }
+        }
+    }
+}
+
+impl From<Status> for SharedError {
+    fn from(s: Status) -> Self {
+        SharedError::Host(s)
+    }
+}
+
+pub fn state_key(revision: &str) -> String {
+    format!("inflight.v1.rev.{revision}")
+}
+
+pub fn wake_queue_name(vm: u32) -> String {
+    format!("inflight.wake.{vm}")
+}
+
+fn wake_token_key(vm: u32) -> String {
+    format!("inflight.v1.wake.{vm}")
+}
+
+/// Creates `key` with `value` unless it already exists.
+pub fn create_if_absent(key: &str, value: &[u8]) -> Result<(), SharedError> {
+    if let (Some(_), _) = hostcalls::get_shared_data(key)? {
+        return Ok(());
+    }
+    match hostcalls::set_shared_data(key, Some(value), Some(CAS_NEVER_CURRENT)) {
+        Ok(()) | Err(Status::CasMismatch) => Ok(()),
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// Applies `f` to the decoded state of `key` atomically (CAS loop) and returns its result.
+///
+/// Plain version, without concurrency: `let mut s = load(key); let out = f(&mut s); store(key, s); out`.
+pub fn update_state<T>(
+    key: &str,
+    mut f: impl FnMut(&mut RevisionState) -> T,
+) -> Result<T, SharedError> {
+    for _ in 0..MAX_ATTEMPTS {
+        let (bytes, cas) = hostcalls::get_shared_data(key)?;
+        let Some(bytes) = bytes else {
+            // Only before on_configure created it (or if Envoy dropped it): create and retry.
+            create_if_absent(key, &RevisionState::default().encode())?;
+            continue;
+        };
+        let mut state = if bytes.is_empty() {
+            RevisionState::default()
+        } else {
+            RevisionState::decode(&bytes).map_err(|e| SharedError::Corrupt(e.to_string()))?
+        };
+        let out = f(&mut state);
+        match hostcalls::set_shared_data(
+            key,
+            Some(&state.encode()),
+            cas.or(Some(CAS_NEVER_CURRENT)),
+        ) {
+            Ok(()) => return Ok(out),
+            Err(Status::CasMismatch) => continue,
+            Err(e) => return Err(e.into()),
+        }
+    }
+    Err(SharedError::Contended)
+}
+
+/// Reads the state of `key` without changing it.
+pub fn read_state(key: &str) -> Result<RevisionState, SharedError> {
+    match hostcalls::get_shared_data(key)? {
+        (Some(bytes), _) if !bytes.is_empty() => {
+            RevisionState::decode(&bytes).map_err(|e| SharedError::Corrupt(e.to_string()))
+        }
+        _ => Ok(RevisionState::default()),
+    }
+}
+
+/// Takes the next VM id from a shared counter, registers this VM's wake queue under it and
+/// publishes the queue's token, so other workers can reach this one.
+pub fn register_vm() -> Result<(u32, u32), SharedError> {
+    const KEY: &str = "inflight.v1.vm-seq";
+    create_if_absent(KEY, &0u32.to_le_bytes())?;
+    let mut id = None;
+    for _ in 0..MAX_ATTEMPTS {
+        let (bytes, cas) = hostcalls::get_shared_data(KEY)?;
+        let current = bytes
+            .as_deref()
+            .and_then(|b| <[u8; 4]>::try_from(b).ok())
+            .map(u32::from_le_bytes)
+            .unwrap_or(0);
+        let next = current.wrapping_add(1);
+        match hostcalls::set_shared_data(
+            KEY,
+            Some(&next.to_le_bytes()),
+            cas.or(Some(CAS_NEVER_CURRENT)),
+        ) {
+            Ok(()) => {
+                id = Some(next);
+                break;
+            }
+            Err(Status::CasMismatch) => continue,
+            Err(e) => return Err(e.into()),
+        }
+    }
+    let id = id.ok_or(SharedError::Contended)?;
+    let token = hostcalls::register_shared_queue(&wake_queue_name(id))?;
+    hostcalls::set_shared_data(&wake_token_key(id), Some(&token.to_le_bytes()), None)?;
+    Ok((id, token))
+}
+
+/// The wake-queue token of VM `vm`, if it ever registered.
+pub fn wake_token(vm: u32) -> Result<Option<u32>, SharedError> {
+    let (bytes, _) = hostcalls::get_shared_data(&wake_token_key(vm))?;
+    Ok(bytes
+        .as_deref()
+        .and_then(|b| <[u8; 4]>::try_from(b).ok())
+        .map(u32::from_le_bytes))
+}
