@@ -248,14 +248,15 @@ pub struct DeciderState {
     /// scale-to-zero grace period counts from here, so a freshly started gateway does not
     /// drop a revision's replicas before it has watched it for a while.
     pub last_demand_ms: Option<u64>,
-    /// The revision has had `initialScale` replicas ready at least once.
-    pub initial_scale_reached: bool,
+    /// The revision is new and has not yet had `initialScale` replicas ready: ask for at least
+    /// that many. Only [`Decider::for_new_revision`] sets it — see there why.
+    pub initial_scale_pending: bool,
 }
 
 const FLAG_PANIC: u8 = 1;
 const FLAG_DEMAND_SEEN: u8 = 1 << 1;
-const FLAG_INITIAL_SCALE_REACHED: u8 = 1 << 2;
-const KNOWN_FLAGS: u8 = FLAG_PANIC | FLAG_DEMAND_SEEN | FLAG_INITIAL_SCALE_REACHED;
+const FLAG_INITIAL_SCALE_PENDING: u8 = 1 << 2;
+const KNOWN_FLAGS: u8 = FLAG_PANIC | FLAG_DEMAND_SEEN | FLAG_INITIAL_SCALE_PENDING;
 
 impl DeciderState {
     /// Compact bytes for shared data: version, kind, a flag byte, then varints for the fields
@@ -268,8 +269,8 @@ impl DeciderState {
         if self.last_demand_ms.is_some() {
             flags |= FLAG_DEMAND_SEEN;
         }
-        if self.initial_scale_reached {
-            flags |= FLAG_INITIAL_SCALE_REACHED;
+        if self.initial_scale_pending {
+            flags |= FLAG_INITIAL_SCALE_PENDING;
         }
         let mut encoder = Encoder::new(kind::DECIDER_STATE);
         encoder.put_u8(flags);
@@ -315,7 +316,7 @@ impl DeciderState {
             panic,
             last_desired,
             last_demand_ms,
-            initial_scale_reached: flags & FLAG_INITIAL_SCALE_REACHED != 0,
+            initial_scale_pending: flags & FLAG_INITIAL_SCALE_PENDING != 0,
         })
     }
 }
@@ -411,13 +412,25 @@ pub struct Decider {
 }
 
 impl Decider {
-    /// A decider with fresh state (not panicking, nothing seen yet).
+    /// A decider joining a revision that already exists: fresh state (not panicking, nothing
+    /// seen yet) and no initial scale. This is what the gateway uses: it cannot tell a new
+    /// revision from its own restart, and applying `initialScale` on every gateway start would
+    /// wake every revision that had scaled to zero.
     pub fn new(config: KpaConfig) -> Result<Self, KpaConfigError> {
         config.validate()?;
         Ok(Self {
             config,
             state: DeciderState::default(),
         })
+    }
+
+    /// A decider for a revision that was just created (the local scaler knows when it creates
+    /// one): asks for `initialScale` replicas until that many have been ready once, as Knative
+    /// does for a new revision.
+    pub fn for_new_revision(config: KpaConfig) -> Result<Self, KpaConfigError> {
+        let mut decider = Self::new(config)?;
+        decider.state.initial_scale_pending = true;
+        Ok(decider)
     }
 
     pub fn config(&self) -> &KpaConfig {
@@ -526,9 +539,9 @@ impl Decider {
                 Reason::ActivationScale
             };
         }
-        if !state.initial_scale_reached {
+        if state.initial_scale_pending {
             if ready >= cfg.initial_scale {
-                state.initial_scale_reached = true;
+                state.initial_scale_pending = false;
             } else if desired < cfg.initial_scale {
                 desired = cfg.initial_scale;
                 reason = Reason::InitialScale;
@@ -554,6 +567,776 @@ impl Decider {
             effective_target: target,
             ready,
             reason,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    /// Knative defaults with the given changes.
+    fn config(change: impl FnOnce(&mut KpaConfig)) -> KpaConfig {
+        let mut cfg = KpaConfig::default();
+        change(&mut cfg);
+        cfg
+    }
+
+    /// The KServe docs scenario: soft target 10, utilization as given.
+    fn target_10(utilization: f64) -> KpaConfig {
+        config(|c| {
+            c.target = 10.0;
+            c.target_utilization_percentage = utilization;
+        })
+    }
+
+    fn decider(cfg: KpaConfig) -> Decider {
+        Decider::new(cfg).unwrap()
+    }
+
+    struct Case {
+        name: &'static str,
+        cfg: KpaConfig,
+        stable_avg: f64,
+        panic_avg: f64,
+        ready: u32,
+        desired: u32,
+        panic: bool,
+        reason: Reason,
+    }
+
+    #[test]
+    fn single_decisions_match_knative() {
+        let cases = vec![
+            Case {
+                name: "docs: 50 concurrent, target 10, utilization 100% -> 5",
+                cfg: target_10(100.0),
+                stable_avg: 50.0,
+                panic_avg: 50.0,
+                ready: 5,
+                desired: 5,
+                panic: false,
+                reason: Reason::Stable,
+            },
+            Case {
+                name: "docs: 50 concurrent, target 10, utilization 70% -> 50/7 = 7.14 -> 8",
+                cfg: target_10(70.0),
+                stable_avg: 50.0,
+                panic_avg: 50.0,
+                ready: 8,
+                desired: 8,
+                panic: false,
+                reason: Reason::Stable,
+            },
+            Case {
+                name: "docs: target 10 with cc 5 uses 5 x utilization (3.5): 50 -> 15",
+                cfg: config(|c| {
+                    c.target = 10.0;
+                    c.container_concurrency = 5;
+                }),
+                stable_avg: 50.0,
+                panic_avg: 50.0,
+                ready: 15,
+                desired: 15,
+                panic: false,
+                reason: Reason::Stable,
+            },
+            Case {
+                name: "cc above target does not raise it",
+                cfg: config(|c| {
+                    c.target = 10.0;
+                    c.container_concurrency = 50;
+                    c.target_utilization_percentage = 100.0;
+                }),
+                stable_avg: 50.0,
+                panic_avg: 50.0,
+                ready: 5,
+                desired: 5,
+                panic: false,
+                reason: Reason::Stable,
+            },
+            Case {
+                name: "exact quotient is not rounded up: 50 / 10 = 5",
+                cfg: target_10(100.0),
+                stable_avg: 50.0,
+                panic_avg: 0.0,
+                ready: 5,
+                desired: 5,
+                panic: false,
+                reason: Reason::Stable,
+            },
+            Case {
+                name: "float noise below a whole quotient: 0.3 / 0.1 -> 3",
+                cfg: config(|c| {
+                    c.target = 0.1;
+                    c.target_utilization_percentage = 100.0;
+                }),
+                stable_avg: 0.3,
+                panic_avg: 0.0,
+                ready: 3,
+                desired: 3,
+                panic: false,
+                reason: Reason::Stable,
+            },
+            Case {
+                name: "float noise above a whole quotient: 0.30000000000000004 / 0.1 -> 3",
+                cfg: config(|c| {
+                    c.target = 0.1;
+                    c.target_utilization_percentage = 100.0;
+                }),
+                stable_avg: 0.1 + 0.2,
+                panic_avg: 0.0,
+                ready: 3,
+                desired: 3,
+                panic: false,
+                reason: Reason::Stable,
+            },
+            Case {
+                name: "scale-down rate 2: 10 ready go at most down to 5",
+                cfg: target_10(100.0),
+                stable_avg: 1.0,
+                panic_avg: 1.0,
+                ready: 10,
+                desired: 5,
+                panic: false,
+                reason: Reason::ScaleDownRateLimited,
+            },
+            Case {
+                name: "scale-down rate 2: 11 ready go at most down to floor(5.5) = 5",
+                cfg: target_10(100.0),
+                stable_avg: 1.0,
+                panic_avg: 1.0,
+                ready: 11,
+                desired: 5,
+                panic: false,
+                reason: Reason::ScaleDownRateLimited,
+            },
+            Case {
+                name: "scale-up rate 1.5: 4 ready grow at most to ceil(6) = 6",
+                cfg: config(|c| {
+                    c.target = 10.0;
+                    c.target_utilization_percentage = 100.0;
+                    c.max_scale_up_rate = 1.5;
+                }),
+                stable_avg: 70.0,
+                panic_avg: 70.0,
+                ready: 4,
+                desired: 6,
+                panic: false,
+                reason: Reason::ScaleUpRateLimited,
+            },
+            Case {
+                name: "scale-up rate 1.1 still grows by one: ceil(1.1 x 2) = 3",
+                cfg: config(|c| {
+                    c.target = 1.0;
+                    c.target_utilization_percentage = 100.0;
+                    c.max_scale_up_rate = 1.1;
+                }),
+                stable_avg: 5.0,
+                panic_avg: 2.0,
+                ready: 2,
+                desired: 3,
+                panic: false,
+                reason: Reason::ScaleUpRateLimited,
+            },
+            Case {
+                name: "panic entry at exactly 200%: panic-desired 10 with 5 ready",
+                cfg: target_10(100.0),
+                stable_avg: 10.0,
+                panic_avg: 99.0,
+                ready: 5,
+                desired: 10,
+                panic: true,
+                reason: Reason::Panic,
+            },
+            Case {
+                name: "no panic just below 200%: panic-desired 9 with 5 ready",
+                cfg: target_10(100.0),
+                stable_avg: 10.0,
+                panic_avg: 89.0,
+                ready: 5,
+                desired: 2,
+                panic: false,
+                reason: Reason::ScaleDownRateLimited,
+            },
+            Case {
+                name: "panic counts zero ready as one: 50 concurrent from zero -> 5 at once",
+                cfg: target_10(100.0),
+                stable_avg: 50.0,
+                panic_avg: 50.0,
+                ready: 0,
+                desired: 5,
+                panic: true,
+                reason: Reason::Panic,
+            },
+            Case {
+                name: "demand on zero replicas asks for one at once",
+                cfg: target_10(100.0),
+                stable_avg: 0.1,
+                panic_avg: 0.1,
+                ready: 0,
+                desired: 1,
+                panic: false,
+                reason: Reason::Stable,
+            },
+            Case {
+                name: "vanishing demand on zero replicas still asks for one",
+                cfg: target_10(100.0),
+                stable_avg: 1e-15,
+                panic_avg: 0.0,
+                ready: 0,
+                desired: 1,
+                panic: false,
+                reason: Reason::ScaleFromZero,
+            },
+            Case {
+                name: "activation scale 3: from zero asks for 3 at once",
+                cfg: config(|c| c.activation_scale = 3),
+                stable_avg: 0.1,
+                panic_avg: 0.1,
+                ready: 0,
+                desired: 3,
+                panic: false,
+                reason: Reason::ScaleFromZero,
+            },
+            Case {
+                name: "activation scale is the minimum non-zero scale",
+                cfg: config(|c| c.activation_scale = 3),
+                stable_avg: 0.1,
+                panic_avg: 0.1,
+                ready: 3,
+                desired: 3,
+                panic: false,
+                reason: Reason::ActivationScale,
+            },
+            Case {
+                name: "no demand, no replicas: stay at zero",
+                cfg: KpaConfig::default(),
+                stable_avg: 0.0,
+                panic_avg: 0.0,
+                ready: 0,
+                desired: 0,
+                panic: false,
+                reason: Reason::Stable,
+            },
+            Case {
+                name: "minScale holds replicas without demand",
+                cfg: config(|c| c.min_scale = 3),
+                stable_avg: 0.0,
+                panic_avg: 0.0,
+                ready: 3,
+                desired: 3,
+                panic: false,
+                reason: Reason::MinScale,
+            },
+            Case {
+                name: "maxScale caps demand",
+                cfg: config(|c| {
+                    c.target = 10.0;
+                    c.max_scale = 4;
+                }),
+                stable_avg: 500.0,
+                panic_avg: 500.0,
+                ready: 4,
+                desired: 4,
+                panic: true,
+                reason: Reason::MaxScale,
+            },
+            Case {
+                name: "initial scale applies to new revisions only",
+                cfg: config(|c| c.initial_scale = 3),
+                stable_avg: 0.0,
+                panic_avg: 0.0,
+                ready: 1,
+                desired: 1,
+                panic: false,
+                reason: Reason::ScaleToZeroGrace,
+            },
+            Case {
+                name: "NaN and negative averages are no demand",
+                cfg: KpaConfig::default(),
+                stable_avg: f64::NAN,
+                panic_avg: -5.0,
+                ready: 0,
+                desired: 0,
+                panic: false,
+                reason: Reason::Stable,
+            },
+        ];
+        for case in cases {
+            let mut decider = decider(case.cfg);
+            let decision = decider.decide(1_000, case.stable_avg, case.panic_avg, case.ready);
+            assert_eq!(
+                (decision.desired, decision.panic, decision.reason),
+                (case.desired, case.panic, case.reason),
+                "{}: {decision}",
+                case.name
+            );
+            assert_eq!(
+                decider.state().last_desired,
+                decision.desired,
+                "{}",
+                case.name
+            );
+        }
+    }
+
+    #[test]
+    fn panic_never_scales_down_and_ends_a_stable_window_after_the_last_surge() {
+        let mut decider = decider(target_10(100.0));
+        // A surge: 100 concurrent on 5 ready -> panic, 10 replicas.
+        let d = decider.decide(0, 20.0, 100.0, 5);
+        assert!(d.panic);
+        assert_eq!(d.desired, 10);
+        // Still over the threshold a bit later: panic extended to 10 s.
+        let d = decider.decide(10_000, 40.0, 200.0, 10);
+        assert_eq!((d.desired, d.panic), (20, true));
+        // The surge is over (panic-desired 3 of 20 ready): no scale-down while panicking.
+        let d = decider.decide(20_000, 30.0, 30.0, 20);
+        assert_eq!(
+            (d.desired, d.panic, d.reason),
+            (20, true, Reason::PanicHold)
+        );
+        // Exactly a stable window after the last surge: still panicking (Knative's `Before`).
+        let d = decider.decide(70_000, 30.0, 30.0, 20);
+        assert_eq!((d.desired, d.panic), (20, true));
+        // One millisecond later: stable mode, and the scale-down rate applies (20 -> 10).
+        let d = decider.decide(70_001, 30.0, 30.0, 20);
+        assert_eq!(
+            (d.desired, d.panic, d.reason),
+            (10, false, Reason::ScaleDownRateLimited)
+        );
+        assert_eq!(decider.state().panic, None);
+    }
+
+    #[test]
+    fn panic_follows_the_stable_window_when_it_is_larger() {
+        let mut decider = decider(target_10(100.0));
+        decider.decide(0, 10.0, 100.0, 5);
+        // Panic window calmed down but the stable average is high: provision for the stable.
+        let d = decider.decide(1_000, 150.0, 30.0, 10);
+        assert_eq!((d.desired, d.panic, d.reason), (15, true, Reason::Panic));
+    }
+
+    #[test]
+    fn scale_to_zero_waits_for_the_grace_period_without_demand() {
+        let mut decider = decider(KpaConfig::default());
+        // Demand until t = 10 s (as seen by the windows).
+        let d = decider.decide(10_000, 5.0, 0.0, 1);
+        assert_eq!(d.desired, 1);
+        // No demand since: one replica stays for the 30 s grace period...
+        for now in [10_001, 20_000, 39_999] {
+            let d = decider.decide(now, 0.0, 0.0, 1);
+            assert_eq!(
+                (d.desired, d.reason),
+                (1, Reason::ScaleToZeroGrace),
+                "at {now}"
+            );
+        }
+        // ...and goes when it is over.
+        let d = decider.decide(40_000, 0.0, 0.0, 1);
+        assert_eq!((d.desired, d.reason), (0, Reason::Stable));
+        // Demand again on zero replicas: back to one at once.
+        let d = decider.decide(41_000, 0.0, 0.5, 0);
+        assert_eq!(d.desired, 1);
+    }
+
+    #[test]
+    fn a_fresh_decider_does_not_drop_replicas_before_the_grace_period() {
+        let mut decider = decider(KpaConfig::default());
+        assert_eq!(decider.decide(100_000, 0.0, 0.0, 1).desired, 1);
+        assert_eq!(decider.decide(129_999, 0.0, 0.0, 1).desired, 1);
+        assert_eq!(decider.decide(130_000, 0.0, 0.0, 1).desired, 0);
+    }
+
+    #[test]
+    fn zero_grace_period_scales_to_zero_at_once() {
+        let mut decider = decider(config(|c| c.scale_to_zero_grace_period_ms = 0));
+        assert_eq!(decider.decide(0, 0.0, 0.0, 1).desired, 0);
+    }
+
+    #[test]
+    fn initial_scale_applies_until_reached_once() {
+        let mut decider = Decider::for_new_revision(config(|c| c.initial_scale = 3)).unwrap();
+        assert_eq!(decider.decide(0, 0.0, 0.0, 0).desired, 3);
+        assert_eq!(decider.decide(1_000, 0.0, 0.0, 2).desired, 3);
+        assert!(decider.state().initial_scale_pending);
+        // Reached: from now on ordinary rules (scale-down rate 2: 3 -> 1).
+        assert_eq!(decider.decide(2_000, 0.0, 0.0, 3).desired, 1);
+        assert!(!decider.state().initial_scale_pending);
+        assert_eq!(decider.decide(3_000, 0.0, 0.0, 1).desired, 1);
+    }
+
+    #[test]
+    fn restore_continues_from_another_workers_state() {
+        let mut first = decider(target_10(100.0));
+        first.decide(0, 10.0, 100.0, 5);
+        let bytes = first.state().encode();
+        let mut second = decider(target_10(100.0));
+        second.restore(DeciderState::decode(&bytes).unwrap());
+        // The panic entered by the first worker holds on the second.
+        let d = second.decide(1_000, 10.0, 10.0, 10);
+        assert_eq!(
+            (d.desired, d.panic, d.reason),
+            (10, true, Reason::PanicHold)
+        );
+    }
+
+    #[test]
+    fn desired_for_concurrency_is_the_plain_ratio() {
+        let cases: &[(&str, f64, KpaConfig, u32)] = &[
+            ("docs at 100%", 50.0, target_10(100.0), 5),
+            ("docs at 70%", 50.0, target_10(70.0), 8),
+            (
+                "default target 100 at 70%: 50 -> 1",
+                50.0,
+                KpaConfig::default(),
+                1,
+            ),
+            (
+                "default target 100 at 70%: 71 -> 2",
+                71.0,
+                KpaConfig::default(),
+                2,
+            ),
+            ("no demand", 0.0, target_10(100.0), 0),
+            ("negative", -1.0, target_10(100.0), 0),
+            ("NaN", f64::NAN, target_10(100.0), 0),
+            (
+                "infinite demand saturates",
+                f64::INFINITY,
+                target_10(100.0),
+                u32::MAX,
+            ),
+            (
+                "invalid zero target gives 0",
+                50.0,
+                config(|c| c.target = 0.0),
+                0,
+            ),
+        ];
+        for (name, avg, cfg, expected) in cases {
+            assert_eq!(desired_for_concurrency(*avg, cfg), *expected, "{name}");
+        }
+    }
+
+    #[test]
+    fn config_defaults_are_knatives() {
+        let cfg = KpaConfig::default();
+        assert_eq!(cfg.validate(), Ok(()));
+        assert_eq!(cfg.effective_target(), 70.0);
+        assert_eq!(cfg.panic_window_ms(), 6_000);
+        assert_eq!(target_10(70.0).effective_target(), 7.0);
+        let parsed: KpaConfig = serde_json::from_str("{}").unwrap();
+        assert_eq!(parsed, cfg);
+    }
+
+    #[test]
+    fn config_parses_camel_case_and_rejects_unknown_keys() {
+        let parsed: KpaConfig = serde_json::from_str(
+            r#"{"target": 10, "containerConcurrency": 5, "targetUtilizationPercentage": 100,
+                "stableWindowMs": 30000, "maxScale": 7, "scaleToZeroGracePeriodMs": 0}"#,
+        )
+        .unwrap();
+        assert_eq!(parsed.effective_target(), 5.0);
+        assert_eq!(parsed.stable_window_ms, 30_000);
+        assert_eq!(parsed.max_scale, 7);
+        assert_eq!(parsed.panic_window_ms(), 3_000);
+        let unknown = serde_json::from_str::<KpaConfig>(r#"{"tagret": 10}"#).unwrap_err();
+        assert!(unknown.to_string().contains("tagret"), "{unknown}");
+    }
+
+    #[test]
+    fn config_validation_names_the_bad_field() {
+        let cases: Vec<(&str, KpaConfig, &str)> = vec![
+            ("zero target", config(|c| c.target = 0.0), "target"),
+            ("NaN target", config(|c| c.target = f64::NAN), "target"),
+            ("tiny target", config(|c| c.target = 0.001), "target"),
+            (
+                "zero utilization",
+                config(|c| c.target_utilization_percentage = 0.0),
+                "targetUtilizationPercentage",
+            ),
+            (
+                "utilization above 100",
+                config(|c| c.target_utilization_percentage = 100.5),
+                "targetUtilizationPercentage",
+            ),
+            (
+                "zero stable window",
+                config(|c| c.stable_window_ms = 0),
+                "stableWindow",
+            ),
+            (
+                "zero panic window",
+                config(|c| c.panic_window_percentage = 0.0),
+                "panicWindowPercentage",
+            ),
+            (
+                "panic window rounds to 0 ms",
+                config(|c| {
+                    c.stable_window_ms = 1;
+                    c.panic_window_percentage = 10.0;
+                }),
+                "panicWindowPercentage",
+            ),
+            (
+                "panic window above 100%",
+                config(|c| c.panic_window_percentage = 101.0),
+                "panicWindowPercentage",
+            ),
+            (
+                "panic threshold 100%",
+                config(|c| c.panic_threshold_percentage = 100.0),
+                "panicThresholdPercentage",
+            ),
+            (
+                "scale-up rate 1",
+                config(|c| c.max_scale_up_rate = 1.0),
+                "maxScaleUpRate",
+            ),
+            (
+                "scale-down rate 1",
+                config(|c| c.max_scale_down_rate = 1.0),
+                "maxScaleDownRate",
+            ),
+            (
+                "infinite scale-down rate",
+                config(|c| c.max_scale_down_rate = f64::INFINITY),
+                "maxScaleDownRate",
+            ),
+            (
+                "activation 0",
+                config(|c| c.activation_scale = 0),
+                "activationScale",
+            ),
+        ];
+        for (name, cfg, field) in cases {
+            match cfg.validate() {
+                Err(KpaConfigError::OutOfRange { field: got, .. }) => {
+                    assert_eq!(got, field, "{name}")
+                }
+                other => panic!("{name}: expected OutOfRange for {field}, got {other:?}"),
+            }
+            assert!(Decider::new(cfg).is_err(), "{name}");
+        }
+        assert_eq!(
+            config(|c| {
+                c.min_scale = 5;
+                c.max_scale = 3;
+            })
+            .validate(),
+            Err(KpaConfigError::MinAboveMax {
+                min_scale: 5,
+                max_scale: 3
+            })
+        );
+        assert_eq!(
+            config(|c| {
+                c.activation_scale = 5;
+                c.max_scale = 3;
+            })
+            .validate(),
+            Err(KpaConfigError::ActivationAboveMax {
+                activation_scale: 5,
+                max_scale: 3
+            })
+        );
+        // maxScale 0 is unbounded: any minScale is fine.
+        assert_eq!(config(|c| c.min_scale = 50).validate(), Ok(()));
+        let message = config(|c| c.target_utilization_percentage = 0.0)
+            .validate()
+            .unwrap_err()
+            .to_string();
+        assert_eq!(
+            message,
+            "targetUtilizationPercentage is 0; expected a percentage in (0, 100]"
+        );
+    }
+
+    #[test]
+    fn state_round_trips_and_rejects_damaged_bytes() {
+        let states = [
+            DeciderState::default(),
+            DeciderState {
+                panic: Some(Panic {
+                    started_ms: 1,
+                    last_over_threshold_ms: u64::MAX,
+                    max_desired: u32::MAX,
+                }),
+                last_desired: 17,
+                last_demand_ms: Some(0),
+                initial_scale_pending: true,
+            },
+        ];
+        for state in states {
+            let bytes = state.encode();
+            assert_eq!(DeciderState::decode(&bytes), Ok(state));
+            for cut in 0..bytes.len() {
+                assert!(DeciderState::decode(&bytes[..cut]).is_err(), "prefix {cut}");
+            }
+        }
+        let mut unknown_flag = DeciderState::default().encode();
+        unknown_flag[2] |= 0x80;
+        assert!(matches!(
+            DeciderState::decode(&unknown_flag),
+            Err(DecodeError::Invalid { .. })
+        ));
+        assert!(matches!(
+            DeciderState::decode(&crate::window::Demand::new().encode()),
+            Err(DecodeError::WrongKind { .. })
+        ));
+    }
+
+    // ---- properties ----
+
+    /// Valid configs across the whole accepted range.
+    fn any_config() -> impl Strategy<Value = KpaConfig> {
+        (
+            (0.01f64..500.0, 0u32..50, 1.0f64..=100.0, 1_000u64..600_000),
+            (
+                1.0f64..=100.0,
+                101.0f64..1_000.0,
+                1.01f64..1_000.0,
+                1.01f64..10.0,
+            ),
+            (0u32..20, 0u32..40, 0u64..120_000, 1u32..5, 0u32..5),
+        )
+            .prop_map(
+                |(
+                    (target, cc, utilization, stable),
+                    (panic_pct, threshold, up, down),
+                    (min, max, grace, activation, initial),
+                )| {
+                    let max = if max == 0 {
+                        0
+                    } else {
+                        max.max(min).max(activation)
+                    };
+                    KpaConfig {
+                        target,
+                        container_concurrency: cc,
+                        target_utilization_percentage: utilization,
+                        stable_window_ms: stable,
+                        panic_window_percentage: panic_pct,
+                        panic_threshold_percentage: threshold,
+                        max_scale_up_rate: up,
+                        max_scale_down_rate: down,
+                        min_scale: min,
+                        max_scale: max,
+                        scale_to_zero_grace_period_ms: grace,
+                        activation_scale: activation,
+                        initial_scale: initial,
+                    }
+                },
+            )
+    }
+
+    fn any_state() -> impl Strategy<Value = DeciderState> {
+        (
+            proptest::option::of((any::<u64>(), any::<u64>(), any::<u32>())),
+            any::<u32>(),
+            proptest::option::of(any::<u64>()),
+            any::<bool>(),
+        )
+            .prop_map(
+                |(panic, last_desired, last_demand_ms, initial_scale_pending)| DeciderState {
+                    panic: panic.map(|(started_ms, last_over_threshold_ms, max_desired)| Panic {
+                        started_ms,
+                        last_over_threshold_ms,
+                        max_desired,
+                    }),
+                    last_desired,
+                    last_demand_ms,
+                    initial_scale_pending,
+                },
+            )
+    }
+
+    fn any_average() -> impl Strategy<Value = f64> {
+        prop_oneof![Just(0.0), 0.0f64..1e-6, 0.0f64..10_000.0]
+    }
+
+    proptest! {
+        #[test]
+        fn desired_is_monotonic_in_demand(
+            cfg in any_config(),
+            state in any_state(),
+            now in 0u64..1_000_000,
+            ready in 0u32..200,
+            (stable_low, stable_extra) in (any_average(), any_average()),
+            (panic_low, panic_extra) in (any_average(), any_average()),
+        ) {
+            let mut low = decider(cfg.clone());
+            low.restore(state);
+            let mut high = decider(cfg);
+            high.restore(state);
+            let low = low.decide(now, stable_low, panic_low, ready);
+            let high = high.decide(now, stable_low + stable_extra, panic_low + panic_extra, ready);
+            prop_assert!(low.desired <= high.desired, "{low} vs {high}");
+        }
+
+        #[test]
+        fn rate_limits_are_always_respected(
+            cfg in any_config(),
+            steps in proptest::collection::vec(
+                (1u64..20_000, any_average(), any_average(), 0u32..200), 1..40),
+        ) {
+            // Only the rate limits and the panic hold may shape the result.
+            let cfg = KpaConfig {
+                min_scale: 0,
+                max_scale: 0,
+                activation_scale: 1,
+                initial_scale: 0,
+                ..cfg
+            };
+            let mut decider = decider(cfg);
+            let mut now = 0;
+            for (gap, stable, panic, ready) in steps {
+                now += gap;
+                let held = decider.state().panic.map(|p| p.max_desired);
+                let d = decider.decide(now, stable, panic, ready);
+                prop_assert!(d.desired >= d.max_scale_down, "{d}");
+                prop_assert!(
+                    d.desired <= d.max_scale_up || (d.panic && Some(d.desired) == held),
+                    "{d} (held {held:?})"
+                );
+            }
+        }
+
+        #[test]
+        fn desired_stays_within_min_and_max_scale(
+            cfg in any_config(),
+            state in any_state(),
+            now in any::<u64>(),
+            ready in 0u32..500,
+            stable in any_average(),
+            panic in any_average(),
+        ) {
+            let (min, max) = (cfg.min_scale, cfg.max_scale);
+            let mut decider = decider(cfg);
+            decider.restore(state);
+            let d = decider.decide(now, stable, panic, ready);
+            prop_assert!(d.desired >= min, "{d} below minScale {min}");
+            prop_assert!(max == 0 || d.desired <= max, "{d} above maxScale {max}");
+        }
+
+        #[test]
+        fn state_decode_inverts_encode(state in any_state()) {
+            prop_assert_eq!(DeciderState::decode(&state.encode()), Ok(state));
+        }
+
+        #[test]
+        fn state_decode_of_arbitrary_bytes_never_panics(
+            bytes in proptest::collection::vec(any::<u8>(), 0..64),
+        ) {
+            let _ = DeciderState::decode(&bytes);
+            let mut framed = vec![crate::window::ENCODING_VERSION, kind::DECIDER_STATE];
+            framed.extend(&bytes);
+            if let Ok(state) = DeciderState::decode(&framed) {
+                prop_assert_eq!(DeciderState::decode(&state.encode()), Ok(state));
+            }
         }
     }
 }
