@@ -107,59 +107,56 @@ fn out_of_range(
 impl KpaConfig {
     /// Checks every field; the first problem found is returned, named by its config key.
     pub fn validate(&self) -> Result<(), KpaConfigError> {
-        // `!(x >= lo)` style checks would also catch NaN; spell NaN out for clippy and readers.
-        let within = |x: f64, lo: f64, hi: f64| !x.is_nan() && x >= lo && x <= hi;
-        if !within(self.target, MIN_TARGET, f64::MAX) {
+        // Every float check also rejects NaN and infinities: `x.is_finite() && ...` first.
+        let above = |x: f64, lo: f64| x.is_finite() && x > lo;
+        let percentage = |x: f64| above(x, 0.0) && x <= 100.0;
+        if !(self.target.is_finite() && self.target >= MIN_TARGET) {
             return Err(out_of_range("target", self.target, "a number >= 0.01"));
         }
-        let utilization = self.target_utilization_percentage;
-        if utilization.is_nan() || utilization <= 0.0 || utilization > 100.0 {
+        if !percentage(self.target_utilization_percentage) {
             return Err(out_of_range(
                 "targetUtilizationPercentage",
-                utilization,
+                self.target_utilization_percentage,
                 "a percentage in (0, 100]",
             ));
         }
         if self.stable_window_ms == 0 {
             return Err(out_of_range("stableWindow", "0ms", "a duration > 0"));
         }
-        let panic_pct = self.panic_window_percentage;
-        if panic_pct.is_nan() || panic_pct <= 0.0 || panic_pct > 100.0 {
+        if !percentage(self.panic_window_percentage) {
             return Err(out_of_range(
                 "panicWindowPercentage",
-                panic_pct,
+                self.panic_window_percentage,
                 "a percentage in (0, 100]",
             ));
         }
         if self.panic_window_ms() == 0 {
             return Err(out_of_range(
                 "panicWindowPercentage",
-                panic_pct,
+                self.panic_window_percentage,
                 "a percentage giving a panic window of at least 1ms",
             ));
         }
         // At or below 100 % a revision at steady state would panic forever and never scale down.
-        if !within(self.panic_threshold_percentage, f64::MIN_POSITIVE, f64::MAX)
-            || self.panic_threshold_percentage <= 100.0
-        {
+        if !above(self.panic_threshold_percentage, 100.0) {
             return Err(out_of_range(
                 "panicThresholdPercentage",
                 self.panic_threshold_percentage,
                 "a percentage > 100 (Knative accepts 110 to 1000)",
             ));
         }
-        if !within(self.max_scale_up_rate, 1.0, f64::MAX) || self.max_scale_up_rate <= 1.0 {
+        if !above(self.max_scale_up_rate, 1.0) {
             return Err(out_of_range(
                 "maxScaleUpRate",
                 self.max_scale_up_rate,
-                "a rate > 1",
+                "a finite rate > 1",
             ));
         }
-        if !within(self.max_scale_down_rate, 1.0, f64::MAX) || self.max_scale_down_rate <= 1.0 {
+        if !above(self.max_scale_down_rate, 1.0) {
             return Err(out_of_range(
                 "maxScaleDownRate",
                 self.max_scale_down_rate,
-                "a rate > 1",
+                "a finite rate > 1",
             ));
         }
         if self.max_scale > 0 && self.min_scale > self.max_scale {
@@ -186,7 +183,7 @@ impl KpaConfig {
         if self.container_concurrency > 0 {
             target = target.min(f64::from(self.container_concurrency));
         }
-        // Multiply before dividing: 10 × 70 / 100 is exactly 7, 10 × 0.7 is not.
+        // Multiply before dividing so whole-number inputs stay exact: 10 × 70 / 100 is 7.
         target * self.target_utilization_percentage / 100.0
     }
 
@@ -246,7 +243,8 @@ pub struct DeciderState {
     pub last_desired: u32,
     /// The last decision that saw demand, or the first decision if none has: the
     /// scale-to-zero grace period counts from here, so a freshly started gateway does not
-    /// drop a revision's replicas before it has watched it for a while.
+    /// drop a revision's replicas before it has watched it for a while. `None` only before the
+    /// first decision.
     pub last_demand_ms: Option<u64>,
     /// The revision is new and has not yet had `initialScale` replicas ready: ask for at least
     /// that many. Only [`Decider::for_new_revision`] sets it — see there why.
@@ -377,12 +375,15 @@ pub struct Decision {
     pub stable_desired: u32,
     /// ceil(panic average / effective target), before any limit.
     pub panic_desired: u32,
-    /// Rate limits of this decision: ceil(maxScaleUpRate × max(ready, 1)) ...
+    /// Upper rate limit of this decision: ceil(maxScaleUpRate × max(ready, 1)).
     pub max_scale_up: u32,
-    /// ... and floor(max(ready, 1) / maxScaleDownRate).
+    /// Lower rate limit of this decision: floor(max(ready, 1) / maxScaleDownRate).
     pub max_scale_down: u32,
+    /// Concurrency per replica aimed for (see [`KpaConfig::effective_target`]).
     pub effective_target: f64,
+    /// Ready replicas this decision was based on.
     pub ready: u32,
+    /// The rule that set `desired` last.
     pub reason: Reason,
 }
 
@@ -412,8 +413,8 @@ pub struct Decider {
 }
 
 impl Decider {
-    /// A decider joining a revision that already exists: fresh state (not panicking, nothing
-    /// seen yet) and no initial scale. This is what the gateway uses: it cannot tell a new
+    /// A decider joining a revision that already exists: fresh state and no initial scale (its
+    /// first decision holds the ready scale for a stable window, see [`Decider::decide`]). This is what the gateway uses: it cannot tell a new
     /// revision from its own restart, and applying `initialScale` on every gateway start would
     /// wake every revision that had scaled to zero.
     pub fn new(config: KpaConfig) -> Result<Self, KpaConfigError> {
@@ -449,10 +450,22 @@ impl Decider {
     /// Decides the desired replica count at `now_ms` from the stable and panic window average
     /// concurrencies and the ready replica count, and updates the state.
     ///
-    /// Negative or NaN averages count as zero demand.
+    /// Negative or NaN averages count as zero demand. The first decision of a fresh state with
+    /// more than one ready replica enters panic mode at the ready count, as a new Knative
+    /// autoscaler does: windows that have just started know too little to scale down on.
     pub fn decide(&mut self, now_ms: u64, stable_avg: f64, panic_avg: f64, ready: u32) -> Decision {
         let cfg = &self.config;
         let state = &mut self.state;
+        if state.last_demand_ms.is_none() && state.panic.is_none() && ready > 1 {
+            // First decision: the windows hold seconds of data at most, and a gateway restart
+            // is not a reason to halve a revision. Like a new Knative autoscaler, start in panic
+            // mode holding the current scale, so nothing scales down for a stable window.
+            state.panic = Some(Panic {
+                started_ms: now_ms,
+                last_over_threshold_ms: now_ms,
+                max_desired: ready,
+            });
+        }
         let target = cfg.effective_target();
         let stable_desired = ceil_ratio(stable_avg, target);
         let panic_desired = ceil_ratio(panic_avg, target);
@@ -468,6 +481,14 @@ impl Decider {
 
         let over_threshold =
             f64::from(panic_desired) * 100.0 >= cfg.panic_threshold_percentage * ready_for_rates;
+        // Knative leaves panic mode only when the surge has made its way into the stable window:
+        // a full stable window after the last decision over the threshold.
+        let panic_expired = state.panic.is_some_and(|panic| {
+            now_ms
+                > panic
+                    .last_over_threshold_ms
+                    .saturating_add(cfg.stable_window_ms)
+        });
         match (&mut state.panic, over_threshold) {
             (None, true) => {
                 state.panic = Some(Panic {
@@ -479,15 +500,7 @@ impl Decider {
             (Some(panic), true) => {
                 panic.last_over_threshold_ms = panic.last_over_threshold_ms.max(now_ms);
             }
-            (Some(panic), false)
-                if now_ms
-                    > panic
-                        .last_over_threshold_ms
-                        .saturating_add(cfg.stable_window_ms) =>
-            {
-                // The surge has made its way into the stable window.
-                state.panic = None;
-            }
+            (Some(_), false) if panic_expired => state.panic = None,
             _ => {}
         }
 
@@ -533,7 +546,7 @@ impl Decider {
         }
         if desired > 0 && desired < cfg.activation_scale {
             desired = cfg.activation_scale;
-            reason = if ready == 0 {
+            reason = if ready == 0 && has_demand {
                 Reason::ScaleFromZero
             } else {
                 Reason::ActivationScale
@@ -865,7 +878,13 @@ mod tests {
             },
         ];
         for case in cases {
+            // A decider that has run before (at t = 0), so the first-decision hold is out of the
+            // way; `a_fresh_decider_holds_the_current_scale_for_a_stable_window` covers that.
             let mut decider = decider(case.cfg);
+            decider.restore(DeciderState {
+                last_demand_ms: Some(0),
+                ..DeciderState::default()
+            });
             let decision = decider.decide(1_000, case.stable_avg, case.panic_avg, case.ready);
             assert_eq!(
                 (decision.desired, decision.panic, decision.reason),
@@ -940,6 +959,33 @@ mod tests {
         // Demand again on zero replicas: back to one at once.
         let d = decider.decide(41_000, 0.0, 0.5, 0);
         assert_eq!(d.desired, 1);
+    }
+
+    #[test]
+    fn a_fresh_decider_holds_the_current_scale_for_a_stable_window() {
+        // A gateway restart with 10 replicas ready and windows that know nothing yet: Knative's
+        // new autoscaler starts in panic mode at the current scale; so does this one.
+        let mut decider = decider(target_10(100.0));
+        let d = decider.decide(5_000, 0.0, 0.0, 10);
+        assert_eq!(
+            (d.desired, d.panic, d.reason),
+            (10, true, Reason::PanicHold)
+        );
+        let d = decider.decide(65_000, 10.0, 10.0, 10);
+        assert_eq!((d.desired, d.panic), (10, true));
+        // A stable window later it scales down as usual (rate 2: 10 -> 5).
+        let d = decider.decide(65_001, 10.0, 10.0, 10);
+        assert_eq!(
+            (d.desired, d.panic, d.reason),
+            (5, false, Reason::ScaleDownRateLimited)
+        );
+    }
+
+    #[test]
+    fn a_fresh_decider_scales_up_at_once() {
+        let mut decider = decider(target_10(100.0));
+        let d = decider.decide(0, 300.0, 300.0, 10);
+        assert_eq!((d.desired, d.panic, d.reason), (30, true, Reason::Panic));
     }
 
     #[test]
