@@ -64,7 +64,7 @@ pub fn filter() -> &'static Filter {
         let path = filter_wasm_path();
         let bytes = std::fs::read(path)
             .unwrap_or_else(|e| panic!("reading {}: {e}", path.display()));
-        Filter::from_bytes(&bytes)
+        Filter::from_bytes_cached(&bytes, &path.with_extension("emu.cwasm"))
             .unwrap_or_else(|e| panic!("compiling {}: {e:#}", path.display()))
     })
 }

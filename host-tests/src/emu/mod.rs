@@ -26,7 +26,7 @@
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 mod abi;
-mod artifact;
+pub mod artifact;
 mod wasi;
 pub mod wire;
 pub mod world;
@@ -190,11 +190,51 @@ pub struct Filter {
 }
 
 impl Filter {
-    pub fn from_bytes(wasm: &[u8]) -> wasmtime::Result<Filter> {
+    fn engine() -> wasmtime::Result<Engine> {
         let mut config = wasmtime::Config::new();
+        // Compile time matters more than speed here (a debug-built Cranelift is slow).
         config.cranelift_opt_level(wasmtime::OptLevel::None);
-        let engine = Engine::new(&config)?;
+        Engine::new(&config)
+    }
+
+    pub fn from_bytes(wasm: &[u8]) -> wasmtime::Result<Filter> {
+        let engine = Filter::engine()?;
         let module = Module::new(&engine, wasm)?;
+        Filter::link(engine, module)
+    }
+
+    /// Like [`Filter::from_bytes`], keeping the compiled code in `cache` (next to the wasm) so
+    /// each test binary does not compile the module again. The cache is keyed by the module's
+    /// bytes and the engine's compatibility hash; anything else recompiles.
+    pub fn from_bytes_cached(wasm: &[u8], cache: &std::path::Path) -> wasmtime::Result<Filter> {
+        use std::hash::{Hash, Hasher};
+        let engine = Filter::engine()?;
+        let mut hasher = std::collections::hash_map::DefaultHasher::new();
+        wasm.hash(&mut hasher);
+        engine.precompile_compatibility_hash().hash(&mut hasher);
+        let key = hasher.finish().to_le_bytes();
+        if let Ok(bytes) = std::fs::read(cache) {
+            if bytes.len() > 8 && bytes[..8] == key {
+                // SAFETY: the file was written below by this same engine configuration from
+                // `Module::serialize` (checked by the key); wasmtime validates the header too.
+                if let Ok(module) = unsafe { Module::deserialize(&engine, &bytes[8..]) } {
+                    return Filter::link(engine, module);
+                }
+            }
+        }
+        let module = Module::new(&engine, wasm)?;
+        if let Ok(compiled) = module.serialize() {
+            let tmp = cache.with_extension(format!("tmp{}", std::process::id()));
+            let mut out = key.to_vec();
+            out.extend_from_slice(&compiled);
+            if std::fs::write(&tmp, out).is_ok() {
+                let _ = std::fs::rename(&tmp, cache);
+            }
+        }
+        Filter::link(engine, module)
+    }
+
+    fn link(engine: Engine, module: Module) -> wasmtime::Result<Filter> {
         let mut linker: Linker<VmData> = Linker::new(&engine);
         abi::add_to_linker(&mut linker)?;
         wasi::add_to_linker(&mut linker)?;

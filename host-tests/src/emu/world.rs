@@ -96,7 +96,8 @@ pub struct TrapFault {
 
 #[derive(Default, Clone, Debug)]
 pub struct Faults {
-    /// The next N `proxy_set_shared_data` calls that carry a CAS fail with `CasMismatch`.
+    /// The next N `proxy_set_shared_data` calls that carry a CAS on an existing key fail with
+    /// `CasMismatch`, as if another worker had written the key first.
     pub cas_mismatch_next: u32,
     pub traps: Vec<TrapFault>,
 }
@@ -184,8 +185,13 @@ impl World {
     /// Envoy's shared-data set: a CAS is checked only when the key exists (a set with a CAS
     /// on a missing key creates it); CAS 0 is unconditional.
     pub fn set_shared(&mut self, key: &str, value: Vec<u8>, cas: u32) -> u32 {
-        if cas != 0 && self.faults.cas_mismatch_next > 0 {
+        if cas != 0 && self.faults.cas_mismatch_next > 0 && self.shared.contains_key(key) {
+            // As if another worker wrote the key first: its CAS moves on, the value stays.
             self.faults.cas_mismatch_next -= 1;
+            let bumped = self.take_cas();
+            if let Some(entry) = self.shared.get_mut(key) {
+                entry.1 = bumped;
+            }
             return status::CAS_MISMATCH;
         }
         let next = self.take_cas();
