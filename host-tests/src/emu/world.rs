@@ -281,3 +281,67 @@ impl World {
         self.streams[r.0].state = State::LocalReply(reply);
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn shared_data_follows_envoy_cas_rules() {
+        let mut w = World::new();
+        // A CAS on a missing key is ignored: the key is created.
+        assert_eq!(w.set_shared("k", b"1".to_vec(), 12345), status::OK);
+        let cas = w.shared["k"].1;
+        assert_ne!(cas, 0);
+        assert_eq!(w.set_shared("k", b"2".to_vec(), cas + 1), status::CAS_MISMATCH);
+        assert_eq!(w.shared["k"].0, b"1");
+        assert_eq!(w.set_shared("k", b"2".to_vec(), cas), status::OK);
+        assert_eq!(w.set_shared("k", b"3".to_vec(), cas), status::CAS_MISMATCH, "stale");
+        assert_eq!(w.set_shared("k", b"3".to_vec(), 0), status::OK, "0 = unconditional");
+        assert_eq!(w.shared["k"].0, b"3");
+    }
+
+    #[test]
+    fn injected_mismatch_moves_the_cas_of_existing_keys_only() {
+        let mut w = World::new();
+        w.faults.cas_mismatch_next = 2;
+        assert_eq!(w.set_shared("new", b"1".to_vec(), 7), status::OK, "missing key");
+        let cas = w.shared["new"].1;
+        assert_eq!(w.set_shared("new", b"2".to_vec(), cas), status::CAS_MISMATCH);
+        assert_ne!(w.shared["new"].1, cas, "as if someone else wrote");
+        assert_eq!(w.set_shared("new", b"2".to_vec(), 0), status::OK, "unconditional");
+        assert_eq!(w.faults.cas_mismatch_next, 1);
+    }
+
+    #[test]
+    fn queue_notifies_the_last_registrant() {
+        let mut w = World::new();
+        let t = w.register_queue("q", (0, 0, 1));
+        assert_eq!(w.register_queue("q", (2, 0, 1)), t, "same name, same token");
+        assert_eq!(w.enqueue(t, b"x".to_vec()), status::OK);
+        assert_eq!(
+            w.events.pop_front(),
+            Some(Event::QueueReady {
+                worker: 2,
+                generation: 0,
+                root_ctx: 1,
+                token: t
+            })
+        );
+        assert_eq!(w.enqueue(t + 1, b"x".to_vec()), status::NOT_FOUND);
+    }
+
+    #[test]
+    fn armed_trap_fires_after_skips_once() {
+        let mut w = World::new();
+        w.faults.traps.push(TrapFault {
+            worker: Some(1),
+            hostcall: "proxy_log".into(),
+            skip: 1,
+        });
+        assert!(!w.take_trap(0, "proxy_log"), "other worker");
+        assert!(!w.take_trap(1, "proxy_log"), "skipped");
+        assert!(w.take_trap(1, "proxy_log"));
+        assert!(!w.take_trap(1, "proxy_log"), "fired once");
+    }
+}
