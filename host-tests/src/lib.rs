@@ -1,2 +1,9 @@
 //! Test support for running filter.wasm in real Envoy and in an emulated host.
+//!
+//! - [`envoy`]: real Envoy processes (from the project's `.venv`), config generation, stats;
+//! - [`upstream`]: a recording test upstream; [`client`]: a raw HTTP/1.1 client;
+//! - [`emu`]: the emulated proxy-wasm host on wasmtime (many workers, virtual clock).
+pub mod client;
 pub mod emu;
+pub mod envoy;
+pub mod upstream;

