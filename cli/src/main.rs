@@ -1,5 +1,38 @@
-//! `inflight`: the operator tool (local stack, render, top, scaler). Grows with the issues that need it.
+//! `inflight`: the operator tool.
+//!
+//! - `inflight up` — the local stack: Envoy + filter, predictor replicas, the scaler, live view;
+//! - `inflight render` — gateway config (filter config, WasmPlugin, EnvoyFilter) from
+//!   InferenceService YAML;
+//! - `inflight top` — a live per-revision view of a running gateway;
+//! - `inflight bench` — what the filter costs, side by side with plain Envoy.
+
+use clap::{Parser, Subcommand};
+
+mod bench;
+mod render;
+mod up;
+
+#[derive(Parser)]
+#[command(name = "inflight", version, about = "Concurrency-aware routing for inference gateways")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the local stack (Envoy + filter, predictor replicas, scaler) from one config file.
+    Up(up::Args),
+    /// Render gateway config from KServe InferenceService YAML.
+    Render(render::Args),
+    /// Benchmark the filter against plain Envoy, an empty wasm filter and Envoy's circuit breaker.
+    Bench(bench::Args),
+}
 
 fn main() -> anyhow::Result<()> {
-    anyhow::bail!("usage: inflight <up|render|top> (not implemented yet)")
+    match Cli::parse().command {
+        Command::Up(a) => up::run(a),
+        Command::Render(a) => render::run(a),
+        Command::Bench(a) => bench::run(a),
+    }
 }

@@ -1,0 +1,8 @@
+//! `inflight bench` (not implemented yet).
+
+#[derive(clap::Args)]
+pub struct Args {}
+
+pub fn run(_args: Args) -> anyhow::Result<()> {
+    anyhow::bail!("`inflight bench` is not implemented yet")
+}
