@@ -3,7 +3,7 @@
 //!
 //! Run: `cargo test -p inflight-host-tests --test emu_faults`.
 
-use inflight_host_tests::emu::{Filter, FailurePolicy, Host, Req, State};
+use inflight_host_tests::emu::{FailurePolicy, Filter, Host, Req, State};
 use serde_json::json;
 
 const A: &str = "a.example.com";
@@ -21,7 +21,9 @@ fn config_a(cc: u32, buffer: u32, max_wait_ms: u64) -> String {
 
 fn m(what: &str) -> String {
     match what {
-        "active" | "queued" | "capacity" | "queue_wait_ms" => format!("inflight.revision.rev-a.{what}"),
+        "active" | "queued" | "capacity" | "queue_wait_ms" => {
+            format!("inflight.revision.rev-a.{what}")
+        }
         outcome => format!("inflight.revision.rev-a.outcome.{outcome}.requests_total"),
     }
 }
@@ -35,13 +37,22 @@ fn cas_storm_changes_nothing_but_the_number_of_attempts() {
         // Every decision loses its first 3 CAS races.
         h.inject_cas_mismatch(3);
         rs.push(h.request(i % 4, A).send());
-        assert_eq!(h.cas_mismatches_left(), 0, "request {i} consumed the injected mismatches");
+        assert_eq!(
+            h.cas_mismatches_left(),
+            0,
+            "request {i} consumed the injected mismatches"
+        );
     }
-    assert_eq!(h.hostcall_count("proxy_set_shared_data") - sets_before, 10 * 4);
+    assert_eq!(
+        h.hostcall_count("proxy_set_shared_data") - sets_before,
+        10 * 4
+    );
     let states: Vec<State> = rs.iter().map(|r| h.state(*r)).collect();
     assert_eq!(states[..2], [State::Admitted, State::Admitted]);
     assert!(states[2..7].iter().all(|s| *s == State::Paused));
-    assert!(states[7..].iter().all(|s| matches!(s, State::LocalReply(r) if r.status == 503)));
+    assert!(states[7..]
+        .iter()
+        .all(|s| matches!(s, State::LocalReply(r) if r.status == 503)));
     while let Some(&r) = h.upstream().first() {
         h.inject_cas_mismatch(5);
         h.finish(r, 200);
@@ -79,7 +90,11 @@ fn cas_storm_past_the_retry_bound_on_release_leaks_the_slot() {
     h.finish(r0, 200);
     h.advance(50);
     assert_eq!(h.gauge(&m("active")), 1, "leaked");
-    assert!(h.logs(0).iter().any(|l| l.contains("slot leaked")), "{:#?}", h.logs(0));
+    assert!(
+        h.logs(0).iter().any(|l| l.contains("slot leaked")),
+        "{:#?}",
+        h.logs(0)
+    );
 }
 
 #[test]
@@ -97,7 +112,11 @@ fn grant_to_a_wake_queue_that_is_gone_passes_to_the_next_ticket() {
     assert!(q1.starts_with("inflight.wake."), "{q1}");
     assert!(h.drop_queue(&q1));
     h.finish(r0, 200);
-    assert_eq!(h.resume_order(), vec![r2], "r1's worker unreachable: slot passed on");
+    assert_eq!(
+        h.resume_order(),
+        vec![r2],
+        "r1's worker unreachable: slot passed on"
+    );
     assert_eq!(h.state(r1), State::Paused);
     h.finish(r2, 200);
     h.advance(50);
@@ -146,7 +165,11 @@ fn vm_crash_with_admitted_and_waiting_streams() {
     h.finish(r1, 200); // upstream finishes; the dead VM never sees it
     assert!(h.upstream().is_empty());
     h.advance(40);
-    assert_eq!(h.gauge(&m("active")), 2, "2 slots leaked: r1's and the grant to r2");
+    assert_eq!(
+        h.gauge(&m("active")),
+        2,
+        "2 slots leaked: r1's and the grant to r2"
+    );
     // r3 on a live worker is shed at its max wait, not stranded.
     h.advance(1000);
     let reply = h.reply(r3);
@@ -175,11 +198,23 @@ fn dead_vms_waiters_are_reaped_after_the_orphan_age() {
     // Reaped at the first tick past 6 s; the gauge shows it one tick later.
     h.advance(50);
     assert_eq!(h.gauge(&m("queued")), 0, "reaped");
-    assert!(h.logs(0).iter().any(|l| l.contains("reaped 1 orphaned")), "{:#?}", h.logs(0));
+    assert!(
+        h.logs(0).iter().any(|l| l.contains("reaped 1 orphaned")),
+        "{:#?}",
+        h.logs(0)
+    );
     h.finish(r0, 200);
     h.advance(50);
-    assert_eq!(h.gauge(&m("active")), 0, "no grant went to the reaped waiter");
-    assert_eq!(h.state(r1), State::Paused, "its client waits until Envoy's idle timeout");
+    assert_eq!(
+        h.gauge(&m("active")),
+        0,
+        "no grant went to the reaped waiter"
+    );
+    assert_eq!(
+        h.state(r1),
+        State::Paused,
+        "its client waits until Envoy's idle timeout"
+    );
 }
 
 #[test]
@@ -192,7 +227,10 @@ fn trap_in_a_host_call_kills_only_that_vm() {
     let traps = h.traps();
     assert_eq!(traps.len(), 1);
     assert_eq!(traps[0].worker, 1);
-    assert!(traps[0].message.contains("proxy_continue_stream"), "{traps:?}");
+    assert!(
+        traps[0].message.contains("proxy_continue_stream"),
+        "{traps:?}"
+    );
     assert!(!h.is_alive(1));
     assert_eq!(h.state(r1), State::Paused);
     // Worker 0 still decides; the slot granted to r1 is leaked (known limit).

@@ -35,10 +35,21 @@ impl Rev {
 
 #[derive(Clone, Debug)]
 enum Op {
-    Arrive { worker: usize, rev: usize, post: bool },
-    Finish { pick: usize, status: u32 },
-    Cancel { pick: usize },
-    Advance { ms: u64 },
+    Arrive {
+        worker: usize,
+        rev: usize,
+        post: bool,
+    },
+    Finish {
+        pick: usize,
+        status: u32,
+    },
+    Cancel {
+        pick: usize,
+    },
+    Advance {
+        ms: u64,
+    },
 }
 
 #[derive(Clone, Debug)]
@@ -96,7 +107,9 @@ fn authority(rev: usize) -> String {
 
 fn metric(rev: usize, what: &str) -> String {
     match what {
-        "active" | "queued" | "capacity" | "queue_wait_ms" => format!("inflight.revision.r{rev}.{what}"),
+        "active" | "queued" | "capacity" | "queue_wait_ms" => {
+            format!("inflight.revision.r{rev}.{what}")
+        }
         outcome => format!("inflight.revision.r{rev}.outcome.{outcome}.requests_total"),
     }
 }
@@ -118,7 +131,8 @@ fn config(case: &Case) -> String {
             v
         })
         .collect();
-    json!({"revisions": revs, "tick": format!("{}ms", case.tick_ms), "retryAfter": "1s"}).to_string()
+    json!({"revisions": revs, "tick": format!("{}ms", case.tick_ms), "retryAfter": "1s"})
+        .to_string()
 }
 
 /// What the test knows about each request: its revision and, for paused ones, the order in
@@ -254,11 +268,10 @@ fn run_case(case: &Case, with_bodies: bool, t: &Totals) -> Result<(), TestCaseEr
             .into_iter()
             .filter(|r| model.rev_of[r.0] == i)
             .collect();
-        let count = |f: &dyn Fn(&State) -> bool| mine.iter().filter(|r| f(&h.state(**r))).count() as u64;
+        let count =
+            |f: &dyn Fn(&State) -> bool| mine.iter().filter(|r| f(&h.state(**r))).count() as u64;
         let admitted = count(&|s| matches!(s, State::Admitted | State::Resumed { .. }));
-        let shed = |reason: &'static str| {
-            move |s: &State| matches!(s, State::LocalReply(r) if r.header("x-inflight-shed") == Some(reason))
-        };
+        let shed = |reason: &'static str| move |s: &State| matches!(s, State::LocalReply(r) if r.header("x-inflight-shed") == Some(reason));
         let shed_full = count(&shed("buffer-full"));
         let shed_timeout = count(&shed("wait-timeout"));
         prop_assert_eq!(h.gauge(&metric(i, "active")), 0, "r{} active", i);
@@ -267,9 +280,24 @@ fn run_case(case: &Case, with_bodies: bool, t: &Totals) -> Result<(), TestCaseEr
             h.gauge(&metric(i, "capacity")),
             rev.capacity().unwrap_or(0) as i64
         );
-        prop_assert_eq!(h.counter(&metric(i, "admitted")), admitted, "r{} admitted", i);
-        prop_assert_eq!(h.counter(&metric(i, "shed_full")), shed_full, "r{} shed_full", i);
-        prop_assert_eq!(h.counter(&metric(i, "shed_timeout")), shed_timeout, "r{} shed_timeout", i);
+        prop_assert_eq!(
+            h.counter(&metric(i, "admitted")),
+            admitted,
+            "r{} admitted",
+            i
+        );
+        prop_assert_eq!(
+            h.counter(&metric(i, "shed_full")),
+            shed_full,
+            "r{} shed_full",
+            i
+        );
+        prop_assert_eq!(
+            h.counter(&metric(i, "shed_timeout")),
+            shed_timeout,
+            "r{} shed_timeout",
+            i
+        );
         prop_assert_eq!(
             h.counter(&metric(i, "cancelled")),
             model.cancelled_while_paused[i],
@@ -293,7 +321,8 @@ fn run_case(case: &Case, with_bodies: bool, t: &Totals) -> Result<(), TestCaseEr
         prop_assert_eq!(waits, expected_waits, "r{} queue_wait_ms samples", i);
         t.shed_full.fetch_add(shed_full, Relaxed);
         t.shed_timeout.fetch_add(shed_timeout, Relaxed);
-        t.cancelled.fetch_add(model.cancelled_while_paused[i], Relaxed);
+        t.cancelled
+            .fetch_add(model.cancelled_while_paused[i], Relaxed);
     }
     t.requests.fetch_add(h.requests().len() as u64, Relaxed);
     t.resumed.fetch_add(h.resumes().len() as u64, Relaxed);
@@ -324,7 +353,11 @@ fn random_interleavings_with_request_bodies_keep_the_invariants() {
 
 fn run(name: &str, cases: u32, with_bodies: bool) {
     let filter = Filter::built(); // build and compile outside the timing
-    drop(Host::new(filter, 1, r#"{"revisions":[{"name":"x","hosts":["x"],"containerConcurrency":1}]}"#));
+    drop(Host::new(
+        filter,
+        1,
+        r#"{"revisions":[{"name":"x","hosts":["x"],"containerConcurrency":1}]}"#,
+    ));
     let mut runner = TestRunner::new(Config {
         cases,
         failure_persistence: None,
@@ -332,7 +365,9 @@ fn run(name: &str, cases: u32, with_bodies: bool) {
     });
     let start = Instant::now();
     let totals = Totals::default();
-    let result = runner.run(&case_strategy(), |case| run_case(&case, with_bodies, &totals));
+    let result = runner.run(&case_strategy(), |case| {
+        run_case(&case, with_bodies, &totals)
+    });
     let secs = start.elapsed().as_secs_f64();
     eprintln!(
         "emu_props {name}: {cases} cases in {secs:.1} s = {:.0} cases/s",
@@ -346,7 +381,6 @@ fn run(name: &str, cases: u32, with_bodies: bool) {
         totals.shed_timeout.load(Relaxed),
         totals.cancelled.load(Relaxed)
     );
-    if let Err(e) = result {
-        panic!("{e}");
-    }
+    let failure = result.err().map(|e| e.to_string());
+    assert!(failure.is_none(), "{}", failure.unwrap_or_default());
 }

@@ -42,8 +42,15 @@ fn assert_shed(h: &Host, r: Req, reason: &str, rev: &str) {
     assert_eq!(reply.status, 503, "{reply:?}");
     assert_eq!(reply.header("x-inflight-shed"), Some(reason), "{reply:?}");
     assert_eq!(reply.header("retry-after"), Some("1"), "{reply:?}");
-    assert!(reply.body.contains(rev), "body names the revision: {reply:?}");
-    assert_eq!(reply.body.trim_end().lines().count(), 1, "one line: {reply:?}");
+    assert!(
+        reply.body.contains(rev),
+        "body names the revision: {reply:?}"
+    );
+    assert_eq!(
+        reply.body.trim_end().lines().count(),
+        1,
+        "one line: {reply:?}"
+    );
     assert!(matches!(h.ended(r), Some(End::LocalReply { .. })));
 }
 
@@ -92,7 +99,10 @@ fn limit_is_exact_and_the_excess_waits_then_sheds_buffer_full() {
     assert_eq!(h.gauge(&m("rev-a", "active")), 0);
     assert_eq!(h.gauge(&m("rev-a", "queued")), 0);
     // Waiters arrived at 0 and resumed at 60, 70, 80, 90 and 100 ms.
-    assert_eq!(h.histogram(&m("rev-a", "queue_wait_ms")), vec![60, 70, 80, 90, 100]);
+    assert_eq!(
+        h.histogram(&m("rev-a", "queue_wait_ms")),
+        vec![60, 70, 80, 90, 100]
+    );
     assert_clean(&h);
 }
 
@@ -104,7 +114,13 @@ fn cross_worker_grant_resumes_on_the_waiters_worker() {
     assert_eq!(h.state(r1), State::Paused);
     h.advance(7);
     h.finish(r0, 200);
-    assert_eq!(h.state(r1), State::Resumed { worker: 3, at_ms: 7 });
+    assert_eq!(
+        h.state(r1),
+        State::Resumed {
+            worker: 3,
+            at_ms: 7
+        }
+    );
     assert_eq!(h.resumes().len(), 1);
     h.finish(r1, 200);
     assert_clean(&h);

@@ -22,7 +22,11 @@ fn smoke() {
     assert_eq!(h.state(r1), State::Paused);
     h.advance(10);
     h.finish(r0, 200);
-    assert!(matches!(h.state(r1), State::Resumed { worker: 1, .. }), "{:?}", h.state(r1));
+    assert!(
+        matches!(h.state(r1), State::Resumed { worker: 1, .. }),
+        "{:?}",
+        h.state(r1)
+    );
     h.finish(r1, 200);
     h.advance(100);
     eprintln!("metrics: {:#?}", h.metric_names());

@@ -249,12 +249,16 @@ pub fn add_to_linker(linker: &mut Linker<VmData>) -> wasmtime::Result<()> {
             Ok(status::OK)
         },
     )?;
-    linker.func_wrap("env", "proxy_get_log_level", |mut c: C<'_>, ret: u32| -> R {
-        enter(&mut c, "proxy_get_log_level")?;
-        let level = c.data().world.borrow().log_level;
-        write_u32(&mut c, ret, level);
-        Ok(status::OK)
-    })?;
+    linker.func_wrap(
+        "env",
+        "proxy_get_log_level",
+        |mut c: C<'_>, ret: u32| -> R {
+            enter(&mut c, "proxy_get_log_level")?;
+            let level = c.data().world.borrow().log_level;
+            write_u32(&mut c, ret, level);
+            Ok(status::OK)
+        },
+    )?;
     linker.func_wrap(
         "env",
         "proxy_get_current_time_nanoseconds",
@@ -439,9 +443,9 @@ pub fn add_to_linker(linker: &mut Linker<VmData>) -> wasmtime::Result<()> {
             let path = wire::property_path(&arg!(read(&mut c, pp, pl)));
             let value = {
                 let d = c.data();
-                let from_stream = d.target_stream().and_then(|r| {
-                    d.world.borrow().stream(r).properties.get(&path).cloned()
-                });
+                let from_stream = d
+                    .target_stream()
+                    .and_then(|r| d.world.borrow().stream(r).properties.get(&path).cloned());
                 from_stream.or_else(|| d.properties.get(&path).cloned())
             };
             match value {
@@ -842,9 +846,7 @@ pub fn add_to_linker(linker: &mut Linker<VmData>) -> wasmtime::Result<()> {
                 let w = d.world.borrow();
                 match w.metrics.get(name) {
                     None => return Ok(status::NOT_FOUND),
-                    Some(m) if m.kind == MetricKind::Histogram => {
-                        return Ok(status::BAD_ARGUMENT)
-                    }
+                    Some(m) if m.kind == MetricKind::Histogram => return Ok(status::BAD_ARGUMENT),
                     Some(m) => m.value,
                 }
             };

@@ -62,8 +62,8 @@ pub fn filter() -> &'static Filter {
     static FILTER: OnceLock<Filter> = OnceLock::new();
     FILTER.get_or_init(|| {
         let path = filter_wasm_path();
-        let bytes = std::fs::read(path)
-            .unwrap_or_else(|e| panic!("reading {}: {e}", path.display()));
+        let bytes =
+            std::fs::read(path).unwrap_or_else(|e| panic!("reading {}: {e}", path.display()));
         Filter::from_bytes_cached(&bytes, &path.with_extension("emu.cwasm"))
             .unwrap_or_else(|e| panic!("compiling {}: {e:#}", path.display()))
     })

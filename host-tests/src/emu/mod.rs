@@ -19,7 +19,29 @@
 //! assert!(matches!(h.state(r1), State::Resumed { worker: 2, .. }));
 //! ```
 //!
-//! What Envoy does that this host does not model is listed in `host-tests/EMULATION.md`.
+//! Host functions: all of the proxy-wasm ABI 0.2.1 imports of the Rust SDK 0.2.5 (logs,
+//! log level, time, ticks, buffers, header maps, properties, shared data, shared queues,
+//! continue/close stream, local replies, http calls, effective context, metrics, foreign
+//! functions → NotFound, gRPC → failure) and the WASI preview1 calls a Rust cdylib makes
+//! (clocks on the virtual clock, deterministic `random_get`, environ/args, `fd_write` into the
+//! log capture, `proc_exit`, fd stubs). Anything else the module imports traps with its name.
+//!
+//! Envoy behaviour this host knowingly does not model:
+//! - true parallelism: one callback runs at a time, so CAS races happen only when injected
+//!   ([`Host::inject_cas_mismatch`]); nothing interleaves inside a callback;
+//! - Envoy's own timers: stream idle / request / upstream timeouts and http-call timeouts never
+//!   fire; a stream ends only when the test finishes or resets it (or the filter replies);
+//! - flow control and buffer limits (no 413 for large buffered bodies), trailers, HTTP/2
+//!   specifics, gRPC calls and streams;
+//! - tick drift: ticks fire exactly every period from `on_configure`, so all VMs tick in phase;
+//! - after a VM crash, notifications for its still-registered queues are dropped; real Envoy
+//!   may hand them to a reloaded VM on the same thread (same `vm_key`) — not verified;
+//! - shared data and queues live in one `vm_id` namespace; config reloads (old and new VMs side
+//!   by side), VM shutdown (`on_done` of the root context, `proxy_done`) and `FAIL_OPEN`;
+//! - properties other than those the test sets (plus `plugin_name`, `plugin_root_id`,
+//!   `plugin_vm_id`); metric tag extraction (histograms keep raw samples; a gauge that would
+//!   wrap below zero is reported as an anomaly);
+//! - memory limits and CPU time limits of the VM.
 
 // A test harness: a test that misuses the API (finishing a request that never reached the
 // upstream, a worker that does not exist) has a bug, and the clearest report is a panic naming it.
@@ -262,11 +284,17 @@ impl Filter {
     }
 
     pub fn exports(&self) -> Vec<String> {
-        self.module.exports().map(|e| e.name().to_string()).collect()
+        self.module
+            .exports()
+            .map(|e| e.name().to_string())
+            .collect()
     }
 }
 
 pub use artifact::filter_wasm_path;
+
+/// `proxy_on_http_call_response(context, token, headers, body size, trailers)`.
+type HttpCallResponseFn = TypedFunc<(u32, u32, u32, u32, u32), ()>;
 
 struct Exports {
     on_context_create: Option<TypedFunc<(u32, u32), ()>>,
@@ -281,7 +309,7 @@ struct Exports {
     on_log: Option<TypedFunc<u32, ()>>,
     on_done: Option<TypedFunc<u32, u32>>,
     on_delete: Option<TypedFunc<u32, ()>>,
-    on_http_call_response: Option<TypedFunc<(u32, u32, u32, u32, u32), ()>>,
+    on_http_call_response: Option<HttpCallResponseFn>,
 }
 
 struct Vm {
@@ -420,7 +448,8 @@ impl Host {
 
     fn start_vm(&mut self, w: usize) -> Result<(), String> {
         let generation = self.generations[w];
-        let mut properties: HashMap<String, Vec<u8>> = self.cfg.properties.iter().cloned().collect();
+        let mut properties: HashMap<String, Vec<u8>> =
+            self.cfg.properties.iter().cloned().collect();
         properties
             .entry("plugin_root_id".into())
             .or_insert_with(|| self.cfg.root_id.clone().into_bytes());
@@ -647,7 +676,8 @@ impl Host {
                     State::LocalReply(reply) => reply,
                     _ => return,
                 };
-                let mut headers: Headers = vec![(":status".into(), reply.status.to_string().into())];
+                let mut headers: Headers =
+                    vec![(":status".into(), reply.status.to_string().into())];
                 headers.extend(
                     reply
                         .headers
@@ -745,11 +775,7 @@ impl Host {
 
     /// When worker `w`'s next tick fires (ms), if it has a tick period.
     pub fn next_tick_ms(&self, w: usize) -> Option<u64> {
-        self.vms[w]
-            .store
-            .data()
-            .next_tick_ns
-            .map(|t| t / 1_000_000)
+        self.vms[w].store.data().next_tick_ns.map(|t| t / 1_000_000)
     }
 
     // ---- streams -----------------------------------------------------------------------------
@@ -960,7 +986,11 @@ impl Host {
     /// The downstream goes away (client disconnect / reset) at any point: log, done.
     pub fn reset(&mut self, r: Req) {
         let s = self.stream(r);
-        assert!(s.ended.is_none(), "reset({r:?}): already ended {:?}", s.ended);
+        assert!(
+            s.ended.is_none(),
+            "reset({r:?}): already ended {:?}",
+            s.ended
+        );
         let at_ms = self.now_ms();
         self.end_stream(
             r,

@@ -76,13 +76,19 @@ fn capture(c: &mut C<'_>, fd: u32, bytes: &[u8]) {
 }
 
 pub fn add_to_linker(linker: &mut Linker<VmData>) -> wasmtime::Result<()> {
-    linker.func_wrap(MODULE, "args_sizes_get", |mut c: C<'_>, argc: u32, size: u32| -> R {
-        put_u32(&mut c, argc, 0);
-        Ok(put_u32(&mut c, size, 0))
-    })?;
-    linker.func_wrap(MODULE, "args_get", |_c: C<'_>, _argv: u32, _buf: u32| -> R {
-        Ok(SUCCESS)
-    })?;
+    linker.func_wrap(
+        MODULE,
+        "args_sizes_get",
+        |mut c: C<'_>, argc: u32, size: u32| -> R {
+            put_u32(&mut c, argc, 0);
+            Ok(put_u32(&mut c, size, 0))
+        },
+    )?;
+    linker.func_wrap(
+        MODULE,
+        "args_get",
+        |_c: C<'_>, _argv: u32, _buf: u32| -> R { Ok(SUCCESS) },
+    )?;
     linker.func_wrap(
         MODULE,
         "environ_sizes_get",
@@ -91,9 +97,11 @@ pub fn add_to_linker(linker: &mut Linker<VmData>) -> wasmtime::Result<()> {
             Ok(put_u32(&mut c, size, 0))
         },
     )?;
-    linker.func_wrap(MODULE, "environ_get", |_c: C<'_>, _env: u32, _buf: u32| -> R {
-        Ok(SUCCESS)
-    })?;
+    linker.func_wrap(
+        MODULE,
+        "environ_get",
+        |_c: C<'_>, _env: u32, _buf: u32| -> R { Ok(SUCCESS) },
+    )?;
     linker.func_wrap(
         MODULE,
         "clock_res_get",
@@ -133,8 +141,10 @@ pub fn add_to_linker(linker: &mut Linker<VmData>) -> wasmtime::Result<()> {
             }
             let mut total = 0u32;
             for i in 0..n {
-                let (Some(ptr), Some(len)) = (u32_at(&mut c, iovs + 8 * i), u32_at(&mut c, iovs + 8 * i + 4))
-                else {
+                let (Some(ptr), Some(len)) = (
+                    u32_at(&mut c, iovs + 8 * i),
+                    u32_at(&mut c, iovs + 8 * i + 4),
+                ) else {
                     return Ok(EINVAL);
                 };
                 let Some(bytes) = read(&mut c, ptr, len) else {
@@ -167,12 +177,18 @@ pub fn add_to_linker(linker: &mut Linker<VmData>) -> wasmtime::Result<()> {
             // filetype character device, no flags, no rights.
             let mut stat = [0u8; 24];
             stat[0] = 2;
-            Ok(if write(&mut c, ret, &stat) { SUCCESS } else { EINVAL })
+            Ok(if write(&mut c, ret, &stat) {
+                SUCCESS
+            } else {
+                EINVAL
+            })
         },
     )?;
-    linker.func_wrap(MODULE, "fd_prestat_get", |_c: C<'_>, _fd: u32, _ret: u32| -> R {
-        Ok(EBADF)
-    })?;
+    linker.func_wrap(
+        MODULE,
+        "fd_prestat_get",
+        |_c: C<'_>, _fd: u32, _ret: u32| -> R { Ok(EBADF) },
+    )?;
     linker.func_wrap(
         MODULE,
         "fd_prestat_dir_name",
@@ -188,7 +204,11 @@ pub fn add_to_linker(linker: &mut Linker<VmData>) -> wasmtime::Result<()> {
                 bytes.extend_from_slice(&v.to_le_bytes());
             }
             bytes.truncate(len as usize);
-            Ok(if write(&mut c, buf, &bytes) { SUCCESS } else { EINVAL })
+            Ok(if write(&mut c, buf, &bytes) {
+                SUCCESS
+            } else {
+                EINVAL
+            })
         },
     )?;
     linker.func_wrap(MODULE, "sched_yield", |_c: C<'_>| -> R { Ok(SUCCESS) })?;

@@ -253,9 +253,11 @@ impl World {
 
     /// Takes a matching trap fault, if the test armed one for this host call.
     pub fn take_trap(&mut self, worker: usize, hostcall: &str) -> bool {
-        let pos = self.faults.traps.iter().position(|f| {
-            f.hostcall == hostcall && f.worker.is_none_or(|w| w == worker)
-        });
+        let pos = self
+            .faults
+            .traps
+            .iter()
+            .position(|f| f.hostcall == hostcall && f.worker.is_none_or(|w| w == worker));
         let Some(i) = pos else { return false };
         if self.faults.traps[i].skip > 0 {
             self.faults.traps[i].skip -= 1;
@@ -293,11 +295,22 @@ mod tests {
         assert_eq!(w.set_shared("k", b"1".to_vec(), 12345), status::OK);
         let cas = w.shared["k"].1;
         assert_ne!(cas, 0);
-        assert_eq!(w.set_shared("k", b"2".to_vec(), cas + 1), status::CAS_MISMATCH);
+        assert_eq!(
+            w.set_shared("k", b"2".to_vec(), cas + 1),
+            status::CAS_MISMATCH
+        );
         assert_eq!(w.shared["k"].0, b"1");
         assert_eq!(w.set_shared("k", b"2".to_vec(), cas), status::OK);
-        assert_eq!(w.set_shared("k", b"3".to_vec(), cas), status::CAS_MISMATCH, "stale");
-        assert_eq!(w.set_shared("k", b"3".to_vec(), 0), status::OK, "0 = unconditional");
+        assert_eq!(
+            w.set_shared("k", b"3".to_vec(), cas),
+            status::CAS_MISMATCH,
+            "stale"
+        );
+        assert_eq!(
+            w.set_shared("k", b"3".to_vec(), 0),
+            status::OK,
+            "0 = unconditional"
+        );
         assert_eq!(w.shared["k"].0, b"3");
     }
 
@@ -305,11 +318,22 @@ mod tests {
     fn injected_mismatch_moves_the_cas_of_existing_keys_only() {
         let mut w = World::new();
         w.faults.cas_mismatch_next = 2;
-        assert_eq!(w.set_shared("new", b"1".to_vec(), 7), status::OK, "missing key");
+        assert_eq!(
+            w.set_shared("new", b"1".to_vec(), 7),
+            status::OK,
+            "missing key"
+        );
         let cas = w.shared["new"].1;
-        assert_eq!(w.set_shared("new", b"2".to_vec(), cas), status::CAS_MISMATCH);
+        assert_eq!(
+            w.set_shared("new", b"2".to_vec(), cas),
+            status::CAS_MISMATCH
+        );
         assert_ne!(w.shared["new"].1, cas, "as if someone else wrote");
-        assert_eq!(w.set_shared("new", b"2".to_vec(), 0), status::OK, "unconditional");
+        assert_eq!(
+            w.set_shared("new", b"2".to_vec(), 0),
+            status::OK,
+            "unconditional"
+        );
         assert_eq!(w.faults.cas_mismatch_next, 1);
     }
 
