@@ -13,11 +13,16 @@
 //! the waiter turns out to be gone, whoever notices calls [`RevisionState::release`], which
 //! passes the slot on to the next ticket.
 //!
+//! The state also integrates demand (in-flight + queued) over time, exactly, at every change:
+//! `rate()` of that integral is the time-weighted concurrency Knative's autoscaler averages,
+//! with queued demand included, and it costs nothing extra to keep it in the same swap.
+//!
 //! The capacity is an input ([`Limits`]), not state: it follows the ready replicas, which the
 //! filter learns separately, and a later per-endpoint model can sum its endpoints' capacity
 //! without changing this type's contract.
 
 use crate::config::Limits;
+use crate::window::Demand;
 use std::collections::VecDeque;
 use thiserror::Error;
 
@@ -83,9 +88,13 @@ pub enum DecodeError {
     Truncated(usize),
     #[error("revision state has {0} trailing bytes")]
     Trailing(usize),
+    #[error("revision state's demand is unreadable: {0}")]
+    Demand(String),
 }
 
-const VERSION: u8 = 1;
+const VERSION: u8 = 2;
+/// `ready` when the filter has not learned it (static configuration applies).
+const READY_UNKNOWN: u32 = u32::MAX;
 const WAITER_BYTES: usize = 8 + 4 + 4 + 8;
 
 /// A revision's state shared by all workers.
@@ -96,6 +105,11 @@ pub struct RevisionState {
     /// The ticket the next waiter gets; tickets only grow.
     pub next_ticket: u64,
     waiters: VecDeque<Waiter>,
+    demand: Demand,
+    /// Part of the demand integral already added to the Prometheus counter.
+    exported_ms: u64,
+    /// Ready replicas learned from Envoy's membership; `None` until learned.
+    ready: Option<u32>,
 }
 
 impl RevisionState {
@@ -107,6 +121,7 @@ impl RevisionState {
         };
         if has_room && self.waiters.is_empty() {
             self.active = self.active.saturating_add(1);
+            self.observe(now_ms);
             return Admission::Admitted;
         }
         if (self.waiters.len() as u64) < u64::from(limits.buffer) {
@@ -117,6 +132,7 @@ impl RevisionState {
                 owner,
                 since_ms: now_ms,
             });
+            self.observe(now_ms);
             return Admission::Queued { ticket };
         }
         Admission::Shed(ShedReason::BufferFull)
@@ -126,12 +142,14 @@ impl RevisionState {
     /// follow, oldest ticket first.
     pub fn release(&mut self, limits: Limits, now_ms: u64) -> Vec<Grant> {
         self.active = self.active.saturating_sub(1);
+        self.observe(now_ms);
         self.grant_ready(limits, now_ms)
     }
 
     /// Grants slots to the oldest waiters while capacity allows — after a release, or when the
     /// capacity grew (more ready replicas).
     pub fn grant_ready(&mut self, limits: Limits, now_ms: u64) -> Vec<Grant> {
+        // A grant moves a request from queued to in-flight: demand does not change.
         let mut grants = Vec::new();
         while limits.capacity.is_none_or(|cap| self.active < cap) {
             let Some(w) = self.waiters.pop_front() else {
@@ -149,9 +167,11 @@ impl RevisionState {
 
     /// Removes a waiter (its client left, or it timed out). `None` means it is no longer
     /// waiting: a grant for it is on its way and must be passed on by whoever receives it.
-    pub fn cancel(&mut self, ticket: u64) -> Option<Waiter> {
+    pub fn cancel(&mut self, ticket: u64, now_ms: u64) -> Option<Waiter> {
         let i = self.waiters.iter().position(|w| w.ticket == ticket)?;
-        self.waiters.remove(i)
+        let w = self.waiters.remove(i);
+        self.observe(now_ms);
+        w
     }
 
     /// Removes waiters that waited longer than `max_age_ms`: their owner should have expired
@@ -165,7 +185,40 @@ impl RevisionState {
             }
             !stale
         });
+        if !reaped.is_empty() {
+            self.observe(now_ms);
+        }
         reaped
+    }
+
+    /// Records the current demand level from `now_ms` on (after every change).
+    fn observe(&mut self, now_ms: u64) {
+        let level = self.active.saturating_add(self.queued());
+        self.demand.observe(now_ms, level);
+    }
+
+    /// ∫ (in-flight + queued) dt up to `now_ms`, in request-milliseconds.
+    pub fn demand_ms(&self, now_ms: u64) -> u64 {
+        self.demand.integral_ms(now_ms)
+    }
+
+    /// The demand accumulated since the last call (for a process-wide counter that every worker
+    /// may feed: each millisecond is handed out exactly once).
+    pub fn take_unexported_demand_ms(&mut self, now_ms: u64) -> u64 {
+        let total = self.demand.integral_ms(now_ms);
+        let delta = total.saturating_sub(self.exported_ms);
+        self.exported_ms = self.exported_ms.max(total);
+        delta
+    }
+
+    /// Ready replicas learned from Envoy, if any.
+    pub fn ready(&self) -> Option<u32> {
+        self.ready
+    }
+
+    /// Records the ready replicas Envoy reports (the caller then grants with the new limits).
+    pub fn set_ready(&mut self, ready: u32) {
+        self.ready = (ready != READY_UNKNOWN).then_some(ready);
     }
 
     /// Requests waiting for a slot.
@@ -184,6 +237,11 @@ impl RevisionState {
         out.push(VERSION);
         out.extend_from_slice(&self.active.to_le_bytes());
         out.extend_from_slice(&self.next_ticket.to_le_bytes());
+        out.extend_from_slice(&self.exported_ms.to_le_bytes());
+        out.extend_from_slice(&self.ready.unwrap_or(READY_UNKNOWN).to_le_bytes());
+        let demand = self.demand.encode();
+        out.push(u8::try_from(demand.len()).unwrap_or(0));
+        out.extend_from_slice(&demand);
         out.extend_from_slice(&self.queued().to_le_bytes());
         for w in &self.waiters {
             out.extend_from_slice(&w.ticket.to_le_bytes());
@@ -203,6 +261,12 @@ impl RevisionState {
         }
         let active = r.u32()?;
         let next_ticket = r.u64()?;
+        let exported_ms = r.u64()?;
+        let ready = r.u32()?;
+        let demand_len = usize::from(r.u8()?);
+        let demand_bytes = r.slice(demand_len)?;
+        let demand =
+            Demand::decode(demand_bytes).map_err(|e| DecodeError::Demand(e.to_string()))?;
         let n = r.u32()? as usize;
         if bytes.len().saturating_sub(r.at) < n.saturating_mul(WAITER_BYTES) {
             return Err(DecodeError::Truncated(bytes.len()));
@@ -226,6 +290,9 @@ impl RevisionState {
             active,
             next_ticket,
             waiters,
+            demand,
+            exported_ms,
+            ready: (ready != READY_UNKNOWN).then_some(ready),
         })
     }
 }
@@ -249,6 +316,18 @@ impl Reader<'_> {
         out.copy_from_slice(slice);
         self.at = end;
         Ok(out)
+    }
+    fn slice(&mut self, n: usize) -> Result<&[u8], DecodeError> {
+        let end = self
+            .at
+            .checked_add(n)
+            .ok_or(DecodeError::Truncated(self.bytes.len()))?;
+        let slice = self
+            .bytes
+            .get(self.at..end)
+            .ok_or(DecodeError::Truncated(self.bytes.len()))?;
+        self.at = end;
+        Ok(slice)
     }
     fn u8(&mut self) -> Result<u8, DecodeError> {
         Ok(self.take::<1>()?[0])
@@ -376,9 +455,9 @@ mod tests {
         for c in 0..4 {
             s.try_admit(l, owner(c, c), 0);
         }
-        assert_eq!(s.cancel(2).map(|w| w.owner), Some(owner(2, 2)));
-        assert_eq!(s.cancel(2), None, "second cancel finds nothing");
-        assert_eq!(s.cancel(99), None);
+        assert_eq!(s.cancel(2, 0).map(|w| w.owner), Some(owner(2, 2)));
+        assert_eq!(s.cancel(2, 0), None, "second cancel finds nothing");
+        assert_eq!(s.cancel(99, 0), None);
         assert_eq!(
             s.waiters().map(|w| w.ticket).collect::<Vec<_>>(),
             vec![0, 1, 3]
@@ -407,6 +486,36 @@ mod tests {
     }
 
     #[test]
+    fn demand_integrates_in_flight_plus_queued() {
+        let mut s = RevisionState::default();
+        let l = lim(1, 5);
+        s.try_admit(l, owner(0, 1), 0); // level 1
+        s.try_admit(l, owner(0, 2), 100); // level 2 (1 in flight, 1 queued)
+        assert_eq!(s.demand_ms(300), 100 + 2 * 200);
+        assert_eq!(s.release(l, 300).len(), 1); // the grant keeps level at 1
+        assert_eq!(s.release(l, 500).len(), 0); // level 0
+        assert_eq!(s.demand_ms(10_000), 100 + 400 + 200);
+        assert_eq!(s.take_unexported_demand_ms(10_000), 700);
+        assert_eq!(s.take_unexported_demand_ms(20_000), 0, "exported once");
+        s.try_admit(l, owner(0, 3), 20_000);
+        s.try_admit(l, owner(0, 4), 20_000);
+        assert!(s.cancel(1, 20_050).is_some());
+        assert_eq!(s.take_unexported_demand_ms(20_100), 2 * 50 + 50);
+        let back = RevisionState::decode(&s.encode()).unwrap();
+        assert_eq!(back, s);
+    }
+
+    #[test]
+    fn ready_is_learned_and_round_trips() {
+        let mut s = RevisionState::default();
+        assert_eq!(s.ready(), None);
+        s.set_ready(3);
+        assert_eq!(RevisionState::decode(&s.encode()).unwrap().ready(), Some(3));
+        s.set_ready(0);
+        assert_eq!(s.ready(), Some(0));
+    }
+
+    #[test]
     fn decode_rejects_bad_bytes() {
         let mut s = RevisionState::default();
         s.try_admit(lim(0, 4), owner(7, 9), 3);
@@ -422,7 +531,8 @@ mod tests {
         long.push(0);
         assert_eq!(RevisionState::decode(&long), Err(DecodeError::Trailing(1)));
         // A huge waiter count must not allocate or panic.
-        let mut lying = bytes[..13].to_vec();
+        let mut lying = RevisionState::default().encode();
+        lying.truncate(lying.len() - 4);
         lying.extend_from_slice(&u32::MAX.to_le_bytes());
         assert!(RevisionState::decode(&lying).is_err());
     }
@@ -475,7 +585,7 @@ mod tests {
                     Op::Cancel(i) => {
                         let tickets: Vec<u64> = s.waiters().map(|w| w.ticket).collect();
                         if !tickets.is_empty() {
-                            prop_assert!(s.cancel(tickets[i % tickets.len()]).is_some());
+                            prop_assert!(s.cancel(tickets[i % tickets.len()], now).is_some());
                         }
                         vec![]
                     }
@@ -497,7 +607,7 @@ mod tests {
             }
             // Drain: finish everything, cancel everyone.
             let tickets: Vec<u64> = s.waiters().map(|w| w.ticket).collect();
-            for t in tickets { s.cancel(t); }
+            for t in tickets { s.cancel(t, now); }
             while !running.is_empty() { running.pop(); prop_assert!(s.release(limits, now).is_empty()); }
             prop_assert_eq!((s.active, s.queued()), (0, 0));
         }

@@ -7,6 +7,7 @@
 //! log with nothing else to go on.
 
 use crate::duration::{self, DurationError};
+use crate::kpa::{KpaConfig, KpaConfigError};
 use crate::table::{RevisionId, RevisionTable, TableError};
 use serde::Deserialize;
 use thiserror::Error;
@@ -72,6 +73,35 @@ struct RawConfig {
     tick: Option<String>,
     #[serde(default)]
     retry_after: Option<String>,
+    #[serde(default)]
+    membership: Option<RawMembership>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct RawMembership {
+    cluster: String,
+    #[serde(default)]
+    interval: Option<String>,
+    #[serde(default)]
+    timeout: Option<String>,
+    #[serde(default)]
+    authority: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct RawAutoscaling {
+    min_scale: Option<u32>,
+    max_scale: Option<u32>,
+    stable_window: Option<String>,
+    panic_window_percentage: Option<f64>,
+    panic_threshold_percentage: Option<f64>,
+    max_scale_up_rate: Option<f64>,
+    max_scale_down_rate: Option<f64>,
+    scale_to_zero_grace_period: Option<String>,
+    activation_scale: Option<u32>,
+    initial_scale: Option<u32>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -94,6 +124,10 @@ struct RawRevision {
     buffer_depth: Option<u32>,
     #[serde(default)]
     max_wait: Option<String>,
+    #[serde(default)]
+    upstream_cluster: Option<String>,
+    #[serde(default)]
+    autoscaling: Option<RawAutoscaling>,
 }
 
 /// One revision's validated limits.
@@ -113,6 +147,21 @@ pub struct RevisionConfig {
     /// Explicit buffer depth; `None` means `10 × cc × max(ready, 1)`.
     pub buffer_depth: Option<u32>,
     pub max_wait_ms: u64,
+    /// Envoy cluster whose healthy members are this revision's ready replicas (needs
+    /// `membership`); defaults to the only entry of `clusters`.
+    pub upstream_cluster: Option<String>,
+    /// The KPA settings, with `target`, `containerConcurrency` and utilization filled in.
+    pub autoscaling: KpaConfig,
+}
+
+/// Where the filter learns ready replicas: Envoy's own admin `/stats`, reached through
+/// `cluster` (a cluster that points at the admin address and is not routable from outside).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Membership {
+    pub cluster: String,
+    pub interval_ms: u64,
+    pub timeout_ms: u64,
+    pub authority: String,
 }
 
 /// Capacity and buffer of a revision at a given number of ready replicas.
@@ -166,6 +215,7 @@ pub struct Config {
     pub tick_ms: u64,
     /// `retry-after` seconds on shed replies.
     pub retry_after_s: u64,
+    pub membership: Option<Membership>,
     pub table: RevisionTable,
 }
 
@@ -221,6 +271,39 @@ impl Config {
                 Some(h)
             }
         };
+        let membership = match raw.membership {
+            None => None,
+            Some(m) => {
+                if m.cluster.trim().is_empty() {
+                    return Err(ConfigError::invalid(
+                        "membership.cluster",
+                        "empty; name the Envoy cluster that reaches the admin endpoint",
+                    ));
+                }
+                let interval_ms =
+                    duration_key("membership.interval", m.interval.as_deref().unwrap_or("1s"))?;
+                let timeout_ms =
+                    duration_key("membership.timeout", m.timeout.as_deref().unwrap_or("1s"))?;
+                if interval_ms < 100 {
+                    return Err(ConfigError::invalid(
+                        "membership.interval",
+                        format!("{interval_ms}ms is too short; expected at least 100ms"),
+                    ));
+                }
+                if timeout_ms == 0 {
+                    return Err(ConfigError::invalid(
+                        "membership.timeout",
+                        "expected a timeout above 0, like \"1s\"",
+                    ));
+                }
+                Some(Membership {
+                    cluster: m.cluster.trim().to_string(),
+                    interval_ms,
+                    timeout_ms,
+                    authority: m.authority.unwrap_or_else(|| "envoy-admin".into()),
+                })
+            }
+        };
         if raw.revisions.is_empty() {
             return Err(ConfigError::invalid(
                 "revisions",
@@ -255,6 +338,7 @@ impl Config {
             unknown_revision: raw.unknown_revision,
             tick_ms,
             retry_after_s: retry_after_ms / 1000,
+            membership,
             table,
         })
     }
@@ -360,6 +444,62 @@ fn validate_revision(
             "0 would shed every buffered request at once; set bufferDepth to 0 to disable buffering, or a wait like \"30s\"",
         ));
     }
+    let upstream_cluster = match r.upstream_cluster {
+        Some(c) if c.trim().is_empty() => {
+            return Err(ConfigError::invalid(
+                named("upstreamCluster"),
+                "empty cluster name",
+            ));
+        }
+        Some(c) => Some(c.trim().to_string()),
+        None if clusters.len() == 1 => clusters.first().cloned(),
+        None => None,
+    };
+    let a = r.autoscaling.unwrap_or_default();
+    let defaults = KpaConfig::default();
+    let autoscaling_key =
+        |key: &str| format!("revisions[{i}].autoscaling.{key} (revision `{}`)", r.name);
+    let stable_window_ms = match a.stable_window.as_deref() {
+        None => defaults.stable_window_ms,
+        Some(s) => duration_key(&autoscaling_key("stableWindow"), s)?,
+    };
+    let grace_ms = match a.scale_to_zero_grace_period.as_deref() {
+        None => defaults.scale_to_zero_grace_period_ms,
+        Some(s) => duration_key(&autoscaling_key("scaleToZeroGracePeriod"), s)?,
+    };
+    let autoscaling = KpaConfig {
+        target,
+        container_concurrency: r.container_concurrency,
+        target_utilization_percentage: util,
+        stable_window_ms,
+        panic_window_percentage: a
+            .panic_window_percentage
+            .unwrap_or(defaults.panic_window_percentage),
+        panic_threshold_percentage: a
+            .panic_threshold_percentage
+            .unwrap_or(defaults.panic_threshold_percentage),
+        max_scale_up_rate: a.max_scale_up_rate.unwrap_or(defaults.max_scale_up_rate),
+        max_scale_down_rate: a
+            .max_scale_down_rate
+            .unwrap_or(defaults.max_scale_down_rate),
+        min_scale: a.min_scale.unwrap_or(defaults.min_scale),
+        max_scale: a.max_scale.unwrap_or(defaults.max_scale),
+        scale_to_zero_grace_period_ms: grace_ms,
+        activation_scale: a.activation_scale.unwrap_or(defaults.activation_scale),
+        initial_scale: a.initial_scale.unwrap_or(defaults.initial_scale),
+    };
+    autoscaling.validate().map_err(|e| {
+        let field = match &e {
+            KpaConfigError::OutOfRange { field, .. } => *field,
+            KpaConfigError::MinAboveMax { .. } => "minScale",
+            KpaConfigError::ActivationAboveMax { .. } => "activationScale",
+        };
+        let path = match field {
+            "target" | "targetUtilizationPercentage" | "containerConcurrency" => named(field),
+            f => autoscaling_key(f),
+        };
+        ConfigError::invalid(path, e.to_string())
+    })?;
     Ok(RevisionConfig {
         name: r.name,
         hosts,
@@ -370,6 +510,8 @@ fn validate_revision(
         ready_replicas: r.ready_replicas.unwrap_or(1),
         buffer_depth: r.buffer_depth,
         max_wait_ms,
+        upstream_cluster,
+        autoscaling,
     })
 }
 
@@ -584,6 +726,86 @@ mod tests {
                 "case {name}: `{err}` lacks `{fragment}`"
             );
         }
+    }
+
+    #[test]
+    fn autoscaling_and_membership() {
+        let c = parse(
+            r#"{"revisions":[{"name":"a","hosts":["a"],"clusters":["up-a"],"containerConcurrency":10,"target":10,
+                "targetUtilizationPercentage":100,
+                "autoscaling":{"minScale":1,"maxScale":8,"stableWindow":"6s","scaleToZeroGracePeriod":"1s","maxScaleDownRate":4}}],
+                "membership":{"cluster":"inflight_admin","interval":"500ms"}}"#,
+        )
+        .unwrap();
+        let r = &c.revisions[0];
+        assert_eq!(
+            r.upstream_cluster.as_deref(),
+            Some("up-a"),
+            "defaults to the only cluster"
+        );
+        let k = &r.autoscaling;
+        assert_eq!(
+            (
+                k.min_scale,
+                k.max_scale,
+                k.stable_window_ms,
+                k.scale_to_zero_grace_period_ms
+            ),
+            (1, 8, 6_000, 1_000)
+        );
+        assert_eq!(
+            (
+                k.target,
+                k.container_concurrency,
+                k.target_utilization_percentage
+            ),
+            (10.0, 10, 100.0)
+        );
+        assert_eq!(k.max_scale_down_rate, 4.0);
+        assert_eq!(k.panic_threshold_percentage, 200.0, "Knative default");
+        let m = c.membership.unwrap();
+        assert_eq!(
+            (m.cluster.as_str(), m.interval_ms, m.timeout_ms),
+            ("inflight_admin", 500, 1_000)
+        );
+        let plain = parse(MINIMAL).unwrap();
+        assert_eq!(plain.membership, None);
+        assert_eq!(plain.revisions[0].upstream_cluster, None);
+        assert_eq!(plain.revisions[0].autoscaling.stable_window_ms, 60_000);
+    }
+
+    #[test]
+    fn autoscaling_errors_name_the_key() {
+        let cases: &[(&str, &str, &str)] = &[
+            (
+                "min above max",
+                r#"{"minScale":5,"maxScale":2}"#,
+                "revisions[0].autoscaling.minScale (revision `a`)",
+            ),
+            (
+                "bad window",
+                r#"{"stableWindow":"soon"}"#,
+                "revisions[0].autoscaling.stableWindow (revision `a`)",
+            ),
+            (
+                "bad rate",
+                r#"{"maxScaleDownRate":1}"#,
+                "revisions[0].autoscaling.maxScaleDownRate (revision `a`)",
+            ),
+            (
+                "unknown key",
+                r#"{"minReplicas":1}"#,
+                "revisions[0].autoscaling.minReplicas",
+            ),
+        ];
+        for (name, a, path) in cases {
+            let cfg =
+                format!(r#"{{"revisions":[{{"name":"a","hosts":["a"],"autoscaling":{a}}}]}}"#);
+            let err = parse(&cfg).expect_err(name);
+            assert_eq!(err.path(), *path, "case {name}: {err}");
+        }
+        let err = parse(r#"{"revisions":[{"name":"a","hosts":["a"]}],"membership":{"cluster":"x","interval":"10ms"}}"#).unwrap_err();
+        assert_eq!(err.path(), "membership.interval");
     }
 
     proptest::proptest! {

@@ -6,9 +6,11 @@
 //! for native targets and for `wasm32-wasip1` alike.
 
 pub mod admission;
+pub mod autoscaler;
 pub mod config;
 pub mod duration;
 pub mod kpa;
+pub mod membership;
 pub mod table;
 pub mod wake;
 pub mod window;
