@@ -25,36 +25,41 @@ fn workspace_root() -> PathBuf {
 /// The path of the release filter, building it first (once per process) unless
 /// `INFLIGHT_FILTER_WASM` names one.
 pub fn filter_wasm_path() -> &'static PathBuf {
-    static PATH: OnceLock<PathBuf> = OnceLock::new();
-    PATH.get_or_init(|| {
-        if let Some(p) = std::env::var_os("INFLIGHT_FILTER_WASM") {
-            return PathBuf::from(p);
-        }
-        let root = workspace_root();
-        let target_dir = root.join("target-emu-wasm");
-        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-        let status = Command::new(cargo)
-            .current_dir(&root)
-            .env("CARGO_TARGET_DIR", &target_dir)
-            .env_remove("RUSTFLAGS")
-            .env_remove("CARGO_ENCODED_RUSTFLAGS")
-            .args([
-                "build",
-                "-p",
-                "inflight-filter",
-                "--target",
-                "wasm32-wasip1",
-                "--profile",
-                "wasm",
-            ])
-            .status()
-            .unwrap_or_else(|e| panic!("could not run cargo to build filter.wasm: {e}"));
-        assert!(
-            status.success(),
-            "building filter.wasm failed: cargo build -p inflight-filter --target wasm32-wasip1 --profile wasm"
-        );
-        target_dir.join("wasm32-wasip1/wasm/inflight_filter.wasm")
-    })
+    // A failed build is remembered, so the other tests of the process fail fast with it.
+    static PATH: OnceLock<Result<PathBuf, String>> = OnceLock::new();
+    match PATH.get_or_init(build) {
+        Ok(p) => p,
+        Err(e) => panic!("{e}"),
+    }
+}
+
+fn build() -> Result<PathBuf, String> {
+    if let Some(p) = std::env::var_os("INFLIGHT_FILTER_WASM") {
+        return Ok(PathBuf::from(p));
+    }
+    let root = workspace_root();
+    let target_dir = root.join("target-emu-wasm");
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    let status = Command::new(cargo)
+        .current_dir(&root)
+        .env("CARGO_TARGET_DIR", &target_dir)
+        .env_remove("RUSTFLAGS")
+        .env_remove("CARGO_ENCODED_RUSTFLAGS")
+        .args([
+            "build",
+            "-p",
+            "inflight-filter",
+            "--target",
+            "wasm32-wasip1",
+            "--profile",
+            "wasm",
+        ])
+        .status()
+        .map_err(|e| format!("could not run cargo to build filter.wasm: {e}"))?;
+    if !status.success() {
+        return Err("building filter.wasm failed: cargo build -p inflight-filter --target wasm32-wasip1 --profile wasm".into());
+    }
+    Ok(target_dir.join("wasm32-wasip1/wasm/inflight_filter.wasm"))
 }
 
 /// The compiled filter, shared by every host in the process.
