@@ -1,0 +1,221 @@
+//! The plot of a run: demand, in-flight, queued and capacity (requests, top panel) and ready /
+//! desired replicas (bottom panel) over time, as a PNG. Text uses a system TrueType font when
+//! one is found (DejaVu/Liberation); without one the plot is drawn without text rather than not
+//! at all.
+
+use anyhow::{anyhow, Result};
+use plotters::prelude::*;
+use std::path::Path;
+use std::sync::OnceLock;
+
+/// One point of the timeline.
+#[derive(Debug, Clone, Copy, Default, PartialEq, serde::Serialize)]
+pub struct Point {
+    pub t: f64,
+    pub demand: f64,
+    pub in_flight: f64,
+    pub queued: f64,
+    pub capacity: f64,
+    pub ready: f64,
+    pub desired: f64,
+}
+
+const FONTS: &[&str] = &[
+    "/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf",
+    "/usr/share/fonts/dejavu/DejaVuSans.ttf",
+    "/usr/share/fonts/truetype/liberation/LiberationSans-Regular.ttf",
+    "/usr/share/fonts/liberation/LiberationSans-Regular.ttf",
+    "/System/Library/Fonts/Supplemental/Arial.ttf",
+];
+
+/// Registers a font for plotters once; false if none was found.
+fn font() -> bool {
+    static FOUND: OnceLock<bool> = OnceLock::new();
+    *FOUND.get_or_init(|| {
+        for p in FONTS {
+            if let Ok(bytes) = std::fs::read(p) {
+                // Plotters keeps fonts for the whole process.
+                let bytes: &'static [u8] = Box::leak(bytes.into_boxed_slice());
+                if plotters::style::register_font("sans-serif", FontStyle::Normal, bytes).is_ok() {
+                    return true;
+                }
+            }
+        }
+        false
+    })
+}
+
+/// Draws `points` of `revision` into a PNG at `path`.
+pub fn draw(path: &Path, revision: &str, points: &[Point], markers: &[(f64, &str)]) -> Result<()> {
+    let text = font();
+    let root = BitMapBackend::new(path, (1200, 800)).into_drawing_area();
+    root.fill(&WHITE).map_err(|e| anyhow!("{e}"))?;
+    let (top, bottom) = root.split_vertically(500);
+    let t_max = points.iter().map(|p| p.t).fold(1.0, f64::max);
+    let y_max = points
+        .iter()
+        .map(|p| p.demand.max(p.in_flight).max(p.queued).max(p.capacity))
+        .fold(1.0, f64::max)
+        * 1.1;
+    let r_max = points
+        .iter()
+        .map(|p| p.ready.max(p.desired))
+        .fold(1.0, f64::max)
+        + 1.0;
+
+    let series: [(&str, RGBColor, fn(&Point) -> f64); 4] = [
+        ("demand (in-flight + queued)", RGBColor(214, 39, 40), |p| {
+            p.demand
+        }),
+        ("in-flight", RGBColor(31, 119, 180), |p| p.in_flight),
+        ("queued", RGBColor(255, 127, 14), |p| p.queued),
+        ("capacity (cc x ready)", RGBColor(120, 120, 120), |p| {
+            p.capacity
+        }),
+    ];
+    let mut b = ChartBuilder::on(&top);
+    b.margin(15).x_label_area_size(30).y_label_area_size(50);
+    if text {
+        b.caption(
+            format!("inflight up --demo: revision {revision}"),
+            ("sans-serif", 22),
+        );
+    }
+    let mut chart = b
+        .build_cartesian_2d(0.0..t_max, 0.0..y_max)
+        .map_err(|e| anyhow!("{e}"))?;
+    if text {
+        chart
+            .configure_mesh()
+            .y_desc("requests")
+            .x_desc("seconds")
+            .draw()
+            .map_err(|e| anyhow!("{e}"))?;
+    } else {
+        chart
+            .configure_mesh()
+            .disable_x_mesh()
+            .x_labels(0)
+            .y_labels(0)
+            .draw()
+            .map_err(|e| anyhow!("{e}"))?;
+    }
+    for (label, color, f) in series {
+        let s = chart
+            .draw_series(LineSeries::new(
+                points.iter().map(|p| (p.t, f(p))),
+                color.stroke_width(2),
+            ))
+            .map_err(|e| anyhow!("{e}"))?;
+        if text {
+            s.label(label).legend(move |(x, y)| {
+                PathElement::new(vec![(x, y), (x + 20, y)], color.stroke_width(2))
+            });
+        }
+    }
+    for (t, _) in markers {
+        chart
+            .draw_series(LineSeries::new(
+                [(*t, 0.0), (*t, y_max)],
+                BLACK.mix(0.3).stroke_width(1),
+            ))
+            .map_err(|e| anyhow!("{e}"))?;
+    }
+    if text {
+        chart
+            .configure_series_labels()
+            .background_style(WHITE.mix(0.8))
+            .border_style(BLACK)
+            .position(SeriesLabelPosition::UpperRight)
+            .draw()
+            .map_err(|e| anyhow!("{e}"))?;
+    }
+
+    let mut b = ChartBuilder::on(&bottom);
+    b.margin(15).x_label_area_size(30).y_label_area_size(50);
+    let mut chart = b
+        .build_cartesian_2d(0.0..t_max, 0.0..r_max)
+        .map_err(|e| anyhow!("{e}"))?;
+    if text {
+        chart
+            .configure_mesh()
+            .y_desc("replicas")
+            .x_desc("seconds")
+            .draw()
+            .map_err(|e| anyhow!("{e}"))?;
+    } else {
+        chart
+            .configure_mesh()
+            .x_labels(0)
+            .y_labels(0)
+            .draw()
+            .map_err(|e| anyhow!("{e}"))?;
+    }
+    let reps: [(&str, RGBColor, fn(&Point) -> f64); 2] = [
+        ("desired (gateway)", RGBColor(148, 103, 189), |p| p.desired),
+        ("ready", RGBColor(44, 160, 44), |p| p.ready),
+    ];
+    for (label, color, f) in reps {
+        // Replica counts are steps, not slopes.
+        let mut pts = Vec::with_capacity(points.len() * 2);
+        for w in points.windows(2) {
+            pts.push((w[0].t, f(&w[0])));
+            pts.push((w[1].t, f(&w[0])));
+        }
+        if let Some(last) = points.last() {
+            pts.push((last.t, f(last)));
+        }
+        let s = chart
+            .draw_series(LineSeries::new(pts, color.stroke_width(3)))
+            .map_err(|e| anyhow!("{e}"))?;
+        if text {
+            s.label(label).legend(move |(x, y)| {
+                PathElement::new(vec![(x, y), (x + 20, y)], color.stroke_width(3))
+            });
+        }
+    }
+    if text {
+        chart
+            .configure_series_labels()
+            .background_style(WHITE.mix(0.8))
+            .border_style(BLACK)
+            .position(SeriesLabelPosition::LowerRight)
+            .draw()
+            .map_err(|e| anyhow!("{e}"))?;
+    }
+    root.present().map_err(|e| anyhow!("{e}"))?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn draws_a_png() {
+        let points: Vec<Point> = (0..40)
+            .map(|i| {
+                let t = f64::from(i) * 0.5;
+                Point {
+                    t,
+                    demand: if t > 2.0 { 50.0 } else { 0.0 },
+                    in_flight: 10.0,
+                    queued: 40.0,
+                    capacity: 10.0,
+                    ready: 1.0,
+                    desired: 5.0,
+                }
+            })
+            .collect();
+        let path = std::env::temp_dir().join(format!("inflight-plot-{}.png", std::process::id()));
+        draw(&path, "torchserve", &points, &[(2.0, "load")]).unwrap();
+        let bytes = std::fs::read(&path).unwrap();
+        assert!(bytes.starts_with(b"\x89PNG"), "a PNG");
+        assert!(bytes.len() > 5_000, "{} bytes", bytes.len());
+        std::fs::remove_file(&path).unwrap();
+        assert!(
+            draw(Path::new("/nonexistent-dir/x.png"), "a", &points, &[]).is_err(),
+            "an unwritable path is an error, not a panic"
+        );
+    }
+}

@@ -1,0 +1,232 @@
+//! The gateway's stats as the scaler and the live view read them: one scrape of Envoy's
+//! `/stats/prometheus`, parsed with `prometheus-parse`, reduced to per-revision numbers.
+
+use super::http;
+use anyhow::{bail, Result};
+use prometheus_parse::{Scrape, Value};
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::time::Duration;
+
+/// One revision's series at one scrape. Gauges the filter does not export (yet) are `None`.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct RevisionStats {
+    pub admitted: f64,
+    pub shed_full: f64,
+    pub shed_timeout: f64,
+    pub cancelled: f64,
+    pub active: f64,
+    pub queued: f64,
+    pub capacity: f64,
+    pub desired: Option<f64>,
+    pub ready: Option<f64>,
+    /// ∫(in-flight + queued) dt in request-milliseconds.
+    pub demand_ms_total: Option<f64>,
+    pub stable_concurrency: Option<f64>,
+    pub panic_concurrency: Option<f64>,
+    /// Cumulative `(upper bound ms, count)` of the time upstream took (Envoy's cluster
+    /// `upstream_rq_time` for the revision's cluster).
+    pub upstream_time: Vec<(f64, f64)>,
+    /// Cumulative `(upper bound ms, count)` of the time spent queued in the gateway.
+    pub queue_wait: Vec<(f64, f64)>,
+    /// Responses by class from the revision's cluster (`2`, `5`, …).
+    pub upstream_rq_xx: BTreeMap<String, f64>,
+}
+
+impl RevisionStats {
+    pub fn shed(&self) -> f64 {
+        self.shed_full + self.shed_timeout
+    }
+
+    /// Every request the gateway decided on (admitted or shed).
+    pub fn decided(&self) -> f64 {
+        self.admitted + self.shed()
+    }
+}
+
+/// Per-revision stats of one scrape.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Snapshot {
+    pub revisions: BTreeMap<String, RevisionStats>,
+}
+
+/// Scrapes `admin` once.
+pub fn scrape(admin: SocketAddr) -> Result<Snapshot> {
+    let (status, body) = http::get(admin, "/stats/prometheus", Duration::from_secs(2))?;
+    if status != 200 {
+        bail!("{admin}/stats/prometheus answered {status}");
+    }
+    parse(&body)
+}
+
+pub fn parse(text: &str) -> Result<Snapshot> {
+    let scrape = Scrape::parse(text.lines().map(|l| Ok(l.to_string())))?;
+    let mut snap = Snapshot::default();
+    for s in scrape.samples {
+        // Per-revision filter series carry `revision`; Envoy's cluster series carry the cluster
+        // name, which for the local stack is the revision's name.
+        let (revision, cluster_series) =
+            match (s.labels.get("revision"), s.labels.get("envoy_cluster_name")) {
+                (Some(r), _) => (r.to_string(), false),
+                (None, Some(c)) => (c.to_string(), true),
+                _ => continue,
+            };
+        let scalar = match &s.value {
+            Value::Counter(v) | Value::Gauge(v) | Value::Untyped(v) => Some(*v),
+            _ => None,
+        };
+        let buckets = match &s.value {
+            Value::Histogram(h) => h.iter().map(|b| (b.less_than, b.count)).collect(),
+            _ => Vec::new(),
+        };
+        let name = s.metric.as_str();
+        // Envoy's other clusters (the admin cluster) land here too; callers look revisions up
+        // by name, so they are never read.
+        let r = snap.revisions.entry(revision).or_default();
+        if cluster_series {
+            apply_cluster(r, name, &s.labels, scalar, buckets);
+            continue;
+        }
+        let v = scalar.unwrap_or(0.0);
+        match name {
+            "inflight_requests_total" => match s.labels.get("outcome") {
+                Some("admitted") => r.admitted = v,
+                Some("shed_full") => r.shed_full = v,
+                Some("shed_timeout") => r.shed_timeout = v,
+                Some("cancelled") => r.cancelled = v,
+                _ => {}
+            },
+            "inflight_active" => r.active = v,
+            "inflight_queued" => r.queued = v,
+            "inflight_capacity" => r.capacity = v,
+            "inflight_desired_replicas" => r.desired = Some(v),
+            "inflight_ready_replicas" => r.ready = Some(v),
+            "inflight_demand_ms_total" => r.demand_ms_total = Some(v),
+            "inflight_stable_concurrency_milli" => r.stable_concurrency = Some(v / 1000.0),
+            "inflight_panic_concurrency_milli" => r.panic_concurrency = Some(v / 1000.0),
+            "inflight_queue_wait_ms" => r.queue_wait = buckets,
+            _ => {}
+        }
+    }
+    Ok(snap)
+}
+
+fn apply_cluster(
+    r: &mut RevisionStats,
+    name: &str,
+    labels: &prometheus_parse::Labels,
+    scalar: Option<f64>,
+    buckets: Vec<(f64, f64)>,
+) {
+    match name {
+        "envoy_cluster_upstream_rq_time" => r.upstream_time = buckets,
+        "envoy_cluster_upstream_rq_xx" => {
+            if let (Some(class), Some(v)) = (labels.get("envoy_response_code_class"), scalar) {
+                r.upstream_rq_xx.insert(class.to_string(), v);
+            }
+        }
+        _ => {}
+    }
+}
+
+/// The `q` quantile (0..1) of the observations between two cumulative histograms (`now` minus
+/// `before`), interpolated linearly inside the bucket as Prometheus' `histogram_quantile` does.
+/// `None` when nothing was observed in between.
+pub fn quantile(before: &[(f64, f64)], now: &[(f64, f64)], q: f64) -> Option<f64> {
+    let delta: Vec<(f64, f64)> = now
+        .iter()
+        .map(|&(le, c)| {
+            let b = before
+                .iter()
+                .find(|(ble, _)| *ble == le)
+                .map_or(0.0, |(_, c)| *c);
+            (le, (c - b).max(0.0))
+        })
+        .collect();
+    let total = delta.last()?.1;
+    if total <= 0.0 {
+        return None;
+    }
+    let rank = q * total;
+    let mut prev_le = 0.0;
+    let mut prev_c = 0.0;
+    for &(le, c) in &delta {
+        if c >= rank {
+            if le.is_infinite() {
+                return Some(prev_le);
+            }
+            let in_bucket = c - prev_c;
+            let frac = if in_bucket > 0.0 {
+                (rank - prev_c) / in_bucket
+            } else {
+                1.0
+            };
+            return Some(prev_le + (le - prev_le) * frac);
+        }
+        prev_le = le;
+        prev_c = c;
+    }
+    Some(prev_le)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const ENVOY: &str = r#"# TYPE inflight_requests_total counter
+inflight_requests_total{revision="torchserve",outcome="admitted"} 120
+inflight_requests_total{revision="torchserve",outcome="shed_full"} 3
+inflight_requests_total{revision="torchserve",outcome="shed_timeout"} 1
+# TYPE inflight_active gauge
+inflight_active{revision="torchserve"} 10
+# TYPE inflight_queued gauge
+inflight_queued{revision="torchserve"} 40
+# TYPE inflight_desired_replicas gauge
+inflight_desired_replicas{revision="torchserve"} 5
+# TYPE inflight_stable_concurrency_milli gauge
+inflight_stable_concurrency_milli{revision="torchserve"} 48500
+# TYPE envoy_cluster_upstream_rq_xx counter
+envoy_cluster_upstream_rq_xx{envoy_response_code_class="2",envoy_cluster_name="torchserve"} 117
+# TYPE envoy_cluster_upstream_rq_time histogram
+envoy_cluster_upstream_rq_time_bucket{envoy_cluster_name="torchserve",le="1"} 10
+envoy_cluster_upstream_rq_time_bucket{envoy_cluster_name="torchserve",le="5"} 90
+envoy_cluster_upstream_rq_time_bucket{envoy_cluster_name="torchserve",le="+Inf"} 100
+envoy_cluster_upstream_rq_time_sum{envoy_cluster_name="torchserve"} 300
+envoy_cluster_upstream_rq_time_count{envoy_cluster_name="torchserve"} 100
+# TYPE envoy_server_live gauge
+envoy_server_live{} 1
+"#;
+
+    #[test]
+    fn parses_envoy_exposition() {
+        let s = parse(ENVOY).unwrap();
+        let r = &s.revisions["torchserve"];
+        assert_eq!((r.admitted, r.shed(), r.decided()), (120.0, 4.0, 124.0));
+        assert_eq!((r.active, r.queued), (10.0, 40.0));
+        assert_eq!(r.desired, Some(5.0));
+        assert_eq!(r.ready, None, "absent gauges stay None");
+        assert_eq!(r.stable_concurrency, Some(48.5));
+        assert_eq!(r.upstream_rq_xx.get("2"), Some(&117.0));
+        assert_eq!(r.upstream_time.len(), 3);
+    }
+
+    #[test]
+    fn quantiles_of_a_window() {
+        let before = [(1.0, 0.0), (5.0, 0.0), (f64::INFINITY, 0.0)];
+        let now = [(1.0, 10.0), (5.0, 90.0), (f64::INFINITY, 100.0)];
+        let cases = [
+            ("p10 at the first bound", 0.1, Some(1.0)),
+            ("p50 interpolated", 0.5, Some(3.0)),
+            ("p99 in +Inf reports the last bound", 0.99, Some(5.0)),
+        ];
+        for (name, q, want) in cases {
+            assert_eq!(quantile(&before, &now, q), want, "{name}");
+        }
+        assert_eq!(
+            quantile(&now, &now, 0.5),
+            None,
+            "no observations in the window"
+        );
+        assert_eq!(quantile(&[], &[], 0.5), None, "empty histogram");
+    }
+}

@@ -1,0 +1,217 @@
+//! The live view: per revision replicas ready/desired, in-flight, queued, shed, requests/s and
+//! latency quantiles, from two scrapes of the gateway a few seconds apart; refreshed in place on
+//! a terminal (log lines scroll above it), printed as plain lines otherwise.
+
+use super::stats::{quantile, RevisionStats, Snapshot};
+use std::fmt::Write as _;
+use std::io::{IsTerminal as _, Write as _};
+use std::time::Instant;
+
+/// One revision's row.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Row {
+    pub revision: String,
+    /// Ready replicas as the scaler knows them (None in `top`, which sees only the gateway).
+    pub ready: Option<usize>,
+    pub gateway_ready: Option<f64>,
+    pub desired: Option<f64>,
+    pub in_flight: f64,
+    pub queued: f64,
+    pub capacity: f64,
+    pub shed: f64,
+    pub rps: f64,
+    /// Average concurrency over the window (∫ demand / time), when the gateway exports it.
+    pub demand: Option<f64>,
+    pub p50_ms: Option<f64>,
+    pub p99_ms: Option<f64>,
+    pub wait_p99_ms: Option<f64>,
+}
+
+/// A row from the stats `secs` apart.
+pub fn row(revision: &str, before: &RevisionStats, now: &RevisionStats, secs: f64) -> Row {
+    let secs = secs.max(1e-3);
+    let demand = match (before.demand_ms_total, now.demand_ms_total) {
+        (Some(b), Some(n)) => Some(((n - b) / 1000.0 / secs).max(0.0)),
+        _ => None,
+    };
+    Row {
+        revision: revision.to_string(),
+        ready: None,
+        gateway_ready: now.ready,
+        desired: now.desired,
+        in_flight: now.active,
+        queued: now.queued,
+        capacity: now.capacity,
+        shed: now.shed(),
+        rps: ((now.decided() - before.decided()) / secs).max(0.0),
+        demand,
+        p50_ms: quantile(&before.upstream_time, &now.upstream_time, 0.5),
+        p99_ms: quantile(&before.upstream_time, &now.upstream_time, 0.99),
+        wait_p99_ms: quantile(&before.queue_wait, &now.queue_wait, 0.99),
+    }
+}
+
+/// Rows for every revision in `now`, in name order.
+pub fn rows(before: &Snapshot, now: &Snapshot, secs: f64, names: &[String]) -> Vec<Row> {
+    names
+        .iter()
+        .map(|n| {
+            let empty = RevisionStats::default();
+            let b = before.revisions.get(n).unwrap_or(&empty);
+            let c = now.revisions.get(n).unwrap_or(&empty);
+            row(n, b, c, secs)
+        })
+        .collect()
+}
+
+fn opt(v: Option<f64>, digits: usize) -> String {
+    v.map_or_else(|| "-".into(), |v| format!("{v:.digits$}"))
+}
+
+/// The table, one line per revision under a header.
+pub fn render(rows: &[Row]) -> String {
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "{:<16} {:>13} {:>9} {:>7} {:>8} {:>7} {:>7} {:>8} {:>8} {:>8} {:>9}",
+        "REVISION",
+        "READY/DESIRED",
+        "IN-FLIGHT",
+        "QUEUED",
+        "CAPACITY",
+        "SHED",
+        "DEMAND",
+        "REQ/S",
+        "P50(ms)",
+        "P99(ms)",
+        "WAIT-P99"
+    );
+    for r in rows {
+        let ready = match (r.ready, r.gateway_ready) {
+            (Some(n), _) => n.to_string(),
+            (None, Some(g)) => format!("{g:.0}"),
+            (None, None) => "-".into(),
+        };
+        let _ = writeln!(
+            out,
+            "{:<16} {:>13} {:>9.0} {:>7.0} {:>8.0} {:>7.0} {:>7} {:>8.1} {:>8} {:>8} {:>9}",
+            r.revision,
+            format!("{ready}/{}", opt(r.desired, 0)),
+            r.in_flight,
+            r.queued,
+            r.capacity,
+            r.shed,
+            opt(r.demand, 1),
+            r.rps,
+            opt(r.p50_ms, 1),
+            opt(r.p99_ms, 1),
+            opt(r.wait_p99_ms, 1),
+        );
+    }
+    out
+}
+
+/// Terminal output: log lines scroll, the view stays at the bottom, redrawn in place.
+pub struct Console {
+    tty: bool,
+    view_lines: usize,
+    started: Instant,
+    last_plain: Option<Instant>,
+}
+
+impl Console {
+    pub fn new(started: Instant) -> Console {
+        Console {
+            tty: std::io::stdout().is_terminal(),
+            view_lines: 0,
+            started,
+            last_plain: None,
+        }
+    }
+
+    fn clear_view(&mut self, out: &mut impl std::io::Write) {
+        if self.tty && self.view_lines > 0 {
+            // Up to the first line of the view, then clear to the end of the screen.
+            let _ = write!(out, "\x1b[{}F\x1b[J", self.view_lines);
+            self.view_lines = 0;
+        }
+    }
+
+    /// Prints log lines above the view, stamped with the time since start.
+    pub fn log(&mut self, lines: &[String]) {
+        if lines.is_empty() {
+            return;
+        }
+        let mut out = std::io::stdout().lock();
+        self.clear_view(&mut out);
+        let t = self.started.elapsed().as_secs_f64();
+        for l in lines {
+            let _ = writeln!(out, "[{t:>6.1}s] {l}");
+        }
+        let _ = out.flush();
+    }
+
+    /// Replaces the view (on a terminal), or prints it every few seconds (otherwise).
+    pub fn view(&mut self, text: &str) {
+        let mut out = std::io::stdout().lock();
+        if self.tty {
+            self.clear_view(&mut out);
+            let _ = write!(out, "{text}");
+            self.view_lines = text.lines().count();
+        } else if self
+            .last_plain
+            .is_none_or(|t| t.elapsed().as_secs_f64() >= 5.0)
+        {
+            self.last_plain = Some(Instant::now());
+            let t = self.started.elapsed().as_secs_f64();
+            let _ = write!(out, "[{t:>6.1}s] view:\n{text}");
+        }
+        let _ = out.flush();
+    }
+
+    /// Leaves the last view on screen; later output starts below it.
+    pub fn keep(&mut self) {
+        self.view_lines = 0;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rates_come_from_the_window() {
+        let before = RevisionStats {
+            admitted: 100.0,
+            demand_ms_total: Some(0.0),
+            ..Default::default()
+        };
+        let now = RevisionStats {
+            admitted: 300.0,
+            shed_full: 10.0,
+            active: 10.0,
+            queued: 40.0,
+            desired: Some(5.0),
+            demand_ms_total: Some(100_000.0),
+            ..Default::default()
+        };
+        let r = row("torchserve", &before, &now, 2.0);
+        assert_eq!(r.rps, 105.0);
+        assert_eq!(r.demand, Some(50.0));
+        assert_eq!((r.in_flight, r.queued, r.shed), (10.0, 40.0, 10.0));
+        assert_eq!(r.p50_ms, None, "no latency observations");
+        let text = render(&[r]);
+        assert!(text.contains("torchserve"), "{text}");
+        assert!(text.contains("-/5"), "{text}");
+    }
+
+    #[test]
+    fn counter_resets_do_not_go_negative() {
+        let before = RevisionStats {
+            admitted: 100.0,
+            ..Default::default()
+        };
+        let r = row("a", &before, &RevisionStats::default(), 1.0);
+        assert_eq!(r.rps, 0.0);
+    }
+}
