@@ -93,9 +93,9 @@ impl Autoscaler {
             panic = panic.max(f64::from(demand_level));
         }
         let mut decider = Decider::new(cfg.clone()).ok()?;
-        decider.restore(self.decider.clone());
+        decider.restore(self.decider);
         let decision = decider.decide(now_ms, stable, panic, ready);
-        self.decider = decider.state().clone();
+        self.decider = *decider.state();
         self.last_decision_ms = Some(now_ms);
         self.signal = Signal {
             desired: decision.desired,

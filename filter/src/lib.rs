@@ -2,31 +2,37 @@
 //!
 //! Each Envoy worker thread runs one VM of this module. A VM holds its configuration, the
 //! streams it has paused or admitted, and its metric ids; everything the workers must agree on
-//! (in-flight counts and the FIFO of waiters per revision) lives in shared data ([`shared`]).
-//! Callbacks read their inputs, ask `inflight-core`, and apply the answer:
+//! (in-flight counts, the FIFO of waiters, demand, learned ready replicas, the autoscaler) lives
+//! in shared data ([`shared`]). Callbacks read their inputs, ask `inflight-core`, and apply the
+//! answer:
 //!
 //! - request headers: find the revision, `try_admit` → continue, pause (ticket) or 503;
 //! - stream done: release the slot (or cancel the ticket) and hand freed slots to the oldest
 //!   waiters, through the owner VM's wake queue;
 //! - queue ready: resume the granted stream, or pass the slot on if the stream is gone;
-//! - tick: shed waiters past their maximum wait, refresh gauges, grant slots when capacity grew,
-//!   reap waiters whose VM died.
+//! - tick: shed waiters past their maximum wait, export demand, step the autoscaler, refresh
+//!   gauges, grant slots when capacity grew, reap waiters whose VM died, poll membership;
+//! - membership answer: record ready replicas (capacity follows) and grant what now fits.
 
 mod clock;
 mod metrics;
 mod shared;
 
+use inflight_core::autoscaler::{Autoscaler, DEFAULT_DECISION_PERIOD_MS};
+use inflight_core::membership;
 use inflight_core::wake::Wake;
 use inflight_core::{
-    Admission, Config, Grant, Limits, Owner, RevisionId, ShedReason, UnknownRevision,
+    Admission, Config, Grant, Limits, Owner, RevisionConfig, RevisionId, RevisionState, ShedReason,
+    UnknownRevision,
 };
 use metrics::RevisionMetrics;
 use proxy_wasm::hostcalls;
 use proxy_wasm::traits::{Context, HttpContext, RootContext};
-use proxy_wasm::types::{Action, ContextType, LogLevel, MapType, Status};
+use proxy_wasm::types::{Action, BufferType, ContextType, LogLevel, MapType, Status};
 use std::cell::RefCell;
 use std::collections::{HashMap, VecDeque};
 use std::rc::Rc;
+use std::time::Duration;
 
 /// Header carrying the shed reason on every local reply of the filter.
 pub const SHED_HEADER: &str = "x-inflight-shed";
@@ -52,34 +58,37 @@ enum StreamState {
 }
 
 struct Revision {
+    config: Rc<RevisionConfig>,
     key: String,
+    kpa_key: String,
     metrics: RevisionMetrics,
+}
+
+impl Revision {
+    /// Limits from the shared state: ready replicas learned from Envoy, else configured.
+    fn limits(&self, s: &RevisionState) -> Limits {
+        self.config
+            .limits(s.ready().unwrap_or(self.config.ready_replicas))
+    }
 }
 
 #[derive(Default)]
 struct Vm {
     id: u32,
-    queue: u32,
     config: Option<Rc<Config>>,
-    revisions: Vec<Revision>,
+    revisions: Vec<Rc<Revision>>,
     streams: HashMap<u32, StreamState>,
     wake_tokens: HashMap<u32, u32>,
+    /// Metric id of membership poll failures.
+    poll_failures: Option<u32>,
+    /// Token of the membership call in flight, if this VM made it.
+    poll_token: Option<u32>,
+    last_desired: HashMap<usize, u32>,
 }
 
 impl Vm {
-    fn limits(&self, rev: RevisionId) -> Limits {
-        match self.config.as_ref().and_then(|c| c.revision(rev)) {
-            Some(r) => r.limits(r.ready_replicas),
-            // Unreachable with ids from this config; fail safe: no capacity, no buffer.
-            None => Limits {
-                capacity: Some(0),
-                buffer: 0,
-            },
-        }
-    }
-
-    fn revision(&self, rev: RevisionId) -> Option<&Revision> {
-        self.revisions.get(rev.0)
+    fn revision(&self, rev: RevisionId) -> Option<Rc<Revision>> {
+        self.revisions.get(rev.0).cloned()
     }
 }
 
@@ -90,31 +99,23 @@ struct Root {
     vm: SharedVm,
 }
 
-impl Context for Root {}
+impl Context for Root {
+    fn on_http_call_response(
+        &mut self,
+        token: u32,
+        _num_headers: usize,
+        body_size: usize,
+        _num_trailers: usize,
+    ) {
+        on_membership(&self.vm, token, body_size, clock::now_ms());
+    }
+}
 
 impl RootContext for Root {
-    fn on_queue_ready(&mut self, queue_id: u32) {
-        loop {
-            let bytes = match hostcalls::dequeue_shared_queue(queue_id) {
-                Ok(Some(b)) => b,
-                Ok(None) => break,
-                Err(e) => {
-                    log::warn!("dequeue from wake queue failed: {e:?}");
-                    break;
-                }
-            };
-            match Wake::decode(&bytes) {
-                Ok(w) => on_wake(&self.vm, w),
-                Err(e) => log::warn!("inflight: {e}"),
-            }
-        }
-    }
     fn on_vm_start(&mut self, _vm_configuration_size: usize) -> bool {
         match shared::register_vm() {
             Ok((id, queue)) => {
-                let mut vm = self.vm.borrow_mut();
-                vm.id = id;
-                vm.queue = queue;
+                self.vm.borrow_mut().id = id;
                 log::debug!("worker VM {id} registered wake queue {queue}");
                 true
             }
@@ -126,11 +127,7 @@ impl RootContext for Root {
     }
 
     fn on_configure(&mut self, _plugin_configuration_size: usize) -> bool {
-        let bytes = match hostcalls::get_buffer(
-            proxy_wasm::types::BufferType::PluginConfiguration,
-            0,
-            usize::MAX,
-        ) {
+        let bytes = match hostcalls::get_buffer(BufferType::PluginConfiguration, 0, usize::MAX) {
             Ok(b) => b.unwrap_or_default(),
             Err(e) => {
                 log::error!("cannot read the plugin configuration: {e:?}");
@@ -140,29 +137,40 @@ impl RootContext for Root {
         let config = match Config::parse(&bytes) {
             Ok(c) => c,
             Err(e) => {
-                log::error!("inflight: {e}");
+                log::error!("{e}");
                 return false;
             }
         };
         let mut revisions = Vec::with_capacity(config.revisions.len());
         for r in &config.revisions {
             let key = shared::state_key(&r.name);
-            if let Err(e) =
-                shared::create_if_absent(&key, &inflight_core::RevisionState::default().encode())
-            {
+            let kpa_key = shared::autoscaler_key(&r.name);
+            if let Err(e) = shared::create_if_absent(&key, &RevisionState::default().encode()) {
                 log::error!("cannot create shared state for revision `{}`: {e}", r.name);
                 return false;
             }
-            match RevisionMetrics::define(&r.name) {
-                Ok(metrics) => revisions.push(Revision { key, metrics }),
+            let metrics = match RevisionMetrics::define(&r.name) {
+                Ok(m) => m,
                 Err(e) => {
                     log::error!("cannot define metrics for revision `{}`: {e:?}", r.name);
                     return false;
                 }
-            }
+            };
+            revisions.push(Rc::new(Revision {
+                config: Rc::new(r.clone()),
+                key,
+                kpa_key,
+                metrics,
+            }));
         }
-        if let Err(e) = hostcalls::set_tick_period(std::time::Duration::from_millis(config.tick_ms))
-        {
+        let poll_failures = match metrics::define_poll_failures() {
+            Ok(id) => Some(id),
+            Err(e) => {
+                log::error!("cannot define the membership metric: {e:?}");
+                return false;
+            }
+        };
+        if let Err(e) = hostcalls::set_tick_period(Duration::from_millis(config.tick_ms)) {
             log::error!("cannot set the tick period: {e:?}");
             return false;
         }
@@ -179,7 +187,25 @@ impl RootContext for Root {
         let mut vm = self.vm.borrow_mut();
         vm.config = Some(Rc::new(config));
         vm.revisions = revisions;
+        vm.poll_failures = poll_failures;
         true
+    }
+
+    fn on_queue_ready(&mut self, queue_id: u32) {
+        loop {
+            let bytes = match hostcalls::dequeue_shared_queue(queue_id) {
+                Ok(Some(b)) => b,
+                Ok(None) => break,
+                Err(e) => {
+                    log::warn!("dequeue from wake queue failed: {e:?}");
+                    break;
+                }
+            };
+            match Wake::decode(&bytes) {
+                Ok(w) => on_wake(&self.vm, w),
+                Err(e) => log::warn!("{e}"),
+            }
+        }
     }
 
     fn on_tick(&mut self) {
@@ -210,13 +236,12 @@ impl Context for Stream {
         match state {
             Some(StreamState::Admitted { rev }) => release(&self.vm, rev, now),
             Some(StreamState::Waiting { rev, ticket, .. }) => {
-                let vm = self.vm.borrow();
-                let Some(r) = vm.revision(rev) else {
+                let Some(r) = self.vm.borrow().revision(rev) else {
                     return true;
                 };
                 metrics::count(r.metrics.cancelled);
                 // Not found means a grant is on its way here; on_wake will pass it on.
-                if let Err(e) = shared::update_state(&r.key, |s| s.cancel(ticket)) {
+                if let Err(e) = shared::update_state(&r.key, |s| s.cancel(ticket, now)) {
                     log::error!("cancelling ticket {ticket} failed: {e}");
                 }
             }
@@ -226,7 +251,35 @@ impl Context for Stream {
     }
 }
 
+impl Stream {
+    fn waiting(&self) -> bool {
+        matches!(
+            self.vm.borrow().streams.get(&self.context),
+            Some(StreamState::Waiting { .. })
+        )
+    }
+}
+
 impl HttpContext for Stream {
+    /// A paused request stays paused while its body arrives: returning Continue here would make
+    /// Envoy send the held headers upstream and bypass the limit. Envoy buffers the body (up to
+    /// the connection's buffer limit) until the grant resumes the stream.
+    fn on_http_request_body(&mut self, _body_size: usize, _end_of_stream: bool) -> Action {
+        if self.waiting() {
+            Action::Pause
+        } else {
+            Action::Continue
+        }
+    }
+
+    fn on_http_request_trailers(&mut self, _num_trailers: usize) -> Action {
+        if self.waiting() {
+            Action::Pause
+        } else {
+            Action::Continue
+        }
+    }
+
     fn on_http_request_headers(&mut self, _num_headers: usize, _end_of_stream: bool) -> Action {
         let now = clock::now_ms();
         let Some(config) = self.vm.borrow().config.clone() else {
@@ -241,38 +294,39 @@ impl HttpContext for Stream {
                         404,
                         "unknown-revision",
                         None,
-                        "no revision matches this request\n",
+                        "inflight: no revision matches this request\n",
                     );
                     Action::Pause
                 }
             };
         };
-        let (key, limits, owner) = {
+        let (r, owner) = {
             let vm = self.vm.borrow();
             let Some(r) = vm.revision(rev) else {
                 return Action::Continue;
             };
             (
-                r.key.clone(),
-                vm.limits(rev),
+                r,
                 Owner {
                     vm: vm.id,
                     context: self.context,
                 },
             )
         };
-        let name = config.revision(rev).map(|r| r.name.as_str()).unwrap_or("?");
-        match shared::update_state(&key, |s| s.try_admit(limits, owner, now)) {
-            Ok(Admission::Admitted) => {
-                let mut vm = self.vm.borrow_mut();
-                vm.streams
+        let outcome = shared::update_state(&r.key, |s| {
+            let limits = r.limits(s);
+            (s.try_admit(limits, owner, now), limits)
+        });
+        match outcome {
+            Ok((Admission::Admitted, _)) => {
+                self.vm
+                    .borrow_mut()
+                    .streams
                     .insert(self.context, StreamState::Admitted { rev });
-                if let Some(r) = vm.revision(rev) {
-                    metrics::count(r.metrics.admitted);
-                }
+                metrics::count(r.metrics.admitted);
                 Action::Continue
             }
-            Ok(Admission::Queued { ticket }) => {
+            Ok((Admission::Queued { ticket }, _)) => {
                 self.vm.borrow_mut().streams.insert(
                     self.context,
                     StreamState::Waiting {
@@ -283,12 +337,11 @@ impl HttpContext for Stream {
                 );
                 Action::Pause
             }
-            Ok(Admission::Shed(reason)) => {
-                if let Some(r) = self.vm.borrow().revision(rev) {
-                    metrics::count(r.metrics.shed_full);
-                }
+            Ok((Admission::Shed(reason), limits)) => {
+                metrics::count(r.metrics.shed_full);
                 let body = format!(
-                    "revision {name} is at capacity ({}) and its buffer ({}) is full; retry later\n",
+                    "inflight: revision {} is at capacity ({}) and its buffer ({}) is full; retry later\n",
+                    r.config.name,
                     limits.capacity.map_or("unlimited".into(), |c| c.to_string()),
                     limits.buffer
                 );
@@ -296,12 +349,12 @@ impl HttpContext for Stream {
                 Action::Pause
             }
             Err(e) => {
-                log::error!("admission for revision `{name}` failed: {e}");
+                log::error!("admission for revision `{}` failed: {e}", r.config.name);
                 local_reply(
                     503,
                     "state-unavailable",
                     Some(config.retry_after_s),
-                    "gateway state unavailable; retry later\n",
+                    "inflight: gateway state unavailable; retry later\n",
                 );
                 Action::Pause
             }
@@ -350,40 +403,31 @@ fn local_reply(status: u32, reason: &str, retry_after_s: Option<u64>, body: &str
 
 /// A slot of `rev` frees: release it and hand what follows to the oldest waiters.
 fn release(vm: &SharedVm, rev: RevisionId, now: u64) {
-    let (key, limits) = {
-        let v = vm.borrow();
-        let Some(r) = v.revision(rev) else { return };
-        (r.key.clone(), v.limits(rev))
+    let Some(r) = vm.borrow().revision(rev) else {
+        return;
     };
-    match shared::update_state(&key, |s| s.release(limits, now)) {
-        Ok(grants) => deliver(vm, rev, grants, now),
-        Err(e) => log::error!("releasing a slot of `{key}` failed (slot leaked): {e}"),
+    match shared::update_state(&r.key, |s| {
+        let limits = r.limits(s);
+        s.release(limits, now)
+    }) {
+        Ok(grants) => deliver(vm, &r, grants, now),
+        Err(e) => log::error!("releasing a slot of `{}` failed (slot leaked): {e}", r.key),
     }
 }
 
 /// Sends each grant to its owner's wake queue. A grant that cannot be delivered (owner VM
 /// gone) is released at once, which grants the next ticket.
-fn deliver(vm: &SharedVm, rev: RevisionId, grants: Vec<Grant>, now: u64) {
-    if grants.is_empty() {
-        return;
-    }
-    let Some(config) = vm.borrow().config.clone() else {
-        return;
-    };
-    let Some(name) = config.revision(rev).map(|r| r.name.clone()) else {
-        return;
-    };
+fn deliver(vm: &SharedVm, r: &Revision, grants: Vec<Grant>, now: u64) {
     let mut pending: VecDeque<Grant> = grants.into();
     let mut handovers = 0;
     while let Some(g) = pending.pop_front() {
         let message = Wake {
-            revision: name.clone(),
+            revision: r.config.name.clone(),
             ticket: g.ticket,
             context: g.owner.context,
         }
         .encode();
-        let token = wake_token(vm, g.owner.vm);
-        let sent = match token {
+        let sent = match wake_token(vm, g.owner.vm) {
             Some(t) => hostcalls::enqueue_shared_queue(t, Some(&message)),
             None => Err(Status::NotFound),
         };
@@ -395,17 +439,18 @@ fn deliver(vm: &SharedVm, rev: RevisionId, grants: Vec<Grant>, now: u64) {
             );
             handovers += 1;
             if handovers > MAX_HANDOVERS {
-                log::error!("too many unreachable waiters of `{name}`; stopping hand-over");
+                log::error!(
+                    "too many unreachable waiters of `{}`; stopping hand-over",
+                    r.config.name
+                );
                 return;
             }
-            let (key, limits) = {
-                let v = vm.borrow();
-                let Some(r) = v.revision(rev) else { return };
-                (r.key.clone(), v.limits(rev))
-            };
-            match shared::update_state(&key, |s| s.release(limits, now)) {
+            match shared::update_state(&r.key, |s| {
+                let limits = r.limits(s);
+                s.release(limits, now)
+            }) {
                 Ok(more) => pending.extend(more),
-                Err(e) => log::error!("passing a slot of `{key}` on failed: {e}"),
+                Err(e) => log::error!("passing a slot of `{}` on failed: {e}", r.key),
             }
         }
     }
@@ -430,21 +475,21 @@ fn on_wake(vm: &SharedVm, w: Wake) {
         log::warn!("grant for unknown revision `{}` dropped", w.revision);
         return;
     };
+    let Some(r) = vm.borrow().revision(rev) else {
+        return;
+    };
     let waiting = vm.borrow().streams.get(&w.context).copied();
     match waiting {
         Some(StreamState::Waiting {
-            rev: r,
+            rev: wr,
             ticket,
             since_ms,
-        }) if r == rev && ticket == w.ticket => {
-            {
-                let mut v = vm.borrow_mut();
-                v.streams.insert(w.context, StreamState::Admitted { rev });
-                if let Some(r) = v.revision(rev) {
-                    metrics::count(r.metrics.admitted);
-                    metrics::record(r.metrics.queue_wait_ms, now.saturating_sub(since_ms));
-                }
-            }
+        }) if wr == rev && ticket == w.ticket => {
+            vm.borrow_mut()
+                .streams
+                .insert(w.context, StreamState::Admitted { rev });
+            metrics::count(r.metrics.admitted);
+            metrics::record(r.metrics.queue_wait_ms, now.saturating_sub(since_ms));
             let resumed = hostcalls::set_effective_context(w.context)
                 .and_then(|()| hostcalls::resume_http_request());
             if let Err(e) = resumed {
@@ -462,8 +507,23 @@ fn on_tick(vm: &SharedVm, now: u64) {
     let Some(config) = vm.borrow().config.clone() else {
         return;
     };
-    // 1. Shed this VM's waiters past their maximum wait.
-    let expired: Vec<(u32, RevisionId, u64)> = vm
+    expire_waiters(vm, &config, now);
+    let revisions = vm.borrow().revisions.clone();
+    for (i, r) in revisions.iter().enumerate() {
+        tick_revision(vm, &config, i, r, now);
+    }
+    poll_membership(vm, &config, now);
+}
+
+/// Sheds this VM's waiters that reached their maximum wait.
+///
+/// A waiter whose ticket is no longer queued normally has a grant on its way (it arrives within
+/// an event-loop turn). If none came a few ticks later, the grant was passed on (its wake could
+/// not be delivered): shed it too, so no client hangs; a grant arriving later finds no stream
+/// and passes its slot on.
+fn expire_waiters(vm: &SharedVm, config: &Config, now: u64) {
+    let lost_grant_after = config.tick_ms.saturating_mul(5);
+    let expired: Vec<(u32, RevisionId, u64, bool)> = vm
         .borrow()
         .streams
         .iter()
@@ -474,31 +534,32 @@ fn on_tick(vm: &SharedVm, now: u64) {
                 since_ms,
             } => {
                 let max_wait = config.revision(rev)?.max_wait_ms;
-                (now.saturating_sub(since_ms) >= max_wait).then_some((*ctx, rev, ticket))
+                let age = now.saturating_sub(since_ms);
+                let overdue = age >= max_wait.saturating_add(lost_grant_after);
+                (age >= max_wait).then_some((*ctx, rev, ticket, overdue))
             }
             StreamState::Admitted { .. } => None,
         })
         .collect();
-    for (ctx, rev, ticket) in expired {
-        let Some(key) = vm.borrow().revision(rev).map(|r| r.key.clone()) else {
+    for (ctx, rev, ticket, overdue) in expired {
+        let Some(r) = vm.borrow().revision(rev) else {
             continue;
         };
-        match shared::update_state(&key, |s| s.cancel(ticket)) {
-            Ok(Some(_)) => {
-                let metric = {
-                    let mut v = vm.borrow_mut();
-                    v.streams.remove(&ctx);
-                    v.revision(rev).map(|r| r.metrics.shed_timeout)
-                };
-                if let Some(m) = metric {
-                    metrics::count(m);
+        match shared::update_state(&r.key, |s| s.cancel(ticket, now)) {
+            Ok(found) if found.is_some() || overdue => {
+                if found.is_none() {
+                    log::warn!(
+                        "ticket {ticket} of `{}` lost its grant; shedding it",
+                        r.config.name
+                    );
                 }
-                let name = config.revision(rev).map(|r| r.name.as_str()).unwrap_or("?");
-                let wait = config.revision(rev).map(|r| r.max_wait_ms).unwrap_or(0);
+                vm.borrow_mut().streams.remove(&ctx);
+                metrics::count(r.metrics.shed_timeout);
                 if hostcalls::set_effective_context(ctx).is_ok() {
                     let body = format!(
-                        "revision {name} had no free slot within the maximum wait ({}); retry later\n",
-                        inflight_core::duration::format_ms(wait)
+                        "inflight: revision {} had no free slot within the maximum wait ({}); retry later\n",
+                        r.config.name,
+                        inflight_core::duration::format_ms(r.config.max_wait_ms)
                     );
                     local_reply(
                         503,
@@ -509,50 +570,210 @@ fn on_tick(vm: &SharedVm, now: u64) {
                 }
             }
             // A grant is on its way; on_wake resumes the stream.
-            Ok(None) => {}
+            Ok(_) => {}
             Err(e) => log::error!("expiring ticket {ticket} failed: {e}"),
         }
     }
-    // 2. Gauges, grants after capacity grew, and waiters whose VM died.
-    for (i, rc) in config.revisions.iter().enumerate() {
-        let rev = RevisionId(i);
-        let (key, m, limits) = {
-            let v = vm.borrow();
-            let Some(r) = v.revision(rev) else { continue };
-            (r.key.clone(), r.metrics.clone(), v.limits(rev))
-        };
-        let state = match shared::read_state(&key) {
-            Ok(s) => s,
-            Err(e) => {
-                log::warn!("reading `{key}` failed: {e}");
-                continue;
-            }
-        };
-        metrics::record(m.active, u64::from(state.active));
-        metrics::record(m.queued, u64::from(state.queued()));
-        metrics::record(m.capacity, limits.capacity.map_or(0, u64::from));
-        // An owner sheds its own waiters at max wait; one still here long after is orphaned.
-        let orphan_age = rc
-            .max_wait_ms
-            .saturating_add(config.tick_ms.saturating_mul(20))
-            .max(rc.max_wait_ms + 5_000);
-        let has_orphans = state
-            .waiters()
-            .any(|w| now.saturating_sub(w.since_ms) > orphan_age);
-        let room = limits.capacity.is_none_or(|c| state.active < c);
-        if state.queued() > 0 && (room || has_orphans) {
-            match shared::update_state(&key, |s| {
-                let reaped = s.reap(now, orphan_age);
-                (reaped.len(), s.grant_ready(limits, now))
-            }) {
-                Ok((reaped, grants)) => {
-                    if reaped > 0 {
-                        log::warn!("reaped {reaped} orphaned waiter(s) of `{}`", rc.name);
-                    }
-                    deliver(vm, rev, grants, now);
+}
+
+/// Per-revision housekeeping: export demand, reap orphans, grant after capacity grew, step the
+/// autoscaler, refresh gauges. One CAS on the revision state and one on the autoscaler.
+fn tick_revision(vm: &SharedVm, config: &Config, index: usize, r: &Revision, now: u64) {
+    let rc = &r.config;
+    // An owner sheds its own waiters at max wait; one still queued long after is orphaned.
+    let orphan_age = rc
+        .max_wait_ms
+        .saturating_add(config.tick_ms.saturating_mul(20).max(5_000));
+    let step = shared::update_state(&r.key, |s| {
+        let reaped = s.reap(now, orphan_age).len();
+        let limits = r.limits(s);
+        let grants = s.grant_ready(limits, now);
+        let demand_delta = s.take_unexported_demand_ms(now);
+        (reaped, grants, demand_delta, s.clone(), limits)
+    });
+    let (reaped, grants, demand_delta, state, limits) = match step {
+        Ok(v) => v,
+        Err(e) => {
+            log::warn!("tick for `{}` failed: {e}", rc.name);
+            return;
+        }
+    };
+    if reaped > 0 {
+        log::warn!(
+            "reaped {reaped} orphaned waiter(s) of `{}` (their worker VM is gone)",
+            rc.name
+        );
+    }
+    deliver(vm, r, grants, now);
+    if demand_delta > 0 {
+        metrics::add(r.metrics.demand_ms, demand_delta);
+    }
+    let ready = state.ready().unwrap_or(rc.ready_replicas);
+    let level = state.active.saturating_add(state.queued());
+    let demand_ms = state.demand_ms(now);
+    let signal = shared::update_autoscaler(
+        &r.kpa_key,
+        || Autoscaler::new(&rc.autoscaling),
+        |a| {
+            let decision = a.step(
+                &rc.autoscaling,
+                now,
+                demand_ms,
+                level,
+                ready,
+                DEFAULT_DECISION_PERIOD_MS,
+            );
+            (decision, a.signal())
+        },
+    );
+    match signal {
+        Ok((decision, signal)) => {
+            if let Some(d) = decision {
+                let previous = vm.borrow_mut().last_desired.insert(index, d.desired);
+                if previous.is_some_and(|p| p != d.desired) {
+                    log::info!("revision `{}`: {d}", rc.name);
+                } else {
+                    log::debug!("revision `{}`: {d}", rc.name);
                 }
-                Err(e) => log::warn!("granting on tick for `{key}` failed: {e}"),
             }
+            metrics::record(r.metrics.desired_replicas, u64::from(signal.desired));
+            metrics::record(
+                r.metrics.stable_concurrency_milli,
+                milli(signal.stable_concurrency),
+            );
+            metrics::record(
+                r.metrics.panic_concurrency_milli,
+                milli(signal.panic_concurrency),
+            );
+        }
+        Err(e) => log::warn!("autoscaler step for `{}` failed: {e}", rc.name),
+    }
+    metrics::record(r.metrics.active, u64::from(state.active));
+    metrics::record(r.metrics.queued, u64::from(state.queued()));
+    metrics::record(r.metrics.capacity, limits.capacity.map_or(0, u64::from));
+    metrics::record(r.metrics.ready_replicas, u64::from(ready));
+}
+
+fn milli(v: f64) -> u64 {
+    if v.is_finite() && v > 0.0 {
+        (v * 1000.0).round() as u64
+    } else {
+        0
+    }
+}
+
+/// Asks Envoy's admin for cluster membership, at most once per interval across all workers.
+fn poll_membership(vm: &SharedVm, config: &Config, now: u64) {
+    let Some(m) = &config.membership else {
+        return;
+    };
+    if vm.borrow().poll_token.is_some() {
+        return;
+    }
+    match shared::claim_poll(now, m.interval_ms) {
+        Ok(true) => {}
+        Ok(false) => return,
+        Err(e) => {
+            log::warn!("membership poll claim failed: {e}");
+            return;
+        }
+    }
+    let headers = vec![
+        (":method", "GET"),
+        (":path", membership::STATS_PATH),
+        (":authority", m.authority.as_str()),
+    ];
+    match hostcalls::dispatch_http_call(
+        &m.cluster,
+        headers,
+        None,
+        vec![],
+        Duration::from_millis(m.timeout_ms),
+    ) {
+        Ok(token) => vm.borrow_mut().poll_token = Some(token),
+        Err(e) => {
+            poll_failed(
+                vm,
+                &format!("dispatch to cluster `{}` failed: {e:?}", m.cluster),
+            );
+        }
+    }
+}
+
+fn poll_failed(vm: &SharedVm, why: &str) {
+    log::warn!("membership poll failed (keeping the last ready counts): {why}");
+    if let Some(id) = vm.borrow().poll_failures {
+        metrics::count(id);
+    }
+}
+
+/// The admin's answer: record ready replicas per revision and grant what now fits.
+fn on_membership(vm: &SharedVm, token: u32, body_size: usize, now: u64) {
+    if vm.borrow().poll_token != Some(token) {
+        return;
+    }
+    vm.borrow_mut().poll_token = None;
+    let status = hostcalls::get_map_value(MapType::HttpCallResponseHeaders, ":status")
+        .ok()
+        .flatten()
+        .unwrap_or_default();
+    if status != "200" {
+        let why = if status.is_empty() {
+            "no answer (timeout or reset)".to_string()
+        } else {
+            format!("status {status}")
+        };
+        poll_failed(vm, &why);
+        return;
+    }
+    let body = match hostcalls::get_buffer(BufferType::HttpCallResponseBody, 0, body_size) {
+        Ok(b) => b.unwrap_or_default(),
+        Err(e) => {
+            poll_failed(vm, &format!("reading the body failed: {e:?}"));
+            return;
+        }
+    };
+    let revisions = vm.borrow().revisions.clone();
+    let clusters: Vec<&str> = revisions
+        .iter()
+        .filter_map(|r| r.config.upstream_cluster.as_deref())
+        .collect();
+    let healthy = match membership::healthy_members(&body, &clusters) {
+        Ok(h) => h,
+        Err(e) => {
+            poll_failed(vm, &e.to_string());
+            return;
+        }
+    };
+    for r in &revisions {
+        let Some(n) = r
+            .config
+            .upstream_cluster
+            .as_deref()
+            .and_then(|c| healthy.get(c))
+            .copied()
+        else {
+            continue;
+        };
+        match shared::update_state(&r.key, |s| {
+            let before = s.ready();
+            s.set_ready(n);
+            let limits = r.limits(s);
+            (before, s.grant_ready(limits, now))
+        }) {
+            Ok((before, grants)) => {
+                if before != Some(n) {
+                    log::info!(
+                        "revision `{}`: {n} ready replica(s) (was {before:?})",
+                        r.config.name
+                    );
+                }
+                deliver(vm, r, grants, now);
+            }
+            Err(e) => log::warn!(
+                "recording ready replicas of `{}` failed: {e}",
+                r.config.name
+            ),
         }
     }
 }

@@ -16,6 +16,11 @@ pub struct RevisionMetrics {
     pub queued: u32,
     pub capacity: u32,
     pub queue_wait_ms: u32,
+    pub demand_ms: u32,
+    pub desired_replicas: u32,
+    pub ready_replicas: u32,
+    pub stable_concurrency_milli: u32,
+    pub panic_concurrency_milli: u32,
 }
 
 impl RevisionMetrics {
@@ -40,11 +45,35 @@ impl RevisionMetrics {
             active: gauge("active")?,
             queued: gauge("queued")?,
             capacity: gauge("capacity")?,
+            demand_ms: hostcalls::define_metric(
+                MetricType::Counter,
+                &format!("inflight.revision.{revision}.demand_ms_total"),
+            )?,
+            desired_replicas: gauge("desired_replicas")?,
+            ready_replicas: gauge("ready_replicas")?,
+            stable_concurrency_milli: gauge("stable_concurrency_milli")?,
+            panic_concurrency_milli: gauge("panic_concurrency_milli")?,
             queue_wait_ms: hostcalls::define_metric(
                 MetricType::Histogram,
                 &format!("inflight.revision.{revision}.queue_wait_ms"),
             )?,
         })
+    }
+}
+
+/// Failed membership polls (not per revision).
+pub fn define_poll_failures() -> Result<u32, Status> {
+    hostcalls::define_metric(
+        MetricType::Counter,
+        "inflight.membership_poll_failures_total",
+    )
+}
+
+/// Adds to a counter.
+pub fn add(id: u32, n: u64) {
+    let n = i64::try_from(n).unwrap_or(i64::MAX);
+    if let Err(e) = hostcalls::increment_metric(id, n) {
+        log::debug!("increment_metric({id}) failed: {e:?}");
     }
 }
 

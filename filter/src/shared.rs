@@ -6,6 +6,7 @@
 //! have: the write then either creates the key or fails with `CasMismatch` because someone else
 //! created it first — never overwriting a live value.
 
+use inflight_core::autoscaler::Autoscaler;
 use inflight_core::RevisionState;
 use proxy_wasm::hostcalls;
 use proxy_wasm::types::Status;
@@ -44,6 +45,10 @@ impl From<Status> for SharedError {
 
 pub fn state_key(revision: &str) -> String {
     format!("inflight.v1.rev.{revision}")
+}
+
+pub fn autoscaler_key(revision: &str) -> String {
+    format!("inflight.v1.kpa.{revision}")
 }
 
 pub fn wake_queue_name(vm: u32) -> String {
@@ -98,16 +103,6 @@ pub fn update_state<T>(
     Err(SharedError::Contended)
 }
 
-/// Reads the state of `key` without changing it.
-pub fn read_state(key: &str) -> Result<RevisionState, SharedError> {
-    match hostcalls::get_shared_data(key)? {
-        (Some(bytes), _) if !bytes.is_empty() => {
-            RevisionState::decode(&bytes).map_err(|e| SharedError::Corrupt(e.to_string()))
-        }
-        _ => Ok(RevisionState::default()),
-    }
-}
-
 /// Takes the next VM id from a shared counter, registers this VM's wake queue under it and
 /// publishes the queue's token, so other workers can reach this one.
 pub fn register_vm() -> Result<(u32, u32), SharedError> {
@@ -148,4 +143,54 @@ pub fn wake_token(vm: u32) -> Result<Option<u32>, SharedError> {
         .as_deref()
         .and_then(|b| <[u8; 4]>::try_from(b).ok())
         .map(u32::from_le_bytes))
+}
+
+/// Applies `f` to the revision's autoscaler state (created with `init` if missing or from an
+/// older format) atomically.
+pub fn update_autoscaler<T>(
+    key: &str,
+    init: impl Fn() -> Autoscaler,
+    mut f: impl FnMut(&mut Autoscaler) -> T,
+) -> Result<T, SharedError> {
+    for _ in 0..MAX_ATTEMPTS {
+        let (bytes, cas) = hostcalls::get_shared_data(key)?;
+        let mut a = match bytes.as_deref().map(Autoscaler::decode) {
+            Some(Ok(a)) => a,
+            // Missing, or written by another version: start over (the window refills).
+            _ => init(),
+        };
+        let out = f(&mut a);
+        match hostcalls::set_shared_data(key, Some(&a.encode()), cas.or(Some(CAS_NEVER_CURRENT))) {
+            Ok(()) => return Ok(out),
+            Err(Status::CasMismatch) => continue,
+            Err(e) => return Err(e.into()),
+        }
+    }
+    Err(SharedError::Contended)
+}
+
+/// Claims the next membership poll for this VM if `interval_ms` passed since the last claim by
+/// any worker.
+pub fn claim_poll(now_ms: u64, interval_ms: u64) -> Result<bool, SharedError> {
+    const KEY: &str = "inflight.v1.membership-poll";
+    for _ in 0..MAX_ATTEMPTS {
+        let (bytes, cas) = hostcalls::get_shared_data(KEY)?;
+        let last = bytes
+            .as_deref()
+            .and_then(|b| <[u8; 8]>::try_from(b).ok())
+            .map(u64::from_le_bytes);
+        if last.is_some_and(|l| now_ms.saturating_sub(l) < interval_ms) {
+            return Ok(false);
+        }
+        match hostcalls::set_shared_data(
+            KEY,
+            Some(&now_ms.to_le_bytes()),
+            cas.or(Some(CAS_NEVER_CURRENT)),
+        ) {
+            Ok(()) => return Ok(true),
+            Err(Status::CasMismatch) => continue,
+            Err(e) => return Err(e.into()),
+        }
+    }
+    Err(SharedError::Contended)
 }

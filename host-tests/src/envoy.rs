@@ -41,11 +41,55 @@ pub fn filter_wasm() -> PathBuf {
     crate::emu::artifact::filter_wasm_path().clone()
 }
 
-/// An upstream cluster: name and endpoint ports on 127.0.0.1.
+/// An upstream cluster: name and endpoint ports on 127.0.0.1. With `eds_file`, the cluster is
+/// `type: EDS` reading its endpoints from that file (see [`write_eds`]); `ports` are ignored.
 #[derive(Debug, Clone)]
 pub struct Cluster {
     pub name: String,
     pub ports: Vec<u16>,
+    pub eds_file: Option<PathBuf>,
+}
+
+impl Cluster {
+    pub fn fixed(name: &str, ports: Vec<u16>) -> Cluster {
+        Cluster {
+            name: name.into(),
+            ports,
+            eds_file: None,
+        }
+    }
+}
+
+/// Writes a file-based EDS resource for `cluster` with endpoints on 127.0.0.1 `ports`,
+/// atomically (write a temporary file, then rename: Envoy watches the directory for moves).
+pub fn write_eds(path: &Path, cluster: &str, ports: &[u16]) -> Result<()> {
+    let mut endpoints = String::new();
+    for p in ports {
+        let _ = writeln!(
+            endpoints,
+            "    - endpoint: {{ address: {{ socket_address: {{ address: 127.0.0.1, port_value: {p} }} }} }}"
+        );
+    }
+    let body = format!(
+        "resources:\n- \"@type\": type.googleapis.com/envoy.config.endpoint.v3.ClusterLoadAssignment\n  cluster_name: {cluster}\n  endpoints:\n  - lb_endpoints:\n{}",
+        if ports.is_empty() { "    []\n".to_string() } else { endpoints }
+    );
+    let body = if ports.is_empty() {
+        format!("resources:\n- \"@type\": type.googleapis.com/envoy.config.endpoint.v3.ClusterLoadAssignment\n  cluster_name: {cluster}\n  endpoints: []\n")
+    } else {
+        body
+    };
+    let tmp = path.with_extension("tmp");
+    std::fs::write(&tmp, body).with_context(|| format!("writing {}", tmp.display()))?;
+    std::fs::rename(&tmp, path).with_context(|| format!("renaming to {}", path.display()))?;
+    Ok(())
+}
+
+/// A free loopback port (bound and released; for the admin port the membership cluster needs
+/// before Envoy starts).
+pub fn free_port() -> Result<u16> {
+    let l = std::net::TcpListener::bind("127.0.0.1:0")?;
+    Ok(l.local_addr()?.port())
 }
 
 /// What the gateway config contains.
@@ -56,7 +100,13 @@ pub struct Gateway {
     pub routes: Vec<(String, String)>,
     pub clusters: Vec<Cluster>,
     pub wasm: PathBuf,
+    /// Fixed admin port plus a STATIC `inflight_admin` cluster pointing at it, for the
+    /// filter's membership polls. `None`: admin on a free port, no such cluster.
+    pub admin_port: Option<u16>,
 }
+
+/// The cluster name the filter's `membership.cluster` uses in these configs.
+pub const ADMIN_CLUSTER: &str = "inflight_admin";
 
 /// `stats_tags` that turn the filter's metric name segments into Prometheus labels.
 pub const STATS_TAGS: &str = r#"  stats_tags:
@@ -84,6 +134,17 @@ impl Gateway {
         }
         let mut clusters = String::new();
         for c in &self.clusters {
+            if let Some(file) = &c.eds_file {
+                let dir = file.parent().unwrap_or(Path::new("."));
+                let _ = write!(
+                    clusters,
+                    "  - name: {name}\n    type: EDS\n    connect_timeout: 1s\n    circuit_breakers:\n      thresholds:\n      - {{ max_connections: 100000, max_pending_requests: 100000, max_requests: 100000 }}\n    eds_cluster_config:\n      eds_config:\n        resource_api_version: V3\n        path_config_source:\n          path: \"{file}\"\n          watched_directory: {{ path: \"{dir}\" }}\n",
+                    name = c.name,
+                    file = file.display(),
+                    dir = dir.display()
+                );
+                continue;
+            }
             let _ = write!(
                 clusters,
                 "  - name: {name}\n    type: STATIC\n    connect_timeout: 1s\n    circuit_breakers:\n      thresholds:\n      - {{ max_connections: 100000, max_pending_requests: 100000, max_requests: 100000 }}\n    load_assignment:\n      cluster_name: {name}\n      endpoints:\n      - lb_endpoints:\n",
@@ -96,10 +157,17 @@ impl Gateway {
                 );
             }
         }
+        if let Some(port) = self.admin_port {
+            let _ = write!(
+                clusters,
+                "  - name: {ADMIN_CLUSTER}\n    type: STATIC\n    connect_timeout: 1s\n    load_assignment:\n      cluster_name: {ADMIN_CLUSTER}\n      endpoints:\n      - lb_endpoints:\n        - endpoint: {{ address: {{ socket_address: {{ address: 127.0.0.1, port_value: {port} }} }} }}\n"
+            );
+        }
+        let admin_port = self.admin_port.unwrap_or(0);
         let config = serde_json::to_string(&self.plugin_config).unwrap_or_default();
         format!(
             r#"admin:
-  address: {{ socket_address: {{ address: 127.0.0.1, port_value: 0 }} }}
+  address: {{ socket_address: {{ address: 127.0.0.1, port_value: {admin_port} }} }}
 stats_config:
 {STATS_TAGS}static_resources:
   listeners:
@@ -373,10 +441,18 @@ fn dechunk(mut s: &str) -> String {
     out
 }
 
-/// Prometheus text, as `(name, labels, value)` samples.
+/// One Prometheus sample.
+#[derive(Debug, Clone)]
+pub struct Sample {
+    pub name: String,
+    pub labels: Vec<(String, String)>,
+    pub value: f64,
+}
+
+/// Prometheus text, as samples.
 #[derive(Debug, Clone, Default)]
 pub struct Stats {
-    pub samples: Vec<(String, Vec<(String, String)>, f64)>,
+    pub samples: Vec<Sample>,
 }
 
 impl Stats {
@@ -405,7 +481,11 @@ impl Stats {
                 }
                 None => (series.to_string(), Vec::new()),
             };
-            samples.push((name, labels, value));
+            samples.push(Sample {
+                name,
+                labels,
+                value,
+            });
         }
         Stats { samples }
     }
@@ -414,13 +494,13 @@ impl Stats {
     pub fn get(&self, name: &str, labels: &[(&str, &str)]) -> f64 {
         self.samples
             .iter()
-            .find(|(n, l, _)| {
-                n == name
+            .find(|s| {
+                s.name == name
                     && labels
                         .iter()
-                        .all(|(k, v)| l.iter().any(|(lk, lv)| lk == k && lv == v))
+                        .all(|(k, v)| s.labels.iter().any(|(lk, lv)| lk == k && lv == v))
             })
-            .map(|(_, _, v)| *v)
+            .map(|s| s.value)
             .unwrap_or(0.0)
     }
 
@@ -440,8 +520,8 @@ impl Stats {
     pub fn inflight_lines(&self) -> String {
         self.samples
             .iter()
-            .filter(|(n, _, _)| n.starts_with("inflight_") && !n.contains("bucket"))
-            .map(|(n, l, v)| format!("{n}{l:?} {v}"))
+            .filter(|s| s.name.starts_with("inflight_") && !s.name.contains("bucket"))
+            .map(|s| format!("{}{:?} {}", s.name, s.labels, s.value))
             .collect::<Vec<_>>()
             .join("\n")
     }

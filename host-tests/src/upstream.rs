@@ -21,7 +21,36 @@ struct Record {
     arrivals: Vec<String>,
 }
 
+/// Concurrency seen across several replicas together (a revision's total).
+#[derive(Default)]
+pub struct Group {
+    record: Mutex<(u32, u32)>,
+}
+
+impl Group {
+    pub fn new() -> Arc<Group> {
+        Arc::new(Group::default())
+    }
+
+    /// The most requests the replicas of this group held at once, together.
+    pub fn max_concurrency(&self) -> u32 {
+        self.record.lock().unwrap_or_else(|e| e.into_inner()).1
+    }
+
+    fn enter(&self) {
+        let mut r = self.record.lock().unwrap_or_else(|e| e.into_inner());
+        r.0 += 1;
+        r.1 = r.1.max(r.0);
+    }
+
+    fn leave(&self) {
+        let mut r = self.record.lock().unwrap_or_else(|e| e.into_inner());
+        r.0 = r.0.saturating_sub(1);
+    }
+}
+
 struct Shared {
+    group: Option<Arc<Group>>,
     record: Mutex<Record>,
     gate_open: Mutex<bool>,
     gate: Condvar,
@@ -36,9 +65,15 @@ pub struct Upstream {
 
 impl Upstream {
     pub fn start() -> std::io::Result<Upstream> {
+        Self::start_in(None)
+    }
+
+    /// A replica that also counts into `group`.
+    pub fn start_in(group: Option<Arc<Group>>) -> std::io::Result<Upstream> {
         let listener = TcpListener::bind("127.0.0.1:0")?;
         let addr = listener.local_addr()?;
         let shared = Arc::new(Shared {
+            group,
             record: Mutex::new(Record::default()),
             gate_open: Mutex::new(false),
             gate: Condvar::new(),
@@ -146,6 +181,7 @@ fn serve(conn: TcpStream, s: &Shared) {
         if reader.read_exact(&mut body).is_err() {
             return;
         }
+        let body_len = body.len();
         let get = |name: &str| {
             headers
                 .iter()
@@ -160,6 +196,9 @@ fn serve(conn: TcpStream, s: &Shared) {
             if let Some(id) = get("x-id") {
                 r.arrivals.push(id.to_string());
             }
+        }
+        if let Some(g) = &s.group {
+            g.enter();
         }
         let hold = get("x-hold-ms")
             .and_then(|v| v.parse::<u64>().ok())
@@ -176,6 +215,9 @@ fn serve(conn: TcpStream, s: &Shared) {
         let done = |s: &Shared| {
             let mut r = s.record.lock().unwrap_or_else(|e| e.into_inner());
             r.current -= 1;
+            if let Some(g) = &s.group {
+                g.leave();
+            }
         };
         if get("x-reset").is_some() {
             done(s);
@@ -183,7 +225,7 @@ fn serve(conn: TcpStream, s: &Shared) {
             return;
         }
         let status: u16 = get("x-status").and_then(|v| v.parse().ok()).unwrap_or(200);
-        let body = format!("ok {}\n", get("x-id").unwrap_or(""));
+        let body = format!("ok {} {body_len}\n", get("x-id").unwrap_or(""));
         // Decrement before answering: once the client has the answer, the slot must be free.
         done(s);
         let response = format!(

@@ -5,6 +5,8 @@
 //! Needs `.venv/bin/envoy` (`make setup`); builds filter.wasm itself. Scenarios run one at a
 //! time (a lock), since each starts its own Envoy with four workers on a two-core machine.
 
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
 use inflight_host_tests::client::{Request, Response};
 use inflight_host_tests::envoy::{self, Cluster, Envoy, Gateway, Stats};
 use inflight_host_tests::upstream::Upstream;
@@ -34,12 +36,10 @@ fn gateway(
             .collect(),
         clusters: clusters
             .into_iter()
-            .map(|(name, ups)| Cluster {
-                name: name.into(),
-                ports: ups.iter().map(|u| u.port()).collect(),
-            })
+            .map(|(name, ups)| Cluster::fixed(name, ups.iter().map(|u| u.port()).collect()))
             .collect(),
         wasm: envoy::filter_wasm(),
+        admin_port: None,
     };
     Envoy::start(&g.yaml(), WORKERS).expect("start envoy")
 }
@@ -440,11 +440,9 @@ fn invalid_config_fails_closed_and_names_the_key() {
         plugin_config:
             r#"{"revisions":[{"name":"rev-a","hosts":["a.test"],"containerConcurency":10}]}"#.into(),
         routes: vec![],
-        clusters: vec![Cluster {
-            name: "a".into(),
-            ports: vec![up.port()],
-        }],
+        clusters: vec![Cluster::fixed("a", vec![up.port()])],
         wasm: envoy::filter_wasm(),
+        admin_port: None,
     };
     let err = match Envoy::start(&g.yaml(), 1) {
         Ok(_) => panic!("Envoy must refuse a gateway whose filter config is invalid"),
@@ -462,4 +460,38 @@ fn invalid_config_fails_closed_and_names_the_key() {
     std::fs::write(&file, g.yaml()).unwrap();
     assert!(envoy::validate(&file).is_err());
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn paused_posts_stay_paused_while_their_body_arrives() {
+    let _g = serial();
+    let up = Upstream::start().unwrap();
+    let envoy = gateway(one_revision(1, Some(20), "60s"), vec![("a", vec![&up])], &[]);
+    let addr = envoy.listener;
+    let holder = Request::get(addr, "a.test").header("x-gate", 1).start().unwrap();
+    envoy
+        .wait_stats(Duration::from_secs(5), "holder admitted", |s| {
+            s.outcome("rev-a", "admitted") == 1
+        })
+        .unwrap();
+    let body = vec![b'x'; 64 * 1024];
+    let posts: Vec<_> = (0..5)
+        .map(|i| {
+            Request::post(addr, "a.test", "/v1/models/m:predict", body.clone())
+                .header("x-id", i)
+                .start()
+                .unwrap()
+        })
+        .collect();
+    wait_queued(&envoy, "rev-a", 5);
+    assert_eq!(up.total(), 1, "no POST got past the limit with its body");
+    up.open_gate();
+    assert_eq!(holder.wait().unwrap().status, 200);
+    for p in posts {
+        let r = p.wait().unwrap();
+        assert_eq!(r.status, 200);
+        assert!(r.body.ends_with(" 65536\n"), "the whole body reached the upstream: {}", r.body);
+    }
+    assert_eq!(up.max_concurrency(), 1);
+    assert_drained(&envoy, "rev-a");
 }
