@@ -356,7 +356,7 @@ mod tests {
             let b = b.clone();
             async move { b.infer(images(&[0.0]), 1).await }
         });
-        while calls.lock().unwrap().len() < 1 {
+        while calls.lock().unwrap().is_empty() {
             tokio::task::yield_now().await;
         }
         let mut rest = Vec::new();
@@ -440,7 +440,7 @@ mod tests {
             let b = b.clone();
             async move { b.infer(images(&[0.0]), 1).await }
         });
-        while calls.lock().unwrap().len() < 1 {
+        while calls.lock().unwrap().is_empty() {
             tokio::task::yield_now().await;
         }
         let second = tokio::spawn({

@@ -148,10 +148,12 @@ pub fn parse_v2(body: &[u8]) -> Result<V2Infer, String> {
     let input = match request.inputs.as_slice() {
         [one] => one,
         [] => return Err("\"inputs\" is empty: send one input tensor".into()),
-        more => return Err(format!(
+        more => {
+            return Err(format!(
             "got {} inputs; this model takes one: FP32 [N, 1, 28, 28] or BYTES [N] (base64 PNG)",
             more.len()
-        )),
+        ))
+        }
     };
     let what = format!("input {:?}", input.name);
     let images = match input.datatype.as_str() {

@@ -313,7 +313,8 @@ async fn handle(
     req: Request<Incoming>,
 ) -> Result<Response<Full<Bytes>>, Infallible> {
     let started = Instant::now();
-    let path = req.uri().path().to_owned();
+    // Some clients send `:predict` as `%3Apredict`.
+    let path = percent_decode(req.uri().path());
     let endpoint = resolve(req.method(), &path);
     let route = endpoint.route();
     let _in_flight = route
@@ -409,6 +410,35 @@ async fn answer(
     }
 }
 
+/// Decodes `%XX` escapes in a path; a path with a broken escape or that would not be UTF-8
+/// stays as it is (and then matches no model).
+fn percent_decode(path: &str) -> String {
+    if !path.contains('%') {
+        return path.to_owned();
+    }
+    let bytes = path.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        let hex = |b: u8| (b as char).to_digit(16);
+        match (bytes[i], bytes.get(i + 1), bytes.get(i + 2)) {
+            (b'%', Some(&h), Some(&l)) => match (hex(h), hex(l)) {
+                (Some(h), Some(l)) => {
+                    out.push((h * 16 + l) as u8);
+                    i += 3;
+                }
+                _ => return path.to_owned(),
+            },
+            (b'%', _, _) => return path.to_owned(),
+            (b, _, _) => {
+                out.push(b);
+                i += 1;
+            }
+        }
+    }
+    String::from_utf8(out).unwrap_or_else(|_| path.to_owned())
+}
+
 async fn hold(delay: Option<Duration>) {
     if let Some(delay) = delay {
         tokio::time::sleep(delay).await;
@@ -488,6 +518,33 @@ impl AppState {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn percent_decoding_table() {
+        let cases = [
+            (
+                "plain",
+                "/v1/models/mnist:predict",
+                "/v1/models/mnist:predict",
+            ),
+            (
+                "colon",
+                "/v1/models/mnist%3Apredict",
+                "/v1/models/mnist:predict",
+            ),
+            (
+                "lower hex",
+                "/v1/models/mnist%3apredict",
+                "/v1/models/mnist:predict",
+            ),
+            ("broken escape", "/v1/models/mnist%3", "/v1/models/mnist%3"),
+            ("not hex", "/a%zz", "/a%zz"),
+            ("not utf-8", "/a%ff", "/a%ff"),
+        ];
+        for (name, input, want) in cases {
+            assert_eq!(percent_decode(input), want, "{name}");
+        }
+    }
 
     #[test]
     fn routes_table() {

@@ -2,6 +2,8 @@
 //! client can cause, accuracy on held-out digits, batching, and misbehaving clients.
 //! Needs libtorch: `LIBTORCH=$(scripts/setup-torch.sh --print-libtorch | tail -1) cargo test -p inflight-predictor`.
 
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)] // test code: fail loudly
+
 mod common;
 
 use std::sync::Arc;
@@ -101,6 +103,11 @@ async fn shipped_sample_requests_are_answered() {
         .post_json("/v1/models/mnist:predict", &sample("mnist.json"))
         .await;
     assert_eq!(r.status, StatusCode::OK, "{}", r.text());
+    assert_eq!(r.json(), json!({"predictions": [2]}));
+    // The same with the colon percent-encoded, as some clients send it.
+    let r = s
+        .post_json("/v1/models/mnist%3Apredict", &sample("mnist.json"))
+        .await;
     assert_eq!(r.json(), json!({"predictions": [2]}));
 
     for name in ["mnist_v2.json", "mnist_v2_tensor.json"] {

@@ -2,6 +2,8 @@
 //! SIGTERM with requests in flight. Every child binds 127.0.0.1 and is killed when its test
 //! ends, whatever happens.
 
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)] // test code: fail loudly
+
 mod common;
 
 use std::io::{BufRead as _, BufReader, Read as _};

@@ -1,6 +1,7 @@
 //! Helpers shared by the integration tests: an in-process server on 127.0.0.1:0, a small
 //! HTTP/1.1 client, raw TCP for misbehaving clients, and the committed fixtures.
 #![allow(dead_code)] // each test file uses a different part
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)] // test code: fail loudly
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
