@@ -166,7 +166,8 @@ impl Gateway {
         let admin_port = self.admin_port.unwrap_or(0);
         let config = serde_json::to_string(&self.plugin_config).unwrap_or_default();
         format!(
-            r#"admin:
+            r#"node: {{ id: inflight-test, cluster: inflight-test }}
+admin:
   address: {{ socket_address: {{ address: 127.0.0.1, port_value: {admin_port} }} }}
 stats_config:
 {STATS_TAGS}static_resources:
