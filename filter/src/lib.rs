@@ -518,11 +518,11 @@ fn on_tick(vm: &SharedVm, now: u64) {
 /// Sheds this VM's waiters that reached their maximum wait.
 ///
 /// A waiter whose ticket is no longer queued normally has a grant on its way (it arrives within
-/// an event-loop turn). If none came a few ticks later, the grant was passed on (its wake could
+/// an event-loop turn). If none came by the next tick, the grant was passed on (its wake could
 /// not be delivered): shed it too, so no client hangs; a grant arriving later finds no stream
 /// and passes its slot on.
 fn expire_waiters(vm: &SharedVm, config: &Config, now: u64) {
-    let lost_grant_after = config.tick_ms.saturating_mul(5);
+    let lost_grant_after = config.tick_ms;
     let expired: Vec<(u32, RevisionId, u64, bool)> = vm
         .borrow()
         .streams
