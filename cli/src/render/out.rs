@@ -1,0 +1,503 @@
+//! From predictors to the three outputs: the filter's plugin configuration, an Istio
+//! `WasmPlugin`, an Istio `EnvoyFilter`.
+//!
+//! Outputs are serde structs with their fields in the order a person reads them, so the text is
+//! stable (golden-tested) whatever features `serde_json` is built with.
+
+use super::isvc::{self, Mode, Predictor};
+use super::Args;
+use anyhow::{bail, Result};
+use serde::{Serialize, Serializer};
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+
+pub const DEFAULT_WASM_URL: &str = "oci://registry.example.com/inflight/filter:0.1.0";
+pub const DEFAULT_WASM_FILE: &str = "/var/local/lib/wasm/inflight/inflight.wasm";
+/// The filter's root context id and the name of everything it adds to the gateway.
+const PLUGIN: &str = "inflight";
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Format {
+    /// The filter's plugin configuration (JSON), for plain Envoy.
+    FilterConfig,
+    /// An Istio WasmPlugin for the ingress gateway.
+    Wasmplugin,
+    /// An Istio EnvoyFilter inserting the wasm filter before the router.
+    Envoyfilter,
+}
+
+/// The gateway the Istio outputs target.
+pub struct Gateway<'a> {
+    pub namespace: &'a str,
+    pub selector: BTreeMap<String, String>,
+    pub wasm_url: &'a str,
+    pub wasm_file: &'a str,
+}
+
+/// `k=v[,k=v]` → labels.
+pub fn parse_selector(s: &str) -> Result<BTreeMap<String, String>> {
+    let mut labels = BTreeMap::new();
+    for part in s.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+        match part.split_once('=') {
+            Some((k, v)) if !k.trim().is_empty() => {
+                labels.insert(k.trim().to_string(), v.trim().to_string());
+            }
+            _ => bail!("--gateway-selector: `{part}` is not `label=value`"),
+        }
+    }
+    if labels.is_empty() {
+        bail!("--gateway-selector: empty; e.g. istio=ingressgateway");
+    }
+    Ok(labels)
+}
+
+/// A number written as the user would: `10`, not `10.0`.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Num(pub f64);
+
+impl Serialize for Num {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        if self.0.fract() == 0.0 && self.0 >= 0.0 && self.0 < 9.0e15 {
+            s.serialize_u64(self.0 as u64)
+        } else {
+            s.serialize_f64(self.0)
+        }
+    }
+}
+
+/// The filter's plugin configuration (keys as in `core/src/config.rs`).
+#[derive(Debug, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct FilterConfig {
+    pub revisions: Vec<RevisionConfig>,
+}
+
+#[derive(Debug, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct RevisionConfig {
+    pub name: String,
+    pub hosts: Vec<String>,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub clusters: Vec<String>,
+    pub container_concurrency: u32,
+    pub target: Num,
+    pub target_utilization_percentage: Num,
+    pub ready_replicas: u32,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub max_wait: Option<String>,
+}
+
+/// The validated result: the filter configuration and what the operator should know.
+pub struct Plan {
+    pub config: FilterConfig,
+    pub notes: Vec<String>,
+}
+
+impl Plan {
+    pub fn build(predictors: &[(String, Predictor)], args: &Args) -> Result<Plan> {
+        let mut revisions = Vec::new();
+        let mut notes = Vec::new();
+        let mut seen: BTreeMap<String, String> = BTreeMap::new();
+        for (source, p) in predictors {
+            notes.extend(p.notes.iter().cloned());
+            let name = if args.namespaced_names {
+                format!("{}-{}", p.namespace, p.name)
+            } else {
+                p.name.clone()
+            };
+            if !isvc::is_dns_label(&name) {
+                bail!("{source}: revision name `{name}` is longer than 63 characters; it is the `revision` label of every metric");
+            }
+            let id = format!("{}/{}", p.namespace, p.name);
+            if let Some(other) = seen.insert(name.clone(), id.clone()) {
+                if other == id {
+                    bail!("{source}: InferenceService {id} is given twice");
+                }
+                bail!("{source}: InferenceServices {other} and {id} both map to revision `{name}`; pass --namespaced-names to name revisions <namespace>-<name>");
+            }
+            let template = args.domain_template.as_deref().unwrap_or(match p.mode {
+                Mode::Serverless => "{{.Name}}.{{.Namespace}}.{{.Domain}}",
+                Mode::Raw => "{{ .Name }}-{{ .Namespace }}.{{ .IngressDomain }}",
+            });
+            // The InferenceService's own host, then the predictor component's (KServe routes
+            // both to the predictor).
+            let hosts = vec![
+                host(template, &p.name, &p.namespace, &args.domain)?,
+                host(
+                    template,
+                    &format!("{}-predictor", p.name),
+                    &p.namespace,
+                    &args.domain,
+                )?,
+            ];
+            // Raw mode: KServe's Service `<name>-predictor` on port 80 is one Istio cluster,
+            // whatever host the client used.
+            let clusters = match p.mode {
+                Mode::Raw => vec![format!(
+                    "outbound|80||{}-predictor.{}.svc.cluster.local",
+                    p.name, p.namespace
+                )],
+                Mode::Serverless => Vec::new(),
+            };
+            let ready = match args.ready_replicas {
+                Some(r) => r,
+                None if p.max_scale > 0 => p.max_scale,
+                None => p.min_scale.max(1),
+            };
+            if p.container_concurrency > 0 && args.ready_replicas.is_none() {
+                let fixed = p.max_scale == 0 || p.max_scale > p.min_scale.max(1);
+                if fixed {
+                    notes.push(format!(
+                        "{name}: the filter assumes {ready} ready replica{} (capacity {} in flight) until it learns ready replicas from Envoy; {}",
+                        if ready == 1 { "" } else { "s" },
+                        u64::from(p.container_concurrency) * u64::from(ready),
+                        match p.mode {
+                            Mode::Serverless if p.max_scale == 0 => "set spec.predictor.maxReplicas so the gateway caps the revision at containerConcurrency × maxReplicas (the activator still limits each pod), or pass --ready-replicas",
+                            Mode::Serverless => "the activator still limits each pod to containerConcurrency",
+                            Mode::Raw => "pass --ready-replicas to match a fixed replica count",
+                        }
+                    ));
+                }
+            }
+            revisions.push(RevisionConfig {
+                name,
+                hosts,
+                clusters,
+                container_concurrency: p.container_concurrency,
+                target: Num(p.target.unwrap_or(inflight_core::config::DEFAULT_TARGET)),
+                target_utilization_percentage: Num(p
+                    .target_utilization_percentage
+                    .unwrap_or(inflight_core::config::DEFAULT_UTILIZATION_PERCENT)),
+                ready_replicas: ready,
+                max_wait: args.max_wait.clone(),
+            });
+        }
+        let config = FilterConfig { revisions };
+        // The filter's own parser is the judge: never print a config it would refuse.
+        let json = serde_json::to_vec(&config)?;
+        if let Err(e) = inflight_core::Config::parse(&json) {
+            bail!("the rendered filter configuration is invalid: {e}");
+        }
+        Ok(Plan { config, notes })
+    }
+}
+
+/// Expands KServe's (Go template) host template for the three names it knows.
+fn host(template: &str, name: &str, namespace: &str, domain: &str) -> Result<String> {
+    let mut out = String::new();
+    let mut rest = template;
+    while let Some(start) = rest.find("{{") {
+        out.push_str(&rest[..start]);
+        let Some(end) = rest[start..].find("}}") else {
+            bail!("--domain-template: unclosed `{{{{` in `{template}`");
+        };
+        let key = rest[start + 2..start + end].trim();
+        out.push_str(match key {
+            ".Name" => name,
+            ".Namespace" => namespace,
+            ".IngressDomain" | ".Domain" => domain,
+            other => bail!("--domain-template: unknown field `{other}`; use .Name, .Namespace and .IngressDomain"),
+        });
+        rest = &rest[start + end + 2..];
+    }
+    out.push_str(rest);
+    Ok(out.to_ascii_lowercase())
+}
+
+// ---- Kubernetes objects ----
+
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+struct Object<S> {
+    api_version: &'static str,
+    kind: &'static str,
+    metadata: Metadata,
+    spec: S,
+}
+
+#[derive(Serialize)]
+struct Metadata {
+    name: String,
+    namespace: String,
+    labels: BTreeMap<String, String>,
+}
+
+fn metadata(namespace: &str) -> Metadata {
+    let mut labels = BTreeMap::new();
+    labels.insert("app.kubernetes.io/name".into(), PLUGIN.into());
+    labels.insert(
+        "app.kubernetes.io/managed-by".into(),
+        "inflight-render".into(),
+    );
+    Metadata {
+        name: PLUGIN.into(),
+        namespace: namespace.into(),
+        labels,
+    }
+}
+
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+struct WasmPluginSpec<'a> {
+    selector: MatchLabels,
+    url: &'a str,
+    image_pull_policy: &'static str,
+    plugin_name: &'static str,
+    /// After authentication, authorization and Istio's stats, just before the router: only
+    /// requests that will be routed take a slot, and Istio's metrics see the 503s we shed.
+    phase: &'static str,
+    fail_strategy: &'static str,
+    #[serde(rename = "type")]
+    plugin_type: &'static str,
+    plugin_config: &'a FilterConfig,
+}
+
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+struct MatchLabels {
+    match_labels: BTreeMap<String, String>,
+}
+
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+struct EnvoyFilterSpec {
+    workload_selector: Labels,
+    config_patches: Vec<ConfigPatch>,
+}
+
+#[derive(Serialize)]
+struct Labels {
+    labels: BTreeMap<String, String>,
+}
+
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+struct ConfigPatch {
+    apply_to: &'static str,
+    #[serde(rename = "match")]
+    on: PatchMatch,
+    patch: Patch,
+}
+
+#[derive(Serialize)]
+struct PatchMatch {
+    context: &'static str,
+    listener: ListenerMatch,
+}
+
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+struct ListenerMatch {
+    filter_chain: FilterChainMatch,
+}
+
+#[derive(Serialize)]
+struct FilterChainMatch {
+    filter: FilterMatch,
+}
+
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+struct FilterMatch {
+    name: &'static str,
+    sub_filter: Named,
+}
+
+#[derive(Serialize)]
+struct Named {
+    name: &'static str,
+}
+
+#[derive(Serialize)]
+struct Patch {
+    operation: &'static str,
+    value: WasmFilter,
+}
+
+/// The Envoy HTTP filter (`envoy.extensions.filters.http.wasm.v3.Wasm`), as Envoy reads it.
+#[derive(Serialize)]
+pub struct WasmFilter {
+    name: &'static str,
+    typed_config: WasmTyped,
+}
+
+#[derive(Serialize)]
+struct WasmTyped {
+    #[serde(rename = "@type")]
+    type_url: &'static str,
+    config: PluginConfig,
+}
+
+#[derive(Serialize)]
+struct PluginConfig {
+    name: &'static str,
+    root_id: &'static str,
+    /// A VM that dies (a trap) is reloaded instead of failing every request.
+    failure_policy: &'static str,
+    vm_config: VmConfig,
+    configuration: StringValue,
+}
+
+#[derive(Serialize)]
+struct VmConfig {
+    vm_id: &'static str,
+    runtime: &'static str,
+    code: Code,
+}
+
+#[derive(Serialize)]
+struct Code {
+    local: Local,
+}
+
+#[derive(Serialize)]
+struct Local {
+    filename: String,
+}
+
+#[derive(Serialize)]
+struct StringValue {
+    #[serde(rename = "@type")]
+    type_url: &'static str,
+    value: String,
+}
+
+/// The wasm HTTP filter with this configuration, loading the module from `wasm_file`.
+pub fn wasm_filter(config: &FilterConfig, wasm_file: &str) -> Result<WasmFilter> {
+    Ok(WasmFilter {
+        name: PLUGIN,
+        typed_config: WasmTyped {
+            type_url: "type.googleapis.com/envoy.extensions.filters.http.wasm.v3.Wasm",
+            config: PluginConfig {
+                name: PLUGIN,
+                root_id: PLUGIN,
+                failure_policy: "FAIL_RELOAD",
+                vm_config: VmConfig {
+                    vm_id: PLUGIN,
+                    runtime: "envoy.wasm.runtime.v8",
+                    code: Code {
+                        local: Local {
+                            filename: wasm_file.into(),
+                        },
+                    },
+                },
+                configuration: StringValue {
+                    type_url: "type.googleapis.com/google.protobuf.StringValue",
+                    value: serde_json::to_string(config)?,
+                },
+            },
+        },
+    })
+}
+
+/// Writes the plan in `format`; YAML outputs carry the notes as comments.
+pub fn write(plan: &Plan, format: Format, gw: &Gateway<'_>, notes: &[String]) -> Result<String> {
+    let mut header = String::new();
+    if format != Format::FilterConfig {
+        let _ = writeln!(
+            header,
+            "# Rendered by `inflight render` from InferenceService YAML; see docs/deploy.md."
+        );
+        for n in notes {
+            let _ = writeln!(header, "# note: {n}");
+        }
+    }
+    let body = match format {
+        Format::FilterConfig => {
+            let mut s = serde_json::to_string_pretty(&plan.config)?;
+            s.push('\n');
+            s
+        }
+        Format::Wasmplugin => serde_norway::to_string(&Object {
+            api_version: "extensions.istio.io/v1alpha1",
+            kind: "WasmPlugin",
+            metadata: metadata(gw.namespace),
+            spec: WasmPluginSpec {
+                selector: MatchLabels {
+                    match_labels: gw.selector.clone(),
+                },
+                url: gw.wasm_url,
+                image_pull_policy: "IfNotPresent",
+                plugin_name: PLUGIN,
+                phase: "UNSPECIFIED_PHASE",
+                fail_strategy: "FAIL_RELOAD",
+                plugin_type: "HTTP",
+                plugin_config: &plan.config,
+            },
+        })?,
+        Format::Envoyfilter => serde_norway::to_string(&Object {
+            api_version: "networking.istio.io/v1alpha3",
+            kind: "EnvoyFilter",
+            metadata: metadata(gw.namespace),
+            spec: EnvoyFilterSpec {
+                workload_selector: Labels {
+                    labels: gw.selector.clone(),
+                },
+                config_patches: vec![ConfigPatch {
+                    apply_to: "HTTP_FILTER",
+                    on: PatchMatch {
+                        context: "GATEWAY",
+                        listener: ListenerMatch {
+                            filter_chain: FilterChainMatch {
+                                filter: FilterMatch {
+                                    name: "envoy.filters.network.http_connection_manager",
+                                    sub_filter: Named {
+                                        name: "envoy.filters.http.router",
+                                    },
+                                },
+                            },
+                        },
+                    },
+                    patch: Patch {
+                        operation: "INSERT_BEFORE",
+                        value: wasm_filter(&plan.config, gw.wasm_file)?,
+                    },
+                }],
+            },
+        })?,
+    };
+    Ok(header + &body)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn host_templates() {
+        let cases = [
+            (
+                "{{.Name}}.{{.Namespace}}.{{.Domain}}",
+                "torchserve.default.example.com",
+            ),
+            (
+                "{{ .Name }}-{{ .Namespace }}.{{ .IngressDomain }}",
+                "torchserve-default.example.com",
+            ),
+            ("models.{{ .IngressDomain }}", "models.example.com"),
+        ];
+        for (t, want) in cases {
+            assert_eq!(
+                host(t, "torchserve", "default", "example.com").unwrap(),
+                want,
+                "{t}"
+            );
+        }
+        assert!(host("{{ .Nope }}", "a", "b", "c").is_err());
+        assert!(host("{{ .Name", "a", "b", "c").is_err());
+    }
+
+    #[test]
+    fn selectors() {
+        let s = parse_selector("istio=ingressgateway, app=gw").unwrap();
+        assert_eq!(s.len(), 2);
+        assert!(parse_selector("").is_err());
+        assert!(parse_selector("istio").is_err());
+    }
+
+    #[test]
+    fn numbers_print_like_people_write_them() {
+        assert_eq!(serde_json::to_string(&Num(10.0)).unwrap(), "10");
+        assert_eq!(serde_json::to_string(&Num(0.5)).unwrap(), "0.5");
+    }
+}
