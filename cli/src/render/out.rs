@@ -139,22 +139,30 @@ impl Plan {
                 )],
                 Mode::Serverless => Vec::new(),
             };
+            // Until the filter learns ready replicas from Envoy, capacity is cc × this guess.
+            // Serverless: Knative's activator already holds each pod to cc, so the gateway may
+            // assume the most the revision can run (max scale) and never starve the autoscaler.
+            // Raw: the gateway is the only limit, so it assumes the least (min scale) and never
+            // overloads a pod.
             let ready = match args.ready_replicas {
                 Some(r) => r,
-                None if p.max_scale > 0 => p.max_scale,
+                None if p.mode == Mode::Serverless && p.max_scale > 0 => p.max_scale,
                 None => p.min_scale.max(1),
             };
             if p.container_concurrency > 0 && args.ready_replicas.is_none() {
                 let fixed = p.max_scale == 0 || p.max_scale > p.min_scale.max(1);
-                if fixed {
+                let guessed = match p.mode {
+                    Mode::Serverless => p.max_scale == 0,
+                    Mode::Raw => fixed,
+                };
+                if guessed {
                     notes.push(format!(
                         "{name}: the filter assumes {ready} ready replica{} (capacity {} in flight) until it learns ready replicas from Envoy; {}",
                         if ready == 1 { "" } else { "s" },
                         u64::from(p.container_concurrency) * u64::from(ready),
                         match p.mode {
-                            Mode::Serverless if p.max_scale == 0 => "set spec.predictor.maxReplicas so the gateway caps the revision at containerConcurrency × maxReplicas (the activator still limits each pod), or pass --ready-replicas",
-                            Mode::Serverless => "the activator still limits each pod to containerConcurrency",
-                            Mode::Raw => "pass --ready-replicas to match a fixed replica count",
+                            Mode::Serverless => "set spec.predictor.maxReplicas so the gateway caps the revision at containerConcurrency × maxReplicas (the activator still limits each pod), or pass --ready-replicas",
+                            Mode::Raw => "until then more replicas do not raise the gateway's limit; pass --ready-replicas for a fixed replica count",
                         }
                     ));
                 }
