@@ -92,7 +92,7 @@ pub enum DecodeError {
     Demand(String),
 }
 
-const VERSION: u8 = 2;
+const VERSION: u8 = 3;
 /// `ready` when the filter has not learned it (static configuration applies).
 const READY_UNKNOWN: u32 = u32::MAX;
 const WAITER_BYTES: usize = 8 + 4 + 4 + 8;
@@ -110,6 +110,9 @@ pub struct RevisionState {
     exported_ms: u64,
     /// Ready replicas learned from Envoy's membership; `None` until learned.
     ready: Option<u32>,
+    /// Slots held per worker VM, `(vm, held)` sorted by vm; they sum to `active`. Lets a
+    /// survivor give back the slots of a VM that crashed (its streams never call release).
+    holders: Vec<(u32, u32)>,
 }
 
 impl RevisionState {
@@ -121,6 +124,7 @@ impl RevisionState {
         };
         if has_room && self.waiters.is_empty() {
             self.active = self.active.saturating_add(1);
+            self.hold(owner.vm, true);
             self.observe(now_ms);
             return Admission::Admitted;
         }
@@ -138,10 +142,11 @@ impl RevisionState {
         Admission::Shed(ShedReason::BufferFull)
     }
 
-    /// One slot frees (a stream ended, or a granted waiter was gone); returns the grants that
-    /// follow, oldest ticket first.
-    pub fn release(&mut self, limits: Limits, now_ms: u64) -> Vec<Grant> {
+    /// One slot held by worker VM `vm` frees (a stream ended, or a granted waiter was gone);
+    /// returns the grants that follow, oldest ticket first.
+    pub fn release(&mut self, vm: u32, limits: Limits, now_ms: u64) -> Vec<Grant> {
         self.active = self.active.saturating_sub(1);
+        self.hold(vm, false);
         self.observe(now_ms);
         self.grant_ready(limits, now_ms)
     }
@@ -156,6 +161,7 @@ impl RevisionState {
                 break;
             };
             self.active = self.active.saturating_add(1);
+            self.hold(w.owner.vm, true);
             grants.push(Grant {
                 ticket: w.ticket,
                 owner: w.owner,
@@ -189,6 +195,41 @@ impl RevisionState {
             self.observe(now_ms);
         }
         reaped
+    }
+
+    fn hold(&mut self, vm: u32, take: bool) {
+        match self.holders.binary_search_by_key(&vm, |h| h.0) {
+            Ok(i) => {
+                if let Some(h) = self.holders.get_mut(i) {
+                    h.1 = if take { h.1.saturating_add(1) } else { h.1.saturating_sub(1) };
+                    if h.1 == 0 {
+                        self.holders.remove(i);
+                    }
+                }
+            }
+            Err(i) if take => self.holders.insert(i, (vm, 1)),
+            Err(_) => {}
+        }
+    }
+
+    /// Slots held per worker VM, `(vm, held)`.
+    pub fn holders(&self) -> impl Iterator<Item = (u32, u32)> + '_ {
+        self.holders.iter().copied()
+    }
+
+    /// Gives back everything worker VM `vm` held — its slots and its waiters — because it is
+    /// gone (crashed; its streams will never release). Returns (slots, waiters, grants).
+    pub fn reap_vm(&mut self, vm: u32, limits: Limits, now_ms: u64) -> (u32, usize, Vec<Grant>) {
+        let slots = match self.holders.binary_search_by_key(&vm, |h| h.0) {
+            Ok(i) => self.holders.remove(i).1,
+            Err(_) => 0,
+        };
+        self.active = self.active.saturating_sub(slots);
+        let before = self.waiters.len();
+        self.waiters.retain(|w| w.owner.vm != vm);
+        let waiters = before - self.waiters.len();
+        self.observe(now_ms);
+        (slots, waiters, self.grant_ready(limits, now_ms))
     }
 
     /// Records the current demand level from `now_ms` on (after every change).
@@ -242,6 +283,11 @@ impl RevisionState {
         let demand = self.demand.encode();
         out.push(u8::try_from(demand.len()).unwrap_or(0));
         out.extend_from_slice(&demand);
+        out.extend_from_slice(&u32::try_from(self.holders.len()).unwrap_or(0).to_le_bytes());
+        for (vm, held) in &self.holders {
+            out.extend_from_slice(&vm.to_le_bytes());
+            out.extend_from_slice(&held.to_le_bytes());
+        }
         out.extend_from_slice(&self.queued().to_le_bytes());
         for w in &self.waiters {
             out.extend_from_slice(&w.ticket.to_le_bytes());
@@ -267,6 +313,14 @@ impl RevisionState {
         let demand_bytes = r.slice(demand_len)?;
         let demand =
             Demand::decode(demand_bytes).map_err(|e| DecodeError::Demand(e.to_string()))?;
+        let h = r.u32()? as usize;
+        if bytes.len().saturating_sub(r.at) < h.saturating_mul(8) {
+            return Err(DecodeError::Truncated(bytes.len()));
+        }
+        let mut holders = Vec::with_capacity(h);
+        for _ in 0..h {
+            holders.push((r.u32()?, r.u32()?));
+        }
         let n = r.u32()? as usize;
         if bytes.len().saturating_sub(r.at) < n.saturating_mul(WAITER_BYTES) {
             return Err(DecodeError::Truncated(bytes.len()));
@@ -293,6 +347,7 @@ impl RevisionState {
             demand,
             exported_ms,
             ready: (ready != READY_UNKNOWN).then_some(ready),
+            holders,
         })
     }
 }
@@ -370,7 +425,7 @@ mod tests {
             Admission::Shed(ShedReason::BufferFull)
         );
         assert_eq!((s.active, s.queued()), (2, 1));
-        let g = s.release(l, 45);
+        let g = s.release(0, l, 45);
         assert_eq!(
             g,
             vec![Grant {
@@ -392,7 +447,7 @@ mod tests {
             Admission::Queued { ticket: 0 }
         );
         // The slot frees but the grant is in transit; capacity is full again with the grantee.
-        let g = s.release(l, 1);
+        let g = s.release(0, l, 1);
         assert_eq!(g.len(), 1);
         // Even with room, an arrival while someone waits must queue.
         let mut s2 = RevisionState::default();
@@ -469,7 +524,7 @@ mod tests {
     #[test]
     fn release_of_empty_state_saturates() {
         let mut s = RevisionState::default();
-        assert!(s.release(lim(1, 1), 0).is_empty());
+        assert!(s.release(0, lim(1, 1), 0).is_empty());
         assert_eq!(s.active, 0);
     }
 
@@ -492,8 +547,8 @@ mod tests {
         s.try_admit(l, owner(0, 1), 0); // level 1
         s.try_admit(l, owner(0, 2), 100); // level 2 (1 in flight, 1 queued)
         assert_eq!(s.demand_ms(300), 100 + 2 * 200);
-        assert_eq!(s.release(l, 300).len(), 1); // the grant keeps level at 1
-        assert_eq!(s.release(l, 500).len(), 0); // level 0
+        assert_eq!(s.release(0, l, 300).len(), 1); // the grant keeps level at 1
+        assert_eq!(s.release(0, l, 500).len(), 0); // level 0
         assert_eq!(s.demand_ms(10_000), 100 + 400 + 200);
         assert_eq!(s.take_unexported_demand_ms(10_000), 700);
         assert_eq!(s.take_unexported_demand_ms(20_000), 0, "exported once");
@@ -503,6 +558,25 @@ mod tests {
         assert_eq!(s.take_unexported_demand_ms(20_100), 2 * 50 + 50);
         let back = RevisionState::decode(&s.encode()).unwrap();
         assert_eq!(back, s);
+    }
+
+    #[test]
+    fn reap_vm_gives_back_its_slots_and_waiters() {
+        let mut s = RevisionState::default();
+        let l = lim(3, 10);
+        s.try_admit(l, owner(1, 10), 0);
+        s.try_admit(l, owner(1, 11), 0);
+        s.try_admit(l, owner(2, 20), 0);
+        s.try_admit(l, owner(1, 12), 0); // waits: ticket 0 on the dying VM
+        s.try_admit(l, owner(2, 21), 0); // waits: ticket 1
+        assert_eq!(s.holders().collect::<Vec<_>>(), vec![(1, 2), (2, 1)]);
+        let (slots, waiters, grants) = s.reap_vm(1, l, 5);
+        assert_eq!((slots, waiters), (2, 1));
+        assert_eq!(grants.iter().map(|g| g.ticket).collect::<Vec<_>>(), vec![1]);
+        assert_eq!((s.active, s.queued()), (2, 0));
+        assert_eq!(s.holders().collect::<Vec<_>>(), vec![(2, 2)]);
+        assert_eq!(s.reap_vm(9, l, 5).0, 0, "unknown VM holds nothing");
+        assert_eq!(RevisionState::decode(&s.encode()), Ok(s.clone()));
     }
 
     #[test]
@@ -563,7 +637,7 @@ mod tests {
         fn invariants_hold(ops in proptest::collection::vec(op(), 1..200), cap in 0u32..5, buffer in 0u32..8) {
             let mut s = RevisionState::default();
             let mut limits = lim(cap, buffer);
-            let mut running: Vec<u64> = Vec::new(); // admitted ids (tickets or arrival ids)
+            let mut running: Vec<(u64, u32)> = Vec::new(); // (admitted id, holder vm)
             let mut last_granted: Option<u64> = None;
             let mut now = 0u64;
             let mut arrivals = 0u64;
@@ -572,14 +646,14 @@ mod tests {
                     Op::Arrive(vm) => {
                         arrivals += 1;
                         match s.try_admit(limits, owner(vm, arrivals as u32), now) {
-                            Admission::Admitted => { running.push(u64::MAX - arrivals); vec![] }
+                            Admission::Admitted => { running.push((u64::MAX - arrivals, vm)); vec![] }
                             Admission::Queued { .. } | Admission::Shed(_) => vec![],
                         }
                     }
                     Op::Finish(i) => {
                         if running.is_empty() { vec![] } else {
-                            running.remove(i % running.len());
-                            s.release(limits, now)
+                            let (_, vm) = running.remove(i % running.len());
+                            s.release(vm, limits, now)
                         }
                     }
                     Op::Cancel(i) => {
@@ -595,9 +669,14 @@ mod tests {
                 for g in grants {
                     if let Some(prev) = last_granted { prop_assert!(g.ticket > prev, "FIFO"); }
                     last_granted = Some(g.ticket);
-                    running.push(g.ticket);
+                    running.push((g.ticket, g.owner.vm));
                 }
                 prop_assert_eq!(s.active as usize, running.len());
+                // Holders agree with the model, VM by VM.
+                for (vm, held) in s.holders() {
+                    prop_assert_eq!(held as usize, running.iter().filter(|r| r.1 == vm).count());
+                }
+                prop_assert_eq!(s.holders().map(|h| h.1).sum::<u32>(), s.active);
                 prop_assert!(s.queued() <= buffer);
                 // No idle slot while someone waits (work-conserving).
                 if s.waiters().next().is_some() {
@@ -608,8 +687,9 @@ mod tests {
             // Drain: finish everything, cancel everyone.
             let tickets: Vec<u64> = s.waiters().map(|w| w.ticket).collect();
             for t in tickets { s.cancel(t, now); }
-            while !running.is_empty() { running.pop(); prop_assert!(s.release(limits, now).is_empty()); }
+            while let Some((_, vm)) = running.pop() { prop_assert!(s.release(vm, limits, now).is_empty()); }
             prop_assert_eq!((s.active, s.queued()), (0, 0));
+            prop_assert_eq!(s.holders().count(), 0);
         }
 
         #[test]
@@ -620,7 +700,7 @@ mod tests {
             for o in ops {
                 match o {
                     0 | 1 => { if s.try_admit(l, owner(0, 0), 0) == Admission::Admitted { held += 1; } }
-                    _ => if held > 0 { held -= 1; held += s.release(l, 0).len() as u32; },
+                    _ => if held > 0 { held -= 1; held += s.release(0, l, 0).len() as u32; },
                 }
                 prop_assert!(s.active <= cap);
                 prop_assert_eq!(s.active, held);

@@ -15,6 +15,8 @@
 //! - membership answer: record ready replicas (capacity follows) and grant what now fits.
 
 mod clock;
+#[cfg(feature = "fault-injection")]
+mod fault;
 mod metrics;
 mod shared;
 
@@ -84,6 +86,8 @@ struct Vm {
     /// Token of the membership call in flight, if this VM made it.
     poll_token: Option<u32>,
     last_desired: HashMap<usize, u32>,
+    /// Per revision: other VMs that held slots or waiters at the last tick.
+    seen: HashMap<usize, Vec<u32>>,
 }
 
 impl Vm {
@@ -185,6 +189,9 @@ impl RootContext for Root {
                 .join(", ")
         );
         let mut vm = self.vm.borrow_mut();
+        if let Err(e) = shared::beat(vm.id, clock::now_ms()) {
+            log::warn!("heartbeat failed: {e}");
+        }
         vm.config = Some(Rc::new(config));
         vm.revisions = revisions;
         vm.poll_failures = poll_failures;
@@ -282,6 +289,8 @@ impl HttpContext for Stream {
 
     fn on_http_request_headers(&mut self, _num_headers: usize, _end_of_stream: bool) -> Action {
         let now = clock::now_ms();
+        #[cfg(feature = "fault-injection")]
+        fault::maybe_crash();
         let Some(config) = self.vm.borrow().config.clone() else {
             // Envoy does not create streams for a VM whose configuration failed.
             return Action::Continue;
@@ -406,9 +415,10 @@ fn release(vm: &SharedVm, rev: RevisionId, now: u64) {
     let Some(r) = vm.borrow().revision(rev) else {
         return;
     };
+    let me = vm.borrow().id;
     match shared::update_state(&r.key, |s| {
         let limits = r.limits(s);
-        s.release(limits, now)
+        s.release(me, limits, now)
     }) {
         Ok(grants) => deliver(vm, &r, grants, now),
         Err(e) => log::error!("releasing a slot of `{}` failed (slot leaked): {e}", r.key),
@@ -445,9 +455,10 @@ fn deliver(vm: &SharedVm, r: &Revision, grants: Vec<Grant>, now: u64) {
                 );
                 return;
             }
+            // The slot was counted as the unreachable owner's: give it back in its name.
             match shared::update_state(&r.key, |s| {
                 let limits = r.limits(s);
-                s.release(limits, now)
+                s.release(g.owner.vm, limits, now)
             }) {
                 Ok(more) => pending.extend(more),
                 Err(e) => log::error!("passing a slot of `{}` on failed: {e}", r.key),
@@ -507,6 +518,10 @@ fn on_tick(vm: &SharedVm, now: u64) {
     let Some(config) = vm.borrow().config.clone() else {
         return;
     };
+    let me = vm.borrow().id;
+    if let Err(e) = shared::beat(me, now) {
+        log::warn!("heartbeat failed: {e}");
+    }
     expire_waiters(vm, &config, now);
     let revisions = vm.borrow().revisions.clone();
     for (i, r) in revisions.iter().enumerate() {
@@ -584,20 +599,55 @@ fn tick_revision(vm: &SharedVm, config: &Config, index: usize, r: &Revision, now
     let orphan_age = rc
         .max_wait_ms
         .saturating_add(config.tick_ms.saturating_mul(20).max(5_000));
+    // Other VMs that held slots or waiters at the last tick and stopped beating are dead
+    // (a crash; FAIL_RELOAD starts a new VM with a new id): give back what they held.
+    let dead_after = config.tick_ms.saturating_mul(50).max(5_000);
+    let suspects = vm.borrow().seen.get(&index).cloned().unwrap_or_default();
+    let dead: Vec<u32> = suspects
+        .into_iter()
+        .filter(|other| shared::heartbeat_age(*other, now).is_none_or(|age| age > dead_after))
+        .collect();
     let step = shared::update_state(&r.key, |s| {
+        let mut grants = Vec::new();
+        let mut reclaimed = (0u32, 0usize);
+        for d in &dead {
+            let limits = r.limits(s);
+            let (slots, waiters, g) = s.reap_vm(*d, limits, now);
+            reclaimed = (reclaimed.0 + slots, reclaimed.1 + waiters);
+            grants.extend(g);
+        }
         let reaped = s.reap(now, orphan_age).len();
         let limits = r.limits(s);
-        let grants = s.grant_ready(limits, now);
+        grants.extend(s.grant_ready(limits, now));
         let demand_delta = s.take_unexported_demand_ms(now);
-        (reaped, grants, demand_delta, s.clone(), limits)
+        (reaped, reclaimed, grants, demand_delta, s.clone(), limits)
     });
-    let (reaped, grants, demand_delta, state, limits) = match step {
+    let (reaped, reclaimed, grants, demand_delta, state, limits) = match step {
         Ok(v) => v,
         Err(e) => {
             log::warn!("tick for `{}` failed: {e}", rc.name);
             return;
         }
     };
+    if reclaimed != (0, 0) {
+        log::warn!(
+            "revision `{}`: reclaimed {} slot(s) and {} waiter(s) of dead worker VM(s) {dead:?}",
+            rc.name,
+            reclaimed.0,
+            reclaimed.1
+        );
+    }
+    {
+        let mut others: Vec<u32> = state
+            .holders()
+            .map(|h| h.0)
+            .chain(state.waiters().map(|w| w.owner.vm))
+            .filter(|v| *v != vm.borrow().id)
+            .collect();
+        others.sort_unstable();
+        others.dedup();
+        vm.borrow_mut().seen.insert(index, others);
+    }
     if reaped > 0 {
         log::warn!(
             "reaped {reaped} orphaned waiter(s) of `{}` (their worker VM is gone)",

@@ -194,3 +194,23 @@ pub fn claim_poll(now_ms: u64, interval_ms: u64) -> Result<bool, SharedError> {
     }
     Err(SharedError::Contended)
 }
+
+fn heartbeat_key(vm: u32) -> String {
+    format!("inflight.v1.heartbeat.{vm}")
+}
+
+/// Records that VM `vm` is alive at `now_ms` (its own key: no CAS needed).
+pub fn beat(vm: u32, now_ms: u64) -> Result<(), SharedError> {
+    hostcalls::set_shared_data(&heartbeat_key(vm), Some(&now_ms.to_le_bytes()), None)?;
+    Ok(())
+}
+
+/// Milliseconds since VM `vm` last beat; `None` if it never did.
+pub fn heartbeat_age(vm: u32, now_ms: u64) -> Option<u64> {
+    let (bytes, _) = hostcalls::get_shared_data(&heartbeat_key(vm)).ok()?;
+    let last = bytes
+        .as_deref()
+        .and_then(|b| <[u8; 8]>::try_from(b).ok())
+        .map(u64::from_le_bytes)?;
+    Some(now_ms.saturating_sub(last))
+}
