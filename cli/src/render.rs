@@ -120,7 +120,9 @@ pub fn render(inputs: &[(String, String)], args: &Args) -> Result<Rendered> {
                     doc.get("kind")
                         .and_then(Value::as_str)
                         .unwrap_or("(no kind)"),
-                    isvc::display_name(&doc, &args.namespace)
+                    doc.pointer("/metadata/name")
+                        .and_then(Value::as_str)
+                        .unwrap_or("(no name)")
                 ));
                 continue;
             }
