@@ -67,9 +67,9 @@ measure() { # url concurrency
     return 1
   fi
   awk '/Requests\/sec:/ {rps=$2}
-       /^ +50%+ in/ {p50=$3*1000}
-       /^ +99%+ in/ {p99=$3*1000}
-       END {printf "%.0f %.2f %.2f\n", rps, p50, p99}' "$out"
+       /^ +50%+ in/ {p50=sprintf("%.2f", $3*1000)}
+       /^ +99%+ in/ {p99=sprintf("%.2f", $3*1000)}
+       END {if (p50 == "") p50 = "nan"; if (p99 == "") p99 = "nan"; printf "%.0f %s %s\n", rps, p50, p99}' "$out"
 }
 
 declare -A rps p50 p99

@@ -26,6 +26,9 @@ class TorchScriptDigits(kserve.Model):
         self.load()
 
     def load(self) -> bool:
+        # One intra-op thread, as the predictor's default: on a small machine shared with the
+        # load generator, more threads only make OpenMP spin against it.
+        torch.set_num_threads(int(os.environ.get("KSERVE_TORCH_THREADS", "1")))
         self.model = torch.jit.load(os.path.join(self.model_dir, "model.pt"))
         self.model.eval()
         self.ready = True

@@ -229,7 +229,12 @@ fn run_timed<M: Classify>(
     metrics: &Metrics,
 ) -> Result<Vec<f32>, ModelError> {
     let started = Instant::now();
-    let result = model.logits(images, count);
+    // A panic in the model (tch panics on some errors) must not take the worker down with the
+    // requests queued on it: it becomes this batch's error.
+    let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        model.logits(images, count)
+    }))
+    .unwrap_or_else(|_| Err(ModelError::Inference("the model panicked".into())));
     metrics.record_batch(count, started.elapsed());
     result
 }
@@ -291,6 +296,9 @@ mod tests {
             }
             if images.first() == Some(&-1.0) {
                 return Err(ModelError::Inference("poisoned".into()));
+            }
+            if images.first() == Some(&-2.0) {
+                panic!("the fake model panics on -2");
             }
             Ok(images
                 .chunks(IMAGE_LEN)
@@ -415,6 +423,15 @@ mod tests {
         assert!(err.to_string().contains("poisoned"), "{err}");
         // The worker is still alive.
         assert!(b.infer(images(&[1.0]), 1).await.is_ok());
+    }
+
+    #[tokio::test]
+    async fn a_panicking_model_fails_the_batch_not_the_worker() {
+        let (b, _) = start(options(1, 0), None);
+        b.wait_loaded().await;
+        let err = b.infer(images(&[-2.0]), 1).await.unwrap_err();
+        assert!(err.to_string().contains("the model panicked"), "{err}");
+        assert_eq!(b.infer(images(&[1.0]), 1).await.unwrap(), vec![1.0, 2.0, 3.0]);
     }
 
     #[tokio::test]
