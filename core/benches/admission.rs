@@ -49,7 +49,7 @@ fn admit_release(c: &mut Criterion) {
             let mut s = RevisionState::default();
             b.iter(|| {
                 let a = s.try_admit(black_box(limits), OWNER, 1);
-                let grants = s.release(limits, 2);
+                let grants = s.release(1, limits, 2);
                 black_box((a, grants))
             })
         });
@@ -61,7 +61,7 @@ fn admit_release(c: &mut Criterion) {
                 let a = s.try_admit(limits, OWNER, 1);
                 bytes = s.encode();
                 let mut s = RevisionState::decode(black_box(&bytes)).unwrap_or_default();
-                let grants = s.release(limits, 2);
+                let grants = s.release(1, limits, 2);
                 bytes = s.encode();
                 black_box((a, grants))
             })
@@ -96,7 +96,7 @@ fn contention(c: &mut Criterion) {
             let mut s = start.clone();
             let mut ctx = 0u32;
             b.iter(|| {
-                let grants = s.release(limits, 5);
+                let grants = s.release(1, limits, 5);
                 ctx = ctx.wrapping_add(1);
                 let a = s.try_admit(
                     limits,
@@ -115,7 +115,7 @@ fn contention(c: &mut Criterion) {
             let mut ctx = 0u32;
             b.iter(|| {
                 let mut s = RevisionState::decode(&bytes).unwrap_or_default();
-                let grants = s.release(limits, 5);
+                let grants = s.release(1, limits, 5);
                 bytes = s.encode();
                 let mut s = RevisionState::decode(&bytes).unwrap_or_default();
                 ctx = ctx.wrapping_add(1);

@@ -1,0 +1,466 @@
+//! Envoy processes for the benchmark: the gateway in each setup, and one upstream.
+//!
+//! Every gateway has the same listener, route, cluster and worker count; the setups differ only
+//! in the HTTP filter before the router and in the cluster's `max_requests`. The upstream is
+//! Envoy too, answering with a `direct_response`: fast, steady, and no code of ours in it.
+//!
+//! Ports are 0 and read back through the admin API; each process is killed when dropped.
+
+use anyhow::{bail, Context as _, Result};
+use std::fmt::Write as _;
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// `stats_tags` as shipped (`envoy/envoy.yaml`), so the filter's metrics get their labels.
+const STATS_TAGS: &str = r#"  stats_tags:
+  - tag_name: revision
+    regex: '^wasmcustom\.inflight\.(revision\.([a-z0-9-]+)\.)'
+  - tag_name: outcome
+    regex: '^wasmcustom\.inflight\.revision\.[a-z0-9-]+\.(outcome\.([a-z_]+)\.)'
+"#;
+
+/// Buckets for the filter's `queue_wait_ms` histogram: its samples are whole milliseconds, so
+/// bucket bounds at `n + 0.5` count each small value exactly (Envoy's defaults jump 1 → 5 → 10).
+const WAIT_BUCKETS: &str = "[0.5, 1.5, 2.5, 3.5, 4.5, 5.5, 6.5, 8.5, 10.5, 12.5, 15.5, 20.5, 25.5, 30.5, 40.5, 50.5, 75.5, 100.5, 150.5, 200.5, 300.5, 500.5, 1000.5, 2000.5, 5000.5, 10000.5, 30000.5]";
+
+/// How often Envoy merges the workers' histograms into what the admin API shows (default 5 s);
+/// short, so the queue wait of one run can be read right after it (same in every setup).
+pub const STATS_FLUSH: Duration = Duration::from_millis(250);
+
+/// A proxy-wasm filter in the gateway's chain.
+#[derive(Debug, Clone)]
+pub struct WasmFilter {
+    pub wasm: PathBuf,
+    pub root_id: &'static str,
+    /// The plugin configuration (JSON), if any.
+    pub config: Option<String>,
+}
+
+/// What distinguishes one gateway setup from another.
+#[derive(Debug, Clone)]
+pub struct GatewaySpec {
+    pub filter: Option<WasmFilter>,
+    /// The upstream cluster's circuit breaker `max_requests`.
+    pub max_requests: u32,
+}
+
+/// Envoy's own "never trips" value for the other thresholds and for uncapped setups.
+pub const NO_LIMIT: u32 = 1_000_000;
+
+pub fn gateway_yaml(spec: &GatewaySpec, upstream: SocketAddr) -> String {
+    let mut filters = String::new();
+    if let Some(f) = &spec.filter {
+        let configuration = match &f.config {
+            Some(c) => format!(
+                "\n                configuration:\n                  \"@type\": type.googleapis.com/google.protobuf.StringValue\n                  value: {}",
+                serde_json::Value::String(c.clone())
+            ),
+            None => String::new(),
+        };
+        let _ = write!(
+            filters,
+            r#"          - name: {root}
+            typed_config:
+              "@type": type.googleapis.com/envoy.extensions.filters.http.wasm.v3.Wasm
+              config:
+                name: {root}
+                root_id: {root}
+                failure_policy: FAIL_RELOAD
+                vm_config:
+                  vm_id: {root}
+                  runtime: envoy.wasm.runtime.v8
+                  code: {{ local: {{ filename: "{wasm}" }} }}{configuration}
+"#,
+            root = f.root_id,
+            wasm = f.wasm.display(),
+        );
+    }
+    format!(
+        r#"admin:
+  address: {{ socket_address: {{ address: 127.0.0.1, port_value: 0 }} }}
+stats_flush_interval: {flush}s
+stats_config:
+{STATS_TAGS}  histogram_bucket_settings:
+  - match: {{ prefix: "wasmcustom.inflight" }}
+    buckets: {WAIT_BUCKETS}
+static_resources:
+  listeners:
+  - name: ingress
+    address: {{ socket_address: {{ address: 127.0.0.1, port_value: 0 }} }}
+    filter_chains:
+    - filters:
+      - name: envoy.filters.network.http_connection_manager
+        typed_config:
+          "@type": type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager
+          stat_prefix: ingress
+          stream_idle_timeout: 600s
+          route_config:
+            virtual_hosts:
+            - name: bench
+              domains: ["*"]
+              routes:
+              - match: {{ prefix: "/" }}
+                route: {{ cluster: upstream, timeout: 0s }}
+          http_filters:
+{filters}          - name: envoy.filters.http.router
+            typed_config: {{ "@type": type.googleapis.com/envoy.extensions.filters.http.router.v3.Router }}
+  clusters:
+  - name: upstream
+    type: STATIC
+    connect_timeout: 1s
+    circuit_breakers:
+      thresholds:
+      - {{ max_connections: {NO_LIMIT}, max_pending_requests: {NO_LIMIT}, max_requests: {max_requests}, max_retries: {NO_LIMIT} }}
+    load_assignment:
+      cluster_name: upstream
+      endpoints:
+      - lb_endpoints:
+        - endpoint: {{ address: {{ socket_address: {{ address: {ip}, port_value: {port} }} }} }}
+"#,
+        max_requests = spec.max_requests,
+        flush = STATS_FLUSH.as_secs_f64(),
+        ip = upstream.ip(),
+        port = upstream.port(),
+    )
+}
+
+/// The upstream: every request answered 200 with a short body by Envoy itself.
+pub fn upstream_yaml() -> String {
+    r#"admin:
+  address: { socket_address: { address: 127.0.0.1, port_value: 0 } }
+static_resources:
+  listeners:
+  - name: upstream
+    address: { socket_address: { address: 127.0.0.1, port_value: 0 } }
+    filter_chains:
+    - filters:
+      - name: envoy.filters.network.http_connection_manager
+        typed_config:
+          "@type": type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager
+          stat_prefix: upstream
+          route_config:
+            virtual_hosts:
+            - name: upstream
+              domains: ["*"]
+              routes:
+              - match: { prefix: "/" }
+                direct_response: { status: 200, body: { inline_string: "ok\n" } }
+          http_filters:
+          - name: envoy.filters.http.router
+            typed_config: { "@type": type.googleapis.com/envoy.extensions.filters.http.router.v3.Router }
+"#
+    .to_string()
+}
+
+/// A running Envoy, killed when dropped.
+pub struct Envoy {
+    child: Child,
+    pub admin: SocketAddr,
+    pub listener: SocketAddr,
+    dir: PathBuf,
+}
+
+impl Envoy {
+    /// Starts Envoy with `yaml` and `workers` worker threads in `dir`; returns once it is LIVE
+    /// and its listener's port is known.
+    pub fn start(binary: &Path, dir: &Path, yaml: &str, workers: u32) -> Result<Envoy> {
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+        let config = dir.join("envoy.yaml");
+        std::fs::write(&config, yaml)?;
+        let admin_file = dir.join("admin-address");
+        let _ = std::fs::remove_file(&admin_file);
+        let log = std::fs::File::create(dir.join("envoy.log"))?;
+        let child = Command::new(binary)
+            .arg("-c")
+            .arg(&config)
+            .args([
+                "--concurrency",
+                &workers.to_string(),
+                "--disable-hot-restart",
+                "-l",
+                "warn",
+            ])
+            .arg("--admin-address-path")
+            .arg(&admin_file)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .with_context(|| format!("spawning {}", binary.display()))?;
+        let mut envoy = Envoy {
+            child,
+            admin: SocketAddr::from(([127, 0, 0, 1], 0)),
+            listener: SocketAddr::from(([127, 0, 0, 1], 0)),
+            dir: dir.to_path_buf(),
+        };
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            if let Some(status) = envoy.child.try_wait()? {
+                bail!(
+                    "envoy exited during startup ({status}); config {}:\n{}",
+                    config.display(),
+                    envoy.log_tail(40)
+                );
+            }
+            if let Ok(s) = std::fs::read_to_string(&admin_file) {
+                if let Ok(a) = s.trim().parse() {
+                    envoy.admin = a;
+                    if let Ok((200, body)) = envoy.admin_get("/ready") {
+                        if body.trim() == "LIVE" {
+                            break;
+                        }
+                    }
+                }
+            }
+            if Instant::now() > deadline {
+                bail!("envoy did not become ready in 60s:\n{}", envoy.log_tail(40));
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let (_, listeners) = envoy.admin_get("/listeners?format=json")?;
+        let v: serde_json::Value = serde_json::from_str(&listeners)?;
+        let port = v["listener_statuses"][0]["local_address"]["socket_address"]["port_value"]
+            .as_u64()
+            .context("no listener port in /listeners")?;
+        envoy.listener = SocketAddr::from(([127, 0, 0, 1], u16::try_from(port)?));
+        Ok(envoy)
+    }
+
+    /// Whether the process is still running.
+    pub fn alive(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(None))
+    }
+
+    pub fn log_tail(&self, lines: usize) -> String {
+        let log = std::fs::read_to_string(self.dir.join("envoy.log")).unwrap_or_default();
+        let all: Vec<&str> = log.lines().collect();
+        all[all.len().saturating_sub(lines)..].join("\n")
+    }
+
+    /// CPU time used by all of the process's threads so far, in nanoseconds.
+    pub fn cpu_ns(&self) -> Result<u64> {
+        cpu_ns(self.child.id())
+    }
+
+    pub fn admin_get(&self, path: &str) -> Result<(u16, String)> {
+        http_get(self.admin, path)
+    }
+
+    /// The buckets of the histogram named like `needle` once Envoy has merged every sample
+    /// taken so far: read until two reads a few flush intervals apart agree.
+    pub fn settled_histogram(&self, needle: &str) -> Result<Vec<(f64, u64)>> {
+        let mut last = histogram_buckets(&self.prometheus()?, needle);
+        for _ in 0..20 {
+            std::thread::sleep(STATS_FLUSH * 2);
+            let now = histogram_buckets(&self.prometheus()?, needle);
+            if now == last {
+                return Ok(now);
+            }
+            last = now;
+        }
+        Ok(last)
+    }
+
+    /// The Prometheus exposition.
+    pub fn prometheus(&self) -> Result<String> {
+        let (status, body) = self.admin_get("/stats/prometheus")?;
+        if status != 200 {
+            bail!("/stats/prometheus answered {status}");
+        }
+        Ok(body)
+    }
+}
+
+impl Drop for Envoy {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Sum of `/proc/<pid>/task/*/schedstat` run times (ns); falls back to `/proc/<pid>/stat`'s
+/// utime + stime (clock ticks, assumed 100 Hz as on every Linux we target) without schedstats.
+fn cpu_ns(pid: u32) -> Result<u64> {
+    let tasks = std::fs::read_dir(format!("/proc/{pid}/task"));
+    if let Ok(tasks) = tasks {
+        let mut total = 0u64;
+        let mut any = false;
+        for t in tasks.flatten() {
+            let Ok(s) = std::fs::read_to_string(t.path().join("schedstat")) else {
+                continue;
+            };
+            if let Some(ns) = s
+                .split_whitespace()
+                .next()
+                .and_then(|v| v.parse::<u64>().ok())
+            {
+                total = total.saturating_add(ns);
+                any = true;
+            }
+        }
+        if any {
+            return Ok(total);
+        }
+    }
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .with_context(|| format!("reading /proc/{pid}/stat"))?;
+    // Fields after the `(comm)`, which may contain spaces: state is field 3, utime 14, stime 15.
+    let after = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or("");
+    let fields: Vec<&str> = after.split_whitespace().collect();
+    let tick = |i: usize| -> u64 { fields.get(i).and_then(|v| v.parse().ok()).unwrap_or(0) };
+    Ok((tick(11) + tick(12)) * 10_000_000)
+}
+
+fn http_get(addr: SocketAddr, path: &str) -> Result<(u16, String)> {
+    let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(2))?;
+    s.set_read_timeout(Some(Duration::from_secs(10)))?;
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nhost: admin\r\nconnection: close\r\n\r\n"
+    )?;
+    let mut buf = Vec::new();
+    s.read_to_end(&mut buf)?;
+    let text = String::from_utf8_lossy(&buf);
+    let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
+    let status = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0);
+    let body = if head
+        .to_ascii_lowercase()
+        .contains("transfer-encoding: chunked")
+    {
+        dechunk(body)
+    } else {
+        body.to_string()
+    };
+    Ok((status, body))
+}
+
+fn dechunk(mut s: &str) -> String {
+    let mut out = String::new();
+    while let Some((size, rest)) = s.split_once("\r\n") {
+        let Ok(n) = usize::from_str_radix(size.trim(), 16) else {
+            break;
+        };
+        if n == 0 || rest.len() < n {
+            break;
+        }
+        out.push_str(&rest[..n]);
+        s = rest[n..].strip_prefix("\r\n").unwrap_or(&rest[n..]);
+    }
+    out
+}
+
+/// Cumulative counts of a Prometheus histogram whose name contains `needle`, as `(le, count)`
+/// in exposition order (`le = +Inf` last, as `f64::INFINITY`).
+pub fn histogram_buckets(prometheus: &str, needle: &str) -> Vec<(f64, u64)> {
+    let mut out = Vec::new();
+    for line in prometheus.lines() {
+        if line.starts_with('#') || !line.contains(needle) || !line.contains("_bucket{") {
+            continue;
+        }
+        let Some(le) = line.split("le=\"").nth(1).and_then(|r| r.split('"').next()) else {
+            continue;
+        };
+        let le = if le == "+Inf" {
+            f64::INFINITY
+        } else {
+            match le.parse::<f64>() {
+                Ok(v) => v,
+                Err(_) => continue,
+            }
+        };
+        let Some(count) = line
+            .rsplit_once(' ')
+            .and_then(|(_, v)| v.trim().parse::<f64>().ok())
+        else {
+            continue;
+        };
+        out.push((le, count as u64));
+    }
+    out
+}
+
+/// The sum of all samples of counters whose line contains every one of `needles`.
+pub fn counter_sum(prometheus: &str, needles: &[&str]) -> u64 {
+    prometheus
+        .lines()
+        .filter(|l| !l.starts_with('#') && needles.iter().all(|n| l.contains(n)))
+        .filter_map(|l| {
+            l.rsplit_once(' ')
+                .and_then(|(_, v)| v.trim().parse::<f64>().ok())
+        })
+        .map(|v| v as u64)
+        .sum()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn gateway_yaml_differs_only_in_filter_and_cap() {
+        let up = SocketAddr::from(([127, 0, 0, 1], 9000));
+        let plain = gateway_yaml(
+            &GatewaySpec {
+                filter: None,
+                max_requests: NO_LIMIT,
+            },
+            up,
+        );
+        let capped = gateway_yaml(
+            &GatewaySpec {
+                filter: None,
+                max_requests: 10,
+            },
+            up,
+        );
+        assert!(plain.contains("max_requests: 1000000"));
+        assert!(capped.contains("max_requests: 10,"));
+        assert!(!plain.contains("envoy.wasm.runtime.v8"));
+        let wasm = gateway_yaml(
+            &GatewaySpec {
+                filter: Some(WasmFilter {
+                    wasm: PathBuf::from("/x/f.wasm"),
+                    root_id: "inflight",
+                    config: Some(r#"{"revisions":[]}"#.into()),
+                }),
+                max_requests: NO_LIMIT,
+            },
+            up,
+        );
+        assert!(wasm.contains(r#"value: "{\"revisions\":[]}""#), "{wasm}");
+        assert!(wasm.contains("port_value: 9000"));
+    }
+
+    #[test]
+    fn parses_histogram_and_counters() {
+        let text = "# TYPE x histogram\n\
+            inflight_queue_wait_ms_bucket{revision=\"bench\",le=\"0.5\"} 3\n\
+            inflight_queue_wait_ms_bucket{revision=\"bench\",le=\"1.5\"} 7\n\
+            inflight_queue_wait_ms_bucket{revision=\"bench\",le=\"+Inf\"} 9\n\
+            inflight_requests_total{revision=\"bench\",outcome=\"admitted\"} 12\n\
+            inflight_requests_total{revision=\"bench\",outcome=\"shed_full\"} 2\n";
+        assert_eq!(
+            histogram_buckets(text, "queue_wait"),
+            vec![(0.5, 3), (1.5, 7), (f64::INFINITY, 9)]
+        );
+        assert_eq!(
+            counter_sum(text, &["inflight_requests_total", "admitted"]),
+            12
+        );
+        assert_eq!(counter_sum(text, &["inflight_requests_total"]), 14);
+        assert!(histogram_buckets("garbage le=\"x\" _bucket{", "x").is_empty());
+    }
+
+    #[test]
+    fn own_cpu_time_is_readable() {
+        let ns = cpu_ns(std::process::id()).unwrap_or(0);
+        assert!(ns > 0);
+    }
+}
