@@ -231,10 +231,9 @@ fn run_timed<M: Classify>(
     let started = Instant::now();
     // A panic in the model (tch panics on some errors) must not take the worker down with the
     // requests queued on it: it becomes this batch's error.
-    let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-        model.logits(images, count)
-    }))
-    .unwrap_or_else(|_| Err(ModelError::Inference("the model panicked".into())));
+    let result =
+        std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| model.logits(images, count)))
+            .unwrap_or_else(|_| Err(ModelError::Inference("the model panicked".into())));
     metrics.record_batch(count, started.elapsed());
     result
 }
@@ -431,7 +430,10 @@ mod tests {
         b.wait_loaded().await;
         let err = b.infer(images(&[-2.0]), 1).await.unwrap_err();
         assert!(err.to_string().contains("the model panicked"), "{err}");
-        assert_eq!(b.infer(images(&[1.0]), 1).await.unwrap(), vec![1.0, 2.0, 3.0]);
+        assert_eq!(
+            b.infer(images(&[1.0]), 1).await.unwrap(),
+            vec![1.0, 2.0, 3.0]
+        );
     }
 
     #[tokio::test]

@@ -13,7 +13,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use http_body_util::{BodyExt as _, Full, Limited};
+use http_body_util::{BodyExt as _, Full};
 use hyper::body::Incoming;
 use hyper::header::{HeaderValue, ALLOW, CONNECTION, CONTENT_LENGTH, CONTENT_TYPE, RETRY_AFTER};
 use hyper::server::conn::http1;
@@ -487,6 +487,10 @@ impl AppState {
 
     async fn read_body(&self, req: Request<Incoming>) -> Result<Bytes, ApiError> {
         let limit = self.max_body_bytes;
+        // Past the limit the rest of the body is still read (and dropped) up to this much, so
+        // that the 413 reaches the client: closing a socket with unread data makes the kernel
+        // reset the connection, and the client may lose the answer. Beyond it, just close.
+        let drain_cap = limit.saturating_mul(2).max(1 << 20);
         let too_large = || {
             ApiError::TooLarge(format!(
                 "the request body is larger than the limit of {limit} bytes (--max-body-bytes); send fewer images per request"
@@ -497,21 +501,72 @@ impl AppState {
             .get(CONTENT_LENGTH)
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.parse::<u64>().ok());
-        if declared.is_some_and(|n| n > limit as u64) {
+        if declared.is_some_and(|n| n > drain_cap as u64) {
             return Err(too_large());
         }
-        let body = Limited::new(req.into_body(), limit);
-        match tokio::time::timeout(self.read_timeout, body.collect()).await {
+        let read = read_limited(req.into_body(), limit, drain_cap);
+        match tokio::time::timeout(self.read_timeout, read).await {
             Err(_) => Err(ApiError::Timeout(format!(
                 "the request body did not arrive within {:?} (--read-timeout)",
                 self.read_timeout
             ))),
-            Ok(Err(e)) if e.is::<http_body_util::LengthLimitError>() => Err(too_large()),
-            Ok(Err(e)) => Err(ApiError::BadRequest(format!(
+            Ok(BodyRead::Complete(bytes)) => Ok(bytes),
+            Ok(BodyRead::TooLarge) => Err(too_large()),
+            Ok(BodyRead::Failed(e)) => Err(ApiError::BadRequest(format!(
                 "cannot read the request body: {e}"
             ))),
-            Ok(Ok(collected)) => Ok(collected.to_bytes()),
         }
+    }
+}
+
+enum BodyRead {
+    Complete(Bytes),
+    TooLarge,
+    Failed(hyper::Error),
+}
+
+/// Reads a body of at most `limit` bytes; a longer one is read on to its end, or to
+/// `drain_cap` bytes, and dropped. A body in one frame (the usual case) is not copied.
+async fn read_limited(mut body: Incoming, limit: usize, drain_cap: usize) -> BodyRead {
+    let mut first: Option<Bytes> = None;
+    let mut rest: Option<bytes::BytesMut> = None;
+    let mut seen = 0usize;
+    while let Some(frame) = body.frame().await {
+        let data = match frame {
+            Ok(frame) => match frame.into_data() {
+                Ok(data) => data,
+                Err(_) => continue, // trailers
+            },
+            Err(e) => return BodyRead::Failed(e),
+        };
+        seen = seen.saturating_add(data.len());
+        if seen > limit {
+            first = None;
+            rest = None;
+            if seen > drain_cap {
+                break;
+            }
+            continue;
+        }
+        match (&mut first, &mut rest) {
+            (None, None) => first = Some(data),
+            (Some(head), None) => {
+                let mut buf = bytes::BytesMut::with_capacity(head.len() + data.len());
+                buf.extend_from_slice(head);
+                buf.extend_from_slice(&data);
+                first = None;
+                rest = Some(buf);
+            }
+            (_, Some(buf)) => buf.extend_from_slice(&data),
+        }
+    }
+    if seen > limit {
+        return BodyRead::TooLarge;
+    }
+    match (first, rest) {
+        (_, Some(buf)) => BodyRead::Complete(buf.freeze()),
+        (Some(bytes), None) => BodyRead::Complete(bytes),
+        (None, None) => BodyRead::Complete(Bytes::new()),
     }
 }
 

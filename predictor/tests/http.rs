@@ -508,6 +508,24 @@ async fn chunked_body_over_limit_is_refused() {
     s.stop().await;
 }
 
+/// A body declared far over the limit is refused from its headers alone, before it is sent.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_huge_declared_body_is_refused_from_its_headers() {
+    let s = TestServer::start(test_config()).await;
+    let answer = raw_exchange(
+        s.addr,
+        b"POST /v2/models/mnist/infer HTTP/1.1\r\nhost: t\r\ncontent-length: 100000000000\r\n\r\n",
+    )
+    .await;
+    assert!(answer.starts_with("HTTP/1.1 413"), "{answer}");
+    assert!(answer.contains("connection: close"), "{answer}");
+    assert!(
+        answer.contains("larger than the limit of 4194304 bytes"),
+        "{answer}"
+    );
+    s.stop().await;
+}
+
 /// Bad and good requests at the same time: each gets its own answer, none disturbs another.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn concurrent_bad_requests_do_not_disturb_good_ones() {
