@@ -371,8 +371,12 @@ impl HttpContext for Stream {
     }
 }
 
-/// The revision of the current request: `:authority`, then the revision header, then the
-/// upstream cluster.
+/// The revision of the current request: `:authority`, then the upstream cluster, then the
+/// revision header.
+///
+/// Host and cluster decide where Envoy actually routes the request, so they come first; the
+/// header is a last resort for gateways that name the revision themselves (an earlier filter
+/// must set it, overwriting any client copy, or a client could pick another revision's limit).
 fn identify(config: &Config) -> Option<RevisionId> {
     if let Ok(Some(authority)) = hostcalls::get_map_value(MapType::HttpRequestHeaders, ":authority")
     {
@@ -380,18 +384,19 @@ fn identify(config: &Config) -> Option<RevisionId> {
             return Some(id);
         }
     }
-    if let Some(header) = &config.revision_header {
-        if let Ok(Some(name)) = hostcalls::get_map_value(MapType::HttpRequestHeaders, header) {
-            if let Some(id) = config.table.match_name(name.trim()) {
+    if config.table.has_clusters() {
+        if let Ok(Some(bytes)) = hostcalls::get_property(vec!["xds", "cluster_name"]) {
+            if let Some(id) = std::str::from_utf8(&bytes)
+                .ok()
+                .and_then(|c| config.table.match_cluster(c))
+            {
                 return Some(id);
             }
         }
     }
-    if config.table.has_clusters() {
-        if let Ok(Some(bytes)) = hostcalls::get_property(vec!["xds", "cluster_name"]) {
-            if let Ok(cluster) = std::str::from_utf8(&bytes) {
-                return config.table.match_cluster(cluster);
-            }
+    if let Some(header) = &config.revision_header {
+        if let Ok(Some(name)) = hostcalls::get_map_value(MapType::HttpRequestHeaders, header) {
+            return config.table.match_name(name.trim());
         }
     }
     None
