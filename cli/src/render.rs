@@ -52,6 +52,14 @@ pub struct Args {
     /// min scale, at least 1).
     #[arg(long)]
     pub ready_replicas: Option<u32>,
+    /// Envoy cluster that reaches the gateway's own admin, for learning ready replicas (the
+    /// filter's `membership.cluster`). Default for wasmplugin/envoyfilter: `inflight-admin`
+    /// (manifests/istio/common/membership-cluster.yaml); filter-config: none unless given.
+    #[arg(long, conflicts_with = "no_membership")]
+    pub membership_cluster: Option<String>,
+    /// Do not learn ready replicas from Envoy; capacity stays containerConcurrency × readyReplicas.
+    #[arg(long)]
+    pub no_membership: bool,
     /// Longest a request may wait in the gateway's buffer (e.g. `30s`; filter default 30s).
     #[arg(long)]
     pub max_wait: Option<String>,

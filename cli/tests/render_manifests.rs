@@ -243,7 +243,7 @@ const METRICS: &[&str] = &[
     "inflight_queued",
     "inflight_capacity",
     "inflight_queue_wait_ms_bucket",
-    "inflight_demand_seconds_total",
+    "inflight_demand_ms_total",
     "inflight_desired_replicas",
     "inflight_ready_replicas",
 ];
@@ -283,8 +283,18 @@ fn queries_use_exported_metrics() {
             }
         }
     }
+    // ...and every name in METRICS is one the filter defines (filter/src/metrics.rs).
+    let defined =
+        std::fs::read_to_string(render::workspace_root().join("filter/src/metrics.rs")).unwrap();
     for m in METRICS {
         assert!(seen.contains(*m), "no manifest uses {m}");
+        let stem = m
+            .trim_start_matches("inflight_")
+            .trim_end_matches("_bucket");
+        assert!(
+            defined.contains(&format!("\"{stem}\"")) || defined.contains(&format!(".{stem}\"")),
+            "{m}: filter/src/metrics.rs defines no `{stem}` metric"
+        );
     }
     let dash: Value = serde_json::from_str(&read("monitoring/grafana-dashboard.json")).unwrap();
     assert!(dash["panels"].as_array().unwrap().len() >= 6);

@@ -28,6 +28,14 @@ pub const ANN_MAX_SCALE: [&str; 2] = [
     "autoscaling.knative.dev/max-scale",
     "autoscaling.knative.dev/maxScale",
 ];
+pub const ANN_WINDOW: &str = "autoscaling.knative.dev/window";
+pub const ANN_PANIC_WINDOW: &str = "autoscaling.knative.dev/panic-window-percentage";
+pub const ANN_PANIC_THRESHOLD: &str = "autoscaling.knative.dev/panic-threshold-percentage";
+pub const ANN_INITIAL_SCALE: [&str; 2] = [
+    "autoscaling.knative.dev/initial-scale",
+    "autoscaling.knative.dev/initialScale",
+];
+pub const ANN_ACTIVATION_SCALE: &str = "autoscaling.knative.dev/activation-scale";
 pub const ANN_DEPLOYMENT_MODE: &str = "serving.kserve.io/deploymentMode";
 pub const ANN_AUTOSCALER_CLASS: &str = "serving.kserve.io/autoscalerClass";
 
@@ -61,6 +69,12 @@ pub struct Predictor {
     pub min_scale: u32,
     /// 0 = unbounded.
     pub max_scale: u32,
+    /// Knative's per-revision autoscaler annotations, as written (the filter validates ranges).
+    pub stable_window: Option<String>,
+    pub panic_window_percentage: Option<f64>,
+    pub panic_threshold_percentage: Option<f64>,
+    pub initial_scale: Option<u32>,
+    pub activation_scale: Option<u32>,
     /// What the operator should know (values that KServe overrides, settings that fight the
     /// gateway); printed, never fatal.
     pub notes: Vec<String>,
@@ -358,6 +372,30 @@ pub fn parse(
         }
     }
 
+    let stable_window = match ann.get(ANN_WINDOW) {
+        None => None,
+        Some((field, v)) => {
+            inflight_core::duration::parse_ms(v).map_err(|e| err(&field, e.to_string()))?;
+            Some(v.trim().to_string())
+        }
+    };
+    let percentage = |key: &str| -> Result<Option<f64>, FieldError> {
+        match ann.get(key) {
+            None => Ok(None),
+            Some((field, v)) => parse_f64(&field, v, "a percentage").map(Some),
+        }
+    };
+    let panic_window_percentage = percentage(ANN_PANIC_WINDOW)?;
+    let panic_threshold_percentage = percentage(ANN_PANIC_THRESHOLD)?;
+    let initial_scale = match ann.get_any(&ANN_INITIAL_SCALE) {
+        None => None,
+        Some((field, v)) => Some(scale(&field, v)?),
+    };
+    let activation_scale = match ann.get(ANN_ACTIVATION_SCALE) {
+        None => None,
+        Some((field, v)) => Some(scale(&field, v)?),
+    };
+
     Ok(Predictor {
         name,
         namespace,
@@ -367,6 +405,11 @@ pub fn parse(
         target_utilization_percentage,
         min_scale,
         max_scale,
+        stable_window,
+        panic_window_percentage,
+        panic_threshold_percentage,
+        initial_scale,
+        activation_scale,
         notes,
     })
 }

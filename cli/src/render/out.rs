@@ -13,6 +13,8 @@ use std::fmt::Write as _;
 
 pub const DEFAULT_WASM_URL: &str = "oci://registry.example.com/inflight/filter:0.1.0";
 pub const DEFAULT_WASM_FILE: &str = "/var/local/lib/wasm/inflight/inflight.wasm";
+/// The cluster manifests/istio/common/membership-cluster.yaml adds to the gateway.
+pub const DEFAULT_MEMBERSHIP_CLUSTER: &str = "inflight-admin";
 /// The filter's root context id and the name of everything it adds to the gateway.
 const PLUGIN: &str = "inflight";
 
@@ -70,6 +72,33 @@ impl Serialize for Num {
 #[serde(rename_all = "camelCase")]
 pub struct FilterConfig {
     pub revisions: Vec<RevisionConfig>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub membership: Option<Membership>,
+}
+
+/// Where the filter learns ready replicas (`GET /stats` on Envoy's admin through `cluster`).
+#[derive(Debug, Serialize)]
+pub struct Membership {
+    pub cluster: String,
+}
+
+/// The revision's KPA settings (Knative's per-revision annotations); unset keys keep
+/// Knative's defaults in the filter.
+#[derive(Debug, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Autoscaling {
+    pub min_scale: u32,
+    pub max_scale: u32,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub initial_scale: Option<u32>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub activation_scale: Option<u32>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub stable_window: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub panic_window_percentage: Option<Num>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub panic_threshold_percentage: Option<Num>,
 }
 
 #[derive(Debug, Serialize)]
@@ -85,6 +114,7 @@ pub struct RevisionConfig {
     pub ready_replicas: u32,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub max_wait: Option<String>,
+    pub autoscaling: Autoscaling,
 }
 
 /// The validated result: the filter configuration and what the operator should know.
@@ -95,6 +125,14 @@ pub struct Plan {
 
 impl Plan {
     pub fn build(predictors: &[(String, Predictor)], args: &Args) -> Result<Plan> {
+        let membership = match (&args.membership_cluster, args.no_membership, args.format) {
+            (_, true, _) => None,
+            (Some(c), false, _) => Some(Membership { cluster: c.clone() }),
+            (None, false, Format::FilterConfig) => None,
+            (None, false, _) => Some(Membership {
+                cluster: DEFAULT_MEMBERSHIP_CLUSTER.into(),
+            }),
+        };
         let mut revisions = Vec::new();
         let mut notes = Vec::new();
         let mut seen: BTreeMap<String, String> = BTreeMap::new();
@@ -139,33 +177,35 @@ impl Plan {
                 )],
                 Mode::Serverless => Vec::new(),
             };
-            // Until the filter learns ready replicas from Envoy, capacity is cc × this guess.
-            // Serverless: Knative's activator already holds each pod to cc, so the gateway may
-            // assume the most the revision can run (max scale) and never starve the autoscaler.
-            // Raw: the gateway is the only limit, so it assumes the least (min scale) and never
-            // overloads a pod.
+            // Raw mode with membership: the filter counts the healthy members of the predictor
+            // Service's cluster, so the static value only covers the first poll.
+            let learned = membership.is_some() && !clusters.is_empty();
+            // Otherwise capacity stays cc × this guess. Serverless: Knative's activator already
+            // holds each pod to cc, so the gateway may assume the most the revision can run
+            // (max scale) and never starve the autoscaler. Raw: the gateway is the only limit,
+            // so it assumes the least (min scale) and never overloads a pod.
             let ready = match args.ready_replicas {
                 Some(r) => r,
+                None if learned => p.min_scale,
                 None if p.mode == Mode::Serverless && p.max_scale > 0 => p.max_scale,
                 None => p.min_scale.max(1),
             };
-            if p.container_concurrency > 0 && args.ready_replicas.is_none() {
-                let fixed = p.max_scale == 0 || p.max_scale > p.min_scale.max(1);
-                let guessed = match p.mode {
-                    Mode::Serverless => p.max_scale == 0,
-                    Mode::Raw => fixed,
-                };
-                if guessed {
-                    notes.push(format!(
-                        "{name}: the filter assumes {ready} ready replica{} (capacity {} in flight) until it learns ready replicas from Envoy; {}",
-                        if ready == 1 { "" } else { "s" },
-                        u64::from(p.container_concurrency) * u64::from(ready),
-                        match p.mode {
-                            Mode::Serverless => "set spec.predictor.maxReplicas so the gateway caps the revision at containerConcurrency × maxReplicas (the activator still limits each pod), or pass --ready-replicas",
-                            Mode::Raw => "until then more replicas do not raise the gateway's limit; pass --ready-replicas for a fixed replica count",
-                        }
-                    ));
-                }
+            let guessed = match p.mode {
+                _ if learned => false,
+                Mode::Serverless => p.max_scale == 0,
+                Mode::Raw => p.max_scale == 0 || p.max_scale > p.min_scale.max(1),
+            };
+            if p.container_concurrency > 0 && args.ready_replicas.is_none() && guessed {
+                notes.push(format!(
+                    "{name}: the filter assumes {ready} ready replica{} (capacity {} in flight){}; {}",
+                    if ready == 1 { "" } else { "s" },
+                    u64::from(p.container_concurrency) * u64::from(ready),
+                    if p.mode == Mode::Raw { ": without membership it cannot learn more" } else { ": Knative's pods are behind the activator, where Envoy cannot count them" },
+                    match p.mode {
+                        Mode::Serverless => "set spec.predictor.maxReplicas so the gateway caps the revision at containerConcurrency × maxReplicas (the activator still limits each pod), or pass --ready-replicas",
+                        Mode::Raw => "keep membership on, or pass --ready-replicas for a fixed replica count",
+                    }
+                ));
             }
             revisions.push(RevisionConfig {
                 name,
@@ -178,9 +218,21 @@ impl Plan {
                     .unwrap_or(inflight_core::config::DEFAULT_UTILIZATION_PERCENT)),
                 ready_replicas: ready,
                 max_wait: args.max_wait.clone(),
+                autoscaling: Autoscaling {
+                    min_scale: p.min_scale,
+                    max_scale: p.max_scale,
+                    initial_scale: p.initial_scale,
+                    activation_scale: p.activation_scale,
+                    stable_window: p.stable_window.clone(),
+                    panic_window_percentage: p.panic_window_percentage.map(Num),
+                    panic_threshold_percentage: p.panic_threshold_percentage.map(Num),
+                },
             });
         }
-        let config = FilterConfig { revisions };
+        let config = FilterConfig {
+            revisions,
+            membership,
+        };
         // The filter's own parser is the judge: never print a config it would refuse.
         let json = serde_json::to_vec(&config)?;
         if let Err(e) = inflight_core::Config::parse(&json) {
@@ -406,6 +458,18 @@ pub fn write(plan: &Plan, format: Format, gw: &Gateway<'_>, notes: &[String]) ->
             header,
             "# Rendered by `inflight render` from InferenceService YAML; see docs/deploy.md."
         );
+        if let Some(m) = &plan.config.membership {
+            let _ = writeln!(
+                header,
+                "# Ready replicas are read from Envoy's admin through the cluster `{}`{}.",
+                m.cluster,
+                if m.cluster == DEFAULT_MEMBERSHIP_CLUSTER {
+                    " (manifests/istio/common/membership-cluster.yaml)"
+                } else {
+                    ""
+                }
+            );
+        }
         for n in notes {
             let _ = writeln!(header, "# note: {n}");
         }

@@ -1,0 +1,375 @@
+//! What render and manifests/ give Envoy, loaded by the real Envoy with the real filter.wasm
+//! (`envoy --mode validate`, then one request through a running gateway):
+//!
+//! - `inflight render --format filter-config` in the project's own gateway config (plain Envoy);
+//! - the HTTP filter inside `manifests/istio/envoyfilter/envoyfilter.yaml` and the membership
+//!   cluster of `manifests/istio/common/membership-cluster.yaml`, in a bootstrap shaped like
+//!   Istio's (its stats tags and a stats matcher that would drop the filter's stats), with
+//!   `manifests/istio/common/stats-bootstrap.yaml` passed as `--config-yaml`, exactly as
+//!   pilot-agent passes ISTIO_BOOTSTRAP_OVERRIDE: the series must come out labelled.
+//!
+//! Needs `.venv/bin/envoy` (`make setup`); builds filter.wasm itself. One test at a time (a
+//! lock): each starts Envoy on a two-core machine.
+
+mod render;
+
+use inflight_host_tests::client::Request;
+use inflight_host_tests::envoy::{self, Cluster, Envoy, Gateway, Stats};
+use inflight_host_tests::upstream::Upstream;
+use render::{manifests_dir, render_ok, yaml_docs};
+use serde_json::{json, Value};
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::{Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+static SERIAL: Mutex<()> = Mutex::new(());
+
+fn serial() -> MutexGuard<'static, ()> {
+    SERIAL.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+fn scratch(tag: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!("inflight-render-{tag}-{}", std::process::id()));
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+#[test]
+fn rendered_filter_config_runs_in_envoy() {
+    let _s = serial();
+    let config = render_ok(&[
+        "-f",
+        "manifests/kserve/serverless/torchserve.yaml",
+        "-f",
+        "manifests/kserve/raw/torchserve-raw.yaml",
+        "--format",
+        "filter-config",
+    ]);
+    let upstream = Upstream::start().unwrap();
+    let yaml = Gateway {
+        plugin_config: config,
+        routes: vec![("torchserve.default.example.com".into(), "model".into())],
+        clusters: vec![Cluster::fixed("model", vec![upstream.port()])],
+        wasm: envoy::filter_wasm(),
+        admin_port: None,
+    }
+    .yaml();
+    let dir = scratch("plain");
+    let file = dir.join("envoy.yaml");
+    std::fs::write(&file, &yaml).unwrap();
+    envoy::validate(&file).unwrap();
+
+    let gw = Envoy::start(&yaml, 2).unwrap();
+    let r = Request::get(gw.listener, "torchserve.default.example.com")
+        .send()
+        .unwrap();
+    assert_eq!(r.status, 200, "{r:?}");
+    let stats = gw
+        .wait_stats(
+            Duration::from_secs(5),
+            "one admitted request, gauges",
+            |s| {
+                s.outcome("torchserve", "admitted") == 1
+                    && s.gauge("inflight_capacity", "torchserve") > 0
+            },
+        )
+        .unwrap();
+    assert_eq!(stats.gauge("inflight_capacity", "torchserve"), 10);
+    assert_eq!(stats.gauge("inflight_active", "torchserve"), 0);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// The `patch.value` of the EnvoyFilter's patch that applies to `apply_to`.
+fn patch_value(file: &str, apply_to: &str) -> Value {
+    let text = std::fs::read_to_string(manifests_dir().join(file)).unwrap();
+    let doc = yaml_docs(&text).remove(0);
+    doc["spec"]["configPatches"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|p| p["applyTo"] == apply_to)
+        .unwrap_or_else(|| panic!("{file}: no {apply_to} patch"))["patch"]["value"]
+        .clone()
+}
+
+/// An Envoy bootstrap shaped like the one Istio generates for a gateway, as far as stats go
+/// (tools/packaging/common/envoy_bootstrap.json): `use_all_default_tags: false`, Istio's tag
+/// regexes, and a stats matcher inclusion list. The list leaves out Istio's `wasm` prefix on
+/// purpose, so the test shows that the override's own inclusion prefix keeps the stats.
+fn istio_like_bootstrap(
+    filter: &Value,
+    membership: &Value,
+    admin_port: u16,
+    upstream_ports: &[u16],
+) -> Value {
+    let endpoints: Vec<Value> = upstream_ports
+        .iter()
+        .map(|p| json!({"endpoint": {"address": {"socket_address": {"address": "127.0.0.1", "port_value": p}}}}))
+        .collect();
+    json!({
+        "admin": {"address": {"socket_address": {"address": "127.0.0.1", "port_value": admin_port}}},
+        "stats_config": {
+            "use_all_default_tags": false,
+            "stats_tags": [
+                {"tag_name": "cluster_name", "regex": "^cluster\\.((.+?(\\..+?\\.svc\\.cluster\\.local)?)\\.)"},
+                {"tag_name": "tcp_prefix", "regex": "^tcp\\.((.*?)\\.)\\w+?$"},
+                {"tag_name": "response_code", "regex": "_rq(_(\\d{3}))$"},
+                {"tag_name": "response_code_class", "regex": "_rq(_(\\dxx))$"},
+                {"tag_name": "http_conn_manager_prefix", "regex": "^http\\.(((?:[_.[:digit:]]*|[_\\[\\]aAbBcCdDeEfF[:digit:]]*))\\.)"},
+                {"tag_name": "cache", "regex": "(cache\\.(.+?)\\.)"},
+                {"tag_name": "component", "regex": "(component\\.(.+?)\\.)"},
+                {"tag_name": "tag", "regex": "(tag\\.(.+?);\\.)"},
+                {"tag_name": "wasm_filter", "regex": "(wasm_filter\\.(.+?)\\.)"}
+            ],
+            "stats_matcher": {"inclusion_list": {"patterns": [
+                {"prefix": "reporter="},
+                {"prefix": "cluster_manager"},
+                {"prefix": "listener_manager"},
+                {"prefix": "server"},
+                {"prefix": "cluster.xds-grpc"},
+                {"prefix": "component"},
+                {"prefix": "istio"}
+            ]}}
+        },
+        "static_resources": {
+            "listeners": [{
+                "name": "0.0.0.0_8080",
+                "address": {"socket_address": {"address": "127.0.0.1", "port_value": 0}},
+                "filter_chains": [{"filters": [{
+                    "name": "envoy.filters.network.http_connection_manager",
+                    "typed_config": {
+                        "@type": "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager",
+                        "stat_prefix": "outbound_0.0.0.0_8080",
+                        "route_config": {"virtual_hosts": [{
+                            "name": "torchserve",
+                            "domains": ["*"],
+                            "routes": [{"match": {"prefix": "/"}, "route": {"cluster": "outbound|80||torchserve-raw-predictor.default.svc.cluster.local", "timeout": "0s"}}]
+                        }]},
+                        "http_filters": [
+                            filter,
+                            {"name": "envoy.filters.http.router", "typed_config": {"@type": "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"}}
+                        ]
+                    }
+                }]}]
+            }],
+            "clusters": [
+                {
+                    "name": "outbound|80||torchserve-raw-predictor.default.svc.cluster.local",
+                    "type": "STATIC",
+                    "connect_timeout": "1s",
+                    "load_assignment": {
+                        "cluster_name": "outbound|80||torchserve-raw-predictor.default.svc.cluster.local",
+                        "endpoints": [{"lb_endpoints": endpoints}]
+                    }
+                },
+                membership
+            ]
+        }
+    })
+}
+
+/// Envoy with a bootstrap file plus an optional `--config-yaml` overlay, as pilot-agent runs it.
+struct Proxy {
+    child: Child,
+    admin: SocketAddr,
+    listener: SocketAddr,
+}
+
+impl Proxy {
+    fn start(config: &Path, overlay: Option<&str>, dir: &Path) -> Proxy {
+        let admin_file = dir.join("admin-address");
+        let _ = std::fs::remove_file(&admin_file);
+        let log = std::fs::File::create(dir.join("envoy.log")).unwrap();
+        let mut cmd = Command::new(envoy::envoy_binary().unwrap());
+        cmd.arg("-c")
+            .arg(config)
+            .args(["--concurrency", "1", "--disable-hot-restart", "-l", "warn"])
+            .arg("--admin-address-path")
+            .arg(&admin_file)
+            .stdout(Stdio::null())
+            .stderr(log);
+        if let Some(o) = overlay {
+            cmd.args(["--config-yaml", o]);
+        }
+        let mut child = cmd.spawn().unwrap();
+        let deadline = Instant::now() + Duration::from_secs(60);
+        let admin: SocketAddr = loop {
+            if let Some(status) = child.try_wait().unwrap() {
+                panic!(
+                    "envoy exited ({status}):\n{}",
+                    std::fs::read_to_string(dir.join("envoy.log")).unwrap_or_default()
+                );
+            }
+            if let Some(a) = std::fs::read_to_string(&admin_file)
+                .ok()
+                .and_then(|s| s.trim().parse().ok())
+            {
+                if http_get(a, "/ready").is_some_and(|(c, b)| c == 200 && b.trim() == "LIVE") {
+                    break a;
+                }
+            }
+            assert!(Instant::now() < deadline, "envoy did not become ready");
+            std::thread::sleep(Duration::from_millis(50));
+        };
+        let (_, body) = http_get(admin, "/listeners?format=json").unwrap();
+        let v: Value = serde_json::from_str(&body).unwrap();
+        let port = v["listener_statuses"][0]["local_address"]["socket_address"]["port_value"]
+            .as_u64()
+            .unwrap();
+        Proxy {
+            child,
+            admin,
+            listener: SocketAddr::from(([127, 0, 0, 1], port as u16)),
+        }
+    }
+
+    fn stats(&self) -> Stats {
+        Stats::parse(&http_get(self.admin, "/stats/prometheus").unwrap().1)
+    }
+}
+
+impl Drop for Proxy {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn http_get(addr: SocketAddr, path: &str) -> Option<(u16, String)> {
+    let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(2)).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(10))).ok()?;
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nhost: admin\r\nconnection: close\r\n\r\n"
+    )
+    .ok()?;
+    let mut buf = String::new();
+    s.read_to_string(&mut buf).ok()?;
+    let (head, body) = buf.split_once("\r\n\r\n")?;
+    let code = head.split_whitespace().nth(1)?.parse().ok()?;
+    // The admin answers /stats/prometheus chunked; drop the chunk-size lines.
+    let body = if head.to_ascii_lowercase().contains("chunked") {
+        body.split("\r\n")
+            .enumerate()
+            .filter(|(i, _)| i % 2 == 1)
+            .map(|(_, l)| l)
+            .collect::<Vec<_>>()
+            .join("")
+    } else {
+        body.to_string()
+    };
+    Some((code, body))
+}
+
+fn validate_with_overlay(config: &Path, overlay: &str) {
+    let out = Command::new(envoy::envoy_binary().unwrap())
+        .args([
+            "--mode",
+            "validate",
+            "--disable-hot-restart",
+            "-l",
+            "warn",
+            "-c",
+        ])
+        .arg(config)
+        .args(["--config-yaml", overlay])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "envoy --mode validate failed:\n{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+#[test]
+fn envoyfilter_and_stats_bootstrap_run_in_an_istio_like_envoy() {
+    let _s = serial();
+    let mut filter = patch_value("istio/envoyfilter/envoyfilter.yaml", "HTTP_FILTER");
+    // The module is mounted into the pod in Kubernetes; here it is the freshly built one.
+    filter["typed_config"]["config"]["vm_config"]["code"]["local"]["filename"] =
+        Value::from(envoy::filter_wasm().to_str().unwrap());
+    let mut membership = patch_value("istio/common/membership-cluster.yaml", "CLUSTER");
+    // Istio's admin is 127.0.0.1:15000; here a free port, so tests can run side by side.
+    let admin_port = free_port();
+    membership["load_assignment"]["endpoints"][0]["lb_endpoints"][0]["endpoint"]["address"]
+        ["socket_address"]["port_value"] = Value::from(admin_port);
+    let cm = yaml_docs(
+        &std::fs::read_to_string(manifests_dir().join("istio/common/stats-bootstrap.yaml"))
+            .unwrap(),
+    )
+    .remove(0);
+    let overlay = cm["data"]["custom_bootstrap.json"].as_str().unwrap();
+
+    let upstreams = [Upstream::start().unwrap(), Upstream::start().unwrap()];
+    let ports: Vec<u16> = upstreams.iter().map(Upstream::port).collect();
+    let dir = scratch("istio");
+    let config = dir.join("bootstrap.json");
+    let bootstrap = istio_like_bootstrap(&filter, &membership, admin_port, &ports);
+    std::fs::write(&config, serde_json::to_string_pretty(&bootstrap).unwrap()).unwrap();
+    validate_with_overlay(&config, overlay);
+
+    // With the override: labelled series, and the raw revision learns its two ready replicas
+    // through the membership cluster (its static readyReplicas is 1: capacity 10 → 20).
+    {
+        let gw = Proxy::start(&config, Some(overlay), &dir);
+        for host in [
+            "torchserve.default.example.com",
+            "torchserve-raw-default.example.com",
+        ] {
+            let r = Request::get(gw.listener, host).send().unwrap();
+            assert_eq!(r.status, 200, "{host}: {r:?}");
+        }
+        let done = |s: &Stats| {
+            s.outcome("torchserve", "admitted") == 1
+                && s.outcome("torchserve-raw", "admitted") == 1
+                && s.gauge("inflight_ready_replicas", "torchserve-raw") == 2
+        };
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let stats = loop {
+            let s = gw.stats();
+            if done(&s) || Instant::now() > deadline {
+                break s;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        };
+        assert!(done(&stats), "{}", stats.inflight_lines());
+        assert_eq!(stats.gauge("inflight_capacity", "torchserve"), 10);
+        assert_eq!(stats.gauge("inflight_capacity", "torchserve-raw"), 20);
+    }
+
+    // Control: the same bootstrap without the override keeps none of the filter's series and
+    // not the membership stat it reads (Istio's stats matcher drops them): the override is
+    // what makes both work.
+    {
+        let gw = Proxy::start(&config, None, &dir);
+        let r = Request::get(gw.listener, "torchserve-raw-default.example.com")
+            .send()
+            .unwrap();
+        assert_eq!(r.status, 200);
+        let stats = gw.stats();
+        assert!(
+            !stats
+                .samples
+                .iter()
+                .any(|s| s.name.starts_with("inflight_")),
+            "{}",
+            stats.inflight_lines()
+        );
+        let (_, body) = http_get(gw.admin, "/stats?filter=membership_healthy").unwrap();
+        assert!(!body.contains("torchserve-raw"), "{body}");
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
