@@ -46,7 +46,7 @@ pub struct Config {
     pub threads: usize,
 
     /// Images per forward pass at most; 1 turns dynamic batching off.
-    #[arg(long, env = "INFLIGHT_PREDICTOR_MAX_BATCH_SIZE", default_value_t = 16)]
+    #[arg(long, env = "INFLIGHT_PREDICTOR_MAX_BATCH_SIZE", default_value_t = 32)]
     pub max_batch_size: usize,
 
     /// How long the first request of a batch may wait for others ("0": take only what is
@@ -87,7 +87,7 @@ impl Config {
             port: 8080,
             workers: 1,
             threads: 1,
-            max_batch_size: 16,
+            max_batch_size: 32,
             max_batch_delay: Duration::ZERO,
             max_queue: 1024,
             max_body_bytes: 4 * 1024 * 1024,
