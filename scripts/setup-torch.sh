@@ -34,6 +34,8 @@ if [[ ! -x "$venv/bin/python" ]]; then
 else
   echo "setup-torch: $venv exists"
 fi
+# Keep the 1.3 GB out of git whatever the repo's .gitignore says (python >= 3.13 does this itself).
+[[ -f "$venv/.gitignore" ]] || echo '*' >"$venv/.gitignore"
 
 libtorch="$(site_packages)/torch"
 if [[ ! -f "$libtorch/lib/libtorch_cpu.so" ]]; then
