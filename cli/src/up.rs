@@ -17,7 +17,10 @@ mod process;
 mod replicas;
 mod scaler;
 mod stats;
+mod top;
 mod view;
+
+pub use top::{run as top, TopArgs};
 
 use anyhow::{bail, Context as _, Result};
 use config::StackConfig;
@@ -109,7 +112,10 @@ pub fn run(args: Args) -> Result<()> {
     stack.console.keep();
     let stopped = stack.shutdown();
     match (&result, stopped) {
-        (Ok(()), Ok(n)) => println!("stopped: {n} processes, none left running"),
+        (Ok(()), Ok(n)) => {
+            println!("stopped: {n} processes, none left running");
+            let _ = std::fs::remove_dir_all(&stack.dir);
+        }
         (_, Err(e)) => eprintln!("inflight up: shutdown: {e:#}"),
         _ => {}
     }
@@ -228,8 +234,15 @@ impl Stack {
         let admin_port = envoy::pick_port(config.admin_port)?;
         let bootstrap = envoy::bootstrap(config, listener_port, admin_port, &wasm, &eds_dir);
         if args.print_config {
+            // Empty assignments, so the printed bootstrap is valid as it stands.
+            for r in &config.revisions {
+                eds::write(&envoy::eds_path(&eds_dir, &r.name), &r.name, 1, &[])?;
+            }
             println!("{bootstrap}");
-            bail!("--print-config: nothing started");
+            bail!(
+                "--print-config: nothing started (EDS files in {})",
+                eds_dir.display()
+            );
         }
         let bootstrap_path = dir.join("envoy.yaml");
         std::fs::write(&bootstrap_path, &bootstrap)?;

@@ -70,6 +70,8 @@ pub struct Replica {
     pub phase: Phase,
     pub addr: Option<SocketAddr>,
     pub created: Instant,
+    /// When the current process started (differs from `created` after a restart).
+    pub started: Instant,
     pub restarts: u32,
     /// Pids of every process this replica ran (restarts included), for the no-orphans check.
     pub pids: Vec<u32>,
@@ -90,6 +92,7 @@ impl Replica {
             phase: Phase::Starting,
             addr: None,
             created: Instant::now(),
+            started: Instant::now(),
             restarts: 0,
             pids: vec![child.id()],
             max_in_flight: 0.0,
@@ -158,6 +161,7 @@ impl Replica {
         self.child = child;
         self.addr_rx = addr_rx;
         self.addr = None;
+        self.started = Instant::now();
         self.phase = Phase::Starting;
         self.restarts += 1;
         Ok(())

@@ -189,7 +189,7 @@ impl Pool {
                     "{name}: {} ready at {} after {:.1}s",
                     r.name,
                     r.addr.map(|a| a.to_string()).unwrap_or_default(),
-                    r.created.elapsed().as_secs_f64()
+                    r.started.elapsed().as_secs_f64()
                 ));
             }
             if matches!(r.phase, Phase::Ready | Phase::Draining { .. }) {

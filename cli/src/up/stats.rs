@@ -11,6 +11,8 @@ use std::time::Duration;
 /// One revision's series at one scrape. Gauges the filter does not export (yet) are `None`.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct RevisionStats {
+    /// The filter exports series for it (a revision, not just an Envoy cluster).
+    pub tracked: bool,
     pub admitted: f64,
     pub shed_full: f64,
     pub shed_timeout: f64,
@@ -88,6 +90,7 @@ pub fn parse(text: &str) -> Result<Snapshot> {
             continue;
         }
         let v = scalar.unwrap_or(0.0);
+        r.tracked = true;
         match name {
             "inflight_requests_total" => match s.labels.get("outcome") {
                 Some("admitted") => r.admitted = v,

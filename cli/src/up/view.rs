@@ -117,6 +117,7 @@ pub struct Console {
     view_lines: usize,
     started: Instant,
     last_plain: Option<Instant>,
+    every_plain: f64,
 }
 
 impl Console {
@@ -126,7 +127,14 @@ impl Console {
             view_lines: 0,
             started,
             last_plain: None,
+            every_plain: 5.0,
         }
+    }
+
+    /// Off a terminal, print every view (for `top`, whose views are already spaced out).
+    pub fn always_redraw(mut self) -> Console {
+        self.every_plain = 0.0;
+        self
     }
 
     fn clear_view(&mut self, out: &mut impl std::io::Write) {
@@ -160,7 +168,7 @@ impl Console {
             self.view_lines = text.lines().count();
         } else if self
             .last_plain
-            .is_none_or(|t| t.elapsed().as_secs_f64() >= 5.0)
+            .is_none_or(|t| t.elapsed().as_secs_f64() >= self.every_plain)
         {
             self.last_plain = Some(Instant::now());
             let t = self.started.elapsed().as_secs_f64();

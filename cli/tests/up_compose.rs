@@ -1,0 +1,87 @@
+//! The docker-compose stack cannot run here (no container engine), so its Envoy config is
+//! checked the way Envoy would check it: `envoy --mode validate` with the filter at the path the
+//! compose file mounts it to replaced by the local build, and the plugin config it embeds
+//! accepted by the filter's own parser. Also validates the bootstrap `inflight up` generates.
+
+mod up_common;
+
+use std::process::Command;
+use up_common::*;
+
+fn validate(config: &std::path::Path) {
+    let out = Command::new(envoy())
+        .args(["--mode", "validate", "-l", "warn", "-c"])
+        .arg(config)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "envoy --mode validate {}:\n{}{}",
+        config.display(),
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+#[test]
+fn compose_envoy_config_validates() {
+    let root = workspace_root();
+    let yaml = std::fs::read_to_string(root.join("envoy/envoy.yaml")).unwrap();
+    let compose = std::fs::read_to_string(root.join("envoy/docker-compose.yaml")).unwrap();
+    assert!(
+        compose.contains("./envoy.yaml:/etc/envoy/envoy.yaml")
+            && compose.contains(":/etc/envoy/inflight_filter.wasm"),
+        "the compose file mounts the config and the filter where envoy.yaml expects them"
+    );
+    let dir = scratch("compose");
+    let local = dir.join("envoy.yaml");
+    std::fs::write(
+        &local,
+        yaml.replace(
+            "/etc/envoy/inflight_filter.wasm",
+            filter_wasm().to_str().unwrap(),
+        ),
+    )
+    .unwrap();
+    validate(&local);
+
+    // The embedded plugin config, through the filter's parser.
+    let start = yaml.find("value: |").unwrap() + "value: |".len();
+    let end = yaml[start..]
+        .find("          - name: envoy.filters.http.router")
+        .unwrap()
+        + start;
+    let plugin = &yaml[start..end];
+    inflight_core::Config::parse(plugin.as_bytes())
+        .unwrap_or_else(|e| panic!("compose plugin config rejected: {e}\n{plugin}"));
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn generated_bootstrap_validates() {
+    let out = Command::new(env!("CARGO_BIN_EXE_inflight"))
+        .current_dir(workspace_root())
+        .args([
+            "up",
+            "--config",
+            "demo/torchserve.json",
+            "--print-config",
+            "--wasm",
+        ])
+        .arg(filter_wasm())
+        .arg("--envoy")
+        .arg(envoy())
+        .output()
+        .unwrap();
+    let yaml = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        yaml.contains("type: EDS"),
+        "{yaml}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let dir = scratch("bootstrap");
+    let path = dir.join("envoy.yaml");
+    std::fs::write(&path, yaml.as_bytes()).unwrap();
+    validate(&path);
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -1,0 +1,98 @@
+//! A CI-sized `inflight up --demo` with the real predictor: 10 s of load from 20 clients against
+//! target 4 (cc 10). Asserts it scaled above one replica, answered nothing but 200s and the
+//! gateway's documented sheds (503, counted by the filter as shed_full/shed_timeout; Envoy saw
+//! no 5xx from the predictors), never let more than cc requests into one predictor, stopped
+//! every process it started, and wrote the plot.
+
+mod up_common;
+
+use std::time::Duration;
+use up_common::*;
+
+#[test]
+fn ci_sized_demo() {
+    let dir = scratch("demo");
+    let summary = dir.join("summary.json");
+    let plot = dir.join("demo.png");
+    let mut up = Up::start(
+        &dir,
+        &[
+            "--demo",
+            "--port",
+            "0",
+            "--duration",
+            "10s",
+            "--clients",
+            "20",
+            "--target",
+            "4",
+            "--summary-json",
+            summary.to_str().unwrap(),
+            "--plot",
+            plot.to_str().unwrap(),
+        ],
+    );
+    let status = loop {
+        if let Some(s) = up.child.try_wait().unwrap() {
+            break s;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    let out = up.output();
+    assert!(status.success(), "demo failed ({status}):\n{out}");
+    let s: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&summary).unwrap()).unwrap();
+
+    assert!(
+        s["peakReady"].as_u64().unwrap() > 1,
+        "did not scale: {s}\n{out}"
+    );
+    let statuses = s["statuses"].as_object().unwrap();
+    let ok = statuses.get("200").and_then(|v| v.as_u64()).unwrap_or(0);
+    let shed = statuses.get("503").and_then(|v| v.as_u64()).unwrap_or(0);
+    assert!(ok > 100, "{statuses:?}");
+    for (code, n) in statuses {
+        assert!(
+            code == "200" || code == "503",
+            "unexpected {code} × {n}\n{out}"
+        );
+    }
+    let gw = &s["gateway"];
+    let gateway_shed = gw["shedFull"].as_f64().unwrap() + gw["shedTimeout"].as_f64().unwrap();
+    assert_eq!(
+        shed as f64, gateway_shed,
+        "every 503 is a documented shed of the gateway: {s}"
+    );
+    assert_eq!(
+        s["upstream5xx"].as_f64(),
+        Some(0.0),
+        "no 5xx from the predictors"
+    );
+    assert!(s["clientErrors"].as_array().unwrap().is_empty(), "{s}");
+    let cc = s["containerConcurrency"].as_f64().unwrap();
+    let max = s["maxInFlight"].as_object().unwrap();
+    assert!(!max.is_empty());
+    for (name, m) in max {
+        assert!(
+            m.as_f64().unwrap() <= cc,
+            "{name} saw {m} in flight > cc {cc}"
+        );
+    }
+    assert!(
+        max.values().any(|m| m.as_f64().unwrap() > 0.0),
+        "the predictors' metrics were read"
+    );
+    for pid in s["pids"].as_array().unwrap() {
+        assert!(
+            !alive(pid.as_u64().unwrap() as u32),
+            "pid {pid} still running"
+        );
+    }
+    let png = std::fs::read(&plot).unwrap();
+    assert!(png.starts_with(b"\x89PNG") && png.len() > 10_000, "plot");
+    assert!(
+        out.contains("kubectl get pods") && out.contains("Running"),
+        "{out}"
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}

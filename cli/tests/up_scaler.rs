@@ -1,0 +1,178 @@
+//! The local scaler against real Envoy (with the filter) and real predictor processes, driven
+//! by `inflight up` exactly as a user runs it: load up → scales up; load gone → scales down after
+//! the (shortened) stable window, draining without failed requests; a replica killed →
+//! restarted; SIGTERM → every process stopped.
+//!
+//! Requests carry `x-predictor-delay-ms` (the predictor's test aid, `--delay-header`) so that
+//! each takes ~50 ms and the gateway's average concurrency equals the number of clients even on
+//! a busy 2-core machine; the scaler's logic, not the model's speed, is under test.
+
+mod up_common;
+
+use std::time::{Duration, Instant};
+use up_common::*;
+
+fn config(dir: &std::path::Path) -> std::path::PathBuf {
+    let c = serde_json::json!({
+        "port": 0,
+        "scalerTick": "250ms",
+        "membershipInterval": "250ms",
+        "revisions": [{
+            "name": "scaled",
+            "hosts": ["scaled.example.com"],
+            "containerConcurrency": 4,
+            "target": 2,
+            "targetUtilizationPercentage": 100,
+            "initialReplicas": 1,
+            "maxWait": "30s",
+            "autoscaling": {
+                "minScale": 1, "maxScale": 4, "stableWindow": "6s",
+                "panicWindowPercentage": 10, "panicThresholdPercentage": 200,
+                "maxScaleDownRate": 2
+            },
+            "predictor": {
+                "command": "inflight-predictor",
+                "args": ["--model-name", "mnist", "--delay-header"],
+                "drainTimeout": "10s"
+            }
+        }]
+    });
+    let p = dir.join("stack.json");
+    std::fs::write(&p, c.to_string()).unwrap();
+    p
+}
+
+fn rev(s: &serde_json::Value) -> &serde_json::Value {
+    &s["revisions"][0]
+}
+
+fn ready(s: &serde_json::Value) -> u64 {
+    rev(s)["ready"].as_u64().unwrap_or(0)
+}
+
+#[test]
+fn scales_up_down_drains_and_replaces() {
+    let dir = scratch("scaler");
+    let cfg = config(&dir);
+    let mut up = Up::start(&dir, &["--config", cfg.to_str().unwrap()]);
+    let s = up.wait(Duration::from_secs(90), "1 ready replica", |s| {
+        ready(s) == 1
+    });
+    let listener = s["listener"].as_str().unwrap().to_string();
+    let mut all_pids: Vec<u64> = vec![s["envoyPid"].as_u64().unwrap()];
+
+    // Load up: 8 clients against target 2 → the gateway asks for 4.
+    let t0 = Instant::now();
+    let load = hey(
+        &listener,
+        "scaled.example.com",
+        8,
+        8,
+        &["x-predictor-delay-ms: 50"],
+    );
+    let s = up.wait(
+        Duration::from_secs(20),
+        "4 ready replicas under load",
+        |s| ready(s) == 4,
+    );
+    let scale_up = t0.elapsed();
+    for p in rev(&s)["pids"].as_array().unwrap() {
+        all_pids.push(p.as_u64().unwrap());
+    }
+    let out = load.wait_with_output().unwrap();
+    let codes = hey_statuses(&out);
+    assert_eq!(
+        codes.iter().map(|(c, _)| *c).collect::<Vec<_>>(),
+        vec![200],
+        "every request under load answered 200: {codes:?}\n{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    for r in rev(&s)["replicas"].as_array().unwrap() {
+        assert!(
+            r["maxInFlight"].as_f64().unwrap() <= 4.0,
+            "hard limit 4 exceeded at a replica: {r}"
+        );
+    }
+
+    // Load gone (one slow client left, which still needs one replica): after the 6 s stable
+    // window the gateway asks for 1, at most halving per decision; replicas drain first.
+    let t1 = Instant::now();
+    let trickle = hey(
+        &listener,
+        "scaled.example.com",
+        1,
+        60,
+        &["x-predictor-delay-ms: 20"],
+    );
+    let s = up.wait(Duration::from_secs(30), "back to 1 replica", |s| {
+        ready(s) == 1 && rev(s)["replicas"].as_array().map(Vec::len) == Some(1)
+    });
+    let scale_down = t1.elapsed();
+    assert!(
+        scale_down >= Duration::from_secs(4),
+        "scaled down after {scale_down:?}, before the stable window could pass"
+    );
+    assert_eq!(rev(&s)["target"], 1);
+
+    // The trickle ran through the whole scale-down: every drained replica finished its
+    // requests, none failed. (hey prints its report on SIGINT.)
+    assert!(unsafe_kill(trickle.id(), libc::SIGINT));
+    let out = trickle.wait_with_output().unwrap();
+    let codes = hey_statuses(&out);
+    assert!(
+        codes.len() == 1 && codes[0].0 == 200 && codes[0].1 > 20,
+        "requests during the scale-down: {codes:?}\n{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+
+    // A replica killed → noticed and restarted in place, and serving again. (Requests in
+    // flight on it when it dies fail; that is the crash, not the scaler.)
+    let victim = rev(&s)["replicas"][0].clone();
+    let pid = victim["pid"].as_u64().unwrap();
+    assert!(unsafe_kill(pid as u32, libc::SIGKILL));
+    let s = up.wait(
+        Duration::from_secs(30),
+        "the killed replica restarted and ready",
+        |s| {
+            let r = &rev(s)["replicas"][0];
+            r["restarts"].as_u64() == Some(1) && r["ready"] == true && ready(s) == 1
+        },
+    );
+    assert_eq!(rev(&s)["replicas"][0]["name"], victim["name"]);
+    assert_ne!(rev(&s)["replicas"][0]["pid"], victim["pid"]);
+    // The gateway learns the new endpoint within a membership poll.
+    std::thread::sleep(Duration::from_millis(1000));
+    let out = hey(&listener, "scaled.example.com", 2, 2, &[])
+        .wait_with_output()
+        .unwrap();
+    let codes = hey_statuses(&out);
+    assert!(
+        codes.len() == 1 && codes[0].0 == 200,
+        "after the restart: {codes:?}"
+    );
+    for p in rev(&s)["pids"].as_array().unwrap() {
+        all_pids.push(p.as_u64().unwrap());
+    }
+
+    // Stop: SIGTERM → clean exit, nothing left.
+    let status = up.terminate(Duration::from_secs(60));
+    assert!(status.success(), "exit {status}:\n{}", up.output());
+    let end = up.state().unwrap();
+    assert_eq!(end["stopped"], true);
+    for p in end["pids"].as_array().unwrap() {
+        all_pids.push(p.as_u64().unwrap());
+    }
+    all_pids.sort_unstable();
+    all_pids.dedup();
+    let left: Vec<u64> = all_pids
+        .iter()
+        .copied()
+        .filter(|&p| alive(p as u32))
+        .collect();
+    assert!(left.is_empty(), "still running: {left:?}");
+    let log = up.output();
+    assert!(log.contains("leaves EDS, draining"), "{log}");
+    assert!(log.contains("exited unexpectedly"), "{log}");
+    eprintln!("scale-up 1→4 ready in {scale_up:?}; scale-down to 1 in {scale_down:?}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
