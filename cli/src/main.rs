@@ -13,7 +13,11 @@ mod render;
 mod up;
 
 #[derive(Parser)]
-#[command(name = "inflight", version, about = "Concurrency-aware routing for inference gateways")]
+#[command(
+    name = "inflight",
+    version,
+    about = "Concurrency-aware routing for inference gateways"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -23,6 +27,8 @@ struct Cli {
 enum Command {
     /// Run the local stack (Envoy + filter, predictor replicas, scaler) from one config file.
     Up(up::Args),
+    /// Live per-revision view of a running gateway (replicas, in-flight, queued, shed, req/s).
+    Top(up::TopArgs),
     /// Render gateway config from KServe InferenceService YAML.
     Render(render::Args),
     /// Benchmark the filter against plain Envoy, an empty wasm filter and Envoy's circuit breaker.
@@ -32,6 +38,7 @@ enum Command {
 fn main() -> anyhow::Result<()> {
     match Cli::parse().command {
         Command::Up(a) => up::run(a),
+        Command::Top(a) => up::top(a),
         Command::Render(a) => render::run(a),
         Command::Bench(a) => bench::run(a),
     }
