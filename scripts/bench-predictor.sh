@@ -98,6 +98,7 @@ start_predictor() { # name, extra flags...
   wait "$pid" || true
 }
 
+load_before="$(cut -d" " -f1-3 /proc/loadavg)"
 start_predictor predictor
 start_predictor predictor_nobatch --max-batch-size 1
 
@@ -122,7 +123,7 @@ raw1="$(raw 1)"
 rawbatch="$(raw 32)"
 
 echo
-echo "Machine: $(nproc) cores ($(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | sed 's/^ //')); hey -z $DURATION per level, after a 2 s warm-up; request: predictor/samples/mnist.json (one 28x28 PNG)."
+echo "Machine: $(nproc) cores ($(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | sed 's/^ //')); hey -z $DURATION per level, after a 2 s warm-up; request: predictor/samples/mnist.json (one 28x28 PNG); load average before the run: $load_before, after: $(cut -d" " -f1-3 /proc/loadavg) (the machine may be shared)."
 echo
 echo "| server | concurrency | requests/s | p50 ms | p99 ms |"
 echo "|---|---:|---:|---:|---:|"

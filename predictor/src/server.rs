@@ -4,7 +4,8 @@
 //!
 //! Bodies are read here, not by the protocol code, so that a body over `--max-body-bytes`
 //! (413) and a client that stops sending (408, after `--read-timeout`) cost nothing but their
-//! own connection. Headers get the same timeout from hyper.
+//! own connection; neither is ever buffered past the limit. Headers get the same timeout from
+//! hyper.
 
 use std::convert::Infallible;
 use std::future::Future;
