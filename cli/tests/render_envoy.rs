@@ -11,6 +11,8 @@
 //! Needs `.venv/bin/envoy` (`make setup`); builds filter.wasm itself. One test at a time (a
 //! lock): each starts Envoy on a two-core machine.
 
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)] // test code (clippy.toml allows it in #[test] fns only)
+
 mod render;
 
 use inflight_host_tests::client::Request;

@@ -6,6 +6,8 @@
 //! Every successful output is also checked by the filter's own parser (JSON) or the CRD
 //! schemas (YAML), so a golden file can never bless an invalid config.
 
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)] // test code (clippy.toml allows it in #[test] fns only)
+
 mod render;
 
 use render::{golden_dir, render, yaml_docs};

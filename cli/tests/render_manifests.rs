@@ -4,6 +4,8 @@
 //! what `inflight render` writes for the InferenceServices beside them, and every metric a
 //! query names is one the filter exports.
 
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)] // test code (clippy.toml allows it in #[test] fns only)
+
 mod render;
 
 use render::{manifests_dir, render_ok, validate_object, yaml_docs, yaml_files};

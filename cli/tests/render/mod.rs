@@ -6,7 +6,8 @@
 //! `x-kubernetes-preserve-unknown-fields` (`additionalProperties: false`), which is what
 //! `kubectl apply` does with its default strict field validation: a misspelt key is an error,
 //! not silently pruned. Other `x-kubernetes-*` keywords are left for the validator to ignore.
-#![allow(dead_code)]
+#![allow(dead_code)] // each test binary uses a different part
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 use serde::Deserialize as _;
 use serde_json::{json, Value};
