@@ -56,7 +56,11 @@ pub struct Args {
     pub warmup: Option<String>,
     /// Setups to run (default: all).
     #[arg(long, value_enum, value_delimiter = ',')]
-    pub setups: Vec<Setup>,
+    pub setups: Vec<SetupArg>,
+    /// Another build of the filter to run beside setup 2 with its configuration, as
+    /// `NAME=PATH.wasm` (repeatable): how a change to the filter moves the numbers, same run.
+    #[arg(long = "variant", value_parser = parse_variant)]
+    pub variants: Vec<(String, PathBuf)>,
     /// Load generator.
     #[arg(long, value_enum, default_value_t = LoadTool::Auto)]
     pub load: LoadTool,
@@ -71,8 +75,27 @@ pub struct Args {
     pub empty_wasm: Option<PathBuf>,
 }
 
+/// The fixed setups, as named on the command line.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum SetupArg {
+    Plain,
+    Inflight,
+    EmptyWasm,
+    NativeCb,
+    InflightCap,
+}
+
+fn parse_variant(s: &str) -> Result<(String, PathBuf), String> {
+    match s.split_once('=') {
+        Some((name, path)) if !name.is_empty() && !path.is_empty() => {
+            Ok((name.to_string(), PathBuf::from(path)))
+        }
+        _ => Err(format!("expected NAME=PATH.wasm, got {s:?}")),
+    }
+}
+
 /// A gateway setup.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, clap::ValueEnum)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub enum Setup {
     /// 1: Envoy, no filter.
     Plain,
@@ -84,6 +107,8 @@ pub enum Setup {
     NativeCb,
     /// 3: inflight at the same cap (buffers).
     InflightCap,
+    /// `--variant` number n: another filter build, configured as setup 2.
+    Variant(u8),
 }
 
 impl Setup {
@@ -95,18 +120,26 @@ impl Setup {
         Setup::InflightCap,
     ];
 
-    pub fn label(self) -> &'static str {
+    /// The name in tables; `variants` are the `--variant` names.
+    pub fn label(self, variants: &[String]) -> String {
         match self {
-            Setup::Plain => "1 plain",
-            Setup::Inflight => "2 inflight",
-            Setup::EmptyWasm => "4 empty-wasm",
-            Setup::NativeCb => "3 native-cb",
-            Setup::InflightCap => "3 inflight-cap",
+            Setup::Plain => "1 plain".into(),
+            Setup::Inflight => "2 inflight".into(),
+            Setup::EmptyWasm => "4 empty-wasm".into(),
+            Setup::NativeCb => "3 native-cb".into(),
+            Setup::InflightCap => "3 inflight-cap".into(),
+            Setup::Variant(i) => format!(
+                "2' {}",
+                variants.get(usize::from(i)).map_or("?", String::as_str)
+            ),
         }
     }
 
     fn uses_inflight(self) -> bool {
-        matches!(self, Setup::Inflight | Setup::InflightCap)
+        matches!(
+            self,
+            Setup::Inflight | Setup::InflightCap | Setup::Variant(_)
+        )
     }
 }
 
@@ -136,10 +169,24 @@ impl Plan {
             warmup: ms(args.warmup.as_deref().unwrap_or(w), "warmup")?,
             concurrency: args.concurrency.clone().unwrap_or(c),
             rounds: args.rounds.unwrap_or(r),
-            setups: if args.setups.is_empty() {
-                Setup::ALL.to_vec()
-            } else {
-                let mut s = args.setups.clone();
+            setups: {
+                let mut s: Vec<Setup> = if args.setups.is_empty() {
+                    Setup::ALL.to_vec()
+                } else {
+                    args.setups
+                        .iter()
+                        .map(|a| match a {
+                            SetupArg::Plain => Setup::Plain,
+                            SetupArg::Inflight => Setup::Inflight,
+                            SetupArg::EmptyWasm => Setup::EmptyWasm,
+                            SetupArg::NativeCb => Setup::NativeCb,
+                            SetupArg::InflightCap => Setup::InflightCap,
+                        })
+                        .collect()
+                };
+                let n = u8::try_from(args.variants.len())
+                    .map_err(|_| anyhow::anyhow!("at most 255 --variant builds"))?;
+                s.extend((0..n).map(Setup::Variant));
                 s.sort();
                 s.dedup();
                 s
@@ -181,6 +228,7 @@ fn measure(args: &Args) -> Result<Report> {
     std::fs::create_dir_all(&scratch)?;
     let _cleanup = RemoveOnDrop(scratch.clone());
 
+    let names: Vec<String> = args.variants.iter().map(|(n, _)| n.clone()).collect();
     let needs = |s: Setup| plan.setups.contains(&s);
     let filter = if needs(Setup::Inflight) || needs(Setup::InflightCap) {
         Some(match &args.wasm {
@@ -209,11 +257,17 @@ fn measure(args: &Args) -> Result<Report> {
     let max_c = plan.concurrency.iter().copied().max().unwrap_or(1);
     let mut gateways = Vec::new();
     for &setup in &plan.setups {
-        let spec = gateway_spec(setup, args.cap, max_c, filter.as_deref(), empty.as_deref())?;
+        let spec = match setup {
+            Setup::Variant(i) => {
+                let wasm = args.variants.get(usize::from(i)).map(|(_, p)| p.as_path());
+                gateway_spec(Setup::Inflight, args.cap, max_c, wasm, None)?
+            }
+            _ => gateway_spec(setup, args.cap, max_c, filter.as_deref(), empty.as_deref())?,
+        };
         let yaml = envoy::gateway_yaml(&spec, upstream.listener);
         let dir = scratch.join(format!("gateway-{setup:?}").to_lowercase());
         let gw = Envoy::start(&envoy_bin, &dir, &yaml, args.workers)
-            .with_context(|| format!("starting the gateway of setup {}", setup.label()))?;
+            .with_context(|| format!("starting the gateway of setup {}", setup.label(&names)))?;
         gateways.push((setup, gw));
     }
 
@@ -224,26 +278,27 @@ fn measure(args: &Args) -> Result<Report> {
         if warm.requests == 0 || warm.errors > 0 {
             bail!(
                 "setup {} answered {} requests with {} errors during warm-up:\n{}",
-                setup.label(),
+                setup.label(&names),
                 warm.requests,
                 warm.errors,
                 gw.log_tail(20)
             );
         }
-        if setup.uses_inflight() {
+        // (A variant may be stripped down to count nothing; it is not checked.)
+        if matches!(setup, Setup::Inflight | Setup::InflightCap) {
             let prom = gw.prometheus()?;
             let admitted =
                 envoy::counter_sum(&prom, &["inflight_requests_total", "outcome=\"admitted\""]);
             if admitted == 0 {
                 bail!(
                     "setup {}: the filter admitted nothing during warm-up (revision not matched?)",
-                    setup.label()
+                    setup.label(&names)
                 );
             }
         }
         eprintln!(
             "bench: warm-up {:<15} {:>8.0} req/s",
-            setup.label(),
+            setup.label(&names),
             warm.rps()
         );
     }
@@ -255,12 +310,13 @@ fn measure(args: &Args) -> Result<Report> {
             let n = gateways.len();
             for i in 0..n {
                 let (setup, gw) = &mut gateways[(i + round as usize) % n];
-                let sample = measure_one(&generator, *setup, gw, c, round, &plan, &scratch)?;
+                let sample =
+                    measure_one(&generator, *setup, &names, gw, c, round, &plan, &scratch)?;
                 eprintln!(
                     "bench: round {}/{} c={c:<4} {:<15} {:>8.0} req/s  p50 {:>6.0} µs  p99 {:>7.0} µs  {:>5.1} CPU µs/req{}",
                     round + 1,
                     plan.rounds,
-                    setup.label(),
+                    setup.label(&names),
                     sample.load.rps(),
                     sample.load.p50_us,
                     sample.load.p99_us,
@@ -284,21 +340,31 @@ fn measure(args: &Args) -> Result<Report> {
             machine: machine(),
             envoy: envoy_version(&envoy_bin),
             generator: generator.name().to_string(),
-            revision: git_revision(&root),
+            revision: match &args.wasm {
+                Some(p) => format!(
+                    "{} (filter.wasm given: {})",
+                    git_revision(&root),
+                    p.display()
+                ),
+                None => git_revision(&root),
+            },
             duration: inflight_core::duration::format_ms(
                 u64::try_from(plan.duration.as_millis()).unwrap_or(u64::MAX),
             ),
             rounds: plan.rounds,
             workers: args.workers,
             cap: args.cap,
+            variants: names,
         },
         samples,
     })
 }
 
+#[allow(clippy::too_many_arguments)]
 fn measure_one(
     generator: &Generator,
     setup: Setup,
+    names: &[String],
     gw: &mut Envoy,
     c: u32,
     round: u32,
@@ -317,14 +383,14 @@ fn measure_one(
     if !gw.alive() {
         bail!(
             "the gateway of setup {} died during the run:\n{}",
-            setup.label(),
+            setup.label(&names),
             gw.log_tail(40)
         );
     }
     if load.errors > 0 {
         bail!(
             "setup {} at c={c}: {} socket errors or timeouts (of {} requests)",
-            setup.label(),
+            setup.label(&names),
             load.errors,
             load.requests
         );
@@ -403,6 +469,7 @@ fn gateway_spec(
             filter: inflight(cap, max_c)?,
             max_requests: NO_LIMIT,
         },
+        Setup::Variant(_) => bail!("a variant is configured as setup 2"),
     })
 }
 
@@ -589,12 +656,18 @@ mod tests {
             quick: true,
             workers: 2,
             cap: 10,
-            setups: vec![Setup::Inflight, Setup::Plain, Setup::Plain],
+            setups: vec![SetupArg::Inflight, SetupArg::Plain, SetupArg::Plain],
+            variants: vec![("x".into(), PathBuf::from("x.wasm"))],
             ..Args::default()
         })
         .unwrap();
         assert_eq!((quick.rounds, quick.duration), (1, Duration::from_secs(1)));
-        assert_eq!(quick.setups, vec![Setup::Plain, Setup::Inflight]);
+        assert_eq!(
+            quick.setups,
+            vec![Setup::Plain, Setup::Inflight, Setup::Variant(0)]
+        );
+        assert!(parse_variant("a=b.wasm").is_ok());
+        assert!(parse_variant("=b.wasm").is_err() && parse_variant("a").is_err());
         for bad in [
             Args {
                 duration: Some("0s".into()),

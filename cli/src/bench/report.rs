@@ -74,6 +74,8 @@ pub struct Meta {
     pub rounds: u32,
     pub workers: u32,
     pub cap: u32,
+    /// Names of the `--variant` builds.
+    pub variants: Vec<String>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -189,7 +191,7 @@ impl Report {
                 let _ = writeln!(
                     out,
                     "| {c} | {} | {:.0} [{:.0}–{:.0}] | {:.1} | {:.0} | {:.0} | {:.0} | {:.1} |",
-                    setup.label(),
+                    setup.label(&self.meta.variants),
                     rps.median,
                     rps.min,
                     rps.max,
@@ -227,7 +229,7 @@ impl Report {
         let ok = |s: &Sample| s.load.ok_rps();
         let p50 = |s: &Sample| s.load.p50_us;
         let cpu = |s: &Sample| s.cpu_us_per_req;
-        vec![
+        let mut rows = vec![
             row("2/1 inflight / plain, req/s", Inflight, Plain, rps, false),
             row("2−1 inflight − plain, p50 µs", Inflight, Plain, p50, true),
             row(
@@ -286,7 +288,39 @@ impl Report {
                 cpu,
                 true,
             ),
-        ]
+        ];
+        for (i, name) in self.meta.variants.iter().enumerate() {
+            let v = Variant(u8::try_from(i).unwrap_or(u8::MAX));
+            rows.push(row(
+                &format!("2'/2 {name} / inflight, req/s"),
+                v,
+                Inflight,
+                rps,
+                false,
+            ));
+            rows.push(row(
+                &format!("2'−2 {name} − inflight, p50 µs"),
+                v,
+                Inflight,
+                p50,
+                true,
+            ));
+            rows.push(row(
+                &format!("2'−2 {name} − inflight, CPU µs/req"),
+                v,
+                Inflight,
+                cpu,
+                true,
+            ));
+            rows.push(row(
+                &format!("2'−4 {name} − empty-wasm, CPU µs/req"),
+                v,
+                EmptyWasm,
+                cpu,
+                true,
+            ));
+        }
+        rows
     }
 
     fn ratios_table(&self) -> String {
@@ -367,7 +401,7 @@ impl Report {
                 let _ = writeln!(
                     out,
                     "| {c} | {} | {:.0} | {:.1} | {:.0} | {:.0} | {:.0} | {} | {} | {} | {} |",
-                    setup.label(),
+                    setup.label(&self.meta.variants),
                     ok.median,
                     med(&|s| 100.0 * s.load.non_2xx as f64 / (s.load.requests.max(1)) as f64),
                     med(&|s| s.load.p50_us),
