@@ -3,6 +3,7 @@
 //! - [`envoy`]: real Envoy processes (from the project's `.venv`), config generation, stats;
 //! - [`upstream`]: a recording test upstream; [`client`]: a raw HTTP/1.1 client;
 //! - [`emu`]: the emulated proxy-wasm host on wasmtime (many workers, virtual clock).
+pub mod chaos;
 pub mod client;
 pub mod emu;
 pub mod envoy;

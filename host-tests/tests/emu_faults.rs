@@ -138,52 +138,151 @@ fn grant_to_a_wake_queue_that_is_gone_passes_to_the_next_ticket() {
 
 /// A worker VM dies (Envoy: a trap kills the VM; nothing more is called on it or its streams;
 /// its wake queue stays registered, so grants sent to it are lost). What the filter does:
-/// - waiters on other workers are not stranded: they are shed at their max wait;
-/// - the dead VM's waiters are reaped from the shared FIFO after the orphan age (≥ 6 s);
-/// - **known limit**: slots held by the dead VM's admitted streams, and grants sent to its
-///   waiters, are never released. Measured bound: leaked slots = admitted streams on the dead
-///   VM + grants delivered to it before its waiters were reaped.
+/// - waiters on other workers are not stranded: they keep their place and are served once the
+///   dead VM's slots come back (or shed at their max wait, whichever is first);
+/// - survivors reclaim the dead VM's slots (its admitted streams and the grants sent to it) and
+///   its waiters at their first tick after its heartbeat is older than max(5 s, 50 ticks): with
+///   a 50 ms tick, at the first tick past 5 000 ms after its last beat (here t = 5 050 ms).
 #[test]
 fn vm_crash_with_admitted_and_waiting_streams() {
     let mut h = Host::builder(Filter::built())
         .workers(3)
-        .plugin_config(config_a(2, 5, 1000))
+        .plugin_config(config_a(2, 5, 10_000))
         .failure_policy(FailurePolicy::Closed)
         .build()
         .unwrap();
     let r0 = h.request(0, A).send();
     let r1 = h.request(1, A).send();
     let r2 = h.request(1, A).send();
+    let r2b = h.request(1, A).send();
     let r3 = h.request(2, A).send();
     assert_eq!(h.upstream(), vec![r0, r1]);
-    assert_eq!((h.state(r2), h.state(r3)), (State::Paused, State::Paused));
+    assert_eq!(
+        (h.state(r2), h.state(r2b), h.state(r3)),
+        (State::Paused, State::Paused, State::Paused)
+    );
     h.advance(10);
+    // Worker 1's VM last beat at t = 0 (on_configure); its first tick would have been t = 50.
     h.kill(1);
     h.finish(r0, 200); // grants r2 (oldest ticket), on the dead VM: the wake is dropped
     assert_eq!(h.dropped_events().len(), 1);
     assert_eq!(h.state(r2), State::Paused, "stranded on the dead VM");
     h.finish(r1, 200); // upstream finishes; the dead VM never sees it
     assert!(h.upstream().is_empty());
-    h.advance(40);
-    assert_eq!(
-        h.gauge(&m("active")),
-        2,
-        "2 slots leaked: r1's and the grant to r2"
-    );
-    // r3 on a live worker is shed at its max wait, not stranded.
-    h.advance(1000);
-    let reply = h.reply(r3);
-    assert_eq!(reply.header("x-inflight-shed"), Some("wait-timeout"));
-    assert_eq!(reply.at_ms, 1000);
-    // The revision has no capacity left: new requests wait and time out.
     let r4 = h.request(0, A).send();
-    assert_eq!(h.state(r4), State::Paused);
-    h.advance(1000);
-    assert_eq!(h.reply(r4).header("x-inflight-shed"), Some("wait-timeout"));
-    // Requests on the dead worker: fail closed (the host answers).
-    let r5 = h.request(1, A).send();
-    assert_eq!(h.reply(r5).details, "wasm_fail_stream");
+    assert_eq!(h.state(r4), State::Paused, "FIFO: behind r2b and r3");
+    // Until the bound the dead VM's 2 slots (r1's and the grant to r2) and r2b's place count.
+    h.advance(4_990);
+    assert_eq!(h.now_ms(), 5_000);
     assert_eq!(h.gauge(&m("active")), 2);
+    assert_eq!(h.gauge(&m("queued")), 3, "r2b (dead VM), r3, r4");
+    assert_eq!((h.state(r3), h.state(r4)), (State::Paused, State::Paused));
+    // First tick with the heartbeat older than 5 000 ms: reclaimed, and the survivors' waiters
+    // get the slots in FIFO order, on their own workers, at that tick.
+    h.advance(50);
+    assert_eq!(
+        h.state(r3),
+        State::Resumed {
+            worker: 2,
+            at_ms: 5_050
+        }
+    );
+    assert_eq!(
+        h.state(r4),
+        State::Resumed {
+            worker: 0,
+            at_ms: 5_050
+        }
+    );
+    assert_eq!(h.resume_order(), vec![r3, r4]);
+    assert_eq!(
+        h.state(r2b),
+        State::Paused,
+        "dead VM's stream: never resumed"
+    );
+    let logs: Vec<String> = h.logs(0).into_iter().chain(h.logs(2)).collect();
+    let reclaimed: Vec<&String> = logs
+        .iter()
+        .filter(|l| l.contains("reclaimed 2 slot(s) and 1 waiter(s) of dead worker VM(s)"))
+        .collect();
+    assert_eq!(reclaimed.len(), 1, "one survivor reclaims, once: {logs:#?}");
+    h.advance(50);
+    assert_eq!(h.gauge(&m("active")), 2, "r3 and r4");
+    assert_eq!(h.gauge(&m("queued")), 0);
+    h.finish(r3, 200);
+    h.finish(r4, 200);
+    h.advance(50);
+    assert_eq!(h.gauge(&m("active")), 0, "nothing leaked");
+    assert_eq!(
+        h.counter(&m("admitted")),
+        4,
+        "r0, r1, r3, r4 (r2's grant died with its VM)"
+    );
+    // Full capacity again: two new requests go straight upstream.
+    let r5 = h.request(0, A).send();
+    let r6 = h.request(2, A).send();
+    assert_eq!(
+        (h.state(r5), h.state(r6)),
+        (State::Admitted, State::Admitted)
+    );
+    // Requests on the dead worker: fail closed (the host answers).
+    let r7 = h.request(1, A).send();
+    assert_eq!(h.reply(r7).details, "wasm_fail_stream");
+    assert!(h.anomalies().is_empty(), "{:#?}", h.anomalies());
+}
+
+/// A survivor that is merely slow is not reaped: a VM that keeps beating keeps its slots,
+/// however long its streams last.
+#[test]
+fn a_live_vm_holding_slots_for_long_is_not_reaped() {
+    let mut h = Host::new(Filter::built(), 2, &config_a(1, 5, 60_000));
+    let r0 = h.request(1, A).send();
+    let r1 = h.request(0, A).send();
+    h.advance(30_000);
+    assert_eq!(
+        h.state(r1),
+        State::Paused,
+        "still waiting: the slot is really held"
+    );
+    assert_eq!(h.gauge(&m("active")), 1);
+    assert!(
+        !h.logs(0).iter().any(|l| l.contains("reclaimed")),
+        "{:#?}",
+        h.logs(0)
+    );
+    h.finish(r0, 200);
+    assert!(matches!(h.state(r1), State::Resumed { worker: 0, .. }));
+}
+
+/// The bound follows the tick: with a 200 ms tick, 50 ticks (10 s) is above the 5 s floor.
+#[test]
+fn vm_crash_reclaim_bound_is_fifty_ticks_when_that_exceeds_five_seconds() {
+    let config = json!({
+        "revisions": [{
+            "name": "rev-a", "hosts": [A], "containerConcurrency": 1, "readyReplicas": 1,
+            "bufferDepth": 5, "maxWait": "60s"
+        }],
+        "tick": "200ms"
+    })
+    .to_string();
+    let mut h = Host::new(Filter::built(), 2, &config);
+    let _r0 = h.request(1, A).send();
+    let r1 = h.request(0, A).send();
+    h.kill(1);
+    h.advance(10_000);
+    assert_eq!(
+        h.state(r1),
+        State::Paused,
+        "heartbeat age 10 000 ms: not above the bound"
+    );
+    h.advance(200);
+    assert_eq!(
+        h.state(r1),
+        State::Resumed {
+            worker: 0,
+            at_ms: 10_200
+        }
+    );
 }
 
 #[test]
