@@ -383,14 +383,14 @@ fn measure_one(
     if !gw.alive() {
         bail!(
             "the gateway of setup {} died during the run:\n{}",
-            setup.label(&names),
+            setup.label(names),
             gw.log_tail(40)
         );
     }
     if load.errors > 0 {
         bail!(
             "setup {} at c={c}: {} socket errors or timeouts (of {} requests)",
-            setup.label(&names),
+            setup.label(names),
             load.errors,
             load.requests
         );
