@@ -1020,3 +1020,49 @@ pub fn run(plan: &Plan) -> Result<Report> {
 pub fn release_wasm() -> PathBuf {
     envoy::filter_wasm()
 }
+
+/// The filter built with the test-only `fault-injection` feature (a request with
+/// `x-inflight-fault: panic` panics its VM), in its own target directory
+/// (`target-chaos-wasm/`), built once per process:
+///
+/// ```text
+/// CARGO_TARGET_DIR=target-chaos-wasm cargo build -p inflight-filter --target wasm32-wasip1 \
+///     --profile wasm --features fault-injection
+/// ```
+pub fn fault_wasm() -> Result<PathBuf> {
+    static PATH: std::sync::OnceLock<Result<PathBuf, String>> = std::sync::OnceLock::new();
+    PATH.get_or_init(|| {
+        let root = envoy::workspace_root();
+        let target_dir = root.join("target-chaos-wasm");
+        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+        let status = std::process::Command::new(cargo)
+            .current_dir(&root)
+            .env("CARGO_TARGET_DIR", &target_dir)
+            .env_remove("RUSTFLAGS")
+            .env_remove("CARGO_ENCODED_RUSTFLAGS")
+            .args([
+                "build",
+                "-p",
+                "inflight-filter",
+                "--target",
+                "wasm32-wasip1",
+                "--profile",
+                "wasm",
+                "--features",
+                "fault-injection",
+            ])
+            .status()
+            .map_err(|e| format!("could not run cargo: {e}"))?;
+        if !status.success() {
+            return Err("building the fault-injection filter.wasm failed".into());
+        }
+        Ok(target_dir.join("wasm32-wasip1/wasm/inflight_filter.wasm"))
+    })
+    .clone()
+    .map_err(anyhow::Error::msg)
+}
+
+/// Whether `haystack` contains `needle` (for checking what a wasm binary carries).
+pub fn contains_bytes(haystack: &[u8], needle: &[u8]) -> bool {
+    !needle.is_empty() && haystack.windows(needle.len()).any(|w| w == needle)
+}
