@@ -56,28 +56,40 @@ wait_ok() { # url: until it answers 200 (60 s at most)
   return 1
 }
 
-# hey's summary → "rps p50_ms p99_ms"; fails if any answer was not 200.
-measure() { # url concurrency
+# CPU time (user + system, in clock ticks) a process has used so far.
+cpu_ticks() { awk '{sub(/.*\) /, ""); print $12 + $13}' "/proc/$1/stat"; }
+tick="$(getconf CLK_TCK)"
+
+# hey's summary → "rps p50_ms p99_ms server_cpu_us_per_request"; fails if any answer was not 200.
+# The CPU column is the server process's own CPU time per answered request: unlike requests/s
+# it does not move when other processes share the machine.
+measure() { # url concurrency server_pid
   local out="$work/hey.txt"
   hey -z 2s -c "$2" -m POST -T application/json -D "$sample" "$1" >/dev/null # warm-up
+  local before after
+  before="$(cpu_ticks "$3")"
   hey -z "$DURATION" -c "$2" -m POST -T application/json -D "$sample" "$1" >"$out"
+  after="$(cpu_ticks "$3")"
   if grep -E '^\s+\[[0-9]+\]' "$out" | grep -vqE '^\s+\[200\]' || grep -q 'Error distribution' "$out"; then
     echo "bench: non-200 answers from $1:" >&2
     cat "$out" >&2
     return 1
   fi
-  awk '/Requests\/sec:/ {rps=$2}
-       /^ +50%+ in/ {p50=sprintf("%.2f", $3*1000)}
-       /^ +99%+ in/ {p99=sprintf("%.2f", $3*1000)}
-       END {if (p50 == "") p50 = "nan"; if (p99 == "") p99 = "nan"; printf "%.0f %s %s\n", rps, p50, p99}' "$out"
+  awk -v cpu="$((after - before))" -v tick="$tick" \
+    '/Requests\/sec:/ {rps=$2}
+     /^ +50%+ in/ {p50=sprintf("%.2f", $3*1000)}
+     /^ +99%+ in/ {p99=sprintf("%.2f", $3*1000)}
+     /^ +\[200\]/ {n=$2}
+     END {if (p50 == "") p50 = "nan"; if (p99 == "") p99 = "nan";
+          printf "%.0f %s %s %.0f\n", rps, p50, p99, (n > 0 ? 1e6 * cpu / tick / n : 0)}' "$out"
 }
 
-declare -A rps p50 p99
-run_levels() { # name url
+declare -A rps p50 p99 cpu
+run_levels() { # name url server_pid
   for c in $LEVELS; do
-    read -r r a b < <(measure "$2" "$c")
-    rps["$1,$c"]=$r p50["$1,$c"]=$a p99["$1,$c"]=$b
-    echo "bench: $1 c=$c: $r req/s, p50 $a ms, p99 $b ms" >&2
+    read -r r a b u < <(measure "$2" "$c" "$3")
+    rps["$1,$c"]=$r p50["$1,$c"]=$a p99["$1,$c"]=$b cpu["$1,$c"]=$u
+    echo "bench: $1 c=$c: $r req/s, p50 $a ms, p99 $b ms, $u us CPU per request" >&2
   done
 }
 
@@ -93,7 +105,7 @@ start_predictor() { # name, extra flags...
   local addr
   addr="$(sed -n 's/^listening on //p' "$work/predictor.out")"
   wait_ok "http://$addr/v2/health/ready"
-  run_levels "$name" "http://$addr/v1/models/mnist:predict"
+  run_levels "$name" "http://$addr/v1/models/mnist:predict" "$pid"
   kill "$pid"
   wait "$pid" || true
 }
@@ -110,23 +122,23 @@ pids+=("$kserve_pid")
 wait_ok "http://127.0.0.1:$port/v1/models/mnist"
 answer="$(curl -s -X POST -H 'content-type: application/json' -d @"$sample" "http://127.0.0.1:$port/v1/models/mnist:predict")"
 [[ "$answer" == '{"predictions":[2]}' ]] || { echo "bench: KServe answered $answer" >&2; exit 1; }
-run_levels kserve "http://127.0.0.1:$port/v1/models/mnist:predict"
+run_levels kserve "http://127.0.0.1:$port/v1/models/mnist:predict" "$kserve_pid"
 kill "$kserve_pid"
 wait "$kserve_pid" || true
 
-raw() { # batch → images/s
+raw() { # batch → "images/s cpu_us_per_image"
   (cd "$repo" && cargo bench -q -p inflight-predictor --bench raw_inference -- \
     --workers 1 --threads 1 --batch "$1" --seconds 5 --model-dir "$model_dir" 2>/dev/null) |
-    sed -n 's/.*: \([0-9]*\) images\/s.*/\1/p'
+    sed -n 's/.*: \([0-9]*\) images\/s.*, \([0-9.]*\) cpu_us per image/\1 \2/p'
 }
-raw1="$(raw 1)"
-rawbatch="$(raw 32)"
+read -r raw1 rawcpu1 < <(raw 1)
+read -r rawbatch rawcpubatch < <(raw 32)
 
 echo
 echo "Machine: $(nproc) cores ($(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | sed 's/^ //')); hey -z $DURATION per level, after a 2 s warm-up; request: predictor/samples/mnist.json (one 28x28 PNG); load average before the run: $load_before, after: $(cut -d" " -f1-3 /proc/loadavg) (the machine may be shared)."
 echo
-echo "| server | concurrency | requests/s | p50 ms | p99 ms |"
-echo "|---|---:|---:|---:|---:|"
+echo "| server | concurrency | requests/s | p50 ms | p99 ms | server CPU per request |"
+echo "|---|---:|---:|---:|---:|---:|"
 for name in predictor predictor_nobatch kserve; do
   case "$name" in
     predictor) label="inflight-predictor (defaults: batching on)" ;;
@@ -134,16 +146,17 @@ for name in predictor predictor_nobatch kserve; do
     kserve) label="KServe 0.21 Python server" ;;
   esac
   for c in $LEVELS; do
-    echo "| $label | $c | ${rps[$name,$c]} | ${p50[$name,$c]} | ${p99[$name,$c]} |"
+    echo "| $label | $c | ${rps[$name,$c]} | ${p50[$name,$c]} | ${p99[$name,$c]} | ${cpu[$name,$c]} µs |"
   done
 done
 echo
-echo "Raw in-process tch inference (1 worker, 1 intra-op thread): batch 1: $raw1 images/s; batch 32 (the default --max-batch-size): $rawbatch images/s."
+echo "Raw in-process tch inference (1 worker, 1 intra-op thread, no HTTP): batch 1: $raw1 images/s, $rawcpu1 µs CPU per image; batch 32 (the default --max-batch-size): $rawbatch images/s, $rawcpubatch µs CPU per image."
 echo
-echo "| concurrency | predictor / KServe (req/s) | predictor / raw batch-1 inference | predictor / raw batch-32 inference | batching on / off |"
-echo "|---:|---:|---:|---:|---:|"
+echo "| concurrency | predictor / KServe, requests/s | KServe / predictor, CPU per request | predictor / raw batch-1, requests/s | raw batch-1 / predictor, CPU per image | batching on / off, requests/s |"
+echo "|---:|---:|---:|---:|---:|---:|"
 for c in $LEVELS; do
-  awk -v p="${rps[predictor,$c]}" -v k="${rps[kserve,$c]}" -v r="$raw1" -v rb="$rawbatch" \
+  awk -v p="${rps[predictor,$c]}" -v k="${rps[kserve,$c]}" -v r="$raw1" \
+    -v pc="${cpu[predictor,$c]}" -v kc="${cpu[kserve,$c]}" -v rc="$rawcpu1" \
     -v n="${rps[predictor_nobatch,$c]}" -v c="$c" \
-    'BEGIN {printf "| %s | %.1fx | %.0f %% | %.0f %% | %.2fx |\n", c, p/k, 100*p/r, 100*p/rb, p/n}'
+    'BEGIN {printf "| %s | %.1fx | %.1fx | %.0f %% | %.0f %% | %.2fx |\n", c, p/k, kc/pc, 100*p/r, 100*rc/pc, p/n}'
 done

@@ -41,6 +41,10 @@ pub struct Config {
     #[arg(long, env = "INFLIGHT_PREDICTOR_WORKERS", default_value_t = 1)]
     pub workers: usize,
 
+    /// Threads of the async runtime that serve HTTP (parsing, decoding, answering).
+    #[arg(long, env = "INFLIGHT_PREDICTOR_IO_THREADS", default_value_t = 1)]
+    pub io_threads: usize,
+
     /// libtorch intra-op threads per worker (0 = libtorch's default, one per core).
     #[arg(long, env = "INFLIGHT_PREDICTOR_THREADS", default_value_t = 1)]
     pub threads: usize,
@@ -86,6 +90,7 @@ impl Config {
             host: IpAddr::from([127, 0, 0, 1]),
             port: 8080,
             workers: 1,
+            io_threads: 1,
             threads: 1,
             max_batch_size: 32,
             max_batch_delay: Duration::ZERO,

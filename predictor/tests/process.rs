@@ -249,6 +249,7 @@ fn help_lists_every_flag_with_its_env_var() {
         "--host",
         "--port",
         "--workers",
+        "--io-threads",
         "--threads",
         "--max-batch-size",
         "--max-batch-delay",
