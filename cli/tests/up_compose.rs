@@ -3,6 +3,9 @@
 //! compose file mounts it to replaced by the local build, and the plugin config it embeds
 //! accepted by the filter's own parser. Also validates the bootstrap `inflight up` generates.
 
+// Test helpers and tests: failing loudly is the point.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
 mod up_common;
 
 use std::process::Command;

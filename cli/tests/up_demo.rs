@@ -4,6 +4,9 @@
 //! no 5xx from the predictors), never let more than cc requests into one predictor, stopped
 //! every process it started, and wrote the plot.
 
+// Test helpers and tests: failing loudly is the point.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
 mod up_common;
 
 use std::time::Duration;

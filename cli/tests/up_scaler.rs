@@ -7,6 +7,9 @@
 //! each takes ~50 ms and the gateway's average concurrency equals the number of clients even on
 //! a busy 2-core machine; the scaler's logic, not the model's speed, is under test.
 
+// Test helpers and tests: failing loudly is the point.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
 mod up_common;
 
 use std::time::{Duration, Instant};

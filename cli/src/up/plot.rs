@@ -8,6 +8,9 @@ use plotters::prelude::*;
 use std::path::Path;
 use std::sync::OnceLock;
 
+/// A line of the plot: legend, colour, value at a point.
+type Series = (&'static str, RGBColor, fn(&Point) -> f64);
+
 /// One point of the timeline.
 #[derive(Debug, Clone, Copy, Default, PartialEq, serde::Serialize)]
 pub struct Point {
@@ -63,7 +66,7 @@ pub fn draw(path: &Path, revision: &str, points: &[Point], markers: &[(f64, &str
         .fold(1.0, f64::max)
         + 1.0;
 
-    let series: [(&str, RGBColor, fn(&Point) -> f64); 4] = [
+    let series: [Series; 4] = [
         ("demand (in-flight + queued)", RGBColor(214, 39, 40), |p| {
             p.demand
         }),
@@ -151,7 +154,7 @@ pub fn draw(path: &Path, revision: &str, points: &[Point], markers: &[(f64, &str
             .draw()
             .map_err(|e| anyhow!("{e}"))?;
     }
-    let reps: [(&str, RGBColor, fn(&Point) -> f64); 2] = [
+    let reps: [Series; 2] = [
         ("desired (gateway)", RGBColor(148, 103, 189), |p| p.desired),
         ("ready", RGBColor(44, 160, 44), |p| p.ready),
     ];
