@@ -1,51 +1,79 @@
-//! The message a worker sends another worker's wake queue: "this ticket of this revision now
-//! holds a slot; resume that stream (or pass the slot on if it is gone)".
+//! Messages a worker VM finds on its wake queue.
 //!
-//! Carries the revision by name, not index, so it stays meaningful across a configuration
+//! - [`Wake::Grant`]: "this ticket of this revision now holds a slot; resume that stream (or pass
+//!   the slot on if it is gone)", sent by whichever worker freed the slot;
+//! - [`Wake::Release`]: "release one slot of this revision now", sent by a VM to itself to let a
+//!   stream's release wait one event-loop turn (see the filter's `on_done`).
+//!
+//! Revisions travel by name, not index, so a message stays meaningful across a configuration
 //! reload (old and new VMs run side by side and share revision state by name).
 
 use thiserror::Error;
 
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Wake {
-    pub revision: String,
-    pub ticket: u64,
-    pub context: u32,
+pub enum Wake {
+    Grant {
+        revision: String,
+        ticket: u64,
+        context: u32,
+    },
+    Release {
+        revision: String,
+    },
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Error)]
 #[error("malformed wake message ({0} bytes)")]
 pub struct WakeDecodeError(pub usize);
 
+const GRANT: u8 = 1;
+const RELEASE: u8 = 2;
+
 impl Wake {
+    pub fn revision(&self) -> &str {
+        match self {
+            Wake::Grant { revision, .. } | Wake::Release { revision } => revision,
+        }
+    }
+
+    /// `kind, name length, name, [ticket, context]`.
     pub fn encode(&self) -> Vec<u8> {
-        let name = self.revision.as_bytes();
+        let name = self.revision().as_bytes();
         let len = name.len().min(255);
-        let mut out = Vec::with_capacity(1 + len + 12);
+        let mut out = Vec::with_capacity(2 + len + 12);
+        out.push(match self {
+            Wake::Grant { .. } => GRANT,
+            Wake::Release { .. } => RELEASE,
+        });
         out.push(len as u8);
         out.extend_from_slice(&name[..len]);
-        out.extend_from_slice(&self.ticket.to_le_bytes());
-        out.extend_from_slice(&self.context.to_le_bytes());
+        if let Wake::Grant { ticket, context, .. } = self {
+            out.extend_from_slice(&ticket.to_le_bytes());
+            out.extend_from_slice(&context.to_le_bytes());
+        }
         out
     }
 
     pub fn decode(bytes: &[u8]) -> Result<Wake, WakeDecodeError> {
         let err = || WakeDecodeError(bytes.len());
-        let (&len, rest) = bytes.split_first().ok_or_else(err)?;
+        let (&kind, rest) = bytes.split_first().ok_or_else(err)?;
+        let (&len, rest) = rest.split_first().ok_or_else(err)?;
         let len = usize::from(len);
-        if rest.len() != len + 12 {
-            return Err(err());
-        }
-        let (name, rest) = rest.split_at(len);
-        let (ticket, context) = rest.split_at(8);
+        let name = rest.get(..len).ok_or_else(err)?;
+        let rest = rest.get(len..).ok_or_else(err)?;
         let revision = std::str::from_utf8(name).map_err(|_| err())?.to_string();
-        let ticket = u64::from_le_bytes(ticket.try_into().map_err(|_| err())?);
-        let context = u32::from_le_bytes(context.try_into().map_err(|_| err())?);
-        Ok(Wake {
-            revision,
-            ticket,
-            context,
-        })
+        match kind {
+            GRANT if rest.len() == 12 => {
+                let (ticket, context) = rest.split_at(8);
+                Ok(Wake::Grant {
+                    revision,
+                    ticket: u64::from_le_bytes(ticket.try_into().map_err(|_| err())?),
+                    context: u32::from_le_bytes(context.try_into().map_err(|_| err())?),
+                })
+            }
+            RELEASE if rest.is_empty() => Ok(Wake::Release { revision }),
+            _ => Err(err()),
+        }
     }
 }
 
@@ -55,19 +83,25 @@ mod tests {
 
     #[test]
     fn round_trip_and_rejects() {
-        let w = Wake {
+        let g = Wake::Grant {
             revision: "torchserve".into(),
             ticket: 42,
             context: 7,
         };
-        assert_eq!(Wake::decode(&w.encode()), Ok(w.clone()));
-        let b = w.encode();
-        assert!(Wake::decode(&b[..b.len() - 1]).is_err());
+        let r = Wake::Release {
+            revision: "torchserve".into(),
+        };
+        for w in [&g, &r] {
+            assert_eq!(Wake::decode(&w.encode()).as_ref(), Ok(w));
+            let b = w.encode();
+            assert!(Wake::decode(&b[..b.len() - 1]).is_err(), "truncated {w:?}");
+            let mut long = b.clone();
+            long.push(0);
+            assert!(Wake::decode(&long).is_err(), "trailing {w:?}");
+        }
         assert!(Wake::decode(&[]).is_err());
-        assert!(
-            Wake::decode(&[1, 0xff, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0]).is_err(),
-            "not utf-8"
-        );
+        assert!(Wake::decode(&[9, 0]).is_err(), "unknown kind");
+        assert!(Wake::decode(&[RELEASE, 1, 0xff]).is_err(), "not utf-8");
     }
 
     proptest::proptest! {

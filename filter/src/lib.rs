@@ -209,7 +209,12 @@ impl RootContext for Root {
                 }
             };
             match Wake::decode(&bytes) {
-                Ok(w) => on_wake(&self.vm, w),
+                Ok(Wake::Grant {
+                    revision,
+                    ticket,
+                    context,
+                }) => on_grant(&self.vm, &revision, ticket, context),
+                Ok(Wake::Release { revision }) => on_deferred_release(&self.vm, &revision),
                 Err(e) => log::warn!("{e}"),
             }
         }
@@ -223,6 +228,7 @@ impl RootContext for Root {
         Some(Box::new(Stream {
             context: context_id,
             vm: Rc::clone(&self.vm),
+            response_complete: false,
         }))
     }
 
@@ -234,6 +240,8 @@ impl RootContext for Root {
 struct Stream {
     context: u32,
     vm: SharedVm,
+    /// The upstream's response ended (end of stream seen); see `on_done`.
+    response_complete: bool,
 }
 
 impl Context for Stream {
@@ -241,6 +249,13 @@ impl Context for Stream {
         let now = clock::now_ms();
         let state = self.vm.borrow_mut().streams.remove(&self.context);
         match state {
+            // A stream that ends before its response did (client left, reset) still has an
+            // upstream request open: Envoy destroys filters in chain order, so the router resets
+            // it only after this callback. Releasing now could let the next request reach the
+            // upstream first (limit + 1 there); release one event-loop turn later instead.
+            Some(StreamState::Admitted { rev }) if !self.response_complete => {
+                defer_release(&self.vm, rev, now)
+            }
             Some(StreamState::Admitted { rev }) => release(&self.vm, rev, now),
             Some(StreamState::Waiting { rev, ticket, .. }) => {
                 let Some(r) = self.vm.borrow().revision(rev) else {
@@ -268,6 +283,21 @@ impl Stream {
 }
 
 impl HttpContext for Stream {
+    fn on_http_response_headers(&mut self, _num_headers: usize, end_of_stream: bool) -> Action {
+        self.response_complete |= end_of_stream;
+        Action::Continue
+    }
+
+    fn on_http_response_body(&mut self, _body_size: usize, end_of_stream: bool) -> Action {
+        self.response_complete |= end_of_stream;
+        Action::Continue
+    }
+
+    fn on_http_response_trailers(&mut self, _num_trailers: usize) -> Action {
+        self.response_complete = true;
+        Action::Continue
+    }
+
     /// A paused request stays paused while its body arrives: returning Continue here would make
     /// Envoy send the held headers upstream and bypass the limit. Envoy buffers the body (up to
     /// the connection's buffer limit) until the grant resumes the stream.
@@ -436,7 +466,7 @@ fn deliver(vm: &SharedVm, r: &Revision, grants: Vec<Grant>, now: u64) {
     let mut pending: VecDeque<Grant> = grants.into();
     let mut handovers = 0;
     while let Some(g) = pending.pop_front() {
-        let message = Wake {
+        let message = Wake::Grant {
             revision: r.config.name.clone(),
             ticket: g.ticket,
             context: g.owner.context,
@@ -482,40 +512,71 @@ fn wake_token(vm: &SharedVm, owner: u32) -> Option<u32> {
 }
 
 /// A grant arrived for one of this VM's streams.
-fn on_wake(vm: &SharedVm, w: Wake) {
+fn on_grant(vm: &SharedVm, revision: &str, ticket: u64, context: u32) {
     let now = clock::now_ms();
     let Some(config) = vm.borrow().config.clone() else {
         return;
     };
-    let Some(rev) = config.table.match_name(&w.revision) else {
-        log::warn!("grant for unknown revision `{}` dropped", w.revision);
+    let Some(rev) = config.table.match_name(revision) else {
+        log::warn!("grant for unknown revision `{revision}` dropped");
         return;
     };
     let Some(r) = vm.borrow().revision(rev) else {
         return;
     };
-    let waiting = vm.borrow().streams.get(&w.context).copied();
+    let waiting = vm.borrow().streams.get(&context).copied();
     match waiting {
         Some(StreamState::Waiting {
             rev: wr,
-            ticket,
+            ticket: t,
             since_ms,
-        }) if wr == rev && ticket == w.ticket => {
+        }) if wr == rev && t == ticket => {
             vm.borrow_mut()
                 .streams
-                .insert(w.context, StreamState::Admitted { rev });
+                .insert(context, StreamState::Admitted { rev });
             metrics::count(r.metrics.admitted);
             metrics::record(r.metrics.queue_wait_ms, now.saturating_sub(since_ms));
-            let resumed = hostcalls::set_effective_context(w.context)
+            let resumed = hostcalls::set_effective_context(context)
                 .and_then(|()| hostcalls::resume_http_request());
             if let Err(e) = resumed {
                 // The stream ended without on_done reaching us yet; its slot goes to the next.
-                log::debug!("resuming stream {} failed: {e:?}", w.context);
-                vm.borrow_mut().streams.remove(&w.context);
+                log::debug!("resuming stream {} failed: {e:?}", context);
+                vm.borrow_mut().streams.remove(&context);
                 release(vm, rev, now);
             }
         }
         _ => release(vm, rev, now),
+    }
+}
+
+/// Releases one slot of `rev` after the current event-loop turn, through this VM's own wake
+/// queue; releases at once if the queue cannot be used.
+fn defer_release(vm: &SharedVm, rev: RevisionId, now: u64) {
+    let (me, name) = {
+        let v = vm.borrow();
+        (v.id, v.revision(rev).map(|r| r.config.name.clone()))
+    };
+    let Some(name) = name else {
+        return;
+    };
+    let message = Wake::Release { revision: name }.encode();
+    let sent = match wake_token(vm, me) {
+        Some(t) => hostcalls::enqueue_shared_queue(t, Some(&message)),
+        None => Err(Status::NotFound),
+    };
+    if let Err(e) = sent {
+        log::debug!("deferring a release failed ({e:?}); releasing now");
+        release(vm, rev, now);
+    }
+}
+
+fn on_deferred_release(vm: &SharedVm, revision: &str) {
+    let Some(config) = vm.borrow().config.clone() else {
+        return;
+    };
+    match config.table.match_name(revision) {
+        Some(rev) => release(vm, rev, clock::now_ms()),
+        None => log::warn!("deferred release for unknown revision `{revision}` dropped"),
     }
 }
 
