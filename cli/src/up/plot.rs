@@ -67,9 +67,11 @@ pub fn draw(path: &Path, revision: &str, points: &[Point], markers: &[(f64, &str
         + 1.0;
 
     let series: [Series; 4] = [
-        ("demand (in-flight + queued)", RGBColor(214, 39, 40), |p| {
-            p.demand
-        }),
+        (
+            "demand (avg in-flight + queued, 3 s)",
+            RGBColor(214, 39, 40),
+            |p| p.demand,
+        ),
         ("in-flight", RGBColor(31, 119, 180), |p| p.in_flight),
         ("queued", RGBColor(255, 127, 14), |p| p.queued),
         ("capacity (cc x ready)", RGBColor(120, 120, 120), |p| {

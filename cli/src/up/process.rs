@@ -6,8 +6,21 @@ use std::os::unix::process::CommandExt as _;
 use std::process::{Child, Command};
 use std::time::{Duration, Instant};
 
+/// Spawns `cmd` in its own process group, with SIGTERM as its parent-death signal so that even
+/// if `inflight up` itself is killed (SIGKILL, a crash) its children do not outlive it.
 pub fn spawn(cmd: &mut Command) -> std::io::Result<Child> {
-    cmd.process_group(0).spawn()
+    cmd.process_group(0);
+    // SAFETY: the closure runs between fork and exec and only calls prctl(2), which is
+    // async-signal-safe; it allocates nothing and touches no locks.
+    unsafe {
+        cmd.pre_exec(|| {
+            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    cmd.spawn()
 }
 
 /// Sends `signal` to `pid`; false if there is no such process.
