@@ -20,6 +20,9 @@ use std::time::{Duration, Instant};
 
 static SERIAL: Mutex<()> = Mutex::new(());
 
+/// A client's status and shed reason.
+type Answer = (u16, Option<String>);
+
 fn plugin_config(cc: u32) -> String {
     serde_json::json!({
         "revisions": [{
@@ -119,7 +122,7 @@ fn reload_under_load(from: u32, to: u32) {
 
     // Closed-loop load: 16 clients, 30 ms upstream hold, until told to stop.
     let stop = Arc::new(AtomicBool::new(false));
-    let seen: Arc<Mutex<Vec<(u16, Option<String>)>>> = Arc::default();
+    let seen: Arc<Mutex<Vec<Answer>>> = Arc::default();
     let errors: Arc<Mutex<Vec<String>>> = Arc::default();
     let clients: Vec<_> = (0..16)
         .map(|c| {
