@@ -87,4 +87,14 @@ fn generated_bootstrap_validates() {
     std::fs::write(&path, yaml.as_bytes()).unwrap();
     validate(&path);
     let _ = std::fs::remove_dir_all(&dir);
+    // --print-config leaves the (empty) EDS files its bootstrap points at: remove them.
+    if let Some(eds_dir) = yaml
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("watched_directory: { path: \""))
+        .and_then(|rest| rest.split('"').next())
+    {
+        let stack_dir = std::path::Path::new(eds_dir).parent().unwrap();
+        assert!(stack_dir.starts_with(std::env::temp_dir()), "{eds_dir}");
+        let _ = std::fs::remove_dir_all(stack_dir);
+    }
 }
