@@ -82,6 +82,18 @@ fn scales_up_down_drains_and_replaces() {
     for p in rev(&s)["pids"].as_array().unwrap() {
         all_pids.push(p.as_u64().unwrap());
     }
+    // `inflight top` sees the same gateway.
+    let top = std::process::Command::new(env!("CARGO_BIN_EXE_inflight"))
+        .args(["top", "--admin", s["admin"].as_str().unwrap()])
+        .args(["--count", "2", "--interval", "0.3"])
+        .output()
+        .unwrap();
+    let top_out = String::from_utf8_lossy(&top.stdout);
+    assert!(top.status.success(), "{top_out}");
+    assert!(
+        top_out.contains("READY/DESIRED") && top_out.contains("scaled "),
+        "{top_out}"
+    );
     let out = load.wait_with_output().unwrap();
     let codes = hey_statuses(&out);
     assert_eq!(
