@@ -654,9 +654,10 @@ impl Report {
     /// Every invariant the run must keep; the error lists each one broken.
     pub fn check(&self) -> Result<()> {
         let mut broken = Vec::new();
-        // Violations with a left client's request among those held are the filter's known
-        // release-before-upstream-reset race (docs/hardening.md, chaos_envoy's ignored
-        // `in_flight_disconnects_never_exceed_the_limit`); every other one is a failure.
+        // Violations with a departed client's request among those held are the filter's
+        // release-before-upstream-reset race (narrowed by b45ce0b, not closed under CPU
+        // contention; chaos_envoy's ignored `in_flight_disconnects_never_exceed_the_limit`
+        // asserts it strictly). Every other violation is a failure here.
         let unexplained = self.violations - self.violations_after_client_left();
         if unexplained != 0 {
             broken.push(format!(
