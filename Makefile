@@ -1,10 +1,9 @@
 # inflight — task runner. `make demo` runs the local KServe autoscaling demo; `make test` runs
 # every test (setup included). Both install what they need first (idempotent).
 SHELL := /bin/bash
-export LIBTORCH = $(shell [ -x .venv-torch/bin/python ] && scripts/setup-torch.sh --print-libtorch)
 WASM := target/wasm32-wasip1/wasm/inflight_filter.wasm
 
-.PHONY: setup build-wasm build test test-rust test-core-wasm lint fmt demo bench clean
+.PHONY: setup build-wasm build test test-rust test-core-wasm test-fuzz lint fmt demo bench chaos-long fuzz clean
 
 setup:
 	scripts/setup.sh
@@ -16,15 +15,27 @@ build-wasm:
 build: setup build-wasm
 	cargo build --workspace --release
 
-# Every test: core (native and wasm32), emulated host, real Envoy, predictor, CLI.
+# Every test: core (native and wasm32), emulated host, real Envoy (limits, autoscaling, chaos,
+# VM crash, reload, hostile input), predictor, CLI (render, local stack, demo), short fuzzing.
+# --keep-going: one failing part does not hide the results of the others (the exit code still fails).
 test: setup
-	$(MAKE) test-rust test-core-wasm
+	$(MAKE) --keep-going test-rust test-core-wasm test-fuzz
 
 test-rust:
 	LIBTORCH="$$(scripts/setup-torch.sh --print-libtorch)" cargo test --workspace --no-fail-fast
 
 test-core-wasm:
 	scripts/test-core-wasm.sh
+
+test-fuzz:
+	scripts/fuzz.sh --quick
+
+# Longer runs (not part of `make test`).
+chaos-long: setup
+	scripts/chaos-long.sh
+
+fuzz: setup
+	scripts/fuzz.sh
 
 lint:
 	cargo fmt --all -- --check

@@ -466,9 +466,16 @@ fn invalid_config_fails_closed_and_names_the_key() {
 fn paused_posts_stay_paused_while_their_body_arrives() {
     let _g = serial();
     let up = Upstream::start().unwrap();
-    let envoy = gateway(one_revision(1, Some(20), "60s"), vec![("a", vec![&up])], &[]);
+    let envoy = gateway(
+        one_revision(1, Some(20), "60s"),
+        vec![("a", vec![&up])],
+        &[],
+    );
     let addr = envoy.listener;
-    let holder = Request::get(addr, "a.test").header("x-gate", 1).start().unwrap();
+    let holder = Request::get(addr, "a.test")
+        .header("x-gate", 1)
+        .start()
+        .unwrap();
     envoy
         .wait_stats(Duration::from_secs(5), "holder admitted", |s| {
             s.outcome("rev-a", "admitted") == 1
@@ -490,7 +497,11 @@ fn paused_posts_stay_paused_while_their_body_arrives() {
     for p in posts {
         let r = p.wait().unwrap();
         assert_eq!(r.status, 200);
-        assert!(r.body.ends_with(" 65536\n"), "the whole body reached the upstream: {}", r.body);
+        assert!(
+            r.body.ends_with(" 65536\n"),
+            "the whole body reached the upstream: {}",
+            r.body
+        );
     }
     assert_eq!(up.max_concurrency(), 1);
     assert_drained(&envoy, "rev-a");
