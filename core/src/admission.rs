@@ -21,7 +21,7 @@
 //! filter learns separately, and a later per-endpoint model can sum its endpoints' capacity
 //! without changing this type's contract.
 
-use crate::config::Limits;
+use crate::config::{LimitParams, Limits};
 use crate::window::Demand;
 use std::collections::VecDeque;
 use thiserror::Error;
@@ -92,7 +92,7 @@ pub enum DecodeError {
     Demand(String),
 }
 
-const VERSION: u8 = 3;
+const VERSION: u8 = 4;
 /// `ready` when the filter has not learned it (static configuration applies).
 const READY_UNKNOWN: u32 = u32::MAX;
 const WAITER_BYTES: usize = 8 + 4 + 4 + 8;
@@ -113,6 +113,9 @@ pub struct RevisionState {
     /// Slots held per worker VM, `(vm, held)` sorted by vm; they sum to `active`. Lets a
     /// survivor give back the slots of a VM that crashed (its streams never call release).
     holders: Vec<(u32, u32)>,
+    /// The limit parameters of the newest configuration generation that configured this
+    /// revision, `(generation, params)`.
+    published: Option<(u64, LimitParams)>,
 }
 
 impl RevisionState {
@@ -201,7 +204,11 @@ impl RevisionState {
         match self.holders.binary_search_by_key(&vm, |h| h.0) {
             Ok(i) => {
                 if let Some(h) = self.holders.get_mut(i) {
-                    h.1 = if take { h.1.saturating_add(1) } else { h.1.saturating_sub(1) };
+                    h.1 = if take {
+                        h.1.saturating_add(1)
+                    } else {
+                        h.1.saturating_sub(1)
+                    };
                     if h.1 == 0 {
                         self.holders.remove(i);
                     }
@@ -209,6 +216,23 @@ impl RevisionState {
             }
             Err(i) if take => self.holders.insert(i, (vm, 1)),
             Err(_) => {}
+        }
+    }
+
+    /// Publishes the limit parameters of configuration `generation` unless a newer one did.
+    pub fn publish(&mut self, generation: u64, params: LimitParams) {
+        if self.published.is_none_or(|(g, _)| g <= generation) {
+            self.published = Some((generation, params));
+        }
+    }
+
+    /// The limit parameters to apply for a VM of configuration `generation` whose own are
+    /// `own`: a newer generation's published ones win (a reload lowers limits for VMs of the
+    /// old configuration too while they drain).
+    pub fn limit_params(&self, generation: u64, own: LimitParams) -> LimitParams {
+        match self.published {
+            Some((g, p)) if g > generation => p,
+            _ => own,
         }
     }
 
@@ -283,6 +307,16 @@ impl RevisionState {
         let demand = self.demand.encode();
         out.push(u8::try_from(demand.len()).unwrap_or(0));
         out.extend_from_slice(&demand);
+        match &self.published {
+            None => out.push(0),
+            Some((g, p)) => {
+                out.push(1);
+                out.extend_from_slice(&g.to_le_bytes());
+                out.extend_from_slice(&p.container_concurrency.to_le_bytes());
+                out.extend_from_slice(&p.buffer_depth.unwrap_or(u32::MAX).to_le_bytes());
+                out.extend_from_slice(&p.ready_replicas.to_le_bytes());
+            }
+        }
         out.extend_from_slice(&u32::try_from(self.holders.len()).unwrap_or(0).to_le_bytes());
         for (vm, held) in &self.holders {
             out.extend_from_slice(&vm.to_le_bytes());
@@ -313,6 +347,23 @@ impl RevisionState {
         let demand_bytes = r.slice(demand_len)?;
         let demand =
             Demand::decode(demand_bytes).map_err(|e| DecodeError::Demand(e.to_string()))?;
+        let published = match r.u8()? {
+            0 => None,
+            _ => {
+                let g = r.u64()?;
+                let container_concurrency = r.u32()?;
+                let buffer = r.u32()?;
+                let ready_replicas = r.u32()?;
+                Some((
+                    g,
+                    LimitParams {
+                        container_concurrency,
+                        buffer_depth: (buffer != u32::MAX).then_some(buffer),
+                        ready_replicas,
+                    },
+                ))
+            }
+        };
         let h = r.u32()? as usize;
         if bytes.len().saturating_sub(r.at) < h.saturating_mul(8) {
             return Err(DecodeError::Truncated(bytes.len()));
@@ -348,6 +399,7 @@ impl RevisionState {
             exported_ms,
             ready: (ready != READY_UNKNOWN).then_some(ready),
             holders,
+            published,
         })
     }
 }
@@ -576,6 +628,33 @@ mod tests {
         assert_eq!((s.active, s.queued()), (2, 0));
         assert_eq!(s.holders().collect::<Vec<_>>(), vec![(2, 2)]);
         assert_eq!(s.reap_vm(9, l, 5).0, 0, "unknown VM holds nothing");
+        assert_eq!(RevisionState::decode(&s.encode()), Ok(s.clone()));
+    }
+
+    #[test]
+    fn newest_configuration_publishes_its_limits() {
+        let mut s = RevisionState::default();
+        let old = LimitParams {
+            container_concurrency: 4,
+            buffer_depth: Some(8),
+            ready_replicas: 1,
+        };
+        let new = LimitParams {
+            container_concurrency: 1,
+            buffer_depth: None,
+            ready_replicas: 1,
+        };
+        assert_eq!(s.limit_params(1, old), old, "nothing published: own");
+        s.publish(1, old);
+        s.publish(2, new);
+        s.publish(1, old); // a late VM of the old configuration does not win back
+        assert_eq!(
+            s.limit_params(1, old),
+            new,
+            "old generation applies the new limits"
+        );
+        assert_eq!(s.limit_params(2, new), new);
+        assert_eq!(s.limit_params(3, old), old, "a newer VM keeps its own");
         assert_eq!(RevisionState::decode(&s.encode()), Ok(s.clone()));
     }
 

@@ -173,25 +173,51 @@ pub struct Limits {
     pub buffer: u32,
 }
 
-impl RevisionConfig {
+/// What decides a revision's limits: published in shared state by the newest configuration so
+/// that VMs of an older one (still draining after a reload) apply the new limits too.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LimitParams {
+    pub container_concurrency: u32,
+    pub buffer_depth: Option<u32>,
+    /// Ready replicas assumed until learned from Envoy.
+    pub ready_replicas: u32,
+}
+
+impl LimitParams {
     /// Limits for `ready` replicas: capacity = cc × ready (cc 0 = unlimited); the default buffer
     /// keeps room while scaling from zero, so it counts at least one replica.
     pub fn limits(&self, ready: u32) -> Limits {
-        if self.container_concurrency == 0 {
+        let cc = self.container_concurrency;
+        if cc == 0 {
             return Limits {
                 capacity: None,
                 buffer: self.buffer_depth.unwrap_or(0),
             };
         }
-        let capacity = self.container_concurrency.saturating_mul(ready);
         let buffer = self.buffer_depth.unwrap_or_else(|| {
             DEFAULT_BUFFER_PER_SLOT
-                .saturating_mul(self.container_concurrency)
+                .saturating_mul(cc)
                 .saturating_mul(ready.max(1))
         });
         Limits {
-            capacity: Some(capacity),
+            capacity: Some(cc.saturating_mul(ready)),
             buffer,
+        }
+    }
+}
+
+impl RevisionConfig {
+    /// Limits for `ready` replicas (see [`LimitParams::limits`]).
+    pub fn limits(&self, ready: u32) -> Limits {
+        self.limit_params().limits(ready)
+    }
+
+    /// The parts of this revision's configuration that decide its limits.
+    pub fn limit_params(&self) -> LimitParams {
+        LimitParams {
+            container_concurrency: self.container_concurrency,
+            buffer_depth: self.buffer_depth,
+            ready_replicas: self.ready_replicas,
         }
     }
 

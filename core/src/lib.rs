@@ -16,5 +16,5 @@ pub mod wake;
 pub mod window;
 
 pub use admission::{Admission, Grant, Owner, RevisionState, ShedReason, Waiter};
-pub use config::{Config, ConfigError, Limits, RevisionConfig, UnknownRevision};
+pub use config::{Config, ConfigError, LimitParams, Limits, RevisionConfig, UnknownRevision};
 pub use table::{RevisionId, RevisionTable};

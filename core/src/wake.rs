@@ -47,7 +47,10 @@ impl Wake {
         });
         out.push(len as u8);
         out.extend_from_slice(&name[..len]);
-        if let Wake::Grant { ticket, context, .. } = self {
+        if let Wake::Grant {
+            ticket, context, ..
+        } = self
+        {
             out.extend_from_slice(&ticket.to_le_bytes());
             out.extend_from_slice(&context.to_le_bytes());
         }

@@ -61,16 +61,19 @@ enum StreamState {
 
 struct Revision {
     config: Rc<RevisionConfig>,
+    /// Generation of the configuration this VM runs (a reload makes a newer one).
+    generation: u64,
     key: String,
     kpa_key: String,
     metrics: RevisionMetrics,
 }
 
 impl Revision {
-    /// Limits from the shared state: ready replicas learned from Envoy, else configured.
+    /// Limits from the shared state: the newest configuration's parameters (after a reload,
+    /// VMs of the old one apply the new limits too), with ready replicas learned from Envoy.
     fn limits(&self, s: &RevisionState) -> Limits {
-        self.config
-            .limits(s.ready().unwrap_or(self.config.ready_replicas))
+        let p = s.limit_params(self.generation, self.config.limit_params());
+        p.limits(s.ready().unwrap_or(p.ready_replicas))
     }
 }
 
@@ -145,6 +148,13 @@ impl RootContext for Root {
                 return false;
             }
         };
+        let generation = match shared::config_generation(&bytes) {
+            Ok(g) => g,
+            Err(e) => {
+                log::error!("cannot record the configuration generation: {e}");
+                return false;
+            }
+        };
         let mut revisions = Vec::with_capacity(config.revisions.len());
         for r in &config.revisions {
             let key = shared::state_key(&r.name);
@@ -160,8 +170,14 @@ impl RootContext for Root {
                     return false;
                 }
             };
+            let params = r.limit_params();
+            if let Err(e) = shared::update_state(&key, |s| s.publish(generation, params)) {
+                log::error!("cannot publish the limits of revision `{}`: {e}", r.name);
+                return false;
+            }
             revisions.push(Rc::new(Revision {
                 config: Rc::new(r.clone()),
+                generation,
                 key,
                 kpa_key,
                 metrics,

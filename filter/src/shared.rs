@@ -214,3 +214,39 @@ pub fn heartbeat_age(vm: u32, now_ms: u64) -> Option<u64> {
         .map(u64::from_le_bytes)?;
     Some(now_ms.saturating_sub(last))
 }
+
+/// The generation of the configuration `bytes`: the same bytes get the same generation; other
+/// bytes than the last configured get the next one. Orders configurations across a reload.
+pub fn config_generation(bytes: &[u8]) -> Result<u64, SharedError> {
+    const KEY: &str = "inflight.v1.config-generation";
+    // FNV-1a: a stable fingerprint of the configuration bytes.
+    let hash = bytes.iter().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
+        (h ^ u64::from(*b)).wrapping_mul(0x0000_0100_0000_01b3)
+    });
+    for _ in 0..MAX_ATTEMPTS {
+        let (current, cas) = hostcalls::get_shared_data(KEY)?;
+        let (generation, last_hash) = current
+            .as_deref()
+            .and_then(|b| <[u8; 16]>::try_from(b).ok())
+            .map(|b| {
+                let (g, h) = b.split_at(8);
+                (
+                    u64::from_le_bytes(g.try_into().unwrap_or_default()),
+                    u64::from_le_bytes(h.try_into().unwrap_or_default()),
+                )
+            })
+            .unwrap_or((0, 0));
+        if current.is_some() && last_hash == hash {
+            return Ok(generation);
+        }
+        let next = generation.wrapping_add(1);
+        let mut value = next.to_le_bytes().to_vec();
+        value.extend_from_slice(&hash.to_le_bytes());
+        match hostcalls::set_shared_data(KEY, Some(&value), cas.or(Some(CAS_NEVER_CURRENT))) {
+            Ok(()) => return Ok(next),
+            Err(Status::CasMismatch) => continue,
+            Err(e) => return Err(e.into()),
+        }
+    }
+    Err(SharedError::Contended)
+}

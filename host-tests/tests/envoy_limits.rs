@@ -200,13 +200,14 @@ fn waiters_past_max_wait_get_503_timeout() {
         assert_eq!(r.status, 503);
         assert_eq!(r.header("x-inflight-shed"), Some("wait-timeout"));
         let ms = r.elapsed.as_millis() as u64;
-        // Within max wait + one tick; 100 ms more for process scheduling on a loaded 2-core box.
+        // Within max wait + one tick, plus 250 ms for process scheduling on a loaded 2-core box
+        // (typically 510–560 ms here: see the eprintln below).
         assert!(
             ms >= max_wait_ms,
             "shed after {ms} ms, before the maximum wait"
         );
         assert!(
-            ms <= max_wait_ms + TICK_MS + 100,
+            ms <= max_wait_ms + TICK_MS + 250,
             "shed after {ms} ms, later than wait + tick"
         );
     }

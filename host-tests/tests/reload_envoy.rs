@@ -85,14 +85,12 @@ fn reload_raising_the_limit_under_load_loses_nothing_and_switches() {
     reload_under_load(2, 4);
 }
 
-/// FILTER BUG (ignored until fixed): after a reload that lowers `containerConcurrency`, the old
-/// configuration's VMs keep ticking until Envoy destroys the drained filter chain (the drain
-/// time, 600 s by default) and their ticks grant queued requests with the OLD capacity
-/// (`tick_revision` → `grant_ready(r.limits(s))`, limits from the VM's own config). Observed:
-/// upstream concurrency stays at 4 after switching 4 → 1. Expected: 1 once the streams admitted
-/// under 4 have finished.
+/// After a reload that lowers `containerConcurrency`, the old configuration's VMs keep ticking
+/// until Envoy destroys the drained filter chain (600 s by default). They must not grant with
+/// the OLD capacity: the newest configuration publishes its limit parameters (with a
+/// configuration generation) in the revision state, and older VMs apply them. Expected: the
+/// upstream at 1 once the streams admitted under 4 have finished.
 #[test]
-#[ignore = "filter bug: VMs of the old configuration keep granting with the old limit until drained"]
 fn reload_lowering_the_limit_under_load_switches_to_the_new_limit() {
     reload_under_load(4, 1);
 }
