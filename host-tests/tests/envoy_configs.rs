@@ -12,7 +12,10 @@ fn shipped_minimal_config_validates_with_the_real_filter() {
     // The config names the wasm by its path relative to the repository root.
     let wasm = envoy::filter_wasm();
     let text = std::fs::read_to_string(root.join("docs/envoy-minimal.yaml")).unwrap();
-    let text = text.replace("target/wasm32-wasip1/wasm/inflight_filter.wasm", &wasm.display().to_string());
+    let text = text.replace(
+        "target/wasm32-wasip1/wasm/inflight_filter.wasm",
+        &wasm.display().to_string(),
+    );
     let dir = std::env::temp_dir().join(format!("inflight-validate-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let file = dir.join("envoy-minimal.yaml");
