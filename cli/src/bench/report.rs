@@ -34,7 +34,7 @@ impl Wait {
             return None;
         }
         let q = |p: f64| -> f64 {
-            let rank = ((p / 100.0) * total as f64).ceil().max(1.0) as u64;
+            let rank = ((p / 100.0) * total as f64 - 1e-9).ceil().max(1.0) as u64;
             delta
                 .iter()
                 .find(|(_, n)| *n >= rank)
