@@ -335,7 +335,8 @@ fn trap_in_a_host_call_kills_only_that_vm() {
     );
     assert!(!h.is_alive(1));
     assert_eq!(h.state(r1), State::Paused);
-    // Worker 0 still decides; the slot granted to r1 is leaked (known limit).
+    // Worker 0 still decides; the slot granted to r1 is held by the dead VM until a survivor
+    // reclaims it (heartbeat bound, see vm_crash_with_admitted_and_waiting_streams).
     let r2 = h.request(0, A).send();
     assert_eq!(h.state(r2), State::Paused);
     // FAIL_RELOAD: the next request on worker 1 gets a fresh VM with a new wake queue.
