@@ -7,8 +7,7 @@
 
 use anyhow::{bail, Context as _, Result};
 use std::fmt::Write as _;
-use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpStream};
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicU32, Ordering};
@@ -283,35 +282,17 @@ impl Envoy {
             listener: "127.0.0.1:0".parse()?,
             dir,
         };
-        let deadline = Instant::now() + Duration::from_secs(60);
-        loop {
-            if let Some(status) = envoy.child.try_wait()? {
-                bail!(
-                    "envoy exited during startup ({status}):\n{}",
-                    envoy.log_tail(40)
-                );
+        match inflight_envoy_control::wait_live(
+            &mut envoy.child,
+            &admin_file,
+            Duration::from_secs(60),
+        ) {
+            Ok(live) => {
+                envoy.admin = live.admin;
+                envoy.listener = live.listener;
             }
-            if let Ok(s) = std::fs::read_to_string(&admin_file) {
-                if let Ok(a) = s.trim().parse() {
-                    envoy.admin = a;
-                    if let Ok((200, body)) = envoy.admin_get("/ready") {
-                        if body.trim() == "LIVE" {
-                            break;
-                        }
-                    }
-                }
-            }
-            if Instant::now() > deadline {
-                bail!("envoy did not become ready in 60s:\n{}", envoy.log_tail(40));
-            }
-            std::thread::sleep(Duration::from_millis(50));
+            Err(e) => bail!("{e}:\n{}", envoy.log_tail(40)),
         }
-        let (_, listeners) = envoy.admin_get("/listeners?format=json")?;
-        let v: serde_json::Value = serde_json::from_str(&listeners)?;
-        let port = v["listener_statuses"][0]["local_address"]["socket_address"]["port_value"]
-            .as_u64()
-            .context("no listener port in /listeners")?;
-        envoy.listener = SocketAddr::from(([127, 0, 0, 1], u16::try_from(port)?));
         Ok(envoy)
     }
 
@@ -399,47 +380,12 @@ fn http_get(addr: SocketAddr, path: &str) -> Result<(u16, String)> {
 }
 
 fn http_request(addr: SocketAddr, method: &str, path: &str) -> Result<(u16, String)> {
-    let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(2))?;
-    s.set_read_timeout(Some(Duration::from_secs(10)))?;
-    write!(
-        s,
-        "{method} {path} HTTP/1.1\r\nhost: admin\r\nconnection: close\r\ncontent-length: 0\r\n\r\n"
-    )?;
-    let mut buf = Vec::new();
-    s.read_to_end(&mut buf)?;
-    let text = String::from_utf8_lossy(&buf);
-    let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
-    let status = head
-        .split_whitespace()
-        .nth(1)
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(0);
-    let chunked = head
-        .to_ascii_lowercase()
-        .contains("transfer-encoding: chunked");
-    Ok((
-        status,
-        if chunked {
-            dechunk(body)
-        } else {
-            body.to_string()
-        },
-    ))
-}
-
-fn dechunk(mut s: &str) -> String {
-    let mut out = String::new();
-    while let Some((size, rest)) = s.split_once("\r\n") {
-        let Ok(n) = usize::from_str_radix(size.trim(), 16) else {
-            break;
-        };
-        if n == 0 || rest.len() < n {
-            break;
-        }
-        out.push_str(&rest[..n]);
-        s = rest[n..].strip_prefix("\r\n").unwrap_or(&rest[n..]);
-    }
-    out
+    Ok(inflight_envoy_control::request(
+        addr,
+        method,
+        path,
+        Duration::from_secs(10),
+    )?)
 }
 
 /// One Prometheus sample.

@@ -4,14 +4,13 @@
 //! by pid.
 
 use super::config::{StackConfig, ADMIN_CLUSTER};
-use super::http;
 use super::process;
 use anyhow::{bail, Context as _, Result};
 use std::fmt::Write as _;
 use std::net::{SocketAddr, TcpListener};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 /// `stats_tags` turning the filter's `revision.<name>` / `outcome.<o>` name segments into
 /// Prometheus labels (the same as the shipped configs).
@@ -201,35 +200,17 @@ impl Envoy {
             listener: SocketAddr::from(([127, 0, 0, 1], 0)),
             log,
         };
-        let deadline = Instant::now() + Duration::from_secs(60);
-        loop {
-            if let Some(status) = envoy.child.try_wait()? {
-                bail!(
-                    "envoy exited during startup ({status}):\n{}",
-                    envoy.log_tail(30)
-                );
+        match inflight_envoy_control::wait_live(
+            &mut envoy.child,
+            &admin_file,
+            Duration::from_secs(60),
+        ) {
+            Ok(live) => {
+                envoy.admin = live.admin;
+                envoy.listener = live.listener;
             }
-            if let Ok(s) = std::fs::read_to_string(&admin_file) {
-                if let Ok(a) = s.trim().parse() {
-                    envoy.admin = a;
-                    if let Ok((200, body)) = envoy.admin_get("/ready") {
-                        if body.trim() == "LIVE" {
-                            break;
-                        }
-                    }
-                }
-            }
-            if Instant::now() > deadline {
-                bail!("envoy did not become ready in 60s:\n{}", envoy.log_tail(30));
-            }
-            std::thread::sleep(Duration::from_millis(50));
+            Err(e) => bail!("{e}:\n{}", envoy.log_tail(30)),
         }
-        let (_, listeners) = envoy.admin_get("/listeners?format=json")?;
-        let v: serde_json::Value = serde_json::from_str(&listeners)?;
-        let port = v["listener_statuses"][0]["local_address"]["socket_address"]["port_value"]
-            .as_u64()
-            .context("no listener port in Envoy's /listeners")?;
-        envoy.listener = SocketAddr::from(([127, 0, 0, 1], u16::try_from(port)?));
         Ok(envoy)
     }
 
@@ -239,10 +220,6 @@ impl Envoy {
 
     pub fn exited(&mut self) -> bool {
         !matches!(self.child.try_wait(), Ok(None))
-    }
-
-    pub fn admin_get(&self, path: &str) -> Result<(u16, String)> {
-        http::get(self.admin, path, Duration::from_secs(2))
     }
 
     pub fn log_tail(&self, lines: usize) -> String {
