@@ -2,8 +2,10 @@
 //!
 //! - [`Wake::Grant`]: "this ticket of this revision now holds a slot; resume that stream (or pass
 //!   the slot on if it is gone)", sent by whichever worker freed the slot;
-//! - [`Wake::Release`]: "release one slot of this revision now", sent by a VM to itself to let a
-//!   stream's release wait one event-loop turn (see the filter's `on_done`).
+//! - [`Wake::Release`]: "release one slot of this revision now". Builds up to 6d0932e sent it to
+//!   their own VM to let an abandoned stream's release wait one event-loop turn; the filter now
+//!   holds such slots for a fixed time instead (see its `on_done`) and only still obeys the
+//!   message, which a VM of an older build can send during a reload.
 //!
 //! Revisions travel by name, not index, so a message stays meaningful across a configuration
 //! reload (old and new VMs run side by side and share revision state by name).

@@ -260,12 +260,19 @@ fn upstream_5xx_and_resets_release_their_slot() {
     let r2 = h.request(0, A).send();
     assert_eq!(h.state(r2), State::Paused);
     h.reset(r1); // downstream reset while upstream
+    // The slot of a stream that ended before its response is held 20 ms (the upstream request
+    // is reset after the filter's on_done), then released at the next event or tick.
+    h.run();
+    assert_eq!(h.state(r2), State::Paused);
+    h.advance(19);
+    assert_eq!(h.state(r2), State::Paused);
+    h.advance(81);
     assert!(matches!(h.state(r2), State::Resumed { worker: 0, .. }));
     h.finish(r2, 504);
     let r3 = h.request(1, A).send();
     assert_eq!(h.state(r3), State::Admitted);
     h.reset(r3);
-    h.advance(50);
+    h.advance(100);
     assert_eq!(h.gauge(&m("rev-a", "active")), 0);
     assert_eq!(h.counter(&m("rev-a", "admitted")), 4);
     assert_clean(&h);
