@@ -196,6 +196,46 @@ fn overlong_authority_is_untracked_by_default_and_rejected_with_reject() {
     }
 }
 
+/// The same overlong authority cannot go around the limit when the revision lists its cluster:
+/// the host misses, the cluster (where Envoy actually routed it) matches, and the request queues
+/// behind the holder of rev-a's only slot. Odd authorities (leading dot, several ports) too.
+#[test]
+fn authorities_matching_no_host_are_tracked_by_cluster() {
+    let _g = serial();
+    let plugin = serde_json::json!({
+        "revisions": [
+            {"name": "rev-a", "hosts": ["a.test", "*.a.test"], "clusters": ["rev-a"],
+             "containerConcurrency": 1, "readyReplicas": 1, "bufferDepth": 10, "maxWait": "10s"},
+            {"name": "rev-b", "hosts": ["b.test"], "clusters": ["rev-b"],
+             "containerConcurrency": 10, "readyReplicas": 1, "bufferDepth": 10, "maxWait": "10s"}
+        ],
+        "tick": "50ms"
+    });
+    let mut s = setup(plugin, None);
+    let long = format!("{}a.test", "x.".repeat(200));
+    for authority in [long.as_str(), ".a.test", "a.test:1:2:3", "[::1]:8080"] {
+        let holder = hold_rev_a(&s, 600);
+        let r = Request::get(s.envoy.listener, authority)
+            .header("x-hold-ms", 10)
+            .send()
+            .unwrap();
+        assert_eq!(r.status, 200, "{authority:.40}: routed to rev-a's upstream");
+        assert!(
+            r.elapsed >= Duration::from_millis(300),
+            "{authority:.40}: queued behind the holder, took {:?}",
+            r.elapsed
+        );
+        assert_eq!(holder.wait().unwrap().status, 200);
+    }
+    assert_eq!(s.a.max(), 1, "rev-a's limit held for every authority");
+    s.envoy
+        .wait_stats(Duration::from_secs(5), "rev-a back to 0 with 8 admitted", |st| {
+            st.gauge("inflight_active", "rev-a") == 0 && st.outcome("rev-a", "admitted") == 8
+        })
+        .unwrap();
+    no_panic(&mut s.envoy);
+}
+
 /// Odd but valid authorities: each gets a final status, the VM survives, and the revision is
 /// what the table rules say (port and trailing dot ignored, case-insensitive).
 #[test]
