@@ -84,6 +84,9 @@ struct Vm {
     id: u32,
     config: Option<Rc<Config>>,
     revisions: Vec<Rc<Revision>>,
+    /// Streams that waited (paused, or granted and resumed), by context id: a grant arrives at
+    /// the root context and must find them. A stream admitted at once keeps its state in its own
+    /// context ([`Stream::admitted`]): no map work on the uncontended path.
     streams: HashMap<u32, StreamState>,
     wake_tokens: HashMap<u32, u32>,
     /// Metric id of membership poll failures.
@@ -251,6 +254,7 @@ impl RootContext for Root {
         Some(Box::new(Stream {
             context: context_id,
             vm: Rc::clone(&self.vm),
+            admitted: None,
             response_complete: false,
         }))
     }
@@ -263,6 +267,8 @@ impl RootContext for Root {
 struct Stream {
     context: u32,
     vm: SharedVm,
+    /// Admitted at once (without waiting): the revision whose slot this stream holds.
+    admitted: Option<RevisionId>,
     /// The upstream's response ended (end of stream seen); see `on_done`.
     response_complete: bool,
 }
@@ -271,7 +277,10 @@ impl Context for Stream {
     fn on_done(&mut self) -> bool {
         let now = clock::now_ms();
         release_abandoned(&self.vm, now);
-        let state = self.vm.borrow_mut().streams.remove(&self.context);
+        let state = match self.admitted.take() {
+            Some(rev) => Some(StreamState::Admitted { rev }),
+            None => self.vm.borrow_mut().streams.remove(&self.context),
+        };
         match state {
             // A stream that ends before its response did (client left, reset) still has an
             // upstream request open: Envoy destroys filters in chain order, so the router resets
@@ -301,10 +310,11 @@ impl Context for Stream {
 
 impl Stream {
     fn waiting(&self) -> bool {
-        matches!(
-            self.vm.borrow().streams.get(&self.context),
-            Some(StreamState::Waiting { .. })
-        )
+        self.admitted.is_none()
+            && matches!(
+                self.vm.borrow().streams.get(&self.context),
+                Some(StreamState::Waiting { .. })
+            )
     }
 }
 
@@ -385,10 +395,7 @@ impl HttpContext for Stream {
         });
         match outcome {
             Ok((Admission::Admitted, _)) => {
-                self.vm
-                    .borrow_mut()
-                    .streams
-                    .insert(self.context, StreamState::Admitted { rev });
+                self.admitted = Some(rev);
                 metrics::count(r.metrics.admitted);
                 Action::Continue
             }
