@@ -42,6 +42,8 @@ pub const SHED_HEADER: &str = "x-inflight-shed";
 const MAX_HANDOVERS: usize = 10_000;
 /// How long the slot of a stream that ended before its response stays held (see `on_done`).
 const ABANDONED_HOLD_MS: u64 = 20;
+/// Host matches per revision whose upstream cluster a VM records (see [`identify`]).
+const LEARN_SAMPLES: u8 = 32;
 
 proxy_wasm::main! {{
     proxy_wasm::set_log_level(LogLevel::Info);
@@ -99,6 +101,11 @@ struct Vm {
     /// Slots of streams that ended before their response, with when: released once
     /// `ABANDONED_HOLD_MS` passed (see `on_done`).
     abandoned: Vec<(RevisionId, u64)>,
+    /// Clusters this VM recorded behind host matches: `Some(rev)`, or `None` once found
+    /// ambiguous (so each is written to shared data once). See [`identify`].
+    learned_clusters: HashMap<String, Option<RevisionId>>,
+    /// Per revision index: host matches whose cluster was recorded so far.
+    learn_samples: Vec<u8>,
 }
 
 impl Vm {
@@ -213,6 +220,8 @@ impl RootContext for Root {
                 .join(", ")
         );
         let mut vm = self.vm.borrow_mut();
+        vm.learned_clusters.clear();
+        vm.learn_samples.clear();
         if let Err(e) = shared::beat(vm.id, clock::now_ms()) {
             log::warn!("heartbeat failed: {e}");
         }
@@ -362,7 +371,7 @@ impl HttpContext for Stream {
             // Envoy does not create streams for a VM whose configuration failed.
             return Action::Continue;
         };
-        let Some(rev) = identify(&config) else {
+        let Some(rev) = identify(&self.vm, &config) else {
             return match config.unknown_revision {
                 UnknownRevision::PassThrough => Action::Continue,
                 UnknownRevision::Reject => {
@@ -441,21 +450,27 @@ impl HttpContext for Stream {
 /// Host and cluster decide where Envoy actually routes the request, so they come first; the
 /// header is a last resort for gateways that name the revision themselves (an earlier filter
 /// must set it, overwriting any client copy, or a client could pick another revision's limit).
-fn identify(config: &Config) -> Option<RevisionId> {
+///
+/// A client picks the authority, Envoy the cluster. So that an authority matching no host (too
+/// long, odd, or simply unlisted) cannot go around the limit through a catch-all route even
+/// when the configuration lists no clusters, VMs record in shared data the cluster behind the
+/// first `LEARN_SAMPLES` host matches of every revision (each VM), and a request whose host
+/// matches nothing is counted for the revision whose cluster Envoy routed it to. A cluster seen
+/// behind two revisions' hosts is ambiguous and not used.
+fn identify(vm: &SharedVm, config: &Config) -> Option<RevisionId> {
     if let Ok(Some(authority)) = hostcalls::get_map_value(MapType::HttpRequestHeaders, ":authority")
     {
         if let Some(id) = config.table.match_host(&authority) {
+            learn_cluster(vm, config, id);
             return Some(id);
         }
     }
-    if config.table.has_clusters() {
-        if let Ok(Some(bytes)) = hostcalls::get_property(vec!["xds", "cluster_name"]) {
-            if let Some(id) = std::str::from_utf8(&bytes)
-                .ok()
-                .and_then(|c| config.table.match_cluster(c))
-            {
-                return Some(id);
-            }
+    if let Some(cluster) = current_cluster() {
+        if let Some(id) = config.table.match_cluster(&cluster) {
+            return Some(id);
+        }
+        if let Some(id) = learned_cluster(config, &cluster) {
+            return Some(id);
         }
     }
     if let Some(header) = &config.revision_header {
@@ -464,6 +479,65 @@ fn identify(config: &Config) -> Option<RevisionId> {
         }
     }
     None
+}
+
+/// The Envoy cluster the current request is routed to.
+fn current_cluster() -> Option<String> {
+    let bytes = hostcalls::get_property(vec!["xds", "cluster_name"]).ok()??;
+    String::from_utf8(bytes).ok()
+}
+
+/// The revision recorded for `cluster` by host matches (of any VM). One shared read, only for
+/// requests whose host matched nothing; not cached, so a cluster found ambiguous later by
+/// another VM stops counting at once.
+fn learned_cluster(config: &Config, cluster: &str) -> Option<RevisionId> {
+    let name = shared::cluster_revision(cluster).ok()??;
+    config.table.match_name(&name)
+}
+
+/// Records the cluster of the current request, whose host matched `rev` (see [`identify`]).
+fn learn_cluster(vm: &SharedVm, config: &Config, rev: RevisionId) {
+    {
+        let mut v = vm.borrow_mut();
+        if v.learn_samples.len() <= rev.0 {
+            v.learn_samples.resize(rev.0 + 1, 0);
+        }
+        match v.learn_samples.get_mut(rev.0) {
+            Some(n) if *n < LEARN_SAMPLES => *n += 1,
+            _ => return,
+        }
+    }
+    let Some(cluster) = current_cluster() else {
+        return;
+    };
+    let Some(name) = config.revision(rev).map(|r| r.name.clone()) else {
+        return;
+    };
+    // Already recorded by this VM for this revision, or known ambiguous: nothing to write.
+    if matches!(vm.borrow().learned_clusters.get(&cluster), Some(known) if known.is_none_or(|r| r == rev))
+    {
+        return;
+    }
+    match shared::record_cluster_revision(&cluster, &name) {
+        Ok(shared::ClusterRecord::New) => {
+            log::info!(
+                "revision `{name}`: its hosts route to cluster `{cluster}`; requests routed there whose host matches no revision count for it too"
+            );
+            vm.borrow_mut().learned_clusters.insert(cluster, Some(rev));
+        }
+        Ok(shared::ClusterRecord::Same) => {
+            vm.borrow_mut().learned_clusters.insert(cluster, Some(rev));
+        }
+        Ok(shared::ClusterRecord::Ambiguous { first }) => {
+            if let Some(first) = first {
+                log::warn!(
+                    "cluster `{cluster}` serves hosts of revisions `{first}` and `{name}`; requests routed there whose host matches no revision are not counted by cluster"
+                );
+            }
+            vm.borrow_mut().learned_clusters.insert(cluster, None);
+        }
+        Err(e) => log::debug!("recording cluster `{cluster}` failed: {e}"),
+    }
 }
 
 /// Sends the filter's local reply for the current (effective) stream.

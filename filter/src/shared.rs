@@ -250,3 +250,58 @@ pub fn config_generation(bytes: &[u8]) -> Result<u64, SharedError> {
     }
     Err(SharedError::Contended)
 }
+
+fn cluster_key(cluster: &str) -> String {
+    format!("inflight.v1.cluster.{cluster}")
+}
+
+/// Marks a cluster seen behind two revisions' hosts.
+const AMBIGUOUS: &[u8] = b"";
+
+/// What [`record_cluster_revision`] found.
+#[derive(Debug, PartialEq, Eq)]
+pub enum ClusterRecord {
+    /// First seen: now recorded for this revision.
+    New,
+    /// Already recorded for this revision.
+    Same,
+    /// Recorded for another revision (`first`, now marked ambiguous), or already ambiguous
+    /// (`None`).
+    Ambiguous { first: Option<String> },
+}
+
+/// Records that a host of `revision` routes to `cluster` (shared by all VMs).
+pub fn record_cluster_revision(
+    cluster: &str,
+    revision: &str,
+) -> Result<ClusterRecord, SharedError> {
+    let key = cluster_key(cluster);
+    for _ in 0..MAX_ATTEMPTS {
+        let (bytes, cas) = hostcalls::get_shared_data(&key)?;
+        let (value, outcome): (&[u8], ClusterRecord) = match bytes.as_deref() {
+            None => (revision.as_bytes(), ClusterRecord::New),
+            Some(b) if b == revision.as_bytes() => return Ok(ClusterRecord::Same),
+            Some(b) if b == AMBIGUOUS => return Ok(ClusterRecord::Ambiguous { first: None }),
+            Some(b) => (
+                AMBIGUOUS,
+                ClusterRecord::Ambiguous {
+                    first: Some(String::from_utf8_lossy(b).into_owned()),
+                },
+            ),
+        };
+        match hostcalls::set_shared_data(&key, Some(value), cas.or(Some(CAS_NEVER_CURRENT))) {
+            Ok(()) => return Ok(outcome),
+            Err(Status::CasMismatch) => continue,
+            Err(e) => return Err(e.into()),
+        }
+    }
+    Err(SharedError::Contended)
+}
+
+/// The revision recorded for `cluster`; `None` if none is, or several are.
+pub fn cluster_revision(cluster: &str) -> Result<Option<String>, SharedError> {
+    let (bytes, _) = hostcalls::get_shared_data(&cluster_key(cluster))?;
+    Ok(bytes
+        .filter(|b| b.as_slice() != AMBIGUOUS)
+        .and_then(|b| String::from_utf8(b).ok()))
+}

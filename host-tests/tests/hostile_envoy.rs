@@ -163,11 +163,13 @@ fn revision_header_cannot_override_a_matching_authority() {
     no_panic(&mut s.envoy);
 }
 
-/// An authority longer than core's 300-byte cap matches no revision (not even `*.a.test`),
-/// while Envoy's router still sends it to rev-a's upstream (the catch-all vhost): with `unknownRevision: passThrough` (the default) it goes
-/// to rev-a's upstream untracked, past the limit. With `reject` it gets a 404.
+/// An authority longer than core's 300-byte cap matches no host (not even `*.a.test`), while
+/// Envoy's router still sends it to rev-a's upstream (the catch-all vhost). The configuration
+/// lists no clusters, but the filter recorded rev-a's cluster from the holder's host match, so
+/// the request is counted for rev-a and queues behind the holder. Before any host match (fresh
+/// gateway) nothing is recorded: with `unknownRevision: reject` it gets a 404.
 #[test]
-fn overlong_authority_is_untracked_by_default_and_rejected_with_reject() {
+fn overlong_authority_is_tracked_by_the_learned_cluster_or_rejected() {
     let _g = serial();
     let long = format!("{}a.test", "x.".repeat(200));
     assert!(long.len() > 300);
@@ -179,8 +181,19 @@ fn overlong_authority_is_untracked_by_default_and_rejected_with_reject() {
             .send()
             .unwrap();
         assert_eq!(r.status, 200, "routed to rev-a's upstream");
+        assert!(
+            r.elapsed >= Duration::from_millis(500),
+            "queued behind the holder: {:?}",
+            r.elapsed
+        );
         holder.wait().unwrap();
-        assert_eq!(s.a.max(), 2, "untracked: rev-a's upstream held 2 with cc 1");
+        assert_eq!(s.a.max(), 1, "rev-a's limit held (cc 1)");
+        assert!(
+            s.envoy
+                .log()
+                .contains("requests routed there whose host matches no revision count for it too"),
+            "the learned cluster is logged"
+        );
         no_panic(&mut s.envoy);
     }
     {
@@ -194,6 +207,37 @@ fn overlong_authority_is_untracked_by_default_and_rejected_with_reject() {
         assert_eq!(s.a.total(), 0);
         no_panic(&mut s.envoy);
     }
+}
+
+/// A cluster behind two revisions' hosts is ambiguous: requests routed there with a host that
+/// matches nothing are not counted by cluster (here: `unknownRevision: reject` answers 404).
+#[test]
+fn a_cluster_behind_two_revisions_is_not_learned() {
+    let _g = serial();
+    let plugin = serde_json::json!({
+        "revisions": [
+            {"name": "rev-a", "hosts": ["a.test"], "containerConcurrency": 1,
+             "readyReplicas": 1, "bufferDepth": 10, "maxWait": "10s"},
+            {"name": "rev-b", "hosts": ["b.test"], "containerConcurrency": 10,
+             "readyReplicas": 1, "bufferDepth": 10, "maxWait": "10s"},
+            {"name": "rev-c", "hosts": ["c.test"], "containerConcurrency": 10,
+             "readyReplicas": 1, "bufferDepth": 10, "maxWait": "10s"}
+        ],
+        "unknownRevision": "reject",
+        "tick": "50ms"
+    });
+    // c.test has no route of its own: the catch-all sends it to rev-a's cluster, like a.test.
+    let mut s = setup(plugin, None);
+    for host in ["a.test", "c.test", "a.test", "c.test"] {
+        let r = Request::get(s.envoy.listener, host).send().unwrap();
+        assert_eq!(r.status, 200, "{host}");
+    }
+    let r = Request::get(s.envoy.listener, "unknown.test")
+        .send()
+        .unwrap();
+    assert_eq!(r.status, 404, "ambiguous cluster: not counted for a or c");
+    assert!(s.envoy.log().contains("serves hosts of revisions"));
+    no_panic(&mut s.envoy);
 }
 
 /// The same overlong authority cannot go around the limit when the revision lists its cluster:
@@ -229,9 +273,11 @@ fn authorities_matching_no_host_are_tracked_by_cluster() {
     }
     assert_eq!(s.a.max(), 1, "rev-a's limit held for every authority");
     s.envoy
-        .wait_stats(Duration::from_secs(5), "rev-a back to 0 with 8 admitted", |st| {
-            st.gauge("inflight_active", "rev-a") == 0 && st.outcome("rev-a", "admitted") == 8
-        })
+        .wait_stats(
+            Duration::from_secs(5),
+            "rev-a back to 0 with 8 admitted",
+            |st| st.gauge("inflight_active", "rev-a") == 0 && st.outcome("rev-a", "admitted") == 8,
+        )
         .unwrap();
     no_panic(&mut s.envoy);
 }
@@ -301,9 +347,18 @@ fn malformed_authorities_and_huge_headers_neither_crash_nor_hang() {
         "hostile: rev-a admitted {}",
         st.outcome("rev-a", "admitted")
     );
-    // The first two map to rev-a (case, trailing dot, port ignored).
+    // The first two map to rev-a by host (case, trailing dot, port ignored). The odd ones match
+    // no host, but Envoy routes them to rev-a's cluster (catch-all), which the filter learned
+    // from the host matches before them: every request that went upstream counted for rev-a,
+    // none slipped past as unknown (no 404 despite `reject`).
     assert_eq!(seen[0].1.as_ref().ok(), Some(&200));
     assert_eq!(seen[1].1.as_ref().ok(), Some(&200));
+    let upstream = seen
+        .iter()
+        .filter(|(_, status, _)| status.as_ref().ok() == Some(&200))
+        .count() as u64;
+    assert_eq!(st.outcome("rev-a", "admitted"), upstream);
+    assert!(seen.iter().all(|(_, status, _)| status.as_ref().ok() != Some(&404)));
     no_panic(&mut s.envoy);
     // The filter still decides after all of it.
     let r = Request::get(addr, "a.test").send().unwrap();
