@@ -259,9 +259,10 @@ fn upstream_5xx_and_resets_release_their_slot() {
     assert!(matches!(h.state(r1), State::Resumed { worker: 1, .. }));
     let r2 = h.request(0, A).send();
     assert_eq!(h.state(r2), State::Paused);
-    h.reset(r1); // downstream reset while upstream
-    // The slot of a stream that ended before its response is held 20 ms (the upstream request
-    // is reset after the filter's on_done), then released at the next event or tick.
+    // Downstream reset while upstream. The slot of a stream that ended before its response is
+    // held 20 ms (the upstream request is reset after the filter's on_done), then released at
+    // the next event or tick.
+    h.reset(r1);
     h.run();
     assert_eq!(h.state(r2), State::Paused);
     h.advance(19);
