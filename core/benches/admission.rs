@@ -3,8 +3,9 @@
 //! What the filter does per request, natively (the wasm build runs the same code in V8, a few
 //! times slower): find the revision from `:authority`, then one CAS round on the revision's
 //! shared state to admit (decode → `try_admit` → encode) and one to release (decode →
-//! `release` → encode). Under contention the state carries the FIFO of waiters, so each round's
-//! decode/encode is O(queued): the `*_queued/N` groups show how that grows.
+//! `release` → encode). Under contention the state carries the FIFO of waiters, kept as its
+//! wire records, so each round's decode/encode copies O(queued) bytes in one slice copy (no
+//! per-waiter parsing): the `*_queued/N` groups show how that grows.
 //!
 //! Run: `cargo bench -p inflight-core --bench admission` (add `-- --quick` for a fast pass).
 

@@ -23,7 +23,7 @@
 
 use crate::config::{LimitParams, Limits};
 use crate::window::Demand;
-use std::collections::VecDeque;
+use std::fmt;
 use thiserror::Error;
 
 /// Where a waiting stream lives: the worker VM (by its shared id) and the stream's context id.
@@ -104,7 +104,7 @@ pub struct RevisionState {
     pub active: u32,
     /// The ticket the next waiter gets; tickets only grow.
     pub next_ticket: u64,
-    waiters: VecDeque<Waiter>,
+    waiters: WaiterQueue,
     demand: Demand,
     /// Part of the demand integral already added to the Prometheus counter.
     exported_ms: u64,
@@ -177,10 +177,9 @@ impl RevisionState {
     /// Removes a waiter (its client left, or it timed out). `None` means it is no longer
     /// waiting: a grant for it is on its way and must be passed on by whoever receives it.
     pub fn cancel(&mut self, ticket: u64, now_ms: u64) -> Option<Waiter> {
-        let i = self.waiters.iter().position(|w| w.ticket == ticket)?;
-        let w = self.waiters.remove(i);
+        let w = self.waiters.remove_ticket(ticket)?;
         self.observe(now_ms);
-        w
+        Some(w)
     }
 
     /// Removes waiters that waited longer than `max_age_ms`: their owner should have expired
@@ -292,19 +291,33 @@ impl RevisionState {
     }
 
     /// The waiters, oldest first.
-    pub fn waiters(&self) -> impl Iterator<Item = &Waiter> {
+    pub fn waiters(&self) -> impl Iterator<Item = Waiter> + '_ {
         self.waiters.iter()
     }
 
     /// Compact little-endian encoding for shared data.
     pub fn encode(&self) -> Vec<u8> {
-        let mut out = Vec::with_capacity(1 + 4 + 8 + 4 + self.waiters.len() * WAITER_BYTES);
+        let demand = self.demand.encode();
+        // Exact, so the waiters' copy at the end never reallocates.
+        let len = 1
+            + 4
+            + 8
+            + 8
+            + 4
+            + 1
+            + demand.len()
+            + 1
+            + if self.published.is_some() { 20 } else { 0 }
+            + 4
+            + self.holders.len() * 8
+            + 4
+            + self.waiters.records().len();
+        let mut out = Vec::with_capacity(len);
         out.push(VERSION);
         out.extend_from_slice(&self.active.to_le_bytes());
         out.extend_from_slice(&self.next_ticket.to_le_bytes());
         out.extend_from_slice(&self.exported_ms.to_le_bytes());
         out.extend_from_slice(&self.ready.unwrap_or(READY_UNKNOWN).to_le_bytes());
-        let demand = self.demand.encode();
         out.push(u8::try_from(demand.len()).unwrap_or(0));
         out.extend_from_slice(&demand);
         match &self.published {
@@ -323,12 +336,7 @@ impl RevisionState {
             out.extend_from_slice(&held.to_le_bytes());
         }
         out.extend_from_slice(&self.queued().to_le_bytes());
-        for w in &self.waiters {
-            out.extend_from_slice(&w.ticket.to_le_bytes());
-            out.extend_from_slice(&w.owner.vm.to_le_bytes());
-            out.extend_from_slice(&w.owner.context.to_le_bytes());
-            out.extend_from_slice(&w.since_ms.to_le_bytes());
-        }
+        out.extend_from_slice(self.waiters.records());
         out
     }
 
@@ -373,21 +381,7 @@ impl RevisionState {
             holders.push((r.u32()?, r.u32()?));
         }
         let n = r.u32()? as usize;
-        if bytes.len().saturating_sub(r.at) < n.saturating_mul(WAITER_BYTES) {
-            return Err(DecodeError::Truncated(bytes.len()));
-        }
-        let mut waiters = VecDeque::with_capacity(n);
-        for _ in 0..n {
-            let ticket = r.u64()?;
-            let vm = r.u32()?;
-            let context = r.u32()?;
-            let since_ms = r.u64()?;
-            waiters.push_back(Waiter {
-                ticket,
-                owner: Owner { vm, context },
-                since_ms,
-            });
-        }
+        let waiters = WaiterQueue::from_records(r.slice(n.saturating_mul(WAITER_BYTES))?);
         if r.at != bytes.len() {
             return Err(DecodeError::Trailing(bytes.len() - r.at));
         }
@@ -401,6 +395,151 @@ impl RevisionState {
             holders,
             published,
         })
+    }
+}
+
+/// The FIFO of waiters, kept as their shared-data records (24 bytes each, little-endian:
+/// ticket u64, vm u32, context u32, since_ms u64) so that a CAS round copies the queue in and
+/// out in one slice copy instead of parsing and re-encoding every waiter.
+///
+/// `bytes[head..]` are the live records, oldest first; `bytes[..head]` are popped records not
+/// yet reclaimed, so `pop_front` is O(1). Invariant: `head <= bytes.len()` and both are
+/// multiples of [`WAITER_BYTES`]. Equality and `Debug` see only the live waiters.
+///
+/// Plain version, for reading: a `VecDeque<Waiter>`, encoded waiter by waiter.
+#[derive(Clone, Default)]
+struct WaiterQueue {
+    bytes: Vec<u8>,
+    head: usize,
+}
+
+impl WaiterQueue {
+    /// A queue holding `records`, which the caller has sized to a whole number of records.
+    fn from_records(records: &[u8]) -> Self {
+        WaiterQueue {
+            bytes: records.to_vec(),
+            head: 0,
+        }
+    }
+
+    /// The live records, oldest first: exactly the wire encoding of the waiters.
+    fn records(&self) -> &[u8] {
+        self.bytes.get(self.head..).unwrap_or_default()
+    }
+
+    fn len(&self) -> usize {
+        self.records().len() / WAITER_BYTES
+    }
+
+    fn is_empty(&self) -> bool {
+        self.records().is_empty()
+    }
+
+    fn iter(&self) -> impl Iterator<Item = Waiter> + '_ {
+        self.records().as_chunks().0.iter().map(parse_waiter)
+    }
+
+    fn push_back(&mut self, w: Waiter) {
+        // Reclaim popped records once they are at least half the buffer: each byte moved was
+        // paid for by a pop, so pushes stay amortised O(1) for a queue kept in memory.
+        if self.head > 0 && self.head >= self.records().len() {
+            self.bytes.drain(..self.head);
+            self.head = 0;
+        }
+        self.bytes.extend_from_slice(&w.ticket.to_le_bytes());
+        self.bytes.extend_from_slice(&w.owner.vm.to_le_bytes());
+        self.bytes.extend_from_slice(&w.owner.context.to_le_bytes());
+        self.bytes.extend_from_slice(&w.since_ms.to_le_bytes());
+    }
+
+    fn pop_front(&mut self) -> Option<Waiter> {
+        let w = self.iter().next()?;
+        self.head += WAITER_BYTES;
+        if self.head >= self.bytes.len() {
+            self.bytes.clear();
+            self.head = 0;
+        }
+        Some(w)
+    }
+
+    /// Removes and returns the waiter holding `ticket` (scanning only the ticket fields).
+    fn remove_ticket(&mut self, ticket: u64) -> Option<Waiter> {
+        let (records, _) = self.records().as_chunks::<WAITER_BYTES>();
+        let n = records.len();
+        let i = records
+            .iter()
+            .position(|r| r.first_chunk() == Some(&ticket.to_le_bytes()))?;
+        let w = records.get(i).map(parse_waiter)?;
+        if i == 0 {
+            return self.pop_front();
+        }
+        let at = self.head + i * WAITER_BYTES;
+        if i < n / 2 {
+            // Nearer the head: shift the older records back over it and drop the first.
+            self.bytes
+                .copy_within(self.head..at, self.head + WAITER_BYTES);
+            self.head += WAITER_BYTES;
+        } else {
+            self.bytes.drain(at..at + WAITER_BYTES);
+        }
+        Some(w)
+    }
+
+    /// Keeps the waiters for which `keep` is true, in order (like `VecDeque::retain`).
+    fn retain(&mut self, mut keep: impl FnMut(&Waiter) -> bool) {
+        let mut write = self.head;
+        let mut read = self.head;
+        while let Some(r) = self
+            .bytes
+            .get(read..)
+            .and_then(|rest| rest.first_chunk::<WAITER_BYTES>())
+        {
+            if keep(&parse_waiter(r)) {
+                if write != read {
+                    // In bounds: write < read and read + WAITER_BYTES <= len.
+                    self.bytes.copy_within(read..read + WAITER_BYTES, write);
+                }
+                write += WAITER_BYTES;
+            }
+            read += WAITER_BYTES;
+        }
+        self.bytes.truncate(write);
+        if self.head >= self.bytes.len() {
+            self.bytes.clear();
+            self.head = 0;
+        }
+    }
+}
+
+impl PartialEq for WaiterQueue {
+    fn eq(&self, other: &Self) -> bool {
+        self.records() == other.records()
+    }
+}
+
+impl Eq for WaiterQueue {}
+
+impl fmt::Debug for WaiterQueue {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_list().entries(self.iter()).finish()
+    }
+}
+
+fn parse_waiter(r: &[u8; WAITER_BYTES]) -> Waiter {
+    // The ranges are constant and inside the array, so the fallbacks are never taken (and the
+    // optimiser removes them); they keep this free of panicking paths.
+    fn field<const N: usize>(r: &[u8; WAITER_BYTES], at: usize) -> [u8; N] {
+        r.get(at..at + N)
+            .and_then(|b| b.try_into().ok())
+            .unwrap_or([0; N])
+    }
+    Waiter {
+        ticket: u64::from_le_bytes(field(r, 0)),
+        owner: Owner {
+            vm: u32::from_le_bytes(field(r, 8)),
+            context: u32::from_le_bytes(field(r, 12)),
+        },
+        since_ms: u64::from_le_bytes(field(r, 16)),
     }
 }
 
@@ -668,6 +807,180 @@ mod tests {
         assert_eq!(s.ready(), Some(0));
     }
 
+    /// A state with every part of the encoding in use: holders, published parameters, learned
+    /// ready replicas, exported demand, and waiters after a cancel near the head and a grant (so
+    /// in memory the byte queue has popped records ahead of its head, which must not leak).
+    fn golden_state() -> RevisionState {
+        let mut s = RevisionState::default();
+        let l = lim(2, 8);
+        s.try_admit(l, owner(1, 10), 1_000); // admitted
+        s.try_admit(l, owner(2, 20), 1_010); // admitted
+        s.try_admit(l, owner(3, 30), 1_020); // ticket 0
+        s.try_admit(l, owner(1, 11), 1_030); // ticket 1
+        s.try_admit(l, owner(4, 40), 1_040); // ticket 2
+        s.try_admit(l, owner(2, 21), 1_050); // ticket 3
+        s.cancel(1, 1_060);
+        s.release(1, l, 1_070); // grants ticket 0 to VM 3
+        s.try_admit(l, owner(0xABCD_EF01, 0x1234_5678), 1_075); // ticket 4
+        s.publish(
+            7,
+            LimitParams {
+                container_concurrency: 4,
+                buffer_depth: Some(8),
+                ready_replicas: 2,
+            },
+        );
+        s.set_ready(2);
+        s.take_unexported_demand_ms(1_080);
+        s
+    }
+
+    /// The encoding of [`golden_state`] as the `VecDeque` implementation wrote it (VERSION 4):
+    /// keeping the waiters as bytes must not change one byte of shared data, or VMs of two
+    /// builds sharing an Envoy would misread each other.
+    const GOLDEN_BYTES: &[u8] = &[
+        0x04, 0x02, 0x00, 0x00, 0x00, 0x05, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x31, 0x01,
+        0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x02, 0x00, 0x00, 0x00, 0x07, 0x01, 0x01, 0x05, 0xb3,
+        0x08, 0x98, 0x02, 0x01, 0x07, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x04, 0x00, 0x00,
+        0x00, 0x08, 0x00, 0x00, 0x00, 0x02, 0x00, 0x00, 0x00, 0x02, 0x00, 0x00, 0x00, 0x02, 0x00,
+        0x00, 0x00, 0x01, 0x00, 0x00, 0x00, 0x03, 0x00, 0x00, 0x00, 0x01, 0x00, 0x00, 0x00, 0x03,
+        0x00, 0x00, 0x00, 0x02, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x04, 0x00, 0x00, 0x00,
+        0x28, 0x00, 0x00, 0x00, 0x10, 0x04, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x03, 0x00, 0x00,
+        0x00, 0x00, 0x00, 0x00, 0x00, 0x02, 0x00, 0x00, 0x00, 0x15, 0x00, 0x00, 0x00, 0x1a, 0x04,
+        0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x04, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x01,
+        0xef, 0xcd, 0xab, 0x78, 0x56, 0x34, 0x12, 0x33, 0x04, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00,
+    ];
+
+    #[test]
+    fn encoding_is_unchanged() {
+        let s = golden_state();
+        assert_eq!(s.encode(), GOLDEN_BYTES);
+        assert_eq!(RevisionState::decode(GOLDEN_BYTES), Ok(s.clone()));
+        assert_eq!(
+            s.waiters().map(|w| w.ticket).collect::<Vec<_>>(),
+            vec![2, 3, 4]
+        );
+        // The last record, field by field: ticket, vm, context, since_ms.
+        let tail: Vec<u8> = [
+            &4u64.to_le_bytes()[..],
+            &0xABCD_EF01u32.to_le_bytes(),
+            &0x1234_5678u32.to_le_bytes(),
+            &1_075u64.to_le_bytes(),
+        ]
+        .concat();
+        assert!(GOLDEN_BYTES.ends_with(&tail));
+    }
+
+    #[test]
+    fn equality_sees_only_live_waiters() {
+        // In memory: two pops leave a head offset and dead bytes; decoded: neither.
+        let mut popped = RevisionState::default();
+        let l = lim(0, 8);
+        for c in 0..4 {
+            popped.try_admit(l, owner(1, c), 0);
+        }
+        popped.grant_ready(lim(2, 8), 0);
+        let decoded = RevisionState::decode(&popped.encode()).unwrap();
+        assert_eq!(
+            (popped.waiters.head, decoded.waiters.head),
+            (2 * WAITER_BYTES, 0)
+        );
+        assert_eq!(decoded, popped);
+        assert_eq!(format!("{decoded:?}"), format!("{popped:?}"));
+        // A different live waiter is a different queue.
+        let mut other = decoded.waiters.clone();
+        assert!(other.remove_ticket(3).is_some());
+        other.push_back(Waiter {
+            ticket: 3,
+            owner: owner(1, 99),
+            since_ms: 0,
+        });
+        assert_ne!(other, popped.waiters);
+    }
+
+    #[test]
+    fn waiter_queue_removes_by_ticket_anywhere() {
+        let w = |ticket: u64| Waiter {
+            ticket,
+            owner: owner(ticket as u32, 1),
+            since_ms: ticket * 10,
+        };
+        struct Case {
+            name: &'static str,
+            queued: &'static [u64],
+            popped: usize,
+            remove: u64,
+            left: &'static [u64],
+        }
+        let case = |name, queued, popped, remove, left| Case {
+            name,
+            queued,
+            popped,
+            remove,
+            left,
+        };
+        let cases = [
+            case("head", &[0, 1, 2, 3], 0, 0, &[1, 2, 3]),
+            case("near head", &[0, 1, 2, 3, 4], 0, 1, &[0, 2, 3, 4]),
+            case("middle", &[0, 1, 2, 3], 0, 2, &[0, 1, 3]),
+            case("tail", &[0, 1, 2, 3], 0, 3, &[0, 1, 2]),
+            case("only", &[5], 0, 5, &[]),
+            case("after pops", &[0, 1, 2, 3, 4, 5], 2, 3, &[2, 4, 5]),
+            case("popped already", &[0, 1, 2], 1, 0, &[1, 2]),
+            case("missing", &[0, 1], 0, 9, &[0, 1]),
+            case("empty", &[], 0, 0, &[]),
+        ];
+        for Case {
+            name,
+            queued,
+            popped,
+            remove,
+            left,
+        } in cases
+        {
+            let mut q = WaiterQueue::default();
+            for t in queued {
+                q.push_back(w(*t));
+            }
+            for _ in 0..popped {
+                q.pop_front();
+            }
+            let found = q.remove_ticket(remove);
+            let expected = queued[popped..].contains(&remove).then(|| w(remove));
+            assert_eq!(found, expected, "{name}");
+            assert_eq!(
+                q.iter().collect::<Vec<_>>(),
+                left.iter().map(|t| w(*t)).collect::<Vec<_>>(),
+                "{name}"
+            );
+            assert_eq!(q.len(), left.len(), "{name}");
+        }
+    }
+
+    #[test]
+    fn waiter_queue_reclaims_popped_bytes() {
+        // A queue kept in memory (no decode in between) must not grow without bound.
+        let mut q = WaiterQueue::default();
+        for t in 0..10_000u64 {
+            q.push_back(Waiter {
+                ticket: t,
+                owner: owner(0, 0),
+                since_ms: 0,
+            });
+            if t >= 3 {
+                assert_eq!(q.pop_front().map(|w| w.ticket), Some(t - 3));
+            }
+        }
+        assert_eq!(q.len(), 3);
+        assert!(q.bytes.len() <= 8 * WAITER_BYTES, "{} bytes", q.bytes.len());
+        q.retain(|w| w.ticket % 2 == 0);
+        assert_eq!(q.iter().map(|w| w.ticket).collect::<Vec<_>>(), vec![9_998]);
+        q.retain(|_| false);
+        assert!(q.is_empty());
+        assert_eq!((q.bytes.len(), q.head), (0, 0));
+        assert_eq!(q.pop_front(), None);
+    }
+
     #[test]
     fn decode_rejects_bad_bytes() {
         let mut s = RevisionState::default();
@@ -709,7 +1022,177 @@ mod tests {
         ]
     }
 
+    /// The reference: `RevisionState`'s transitions written over a `VecDeque<Waiter>` and a map
+    /// of holders, the plain way.
+    #[derive(Debug, Default)]
+    struct Model {
+        active: u32,
+        next_ticket: u64,
+        waiters: std::collections::VecDeque<Waiter>,
+        holders: std::collections::BTreeMap<u32, u32>,
+    }
+
+    impl Model {
+        fn hold(&mut self, vm: u32) {
+            *self.holders.entry(vm).or_default() += 1;
+        }
+        fn try_admit(&mut self, limits: Limits, owner: Owner, now_ms: u64) -> Admission {
+            let room = limits.capacity.is_none_or(|c| self.active < c);
+            if room && self.waiters.is_empty() {
+                self.active += 1;
+                self.hold(owner.vm);
+                Admission::Admitted
+            } else if self.waiters.len() < limits.buffer as usize {
+                let ticket = self.next_ticket;
+                self.next_ticket += 1;
+                self.waiters.push_back(Waiter {
+                    ticket,
+                    owner,
+                    since_ms: now_ms,
+                });
+                Admission::Queued { ticket }
+            } else {
+                Admission::Shed(ShedReason::BufferFull)
+            }
+        }
+        fn grant_ready(&mut self, limits: Limits, now_ms: u64) -> Vec<Grant> {
+            let mut grants = Vec::new();
+            while limits.capacity.is_none_or(|c| self.active < c) {
+                let Some(w) = self.waiters.pop_front() else {
+                    break;
+                };
+                self.active += 1;
+                self.hold(w.owner.vm);
+                grants.push(Grant {
+                    ticket: w.ticket,
+                    owner: w.owner,
+                    waited_ms: now_ms.saturating_sub(w.since_ms),
+                });
+            }
+            grants
+        }
+        fn release(&mut self, vm: u32, limits: Limits, now_ms: u64) -> Vec<Grant> {
+            self.active = self.active.saturating_sub(1);
+            if let Some(h) = self.holders.get_mut(&vm) {
+                *h -= 1;
+                if *h == 0 {
+                    self.holders.remove(&vm);
+                }
+            }
+            self.grant_ready(limits, now_ms)
+        }
+        fn cancel(&mut self, ticket: u64) -> Option<Waiter> {
+            let i = self.waiters.iter().position(|w| w.ticket == ticket)?;
+            self.waiters.remove(i)
+        }
+        fn reap(&mut self, now_ms: u64, max_age_ms: u64) -> Vec<Waiter> {
+            let (stale, fresh): (Vec<Waiter>, Vec<Waiter>) = self
+                .waiters
+                .iter()
+                .partition(|w| now_ms.saturating_sub(w.since_ms) > max_age_ms);
+            self.waiters = fresh.into();
+            stale
+        }
+        fn reap_vm(&mut self, vm: u32, limits: Limits, now_ms: u64) -> (u32, usize, Vec<Grant>) {
+            let slots = self.holders.remove(&vm).unwrap_or(0);
+            self.active = self.active.saturating_sub(slots);
+            let before = self.waiters.len();
+            self.waiters.retain(|w| w.owner.vm != vm);
+            let gone = before - self.waiters.len();
+            (slots, gone, self.grant_ready(limits, now_ms))
+        }
+    }
+
+    #[derive(Debug, Clone)]
+    enum ModelOp {
+        Arrive(u32),
+        Release(u32),
+        CancelWaiting(usize),
+        CancelAny(u64),
+        Resize(Option<u32>),
+        Tick(u64),
+        Reap(u64),
+        ReapVm(u32),
+        /// What the filter does between operations: the state goes through shared data.
+        RoundTrip,
+    }
+
+    fn model_op() -> impl Strategy<Value = ModelOp> {
+        prop_oneof![
+            6 => (0u32..5).prop_map(ModelOp::Arrive),
+            3 => (0u32..5).prop_map(ModelOp::Release),
+            2 => (0usize..64).prop_map(ModelOp::CancelWaiting),
+            1 => (0u64..40).prop_map(ModelOp::CancelAny),
+            1 => proptest::option::weighted(0.8, 0u32..6).prop_map(ModelOp::Resize),
+            2 => (0u64..50).prop_map(ModelOp::Tick),
+            1 => (0u64..150).prop_map(ModelOp::Reap),
+            1 => (0u32..5).prop_map(ModelOp::ReapVm),
+            2 => Just(ModelOp::RoundTrip),
+        ]
+    }
+
     proptest! {
+        /// The byte-backed waiter queue behaves exactly like a `VecDeque<Waiter>`: same
+        /// answers to every operation, same waiters, and the same bytes on the wire.
+        #[test]
+        fn behaves_like_the_vecdeque_model(
+            ops in proptest::collection::vec(model_op(), 1..300),
+            cap in proptest::option::weighted(0.9, 0u32..4),
+            buffer in 0u32..12,
+        ) {
+            let mut s = RevisionState::default();
+            let mut m = Model::default();
+            let mut limits = Limits { capacity: cap, buffer };
+            let mut now = 0u64;
+            let mut ctx = 0u32;
+            for o in ops {
+                match o {
+                    ModelOp::Arrive(vm) => {
+                        ctx += 1;
+                        let who = owner(vm, ctx);
+                        prop_assert_eq!(s.try_admit(limits, who, now), m.try_admit(limits, who, now));
+                    }
+                    ModelOp::Release(vm) => {
+                        prop_assert_eq!(s.release(vm, limits, now), m.release(vm, limits, now));
+                    }
+                    ModelOp::CancelWaiting(i) => {
+                        if !m.waiters.is_empty() {
+                            let t = m.waiters[i % m.waiters.len()].ticket;
+                            prop_assert_eq!(s.cancel(t, now), m.cancel(t));
+                        }
+                    }
+                    ModelOp::CancelAny(t) => prop_assert_eq!(s.cancel(t, now), m.cancel(t)),
+                    ModelOp::Resize(c) => {
+                        limits = Limits { capacity: c, buffer };
+                        prop_assert_eq!(s.grant_ready(limits, now), m.grant_ready(limits, now));
+                    }
+                    ModelOp::Tick(d) => now += d,
+                    ModelOp::Reap(age) => prop_assert_eq!(s.reap(now, age), m.reap(now, age)),
+                    ModelOp::ReapVm(vm) => {
+                        prop_assert_eq!(s.reap_vm(vm, limits, now), m.reap_vm(vm, limits, now));
+                    }
+                    ModelOp::RoundTrip => {
+                        s = RevisionState::decode(&s.encode()).map_err(|e| TestCaseError::fail(e.to_string()))?;
+                    }
+                }
+                prop_assert_eq!((s.active, s.next_ticket), (m.active, m.next_ticket));
+                prop_assert_eq!(s.waiters().collect::<Vec<_>>(), m.waiters.iter().copied().collect::<Vec<_>>());
+                prop_assert_eq!(s.queued() as usize, m.waiters.len());
+                prop_assert_eq!(s.holders().collect::<Vec<_>>(), m.holders.iter().map(|(v, h)| (*v, *h)).collect::<Vec<_>>());
+                // The wire: the count, then the model's waiters encoded one by one, at the end.
+                let bytes = s.encode();
+                let mut tail = (m.waiters.len() as u32).to_le_bytes().to_vec();
+                for w in &m.waiters {
+                    tail.extend_from_slice(&w.ticket.to_le_bytes());
+                    tail.extend_from_slice(&w.owner.vm.to_le_bytes());
+                    tail.extend_from_slice(&w.owner.context.to_le_bytes());
+                    tail.extend_from_slice(&w.since_ms.to_le_bytes());
+                }
+                prop_assert!(bytes.ends_with(&tail));
+                prop_assert_eq!(RevisionState::decode(&bytes), Ok(s.clone()));
+            }
+        }
+
         /// Against a plain model: in-flight never exceeds capacity, grants come in ticket
         /// order, and draining returns everything to zero.
         #[test]
