@@ -61,6 +61,10 @@ pub struct Args {
     /// `NAME=PATH.wasm` (repeatable): how a change to the filter moves the numbers, same run.
     #[arg(long = "variant", value_parser = parse_variant)]
     pub variants: Vec<(String, PathBuf)>,
+    /// Configure the `--variant` builds as setup 3's inflight at the cap (buffering), not as
+    /// setup 2, and compare them with it: how a change moves the contended path.
+    #[arg(long)]
+    pub variants_at_cap: bool,
     /// Load generator.
     #[arg(long, value_enum, default_value_t = LoadTool::Auto)]
     pub load: LoadTool,
@@ -107,7 +111,8 @@ pub enum Setup {
     NativeCb,
     /// 3: inflight at the same cap (buffers).
     InflightCap,
-    /// `--variant` number n: another filter build, configured as setup 2.
+    /// `--variant` number n: another filter build, configured as setup 2 (or as setup 3's
+    /// inflight with `--variants-at-cap`).
     Variant(u8),
 }
 
@@ -260,7 +265,12 @@ fn measure(args: &Args) -> Result<Report> {
         let spec = match setup {
             Setup::Variant(i) => {
                 let wasm = args.variants.get(usize::from(i)).map(|(_, p)| p.as_path());
-                gateway_spec(Setup::Inflight, args.cap, max_c, wasm, None)?
+                let like = if args.variants_at_cap {
+                    Setup::InflightCap
+                } else {
+                    Setup::Inflight
+                };
+                gateway_spec(like, args.cap, max_c, wasm, None)?
             }
             _ => gateway_spec(setup, args.cap, max_c, filter.as_deref(), empty.as_deref())?,
         };
@@ -355,6 +365,7 @@ fn measure(args: &Args) -> Result<Report> {
             workers: args.workers,
             cap: args.cap,
             variants: names,
+            variants_at_cap: args.variants_at_cap,
         },
         samples,
     })

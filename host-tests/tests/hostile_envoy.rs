@@ -358,7 +358,9 @@ fn malformed_authorities_and_huge_headers_neither_crash_nor_hang() {
         .filter(|(_, status, _)| status.as_ref().ok() == Some(&200))
         .count() as u64;
     assert_eq!(st.outcome("rev-a", "admitted"), upstream);
-    assert!(seen.iter().all(|(_, status, _)| status.as_ref().ok() != Some(&404)));
+    assert!(seen
+        .iter()
+        .all(|(_, status, _)| status.as_ref().ok() != Some(&404)));
     no_panic(&mut s.envoy);
     // The filter still decides after all of it.
     let r = Request::get(addr, "a.test").send().unwrap();

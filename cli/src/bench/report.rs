@@ -76,6 +76,8 @@ pub struct Meta {
     pub cap: u32,
     /// Names of the `--variant` builds.
     pub variants: Vec<String>,
+    /// The variants run configured as setup 3's inflight-cap (else as setup 2).
+    pub variants_at_cap: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -289,31 +291,37 @@ impl Report {
                 true,
             ),
         ];
+        let (base, base_name, mark) = if self.meta.variants_at_cap {
+            (InflightCap, "inflight-cap", "3'")
+        } else {
+            (Inflight, "inflight", "2'")
+        };
+        let base_no = &mark[..1];
         for (i, name) in self.meta.variants.iter().enumerate() {
             let v = Variant(u8::try_from(i).unwrap_or(u8::MAX));
             rows.push(row(
-                &format!("2'/2 {name} / inflight, req/s"),
+                &format!("{mark}/{base_no} {name} / {base_name}, req/s"),
                 v,
-                Inflight,
+                base,
                 rps,
                 false,
             ));
             rows.push(row(
-                &format!("2'−2 {name} − inflight, p50 µs"),
+                &format!("{mark}−{base_no} {name} − {base_name}, p50 µs"),
                 v,
-                Inflight,
+                base,
                 p50,
                 true,
             ));
             rows.push(row(
-                &format!("2'−2 {name} − inflight, CPU µs/req"),
+                &format!("{mark}−{base_no} {name} − {base_name}, CPU µs/req"),
                 v,
-                Inflight,
+                base,
                 cpu,
                 true,
             ));
             rows.push(row(
-                &format!("2'−4 {name} − empty-wasm, CPU µs/req"),
+                &format!("{mark}−4 {name} − empty-wasm, CPU µs/req"),
                 v,
                 EmptyWasm,
                 cpu,
@@ -377,7 +385,14 @@ impl Report {
             }
         };
         for c in self.concurrencies() {
-            for setup in [Setup::NativeCb, Setup::InflightCap] {
+            let mut at_cap = vec![Setup::NativeCb, Setup::InflightCap];
+            if self.meta.variants_at_cap {
+                at_cap.extend(
+                    (0..self.meta.variants.len())
+                        .map(|i| Setup::Variant(u8::try_from(i).unwrap_or(u8::MAX))),
+                );
+            }
+            for setup in at_cap {
                 let Some(ok) = self.spread(setup, c, |s| s.load.ok_rps()) else {
                     continue;
                 };
