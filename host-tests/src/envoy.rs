@@ -473,3 +473,46 @@ impl Stats {
             .join("\n")
     }
 }
+
+/// The generated YAML, as it was before the generators shared `inflight_envoy_control::bootstrap`.
+#[cfg(test)]
+mod golden {
+    use super::*;
+
+    fn check(file: &str, got: &str) {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../envoy-control/testdata")
+            .join(file);
+        let want = std::fs::read_to_string(&path).unwrap();
+        assert!(got == want, "{} differs; generated:\n{got}", path.display());
+    }
+
+    #[test]
+    fn generated_yaml_is_unchanged() {
+        let with_admin = Gateway {
+            plugin_config: r#"{"revisions":[{"name":"rev-a"}]}"#.into(),
+            routes: vec![
+                ("a.example".into(), "rev-a".into()),
+                ("b.example".into(), "rev-b".into()),
+            ],
+            clusters: vec![
+                Cluster::fixed("rev-a", vec![9001, 9002]),
+                Cluster {
+                    name: "rev-b".into(),
+                    ports: vec![],
+                    eds_file: Some(PathBuf::from("/tmp/eds/rev-b.json")),
+                },
+            ],
+            wasm: PathBuf::from("/x/f.wasm"),
+            admin_port: Some(9901),
+        };
+        let plain = Gateway {
+            routes: vec![],
+            clusters: vec![Cluster::fixed("rev-a", vec![9001])],
+            admin_port: None,
+            ..with_admin.clone()
+        };
+        check("test-gateway.yaml", &with_admin.yaml());
+        check("test-gateway-plain.yaml", &plain.yaml());
+    }
+}

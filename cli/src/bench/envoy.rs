@@ -410,3 +410,43 @@ mod tests {
         assert!(ns > 0);
     }
 }
+
+/// The generated YAML, as it was before the generators shared `inflight_envoy_control::bootstrap`.
+#[cfg(test)]
+mod golden {
+    use super::*;
+
+    fn check(file: &str, got: &str) {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../envoy-control/testdata")
+            .join(file);
+        let want = std::fs::read_to_string(&path).unwrap();
+        assert!(got == want, "{} differs; generated:\n{got}", path.display());
+    }
+
+    #[test]
+    fn generated_yaml_is_unchanged() {
+        let up = SocketAddr::from(([127, 0, 0, 1], 9000));
+        let inflight = GatewaySpec {
+            filter: Some(WasmFilter {
+                wasm: PathBuf::from("/x/f.wasm"),
+                root_id: "inflight",
+                config: Some(
+                    r#"{"revisions":[{"name":"bench","hosts":["bench.example"]}]}"#.into(),
+                ),
+            }),
+            max_requests: 10,
+        };
+        let empty = GatewaySpec {
+            filter: Some(WasmFilter {
+                wasm: PathBuf::from("/x/empty.wasm"),
+                root_id: "empty",
+                config: None,
+            }),
+            max_requests: NO_LIMIT,
+        };
+        check("bench-gateway.yaml", &gateway_yaml(&inflight, up));
+        check("bench-gateway-empty.yaml", &gateway_yaml(&empty, up));
+        check("bench-upstream.yaml", &upstream_yaml());
+    }
+}

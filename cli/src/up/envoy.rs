@@ -239,3 +239,30 @@ impl Drop for Envoy {
         process::stop(&mut self.child, Duration::from_secs(2));
     }
 }
+
+/// The generated YAML, as it was before the generators shared `inflight_envoy_control::bootstrap`.
+#[cfg(test)]
+mod golden {
+    use super::*;
+
+    fn check(file: &str, got: &str) {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../envoy-control/testdata")
+            .join(file);
+        let want = std::fs::read_to_string(&path).unwrap();
+        assert!(got == want, "{} differs; generated:\n{got}", path.display());
+    }
+
+    #[test]
+    fn generated_bootstrap_is_unchanged() {
+        let config = StackConfig::parse(super::super::config::DEMO).unwrap();
+        let yaml = bootstrap(
+            &config,
+            8080,
+            9901,
+            Path::new("/x/f.wasm"),
+            Path::new("/tmp/eds"),
+        );
+        check("up-bootstrap.yaml", &yaml);
+    }
+}
