@@ -267,25 +267,10 @@ fn http_get(addr: SocketAddr, path: &str) -> Option<(u16, String)> {
 }
 
 fn validate_with_overlay(config: &Path, overlay: &str) {
-    let out = Command::new(envoy::envoy_binary().unwrap())
-        .args([
-            "--mode",
-            "validate",
-            "--disable-hot-restart",
-            "-l",
-            "warn",
-            "-c",
-        ])
-        .arg(config)
-        .args(["--config-yaml", overlay])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "envoy --mode validate failed:\n{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let envoy = envoy::envoy_binary().unwrap();
+    if let Err(e) = inflight_envoy_control::validate(&envoy, config, Some(overlay)) {
+        panic!("{e}");
+    }
 }
 
 #[test]

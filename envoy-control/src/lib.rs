@@ -5,15 +5,23 @@
 //! assumes a free port; [`wait_live`] waits for the admin address, for `/ready` to say `LIVE`,
 //! and reads the listener's real port back from `/listeners`. [`request`] is a one-shot blocking
 //! HTTP/1.1 client for loopback admin, health and metrics endpoints (chunked bodies decoded).
+//!
+//! Around that: [`Envoy`], the one Envoy process type (spawn, LIVE, log, stop, killed by pid
+//! when dropped) with [`validate`]; [`process`], stopping children by pid.
+
+mod envoy;
+pub mod process;
+
+pub use envoy::{validate, Envoy, Launch, ValidateError};
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::{Child, ExitStatus};
 use std::time::{Duration, Instant};
 use thiserror::Error;
 
-/// Why Envoy did not become LIVE.
+/// Why Envoy did not start or did not become LIVE.
 #[derive(Debug, Error)]
 pub enum StartError {
     #[error("envoy exited during startup ({0})")]
@@ -24,6 +32,16 @@ pub enum StartError {
     NoListener(String),
     #[error("checking on envoy: {0}")]
     Io(#[from] std::io::Error),
+    #[error("could not start {binary}: {source}")]
+    Spawn {
+        binary: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("creating envoy's log {path}: {source}")]
+    Log {
+        path: PathBuf,
+        source: std::io::Error,
+    },
 }
 
 /// Where a LIVE Envoy listens: its admin endpoint and its first listener.

@@ -6,10 +6,9 @@
 //! that instruction rather than passing.
 
 use anyhow::{bail, Context as _, Result};
+use inflight_envoy_control::Launch;
 use std::fmt::Write as _;
-use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
@@ -206,11 +205,10 @@ stats_config:
     }
 }
 
-/// A running Envoy, killed when dropped.
+/// A running Envoy in a scratch directory of its own, killed by its pid when dropped; the
+/// directory is removed then, or its log tail printed if the test is failing.
 pub struct Envoy {
-    child: Child,
-    pub admin: SocketAddr,
-    pub listener: SocketAddr,
+    process: inflight_envoy_control::Envoy,
     dir: PathBuf,
 }
 
@@ -228,27 +226,11 @@ fn scratch_dir(tag: &str) -> Result<PathBuf> {
 
 /// Runs `envoy --mode validate` on a config file; returns Envoy's output on failure.
 pub fn validate(config: &Path) -> Result<()> {
-    let out = Command::new(envoy_binary()?)
-        .args([
-            "--mode",
-            "validate",
-            "--disable-hot-restart",
-            "-l",
-            "warn",
-            "-c",
-        ])
-        .arg(config)
-        .output()
-        .context("running envoy --mode validate")?;
-    if !out.status.success() {
-        bail!(
-            "envoy --mode validate {} failed:\n{}{}",
-            config.display(),
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
-    }
-    Ok(())
+    Ok(inflight_envoy_control::validate(
+        &envoy_binary()?,
+        config,
+        None,
+    )?)
 }
 
 impl Envoy {
@@ -258,72 +240,22 @@ impl Envoy {
         let dir = scratch_dir("envoy")?;
         let config = dir.join("envoy.yaml");
         std::fs::write(&config, yaml)?;
-        let admin_file = dir.join("admin-address");
-        let log = std::fs::File::create(dir.join("envoy.log"))?;
-        let child = Command::new(envoy_binary()?)
-            .arg("-c")
-            .arg(&config)
-            .args([
-                "--concurrency",
-                &workers.to_string(),
-                "--disable-hot-restart",
-                "-l",
-                "info",
-            ])
-            .arg("--admin-address-path")
-            .arg(&admin_file)
-            .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .context("spawning envoy")?;
-        let mut envoy = Envoy {
-            child,
-            admin: "127.0.0.1:0".parse()?,
-            listener: "127.0.0.1:0".parse()?,
-            dir,
+        let launch = Launch {
+            workers,
+            log_level: "info",
+            ..Launch::new(&envoy_binary()?, &config, &dir)
         };
-        match inflight_envoy_control::wait_live(
-            &mut envoy.child,
-            &admin_file,
-            Duration::from_secs(60),
-        ) {
-            Ok(live) => {
-                envoy.admin = live.admin;
-                envoy.listener = live.listener;
-            }
-            Err(e) => bail!("{e}:\n{}", envoy.log_tail(40)),
+        let mut process =
+            inflight_envoy_control::Envoy::spawn(&launch).context("spawning envoy")?;
+        if let Err(e) = process.wait_live(Duration::from_secs(60)) {
+            bail!("{e}:\n{}", process.log_tail(40));
         }
-        Ok(envoy)
-    }
-
-    pub fn pid(&self) -> u32 {
-        self.child.id()
-    }
-
-    /// Whether the process is still running.
-    pub fn alive(&mut self) -> bool {
-        matches!(self.child.try_wait(), Ok(None))
-    }
-
-    /// Envoy's log so far (the last `lines` lines).
-    pub fn log_tail(&self, lines: usize) -> String {
-        let log = std::fs::read_to_string(self.dir.join("envoy.log")).unwrap_or_default();
-        let all: Vec<&str> = log.lines().collect();
-        all[all.len().saturating_sub(lines)..].join("\n")
-    }
-
-    pub fn log(&self) -> String {
-        std::fs::read_to_string(self.dir.join("envoy.log")).unwrap_or_default()
-    }
-
-    /// GET on the admin endpoint: (status, body).
-    pub fn admin_get(&self, path: &str) -> Result<(u16, String)> {
-        http_get(self.admin, path)
+        Ok(Envoy { process, dir })
     }
 
     /// POST on the admin endpoint (e.g. `/reset_counters`).
     pub fn admin_post(&self, path: &str) -> Result<(u16, String)> {
-        http_request(self.admin, "POST", path)
+        Ok(self.process.admin_request("POST", path)?)
     }
 
     /// The Prometheus exposition, parsed.
@@ -359,33 +291,35 @@ impl Envoy {
     }
 }
 
+/// The process's own methods: `pid`, `alive`, `log`, `log_tail`, `admin_get`, `admin`,
+/// `listener`.
+impl std::ops::Deref for Envoy {
+    type Target = inflight_envoy_control::Envoy;
+    fn deref(&self) -> &Self::Target {
+        &self.process
+    }
+}
+
+impl std::ops::DerefMut for Envoy {
+    fn deref_mut(&mut self) -> &mut Self::Target {
+        &mut self.process
+    }
+}
+
 impl Drop for Envoy {
     fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        // Killed first, so the log is complete and the directory no longer in use.
+        self.process.kill();
         if std::thread::panicking() {
             eprintln!(
                 "--- envoy log tail ({}) ---\n{}",
                 self.dir.display(),
-                self.log_tail(60)
+                self.process.log_tail(60)
             );
         } else {
             let _ = std::fs::remove_dir_all(&self.dir);
         }
     }
-}
-
-fn http_get(addr: SocketAddr, path: &str) -> Result<(u16, String)> {
-    http_request(addr, "GET", path)
-}
-
-fn http_request(addr: SocketAddr, method: &str, path: &str) -> Result<(u16, String)> {
-    Ok(inflight_envoy_control::request(
-        addr,
-        method,
-        path,
-        Duration::from_secs(10),
-    )?)
 }
 
 /// One Prometheus sample.

@@ -7,10 +7,10 @@
 //! Ports are 0 and read back through the admin API; each process is killed when dropped.
 
 use anyhow::{bail, Context as _, Result};
+use inflight_envoy_control::Launch;
 use std::fmt::Write as _;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 /// `stats_tags` as shipped (`envoy/envoy.yaml`), so the filter's metrics get their labels.
@@ -154,12 +154,10 @@ static_resources:
     .to_string()
 }
 
-/// A running Envoy, killed when dropped.
+/// A running Envoy, killed by its pid when dropped, with what the benchmark reads of it.
 pub struct Envoy {
-    child: Child,
-    pub admin: SocketAddr,
+    process: inflight_envoy_control::Envoy,
     pub listener: SocketAddr,
-    dir: PathBuf,
 }
 
 impl Envoy {
@@ -169,64 +167,37 @@ impl Envoy {
         std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
         let config = dir.join("envoy.yaml");
         std::fs::write(&config, yaml)?;
-        let admin_file = dir.join("admin-address");
-        let _ = std::fs::remove_file(&admin_file);
-        let log = std::fs::File::create(dir.join("envoy.log"))?;
-        let child = Command::new(binary)
-            .arg("-c")
-            .arg(&config)
-            .args([
-                "--concurrency",
-                &workers.to_string(),
-                "--disable-hot-restart",
-                "-l",
-                "warn",
-            ])
-            .arg("--admin-address-path")
-            .arg(&admin_file)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .with_context(|| format!("spawning {}", binary.display()))?;
-        let mut envoy = Envoy {
-            child,
-            admin: SocketAddr::from(([127, 0, 0, 1], 0)),
-            listener: SocketAddr::from(([127, 0, 0, 1], 0)),
-            dir: dir.to_path_buf(),
+        let launch = Launch {
+            workers,
+            ..Launch::new(binary, &config, dir)
         };
-        match inflight_envoy_control::wait_live(
-            &mut envoy.child,
-            &admin_file,
-            Duration::from_secs(60),
-        ) {
-            Ok(live) => {
-                envoy.admin = live.admin;
-                envoy.listener = live.listener;
-            }
-            Err(e) => bail!("{e}; config {}:\n{}", config.display(), envoy.log_tail(40)),
+        let mut envoy = inflight_envoy_control::Envoy::spawn(&launch)
+            .with_context(|| format!("spawning {}", binary.display()))?;
+        if let Err(e) = envoy.wait_live(Duration::from_secs(60)) {
+            bail!("{e}; config {}:\n{}", config.display(), envoy.log_tail(40));
         }
-        Ok(envoy)
+        Ok(Envoy {
+            listener: envoy.listener,
+            process: envoy,
+        })
     }
 
     /// Whether the process is still running.
     pub fn alive(&mut self) -> bool {
-        matches!(self.child.try_wait(), Ok(None))
+        self.process.alive()
     }
 
     pub fn log_tail(&self, lines: usize) -> String {
-        let log = std::fs::read_to_string(self.dir.join("envoy.log")).unwrap_or_default();
-        let all: Vec<&str> = log.lines().collect();
-        all[all.len().saturating_sub(lines)..].join("\n")
+        self.process.log_tail(lines)
     }
 
     /// CPU time used by all of the process's threads so far, in nanoseconds.
     pub fn cpu_ns(&self) -> Result<u64> {
-        cpu_ns(self.child.id())
+        cpu_ns(self.process.pid())
     }
 
     pub fn admin_get(&self, path: &str) -> Result<(u16, String)> {
-        http_get(self.admin, path)
+        Ok(self.process.admin_get(path)?)
     }
 
     /// The buckets of the histogram named like `needle` once Envoy has merged every sample
@@ -251,13 +222,6 @@ impl Envoy {
             bail!("/stats/prometheus answered {status}");
         }
         Ok(body)
-    }
-}
-
-impl Drop for Envoy {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
     }
 }
 
@@ -292,14 +256,6 @@ fn cpu_ns(pid: u32) -> Result<u64> {
     let fields: Vec<&str> = after.split_whitespace().collect();
     let tick = |i: usize| -> u64 { fields.get(i).and_then(|v| v.parse().ok()).unwrap_or(0) };
     Ok((tick(11) + tick(12)) * 10_000_000)
-}
-
-fn http_get(addr: SocketAddr, path: &str) -> Result<(u16, String)> {
-    Ok(inflight_envoy_control::get(
-        addr,
-        path,
-        Duration::from_secs(10),
-    )?)
 }
 
 /// Cumulative counts of a Prometheus histogram whose name contains `needle`, as `(le, count)`

@@ -4,12 +4,11 @@
 //! by pid.
 
 use super::config::{StackConfig, ADMIN_CLUSTER};
-use super::process;
 use anyhow::{bail, Context as _, Result};
+use inflight_envoy_control::Launch;
 use std::fmt::Write as _;
-use std::net::{SocketAddr, TcpListener};
+use std::net::TcpListener;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 /// `stats_tags` turning the filter's `revision.<name>` / `outcome.<o>` name segments into
@@ -163,80 +162,44 @@ stats_flush_interval: 1s
     )
 }
 
-/// A running Envoy.
-pub struct Envoy {
-    child: Child,
-    pub admin: SocketAddr,
-    pub listener: SocketAddr,
-    pub log: PathBuf,
-}
+/// The running Envoy of the stack: in its own process group, stopped by pid (SIGTERM, then
+/// SIGKILL) when dropped.
+pub struct Envoy(inflight_envoy_control::Envoy);
 
 impl Envoy {
     /// Starts Envoy on `config` and returns once it is LIVE.
     pub fn start(binary: &Path, config: &Path, workers: u32, dir: &Path) -> Result<Envoy> {
-        let log = dir.join("envoy.log");
-        let admin_file = dir.join("envoy-admin-address");
-        let _ = std::fs::remove_file(&admin_file);
-        let mut cmd = Command::new(binary);
-        cmd.arg("-c")
-            .arg(config)
-            .args([
-                "--concurrency",
-                &workers.to_string(),
-                "--disable-hot-restart",
-                "-l",
-                "warn",
-            ])
-            .arg("--admin-address-path")
-            .arg(&admin_file)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(&log)?);
-        let child = process::spawn(&mut cmd)
-            .with_context(|| format!("starting envoy ({})", binary.display()))?;
-        let mut envoy = Envoy {
-            child,
-            admin: SocketAddr::from(([127, 0, 0, 1], 0)),
-            listener: SocketAddr::from(([127, 0, 0, 1], 0)),
-            log,
+        let launch = Launch {
+            workers,
+            admin_address: dir.join("envoy-admin-address"),
+            own_group: true,
+            drop_grace: Duration::from_secs(2),
+            ..Launch::new(binary, config, dir)
         };
-        match inflight_envoy_control::wait_live(
-            &mut envoy.child,
-            &admin_file,
-            Duration::from_secs(60),
-        ) {
-            Ok(live) => {
-                envoy.admin = live.admin;
-                envoy.listener = live.listener;
-            }
-            Err(e) => bail!("{e}:\n{}", envoy.log_tail(30)),
+        let mut envoy = inflight_envoy_control::Envoy::spawn(&launch)
+            .with_context(|| format!("starting envoy ({})", binary.display()))?;
+        if let Err(e) = envoy.wait_live(Duration::from_secs(60)) {
+            bail!("{e}:\n{}", envoy.log_tail(30));
         }
-        Ok(envoy)
-    }
-
-    pub fn pid(&self) -> u32 {
-        self.child.id()
+        Ok(Envoy(envoy))
     }
 
     pub fn exited(&mut self) -> bool {
-        !matches!(self.child.try_wait(), Ok(None))
-    }
-
-    pub fn log_tail(&self, lines: usize) -> String {
-        let log = std::fs::read_to_string(&self.log).unwrap_or_default();
-        let all: Vec<&str> = log.lines().collect();
-        all[all.len().saturating_sub(lines)..].join("\n")
-    }
-
-    /// SIGTERM, then SIGKILL after `grace`; waits for the process.
-    pub fn stop(&mut self, grace: Duration) {
-        process::stop(&mut self.child, grace);
+        !self.0.alive()
     }
 }
 
-impl Drop for Envoy {
-    fn drop(&mut self) {
-        process::stop(&mut self.child, Duration::from_secs(2));
+/// The process's own methods: `pid`, `log_tail`, `stop(grace)`, `admin`, `listener`.
+impl std::ops::Deref for Envoy {
+    type Target = inflight_envoy_control::Envoy;
+    fn deref(&self) -> &Self::Target {
+        &self.0
+    }
+}
+
+impl std::ops::DerefMut for Envoy {
+    fn deref_mut(&mut self) -> &mut Self::Target {
+        &mut self.0
     }
 }
 

@@ -226,23 +226,14 @@ impl Drop for Up {
     }
 }
 
+/// Sends `sig` to `pid`; false if there is no such process.
 pub fn unsafe_kill(pid: u32, sig: i32) -> bool {
-    // SAFETY: kill(2) has no memory-safety preconditions.
-    unsafe { libc::kill(pid as libc::pid_t, sig) == 0 }
+    inflight_envoy_control::process::signal(pid, sig)
 }
 
 /// Whether `pid` is a running (not zombie) process.
 pub fn alive(pid: u32) -> bool {
-    if !unsafe_kill(pid, 0) {
-        return false;
-    }
-    std::fs::read_to_string(format!("/proc/{pid}/stat"))
-        .ok()
-        .and_then(|s| {
-            s.rsplit_once(')')
-                .and_then(|(_, r)| r.split_whitespace().next().map(str::to_string))
-        })
-        .is_some_and(|st| st != "Z" && st != "X")
+    inflight_envoy_control::process::alive(pid)
 }
 
 /// hey against the stack (`-host` set, body = the mnist sample); returns its output.
