@@ -416,3 +416,45 @@ fn paused_post_stays_paused_when_its_body_arrives() {
     assert!(matches!(h.state(r1), State::Resumed { worker: 1, .. }));
     assert_clean(&h);
 }
+
+/// A request whose host matches nothing is counted by its cluster when another worker learned
+/// that cluster from a host match; a cluster seen behind two revisions' hosts is not used.
+#[test]
+fn unmatched_host_counts_by_the_cluster_learned_on_another_worker() {
+    const CLUSTER: &str = "xds.cluster_name";
+    let cfg = json!({
+        "revisions": [
+            {"name": "rev-a", "hosts": [A], "containerConcurrency": 1, "bufferDepth": 5},
+            {"name": "rev-b", "hosts": [B], "containerConcurrency": 5}
+        ],
+        "unknownRevision": "reject", "tick": "50ms"
+    })
+    .to_string();
+    let mut h = Host::new(Filter::built(), 2, &cfg);
+    // Nothing learned yet: an unknown host is unknown, whatever its cluster.
+    let early = h.request(1, "odd.test").property(CLUSTER, "ca").send();
+    assert_eq!(h.reply(early).status, 404);
+    // Worker 0 sees a.example.com routed to cluster `ca`.
+    let holder = h.request(0, A).property(CLUSTER, "ca").send();
+    assert_eq!(h.state(holder), State::Admitted);
+    // Worker 1: an odd host on `ca` counts for rev-a (full: it waits), one on `cb` is unknown.
+    let odd = h.request(1, "odd.test").property(CLUSTER, "ca").send();
+    assert_eq!(h.state(odd), State::Paused);
+    let other = h.request(1, "odd.test").property(CLUSTER, "cb").send();
+    assert_eq!(h.reply(other).status, 404);
+    h.finish(holder, 200);
+    h.run();
+    assert!(matches!(h.state(odd), State::Resumed { worker: 1, .. }));
+    h.finish(odd, 200);
+    assert_eq!(h.counter(&m("rev-a", "admitted")), 2);
+    // b.example.com on the same cluster: `ca` is now ambiguous and no longer used.
+    let b = h.request(1, B).property(CLUSTER, "ca").send();
+    assert_eq!(h.state(b), State::Admitted);
+    let late = h.request(0, "odd.test").property(CLUSTER, "ca").send();
+    assert_eq!(h.reply(late).status, 404);
+    h.finish(b, 200);
+    h.advance(50);
+    assert_eq!(h.gauge(&m("rev-a", "active")), 0);
+    assert_eq!(h.gauge(&m("rev-b", "active")), 0);
+    assert_clean(&h);
+}
