@@ -20,6 +20,7 @@ mod report;
 
 use anyhow::{bail, Context as _, Result};
 use envoy::{Envoy, GatewaySpec, WasmFilter, NO_LIMIT};
+use inflight_envoy_control::WasmBuild;
 use load::{Generator, LoadTool};
 use report::{Meta, Report, Sample, Wait};
 use std::path::{Path, PathBuf};
@@ -514,64 +515,27 @@ fn envoy_binary(root: &Path) -> Result<PathBuf> {
     Ok(p)
 }
 
-fn cargo() -> Command {
-    let mut cmd = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
-    cmd.env_remove("RUSTFLAGS")
-        .env_remove("CARGO_ENCODED_RUSTFLAGS");
-    cmd
-}
-
 /// Builds the shipped filter exactly as released. Into `target-emu-wasm/`, the directory the
 /// host tests build the same artifact into: a test run builds it once, and never waits on the
 /// lock of the build that runs the tests.
 fn build_filter(root: &Path) -> Result<PathBuf> {
-    let target = root.join("target-emu-wasm");
-    eprintln!("bench: building filter.wasm (cargo build -p inflight-filter --target wasm32-wasip1 --profile wasm)");
-    let status = cargo()
-        .current_dir(root)
-        .env("CARGO_TARGET_DIR", &target)
-        .args([
-            "build",
-            "-p",
-            "inflight-filter",
-            "--target",
-            "wasm32-wasip1",
-            "--profile",
-            "wasm",
-        ])
-        .status()
-        .context("running cargo")?;
-    if !status.success() {
-        bail!("building filter.wasm failed: cargo build -p inflight-filter --target wasm32-wasip1 --profile wasm");
-    }
-    Ok(target.join("wasm32-wasip1/wasm/inflight_filter.wasm"))
+    let build = WasmBuild::filter(root, "target-emu-wasm");
+    eprintln!("bench: building filter.wasm ({})", build.command_line());
+    Ok(build.run()?)
 }
 
 /// Builds `bench/empty-filter` (its own workspace) into `target-bench-wasm/`.
 fn build_empty_filter(root: &Path) -> Result<PathBuf> {
-    let target = root.join("target-bench-wasm");
-    let dir = root.join("bench/empty-filter");
-    eprintln!("bench: building the empty filter ({})", dir.display());
-    let status = cargo()
-        .current_dir(&dir)
-        .env("CARGO_TARGET_DIR", &target)
-        .args([
-            "build",
-            "--locked",
-            "--target",
-            "wasm32-wasip1",
-            "--profile",
-            "wasm",
-        ])
-        .status()
-        .context("running cargo")?;
-    if !status.success() {
-        bail!(
-            "building the empty filter failed: (cd {} && cargo build --target wasm32-wasip1 --profile wasm)",
-            dir.display()
-        );
-    }
-    Ok(target.join("wasm32-wasip1/wasm/inflight_bench_empty_filter.wasm"))
+    let build = WasmBuild::own_workspace(
+        root.join("bench/empty-filter"),
+        root.join("target-bench-wasm"),
+        "inflight_bench_empty_filter.wasm",
+    );
+    eprintln!(
+        "bench: building the empty filter ({})",
+        build.command_line()
+    );
+    Ok(build.run()?)
 }
 
 fn command_line() -> String {

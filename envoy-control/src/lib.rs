@@ -7,12 +7,15 @@
 //! HTTP/1.1 client for loopback admin, health and metrics endpoints (chunked bodies decoded).
 //!
 //! Around that: [`Envoy`], the one Envoy process type (spawn, LIVE, log, stop, killed by pid
-//! when dropped) with [`validate`]; [`process`], stopping children by pid.
+//! when dropped) with [`validate`]; [`WasmBuild`], building a proxy-wasm crate with cargo;
+//! [`process`], stopping children by pid.
 
 mod envoy;
 pub mod process;
+mod wasm;
 
 pub use envoy::{validate, Envoy, Launch, ValidateError};
+pub use wasm::{BuildError, WasmBuild};
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};

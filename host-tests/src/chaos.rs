@@ -1030,31 +1030,14 @@ pub fn release_wasm() -> PathBuf {
 pub fn fault_wasm() -> Result<PathBuf> {
     static PATH: std::sync::OnceLock<Result<PathBuf, String>> = std::sync::OnceLock::new();
     PATH.get_or_init(|| {
-        let root = envoy::workspace_root();
-        let target_dir = root.join("target-chaos-wasm");
-        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-        let status = std::process::Command::new(cargo)
-            .current_dir(&root)
-            .env("CARGO_TARGET_DIR", &target_dir)
-            .env_remove("RUSTFLAGS")
-            .env_remove("CARGO_ENCODED_RUSTFLAGS")
-            .args([
-                "build",
-                "-p",
-                "inflight-filter",
-                "--target",
-                "wasm32-wasip1",
-                "--profile",
-                "wasm",
-                "--features",
-                "fault-injection",
-            ])
-            .status()
-            .map_err(|e| format!("could not run cargo: {e}"))?;
-        if !status.success() {
-            return Err("building the fault-injection filter.wasm failed".into());
-        }
-        Ok(target_dir.join("wasm32-wasip1/wasm/inflight_filter.wasm"))
+        let build = inflight_envoy_control::WasmBuild {
+            features: vec!["fault-injection".into()],
+            ..inflight_envoy_control::WasmBuild::filter(
+                &envoy::workspace_root(),
+                "target-chaos-wasm",
+            )
+        };
+        build.run().map_err(|e| e.to_string())
     })
     .clone()
     .map_err(anyhow::Error::msg)

@@ -3,6 +3,7 @@
 
 #![allow(dead_code)]
 
+use inflight_envoy_control::WasmBuild;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::sync::OnceLock;
@@ -53,20 +54,9 @@ pub fn filter_wasm() -> PathBuf {
         if let Some(p) = std::env::var_os("INFLIGHT_FILTER_WASM") {
             return p.into();
         }
-        cargo_build(
-            "target-emu-wasm",
-            &[
-                "build",
-                "-p",
-                "inflight-filter",
-                "--target",
-                "wasm32-wasip1",
-                "--profile",
-                "wasm",
-            ],
-            "filter.wasm",
-        )
-        .join("wasm32-wasip1/wasm/inflight_filter.wasm")
+        WasmBuild::filter(&workspace_root(), "target-emu-wasm")
+            .run()
+            .unwrap_or_else(|e| panic!("{e}"))
     })
     .clone()
 }

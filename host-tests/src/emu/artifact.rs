@@ -9,8 +9,8 @@
 //! waits on the lock of the build that runs the tests. `INFLIGHT_FILTER_WASM=/path/to.wasm`
 //! skips the build and loads that file instead.
 
+use inflight_envoy_control::WasmBuild;
 use std::path::PathBuf;
-use std::process::Command;
 use std::sync::OnceLock;
 
 use super::Filter;
@@ -37,29 +37,9 @@ fn build() -> Result<PathBuf, String> {
     if let Some(p) = std::env::var_os("INFLIGHT_FILTER_WASM") {
         return Ok(PathBuf::from(p));
     }
-    let root = workspace_root();
-    let target_dir = root.join("target-emu-wasm");
-    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-    let status = Command::new(cargo)
-        .current_dir(&root)
-        .env("CARGO_TARGET_DIR", &target_dir)
-        .env_remove("RUSTFLAGS")
-        .env_remove("CARGO_ENCODED_RUSTFLAGS")
-        .args([
-            "build",
-            "-p",
-            "inflight-filter",
-            "--target",
-            "wasm32-wasip1",
-            "--profile",
-            "wasm",
-        ])
-        .status()
-        .map_err(|e| format!("could not run cargo to build filter.wasm: {e}"))?;
-    if !status.success() {
-        return Err("building filter.wasm failed: cargo build -p inflight-filter --target wasm32-wasip1 --profile wasm".into());
-    }
-    Ok(target_dir.join("wasm32-wasip1/wasm/inflight_filter.wasm"))
+    WasmBuild::filter(&workspace_root(), "target-emu-wasm")
+        .run()
+        .map_err(|e| e.to_string())
 }
 
 /// The compiled filter, shared by every host in the process.
