@@ -7,9 +7,11 @@
 //! HTTP/1.1 client for loopback admin, health and metrics endpoints (chunked bodies decoded).
 //!
 //! Around that: [`Envoy`], the one Envoy process type (spawn, LIVE, log, stop, killed by pid
-//! when dropped) with [`validate`]; [`WasmBuild`], building a proxy-wasm crate with cargo;
-//! [`process`], stopping children by pid.
+//! when dropped) with [`validate`]; [`bootstrap`], the YAML fragments the project's bootstrap
+//! generators share; [`WasmBuild`], building a proxy-wasm crate with cargo; [`process`], stopping
+//! children by pid.
 
+pub mod bootstrap;
 mod envoy;
 pub mod process;
 mod wasm;

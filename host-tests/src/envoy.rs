@@ -6,8 +6,10 @@
 //! that instruction rather than passing.
 
 use anyhow::{bail, Context as _, Result};
+use inflight_envoy_control::bootstrap::{self, ROUTER};
 use inflight_envoy_control::Launch;
 use std::fmt::Write as _;
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
@@ -107,12 +109,7 @@ pub struct Gateway {
 pub const ADMIN_CLUSTER: &str = "inflight_admin";
 
 /// `stats_tags` that turn the filter's metric name segments into Prometheus labels.
-pub const STATS_TAGS: &str = r#"  stats_tags:
-  - tag_name: revision
-    regex: '^wasmcustom\.inflight\.(revision\.([a-z0-9-]+)\.)'
-  - tag_name: outcome
-    regex: '^wasmcustom\.inflight\.revision\.[a-z0-9-]+\.(outcome\.([a-z_]+)\.)'
-"#;
+pub use inflight_envoy_control::bootstrap::STATS_TAGS;
 
 impl Gateway {
     pub fn yaml(&self) -> String {
@@ -133,13 +130,11 @@ impl Gateway {
         let mut clusters = String::new();
         for c in &self.clusters {
             if let Some(file) = &c.eds_file {
-                let dir = file.parent().unwrap_or(Path::new("."));
                 let _ = write!(
                     clusters,
-                    "  - name: {name}\n    type: EDS\n    connect_timeout: 1s\n    circuit_breakers:\n      thresholds:\n      - {{ max_connections: 100000, max_pending_requests: 100000, max_requests: 100000 }}\n    eds_cluster_config:\n      eds_config:\n        resource_api_version: V3\n        path_config_source:\n          path: \"{file}\"\n          watched_directory: {{ path: \"{dir}\" }}\n",
+                    "  - name: {name}\n    type: EDS\n    connect_timeout: 1s\n    circuit_breakers:\n      thresholds:\n      - {{ max_connections: 100000, max_pending_requests: 100000, max_requests: 100000 }}\n{eds}",
                     name = c.name,
-                    file = file.display(),
-                    dir = dir.display()
+                    eds = bootstrap::eds_from_file(file),
                 );
                 continue;
             }
@@ -148,59 +143,29 @@ impl Gateway {
                 "  - name: {name}\n    type: STATIC\n    connect_timeout: 1s\n    circuit_breakers:\n      thresholds:\n      - {{ max_connections: 100000, max_pending_requests: 100000, max_requests: 100000 }}\n    load_assignment:\n      cluster_name: {name}\n      endpoints:\n      - lb_endpoints:\n",
                 name = c.name
             );
-            for p in &c.ports {
-                let _ = writeln!(
-                    clusters,
-                    "        - endpoint: {{ address: {{ socket_address: {{ address: 127.0.0.1, port_value: {p} }} }} }}"
-                );
+            for &p in &c.ports {
+                clusters.push_str(&bootstrap::lb_endpoint(SocketAddr::from((
+                    [127, 0, 0, 1],
+                    p,
+                ))));
             }
         }
         if let Some(port) = self.admin_port {
-            let _ = write!(
-                clusters,
-                "  - name: {ADMIN_CLUSTER}\n    type: STATIC\n    connect_timeout: 1s\n    load_assignment:\n      cluster_name: {ADMIN_CLUSTER}\n      endpoints:\n      - lb_endpoints:\n        - endpoint: {{ address: {{ socket_address: {{ address: 127.0.0.1, port_value: {port} }} }} }}\n"
-            );
+            clusters.push_str(&bootstrap::admin_cluster(ADMIN_CLUSTER, port));
         }
         let admin_port = self.admin_port.unwrap_or(0);
-        let config = serde_json::to_string(&self.plugin_config).unwrap_or_default();
         format!(
             r#"node: {{ id: inflight-test, cluster: inflight-test }}
-admin:
-  address: {{ socket_address: {{ address: 127.0.0.1, port_value: {admin_port} }} }}
-stats_config:
-{STATS_TAGS}static_resources:
-  listeners:
-  - name: ingress
-    address: {{ socket_address: {{ address: 127.0.0.1, port_value: 0 }} }}
-    filter_chains:
-    - filters:
-      - name: envoy.filters.network.http_connection_manager
-        typed_config:
-          "@type": type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager
-          stat_prefix: ingress
-          stream_idle_timeout: 600s
+{admin}stats_config:
+{STATS_TAGS}{listener}          stream_idle_timeout: 600s
           route_config:
             virtual_hosts:
 {vhosts}          http_filters:
-          - name: inflight
-            typed_config:
-              "@type": type.googleapis.com/envoy.extensions.filters.http.wasm.v3.Wasm
-              config:
-                name: inflight
-                root_id: inflight
-                failure_policy: FAIL_RELOAD
-                vm_config:
-                  vm_id: inflight
-                  runtime: envoy.wasm.runtime.v8
-                  code: {{ local: {{ filename: "{wasm}" }} }}
-                configuration:
-                  "@type": type.googleapis.com/google.protobuf.StringValue
-                  value: {config}
-          - name: envoy.filters.http.router
-            typed_config: {{ "@type": type.googleapis.com/envoy.extensions.filters.http.router.v3.Router }}
-  clusters:
+{filter}{ROUTER}  clusters:
 {clusters}"#,
-            wasm = self.wasm.display(),
+            admin = bootstrap::admin(admin_port),
+            listener = bootstrap::http_listener("ingress", 0, "ingress"),
+            filter = bootstrap::wasm_filter("inflight", &self.wasm, Some(&self.plugin_config)),
         )
     }
 }
@@ -413,14 +378,6 @@ impl Stats {
 mod golden {
     use super::*;
 
-    fn check(file: &str, got: &str) {
-        let path = Path::new(env!("CARGO_MANIFEST_DIR"))
-            .join("../envoy-control/testdata")
-            .join(file);
-        let want = std::fs::read_to_string(&path).unwrap();
-        assert!(got == want, "{} differs; generated:\n{got}", path.display());
-    }
-
     #[test]
     fn generated_yaml_is_unchanged() {
         let with_admin = Gateway {
@@ -446,7 +403,13 @@ mod golden {
             admin_port: None,
             ..with_admin.clone()
         };
-        check("test-gateway.yaml", &with_admin.yaml());
-        check("test-gateway-plain.yaml", &plain.yaml());
+        assert_eq!(
+            with_admin.yaml(),
+            bootstrap::captured("test-gateway.yaml").unwrap()
+        );
+        assert_eq!(
+            plain.yaml(),
+            bootstrap::captured("test-gateway-plain.yaml").unwrap()
+        );
     }
 }

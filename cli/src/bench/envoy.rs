@@ -7,19 +7,11 @@
 //! Ports are 0 and read back through the admin API; each process is killed when dropped.
 
 use anyhow::{bail, Context as _, Result};
+use inflight_envoy_control::bootstrap::{self, ROUTER, STATS_TAGS};
 use inflight_envoy_control::Launch;
-use std::fmt::Write as _;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
-
-/// `stats_tags` as shipped (`envoy/envoy.yaml`), so the filter's metrics get their labels.
-const STATS_TAGS: &str = r#"  stats_tags:
-  - tag_name: revision
-    regex: '^wasmcustom\.inflight\.(revision\.([a-z0-9-]+)\.)'
-  - tag_name: outcome
-    regex: '^wasmcustom\.inflight\.revision\.[a-z0-9-]+\.(outcome\.([a-z_]+)\.)'
-"#;
 
 /// Buckets for the filter's `queue_wait_ms` histogram: its samples are whole milliseconds, so
 /// bucket bounds at `n + 0.5` count each small value exactly (Envoy's defaults jump 1 → 5 → 10).
@@ -50,52 +42,17 @@ pub struct GatewaySpec {
 pub const NO_LIMIT: u32 = 1_000_000;
 
 pub fn gateway_yaml(spec: &GatewaySpec, upstream: SocketAddr) -> String {
-    let mut filters = String::new();
-    if let Some(f) = &spec.filter {
-        let configuration = match &f.config {
-            Some(c) => format!(
-                "\n                configuration:\n                  \"@type\": type.googleapis.com/google.protobuf.StringValue\n                  value: {}",
-                serde_json::Value::String(c.clone())
-            ),
-            None => String::new(),
-        };
-        let _ = write!(
-            filters,
-            r#"          - name: {root}
-            typed_config:
-              "@type": type.googleapis.com/envoy.extensions.filters.http.wasm.v3.Wasm
-              config:
-                name: {root}
-                root_id: {root}
-                failure_policy: FAIL_RELOAD
-                vm_config:
-                  vm_id: {root}
-                  runtime: envoy.wasm.runtime.v8
-                  code: {{ local: {{ filename: "{wasm}" }} }}{configuration}
-"#,
-            root = f.root_id,
-            wasm = f.wasm.display(),
-        );
-    }
+    let filter = match &spec.filter {
+        Some(f) => bootstrap::wasm_filter(f.root_id, &f.wasm, f.config.as_deref()),
+        None => String::new(),
+    };
     format!(
-        r#"admin:
-  address: {{ socket_address: {{ address: 127.0.0.1, port_value: 0 }} }}
-stats_flush_interval: {flush}s
+        r#"{admin}stats_flush_interval: {flush}s
 stats_config:
 {STATS_TAGS}  histogram_bucket_settings:
   - match: {{ prefix: "wasmcustom.inflight" }}
     buckets: {WAIT_BUCKETS}
-static_resources:
-  listeners:
-  - name: ingress
-    address: {{ socket_address: {{ address: 127.0.0.1, port_value: 0 }} }}
-    filter_chains:
-    - filters:
-      - name: envoy.filters.network.http_connection_manager
-        typed_config:
-          "@type": type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager
-          stat_prefix: ingress
-          stream_idle_timeout: 600s
+{listener}          stream_idle_timeout: 600s
           route_config:
             virtual_hosts:
             - name: bench
@@ -104,9 +61,7 @@ static_resources:
               - match: {{ prefix: "/" }}
                 route: {{ cluster: upstream, timeout: 0s }}
           http_filters:
-{filters}          - name: envoy.filters.http.router
-            typed_config: {{ "@type": type.googleapis.com/envoy.extensions.filters.http.router.v3.Router }}
-  clusters:
+{filter}{ROUTER}  clusters:
   - name: upstream
     type: STATIC
     connect_timeout: 1s
@@ -117,41 +72,30 @@ static_resources:
       cluster_name: upstream
       endpoints:
       - lb_endpoints:
-        - endpoint: {{ address: {{ socket_address: {{ address: {ip}, port_value: {port} }} }} }}
-"#,
+{endpoint}"#,
+        admin = bootstrap::admin(0),
+        listener = bootstrap::http_listener("ingress", 0, "ingress"),
         max_requests = spec.max_requests,
         flush = STATS_FLUSH.as_secs_f64(),
-        ip = upstream.ip(),
-        port = upstream.port(),
+        endpoint = bootstrap::lb_endpoint(upstream),
     )
 }
 
 /// The upstream: every request answered 200 with a short body by Envoy itself.
 pub fn upstream_yaml() -> String {
-    r#"admin:
-  address: { socket_address: { address: 127.0.0.1, port_value: 0 } }
-static_resources:
-  listeners:
-  - name: upstream
-    address: { socket_address: { address: 127.0.0.1, port_value: 0 } }
-    filter_chains:
-    - filters:
-      - name: envoy.filters.network.http_connection_manager
-        typed_config:
-          "@type": type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager
-          stat_prefix: upstream
-          route_config:
+    format!(
+        r#"{admin}{listener}          route_config:
             virtual_hosts:
             - name: upstream
               domains: ["*"]
               routes:
-              - match: { prefix: "/" }
-                direct_response: { status: 200, body: { inline_string: "ok\n" } }
+              - match: {{ prefix: "/" }}
+                direct_response: {{ status: 200, body: {{ inline_string: "ok\n" }} }}
           http_filters:
-          - name: envoy.filters.http.router
-            typed_config: { "@type": type.googleapis.com/envoy.extensions.filters.http.router.v3.Router }
-"#
-    .to_string()
+{ROUTER}"#,
+        admin = bootstrap::admin(0),
+        listener = bootstrap::http_listener("upstream", 0, "upstream"),
+    )
 }
 
 /// A running Envoy, killed by its pid when dropped, with what the benchmark reads of it.
@@ -372,14 +316,6 @@ mod tests {
 mod golden {
     use super::*;
 
-    fn check(file: &str, got: &str) {
-        let path = Path::new(env!("CARGO_MANIFEST_DIR"))
-            .join("../envoy-control/testdata")
-            .join(file);
-        let want = std::fs::read_to_string(&path).unwrap();
-        assert!(got == want, "{} differs; generated:\n{got}", path.display());
-    }
-
     #[test]
     fn generated_yaml_is_unchanged() {
         let up = SocketAddr::from(([127, 0, 0, 1], 9000));
@@ -401,8 +337,17 @@ mod golden {
             }),
             max_requests: NO_LIMIT,
         };
-        check("bench-gateway.yaml", &gateway_yaml(&inflight, up));
-        check("bench-gateway-empty.yaml", &gateway_yaml(&empty, up));
-        check("bench-upstream.yaml", &upstream_yaml());
+        assert_eq!(
+            gateway_yaml(&inflight, up),
+            bootstrap::captured("bench-gateway.yaml").unwrap()
+        );
+        assert_eq!(
+            gateway_yaml(&empty, up),
+            bootstrap::captured("bench-gateway-empty.yaml").unwrap()
+        );
+        assert_eq!(
+            upstream_yaml(),
+            bootstrap::captured("bench-upstream.yaml").unwrap()
+        );
     }
 }

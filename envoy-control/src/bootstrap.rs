@@ -1,0 +1,177 @@
+//! Pieces of Envoy bootstrap YAML that the project's generators (the benchmark's setups, the
+//! local stack, the test gateways) write the same way. Each generator keeps its own document;
+//! these are only the fragments whose text really is the same, each a whole number of lines,
+//! indented for the place it goes.
+
+use std::net::SocketAddr;
+use std::path::Path;
+
+/// `stats_tags` as shipped (`envoy/envoy.yaml`): the filter's `revision.<name>` and
+/// `outcome.<o>` name segments become Prometheus labels. Goes under `stats_config:`.
+pub const STATS_TAGS: &str = r#"  stats_tags:
+  - tag_name: revision
+    regex: '^wasmcustom\.inflight\.(revision\.([a-z0-9-]+)\.)'
+  - tag_name: outcome
+    regex: '^wasmcustom\.inflight\.revision\.[a-z0-9-]+\.(outcome\.([a-z_]+)\.)'
+"#;
+
+/// Envoy's router, the last entry of `http_filters`.
+pub const ROUTER: &str = r#"          - name: envoy.filters.http.router
+            typed_config: { "@type": type.googleapis.com/envoy.extensions.filters.http.router.v3.Router }
+"#;
+
+/// The admin endpoint on loopback `port` (0: any; read it back through
+/// `--admin-address-path`).
+pub fn admin(port: u16) -> String {
+    format!(
+        "admin:\n  address: {{ socket_address: {{ address: 127.0.0.1, port_value: {port} }} }}\n"
+    )
+}
+
+/// `static_resources:` and the head of its one listener, on loopback `port`, with an HTTP
+/// connection manager, up to its `stat_prefix`: the caller goes on with the manager's other
+/// settings, its `route_config` and its `http_filters`.
+pub fn http_listener(name: &str, port: u16, stat_prefix: &str) -> String {
+    format!(
+        r#"static_resources:
+  listeners:
+  - name: {name}
+    address: {{ socket_address: {{ address: 127.0.0.1, port_value: {port} }} }}
+    filter_chains:
+    - filters:
+      - name: envoy.filters.network.http_connection_manager
+        typed_config:
+          "@type": type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager
+          stat_prefix: {stat_prefix}
+"#
+    )
+}
+
+/// An `http_filters` entry running the proxy-wasm module `wasm` in V8 under `root_id` (also
+/// its name and VM id), with `configuration` (the plugin's JSON) as a string if given.
+pub fn wasm_filter(root_id: &str, wasm: &Path, configuration: Option<&str>) -> String {
+    let configuration = match configuration {
+        Some(c) => format!(
+            "\n                configuration:\n                  \"@type\": type.googleapis.com/google.protobuf.StringValue\n                  value: {}",
+            serde_json::to_string(c).unwrap_or_default()
+        ),
+        None => String::new(),
+    };
+    format!(
+        r#"          - name: {root_id}
+            typed_config:
+              "@type": type.googleapis.com/envoy.extensions.filters.http.wasm.v3.Wasm
+              config:
+                name: {root_id}
+                root_id: {root_id}
+                failure_policy: FAIL_RELOAD
+                vm_config:
+                  vm_id: {root_id}
+                  runtime: envoy.wasm.runtime.v8
+                  code: {{ local: {{ filename: "{wasm}" }} }}{configuration}
+"#,
+        wasm = wasm.display(),
+    )
+}
+
+/// One `lb_endpoints` entry.
+pub fn lb_endpoint(addr: SocketAddr) -> String {
+    format!(
+        "        - endpoint: {{ address: {{ socket_address: {{ address: {}, port_value: {} }} }} }}\n",
+        addr.ip(),
+        addr.port()
+    )
+}
+
+/// A STATIC cluster `name` of the one endpoint loopback `port`: the filter's way to the admin
+/// endpoint (`membership.cluster`), to learn ready replicas.
+pub fn admin_cluster(name: &str, port: u16) -> String {
+    format!(
+        "  - name: {name}\n    type: STATIC\n    connect_timeout: 1s\n    load_assignment:\n      cluster_name: {name}\n      endpoints:\n      - lb_endpoints:\n{}",
+        lb_endpoint(SocketAddr::from(([127, 0, 0, 1], port)))
+    )
+}
+
+/// A cluster's `eds_cluster_config` reading its endpoints from the file `eds_file`; Envoy
+/// watches the file's directory for the file being moved into place.
+pub fn eds_from_file(eds_file: &Path) -> String {
+    format!(
+        "    eds_cluster_config:\n      eds_config:\n        resource_api_version: V3\n        path_config_source:\n          path: \"{}\"\n          watched_directory: {{ path: \"{}\" }}\n",
+        eds_file.display(),
+        eds_file.parent().unwrap_or(Path::new(".")).display()
+    )
+}
+
+/// What a generator wrote for a representative input before the generators shared these
+/// fragments (`envoy-control/testdata/<name>`), for its tests to compare with.
+pub fn captured(name: &str) -> std::io::Result<String> {
+    std::fs::read_to_string(
+        Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("testdata")
+            .join(name),
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn fragments_are_whole_lines() {
+        let cases = [
+            ("stats tags", STATS_TAGS.to_string()),
+            ("router", ROUTER.to_string()),
+            ("admin", admin(0)),
+            ("listener", http_listener("ingress", 8080, "ingress")),
+            (
+                "wasm filter",
+                wasm_filter("inflight", Path::new("/f.wasm"), None),
+            ),
+            (
+                "wasm filter with configuration",
+                wasm_filter("inflight", Path::new("/f.wasm"), Some("{}")),
+            ),
+            (
+                "endpoint",
+                lb_endpoint(SocketAddr::from(([127, 0, 0, 1], 1))),
+            ),
+            ("admin cluster", admin_cluster("inflight_admin", 9901)),
+            ("eds", eds_from_file(Path::new("/eds/rev-a.json"))),
+        ];
+        for (name, text) in cases {
+            assert!(
+                text.ends_with('\n') && !text.ends_with("\n\n"),
+                "{name}: {text:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn the_plugin_configuration_is_one_yaml_string() {
+        let f = wasm_filter("inflight", Path::new("/x/f.wasm"), Some(r#"{"a":"b\n"}"#));
+        assert!(
+            f.ends_with("                  value: \"{\\\"a\\\":\\\"b\\\\n\\\"}\"\n"),
+            "{f}"
+        );
+        assert!(
+            f.contains("code: { local: { filename: \"/x/f.wasm\" } }\n"),
+            "{f}"
+        );
+        assert!(!wasm_filter("e", Path::new("/e.wasm"), None).contains("configuration"));
+    }
+
+    #[test]
+    fn eds_watches_the_directory_of_its_file() {
+        let cases = [
+            (
+                "absolute",
+                "/tmp/eds/a.json",
+                "watched_directory: { path: \"/tmp/eds\" }",
+            ),
+            ("bare name", "a.json", "watched_directory: { path: \"\" }"),
+        ];
+        for (name, file, want) in cases {
+            assert!(eds_from_file(Path::new(file)).contains(want), "{name}");
+        }
+    }
+}
