@@ -126,7 +126,7 @@ impl Setup {
         Setup::InflightCap,
     ];
 
-    /// The name in tables; `variants` are the `--variant` names.
+    /// The name in tables; `variants` are the `--variant` labels ([`variant_labels`]).
     pub fn label(self, variants: &[String]) -> String {
         match self {
             Setup::Plain => "1 plain".into(),
@@ -134,10 +134,9 @@ impl Setup {
             Setup::EmptyWasm => "4 empty-wasm".into(),
             Setup::NativeCb => "3 native-cb".into(),
             Setup::InflightCap => "3 inflight-cap".into(),
-            Setup::Variant(i) => format!(
-                "2' {}",
-                variants.get(usize::from(i)).map_or("?", String::as_str)
-            ),
+            Setup::Variant(i) => variants
+                .get(usize::from(i))
+                .map_or_else(|| "?".into(), String::clone),
         }
     }
 
@@ -147,6 +146,12 @@ impl Setup {
             Setup::Inflight | Setup::InflightCap | Setup::Variant(_)
         )
     }
+}
+
+/// Table labels of the `--variant` builds: `2' NAME`, or `3' NAME` when they run at the cap.
+pub fn variant_labels(names: &[String], at_cap: bool) -> Vec<String> {
+    let mark = if at_cap { "3'" } else { "2'" };
+    names.iter().map(|n| format!("{mark} {n}")).collect()
 }
 
 /// The resolved plan of a run.
@@ -234,7 +239,8 @@ fn measure(args: &Args) -> Result<Report> {
     std::fs::create_dir_all(&scratch)?;
     let _cleanup = RemoveOnDrop(scratch.clone());
 
-    let names: Vec<String> = args.variants.iter().map(|(n, _)| n.clone()).collect();
+    let raw_names: Vec<String> = args.variants.iter().map(|(n, _)| n.clone()).collect();
+    let names = variant_labels(&raw_names, args.variants_at_cap);
     let needs = |s: Setup| plan.setups.contains(&s);
     let filter = if needs(Setup::Inflight) || needs(Setup::InflightCap) {
         Some(match &args.wasm {
@@ -365,7 +371,7 @@ fn measure(args: &Args) -> Result<Report> {
             rounds: plan.rounds,
             workers: args.workers,
             cap: args.cap,
-            variants: names,
+            variants: raw_names,
             variants_at_cap: args.variants_at_cap,
         },
         samples,

@@ -193,7 +193,10 @@ impl Report {
                 let _ = writeln!(
                     out,
                     "| {c} | {} | {:.0} [{:.0}–{:.0}] | {:.1} | {:.0} | {:.0} | {:.0} | {:.1} |",
-                    setup.label(&self.meta.variants),
+                    setup.label(&super::variant_labels(
+                        &self.meta.variants,
+                        self.meta.variants_at_cap
+                    )),
                     rps.median,
                     rps.min,
                     rps.max,
@@ -416,7 +419,10 @@ impl Report {
                 let _ = writeln!(
                     out,
                     "| {c} | {} | {:.0} | {:.1} | {:.0} | {:.0} | {:.0} | {} | {} | {} | {} |",
-                    setup.label(&self.meta.variants),
+                    setup.label(&super::variant_labels(
+                        &self.meta.variants,
+                        self.meta.variants_at_cap
+                    )),
                     ok.median,
                     med(&|s| 100.0 * s.load.non_2xx as f64 / (s.load.requests.max(1)) as f64),
                     med(&|s| s.load.p50_us),
