@@ -55,13 +55,26 @@ fn setup(plugin: serde_json::Value, admin_port: Option<u16>) -> Setup {
     }
 }
 
+/// One revision with `cc` slots, 1 ready replica, a buffer of 10 and a 10 s maximum wait,
+/// matched by `matchers` (`hosts` and/or `clusters`).
+fn rev(name: &str, cc: u32, matchers: serde_json::Value) -> serde_json::Value {
+    let mut r = serde_json::json!({
+        "name": name, "containerConcurrency": cc,
+        "readyReplicas": 1, "bufferDepth": 10, "maxWait": "10s"
+    });
+    if let (Some(r), Some(m)) = (r.as_object_mut(), matchers.as_object()) {
+        for (k, v) in m {
+            r.insert(k.clone(), v.clone());
+        }
+    }
+    r
+}
+
 fn by_host(extra: serde_json::Value) -> serde_json::Value {
     let mut c = serde_json::json!({
         "revisions": [
-            {"name": "rev-a", "hosts": ["a.test", "*.a.test"], "containerConcurrency": 1,
-             "readyReplicas": 1, "bufferDepth": 10, "maxWait": "10s"},
-            {"name": "rev-b", "hosts": ["b.test"], "containerConcurrency": 10,
-             "readyReplicas": 1, "bufferDepth": 10, "maxWait": "10s"}
+            rev("rev-a", 1, serde_json::json!({"hosts": ["a.test", "*.a.test"]})),
+            rev("rev-b", 10, serde_json::json!({"hosts": ["b.test"]}))
         ],
         "tick": "50ms"
     });
@@ -105,10 +118,8 @@ fn client_sent_revision_header_cannot_override_the_cluster() {
     let _g = serial();
     let plugin = serde_json::json!({
         "revisions": [
-            {"name": "rev-a", "clusters": ["rev-a"], "containerConcurrency": 1,
-             "readyReplicas": 1, "bufferDepth": 10, "maxWait": "10s"},
-            {"name": "rev-b", "clusters": ["rev-b"], "containerConcurrency": 10,
-             "readyReplicas": 1, "bufferDepth": 10, "maxWait": "10s"}
+            rev("rev-a", 1, serde_json::json!({"clusters": ["rev-a"]})),
+            rev("rev-b", 10, serde_json::json!({"clusters": ["rev-b"]}))
         ],
         "revisionHeader": "x-inflight-revision",
         "tick": "50ms"
@@ -216,12 +227,9 @@ fn a_cluster_behind_two_revisions_is_not_learned() {
     let _g = serial();
     let plugin = serde_json::json!({
         "revisions": [
-            {"name": "rev-a", "hosts": ["a.test"], "containerConcurrency": 1,
-             "readyReplicas": 1, "bufferDepth": 10, "maxWait": "10s"},
-            {"name": "rev-b", "hosts": ["b.test"], "containerConcurrency": 10,
-             "readyReplicas": 1, "bufferDepth": 10, "maxWait": "10s"},
-            {"name": "rev-c", "hosts": ["c.test"], "containerConcurrency": 10,
-             "readyReplicas": 1, "bufferDepth": 10, "maxWait": "10s"}
+            rev("rev-a", 1, serde_json::json!({"hosts": ["a.test"]})),
+            rev("rev-b", 10, serde_json::json!({"hosts": ["b.test"]})),
+            rev("rev-c", 10, serde_json::json!({"hosts": ["c.test"]}))
         ],
         "unknownRevision": "reject",
         "tick": "50ms"
@@ -248,10 +256,16 @@ fn authorities_matching_no_host_are_tracked_by_cluster() {
     let _g = serial();
     let plugin = serde_json::json!({
         "revisions": [
-            {"name": "rev-a", "hosts": ["a.test", "*.a.test"], "clusters": ["rev-a"],
-             "containerConcurrency": 1, "readyReplicas": 1, "bufferDepth": 10, "maxWait": "10s"},
-            {"name": "rev-b", "hosts": ["b.test"], "clusters": ["rev-b"],
-             "containerConcurrency": 10, "readyReplicas": 1, "bufferDepth": 10, "maxWait": "10s"}
+            rev(
+                "rev-a",
+                1,
+                serde_json::json!({"hosts": ["a.test", "*.a.test"], "clusters": ["rev-a"]}),
+            ),
+            rev(
+                "rev-b",
+                10,
+                serde_json::json!({"hosts": ["b.test"], "clusters": ["rev-b"]}),
+            )
         ],
         "tick": "50ms"
     });
