@@ -22,6 +22,7 @@
 //! without changing this type's contract.
 
 use crate::config::{LimitParams, Limits};
+use crate::outcome::Outcome;
 use crate::window::Demand;
 use std::fmt;
 use thiserror::Error;
@@ -61,9 +62,15 @@ pub enum ShedReason {
 impl ShedReason {
     /// The value of the reason header on the 503.
     pub fn as_str(self) -> &'static str {
-        match self {
-            ShedReason::BufferFull => "buffer-full",
-            ShedReason::WaitTimeout => "wait-timeout",
+        Outcome::from(self).shed_header().unwrap_or_default()
+    }
+}
+
+impl From<ShedReason> for Outcome {
+    fn from(r: ShedReason) -> Outcome {
+        match r {
+            ShedReason::BufferFull => Outcome::ShedFull,
+            ShedReason::WaitTimeout => Outcome::ShedTimeout,
         }
     }
 }

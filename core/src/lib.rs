@@ -11,10 +11,15 @@ pub mod config;
 pub mod duration;
 pub mod kpa;
 pub mod membership;
+pub mod outcome;
+pub mod store;
 pub mod table;
 pub mod wake;
 pub mod window;
+pub mod worker;
 
 pub use admission::{Admission, Grant, Owner, RevisionState, ShedReason, Waiter};
 pub use config::{Config, ConfigError, LimitParams, Limits, RevisionConfig, UnknownRevision};
+pub use outcome::{Gauge, Outcome};
 pub use table::{RevisionId, RevisionTable};
+pub use worker::{Effect, Reply, RequestFacts, Verdict, Worker};

@@ -1,11 +1,8 @@
 //! Messages a worker VM finds on its wake queue.
 //!
-//! - [`Wake::Grant`]: "this ticket of this revision now holds a slot; resume that stream (or pass
-//!   the slot on if it is gone)", sent by whichever worker freed the slot;
-//! - [`Wake::Release`]: "release one slot of this revision now". Builds up to 6d0932e sent it to
-//!   their own VM to let an abandoned stream's release wait one event-loop turn; the filter now
-//!   holds such slots for a fixed time instead (see its `on_done`) and only still obeys the
-//!   message, which a VM of an older build can send during a reload.
+//! [`Wake::Grant`]: "this ticket of this revision now holds a slot; resume that stream (or pass
+//! the slot on if it is gone)", sent by whichever worker freed the slot. (Kind 2, a deferred
+//! release of unreleased builds, is gone; it decodes as malformed.)
 //!
 //! Revisions travel by name, not index, so a message stays meaningful across a configuration
 //! reload (old and new VMs run side by side and share revision state by name).
@@ -19,9 +16,6 @@ pub enum Wake {
         ticket: u64,
         context: u32,
     },
-    Release {
-        revision: String,
-    },
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Error)]
@@ -29,12 +23,11 @@ pub enum Wake {
 pub struct WakeDecodeError(pub usize);
 
 const GRANT: u8 = 1;
-const RELEASE: u8 = 2;
 
 impl Wake {
     pub fn revision(&self) -> &str {
         match self {
-            Wake::Grant { revision, .. } | Wake::Release { revision } => revision,
+            Wake::Grant { revision, .. } => revision,
         }
     }
 
@@ -43,19 +36,14 @@ impl Wake {
         let name = self.revision().as_bytes();
         let len = name.len().min(255);
         let mut out = Vec::with_capacity(2 + len + 12);
-        out.push(match self {
-            Wake::Grant { .. } => GRANT,
-            Wake::Release { .. } => RELEASE,
-        });
+        out.push(GRANT);
         out.push(len as u8);
         out.extend_from_slice(&name[..len]);
-        if let Wake::Grant {
+        let Wake::Grant {
             ticket, context, ..
-        } = self
-        {
-            out.extend_from_slice(&ticket.to_le_bytes());
-            out.extend_from_slice(&context.to_le_bytes());
-        }
+        } = self;
+        out.extend_from_slice(&ticket.to_le_bytes());
+        out.extend_from_slice(&context.to_le_bytes());
         out
     }
 
@@ -76,7 +64,6 @@ impl Wake {
                     context: u32::from_le_bytes(context.try_into().map_err(|_| err())?),
                 })
             }
-            RELEASE if rest.is_empty() => Ok(Wake::Release { revision }),
             _ => Err(err()),
         }
     }
@@ -93,10 +80,7 @@ mod tests {
             ticket: 42,
             context: 7,
         };
-        let r = Wake::Release {
-            revision: "torchserve".into(),
-        };
-        for w in [&g, &r] {
+        for w in [&g] {
             assert_eq!(Wake::decode(&w.encode()).as_ref(), Ok(w));
             let b = w.encode();
             assert!(Wake::decode(&b[..b.len() - 1]).is_err(), "truncated {w:?}");
@@ -106,7 +90,10 @@ mod tests {
         }
         assert!(Wake::decode(&[]).is_err());
         assert!(Wake::decode(&[9, 0]).is_err(), "unknown kind");
-        assert!(Wake::decode(&[RELEASE, 1, 0xff]).is_err(), "not utf-8");
+        assert!(Wake::decode(&[2, 1, b'a']).is_err(), "the old release kind");
+        let mut bad = g.encode();
+        bad[2] = 0xff;
+        assert!(Wake::decode(&bad).is_err(), "not utf-8");
     }
 
     proptest::proptest! {

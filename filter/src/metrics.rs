@@ -1,91 +1,133 @@
-//! Per-revision metrics. Envoy prefixes names with `wasmcustom.`; the `revision.<name>` and
-//! `outcome.<o>` segments become Prometheus labels through the `stats_tags` shipped in
-//! `envoy/envoy.yaml`, giving e.g. `envoy_wasmcustom_inflight_requests_total{revision,outcome}`.
+//! Metrics. Envoy prefixes names with `wasmcustom.`; the `revision.<name>` and `outcome.<o>`
+//! segments become Prometheus labels through the `stats_tags` shipped in `envoy/envoy.yaml`,
+//! giving e.g. `envoy_wasmcustom_inflight_requests_total{revision,outcome}`. The names come from
+//! core's [`Outcome`] and [`Gauge`]: one vocabulary for replies, metrics and docs.
 
+use inflight_core::worker::Effect;
+use inflight_core::{Config, Gauge, Outcome, RevisionId};
 use proxy_wasm::hostcalls;
 use proxy_wasm::types::{MetricType, Status};
 
 /// Metric ids of one revision (ids are per VM; the stats behind them are process-wide).
 #[derive(Debug, Clone)]
-pub struct RevisionMetrics {
-    pub admitted: u32,
-    pub shed_full: u32,
-    pub shed_timeout: u32,
-    pub cancelled: u32,
-    pub active: u32,
-    pub queued: u32,
-    pub capacity: u32,
-    pub queue_wait_ms: u32,
-    pub demand_ms: u32,
-    pub desired_replicas: u32,
-    pub ready_replicas: u32,
-    pub stable_concurrency_milli: u32,
-    pub panic_concurrency_milli: u32,
+struct RevisionMetrics {
+    /// By [`Outcome::index`].
+    outcomes: Vec<u32>,
+    /// By [`Gauge::index`].
+    gauges: Vec<u32>,
+    queue_wait_ms: u32,
+    demand_ms: u32,
 }
 
-impl RevisionMetrics {
-    pub fn define(revision: &str) -> Result<Self, Status> {
-        let outcome = |o: &str| {
-            hostcalls::define_metric(
+/// This VM's metric ids, per revision by [`RevisionId`].
+#[derive(Debug, Clone, Default)]
+pub struct Metrics {
+    revisions: Vec<RevisionMetrics>,
+    unknown_revision: Option<u32>,
+    poll_failures: Option<u32>,
+}
+
+impl Metrics {
+    pub fn define(config: &Config) -> Result<Self, Status> {
+        let mut revisions = Vec::with_capacity(config.revisions.len());
+        for r in &config.revisions {
+            let prefix = format!("inflight.revision.{}", r.name);
+            let outcomes = Outcome::PER_REVISION
+                .iter()
+                .map(|o| {
+                    hostcalls::define_metric(
+                        MetricType::Counter,
+                        &format!("{prefix}.outcome.{}.requests_total", o.label()),
+                    )
+                })
+                .collect::<Result<_, _>>()?;
+            let gauges = Gauge::ALL
+                .iter()
+                .map(|g| {
+                    hostcalls::define_metric(MetricType::Gauge, &format!("{prefix}.{}", g.name()))
+                })
+                .collect::<Result<_, _>>()?;
+            revisions.push(RevisionMetrics {
+                outcomes,
+                gauges,
+                queue_wait_ms: hostcalls::define_metric(
+                    MetricType::Histogram,
+                    &format!("{prefix}.queue_wait_ms"),
+                )?,
+                demand_ms: hostcalls::define_metric(
+                    MetricType::Counter,
+                    &format!("{prefix}.demand_ms_total"),
+                )?,
+            });
+        }
+        Ok(Metrics {
+            revisions,
+            unknown_revision: Some(hostcalls::define_metric(
                 MetricType::Counter,
-                &format!("inflight.revision.{revision}.outcome.{o}.requests_total"),
-            )
-        };
-        let gauge = |g: &str| {
-            hostcalls::define_metric(
-                MetricType::Gauge,
-                &format!("inflight.revision.{revision}.{g}"),
-            )
-        };
-        Ok(RevisionMetrics {
-            admitted: outcome("admitted")?,
-            shed_full: outcome("shed_full")?,
-            shed_timeout: outcome("shed_timeout")?,
-            cancelled: outcome("cancelled")?,
-            active: gauge("active")?,
-            queued: gauge("queued")?,
-            capacity: gauge("capacity")?,
-            demand_ms: hostcalls::define_metric(
+                "inflight.unknown_revision_total",
+            )?),
+            poll_failures: Some(hostcalls::define_metric(
                 MetricType::Counter,
-                &format!("inflight.revision.{revision}.demand_ms_total"),
-            )?,
-            desired_replicas: gauge("desired_replicas")?,
-            ready_replicas: gauge("ready_replicas")?,
-            stable_concurrency_milli: gauge("stable_concurrency_milli")?,
-            panic_concurrency_milli: gauge("panic_concurrency_milli")?,
-            queue_wait_ms: hostcalls::define_metric(
-                MetricType::Histogram,
-                &format!("inflight.revision.{revision}.queue_wait_ms"),
-            )?,
+                "inflight.membership_poll_failures_total",
+            )?),
         })
+    }
+
+    fn revision(&self, rev: RevisionId) -> Option<&RevisionMetrics> {
+        self.revisions.get(rev.0)
+    }
+
+    /// Applies a metric effect; other effects are not metrics and are ignored here.
+    pub fn apply(&self, effect: &Effect) {
+        match *effect {
+            Effect::Count { rev, outcome } => {
+                if let Some(id) = outcome
+                    .index()
+                    .and_then(|i| self.revision(rev)?.outcomes.get(i))
+                {
+                    add(*id, 1);
+                }
+            }
+            Effect::CountUnknown => {
+                if let Some(id) = self.unknown_revision {
+                    add(id, 1);
+                }
+            }
+            Effect::AddDemand { rev, ms } => {
+                if let Some(m) = self.revision(rev) {
+                    add(m.demand_ms, ms);
+                }
+            }
+            Effect::QueueWait { rev, ms } => {
+                if let Some(m) = self.revision(rev) {
+                    record(m.queue_wait_ms, ms);
+                }
+            }
+            Effect::Gauge { rev, gauge, value } => {
+                if let Some(id) = self.revision(rev).and_then(|m| m.gauges.get(gauge.index())) {
+                    record(*id, value);
+                }
+            }
+            Effect::PollFailed => {
+                if let Some(id) = self.poll_failures {
+                    add(id, 1);
+                }
+            }
+            Effect::Resume { .. } | Effect::Reply { .. } | Effect::Poll(_) => {}
+        }
     }
 }
 
-/// Failed membership polls (not per revision).
-pub fn define_poll_failures() -> Result<u32, Status> {
-    hostcalls::define_metric(
-        MetricType::Counter,
-        "inflight.membership_poll_failures_total",
-    )
-}
-
-/// Adds to a counter.
-pub fn add(id: u32, n: u64) {
+/// Adds to a counter; a failed metric call must never fail the request.
+fn add(id: u32, n: u64) {
     let n = i64::try_from(n).unwrap_or(i64::MAX);
     if let Err(e) = hostcalls::increment_metric(id, n) {
         log::debug!("increment_metric({id}) failed: {e:?}");
     }
 }
 
-/// Counts one event; a failed metric call must never fail the request.
-pub fn count(id: u32) {
-    if let Err(e) = hostcalls::increment_metric(id, 1) {
-        log::debug!("increment_metric({id}) failed: {e:?}");
-    }
-}
-
 /// Sets a gauge or records a histogram sample.
-pub fn record(id: u32, value: u64) {
+fn record(id: u32, value: u64) {
     if let Err(e) = hostcalls::record_metric(id, value) {
         log::debug!("record_metric({id}) failed: {e:?}");
     }

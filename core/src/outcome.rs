@@ -1,0 +1,150 @@
+//! The vocabulary of what happened to a request, and of the per-revision gauges: one enum each
+//! drives the reply's `x-inflight-shed` value, the metric names and labels, the docs and the CLI.
+//!
+//! Words: a request is **admitted** (it holds a slot: in flight), **queued** (it waits in the
+//! buffer with a ticket), **shed** (answered 503 by the gateway) or **cancelled** (its client left
+//! while it was queued). Metric labels use `_`, header values `-`, as each convention wants.
+
+/// What the gateway did with one request; each is counted in
+/// `inflight_requests_total{revision, outcome}`, so admitted + shed_* + cancelled +
+/// state_unavailable = requests of the revision that reached a decision.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Outcome {
+    /// Went upstream (at once, or after waiting).
+    Admitted,
+    /// Shed at arrival: the buffer was full (or the revision has neither capacity nor buffer).
+    ShedFull,
+    /// Shed after waiting the revision's maximum wait.
+    ShedTimeout,
+    /// Its client left while it waited.
+    Cancelled,
+    /// Shed because the shared state could not be read or written (a host failure).
+    StateUnavailable,
+    /// Matched no revision, under `unknownRevision: reject` (counted once, not per revision).
+    UnknownRevision,
+}
+
+impl Outcome {
+    /// Outcomes counted per revision, in metric order.
+    pub const PER_REVISION: [Outcome; 5] = [
+        Outcome::Admitted,
+        Outcome::ShedFull,
+        Outcome::ShedTimeout,
+        Outcome::Cancelled,
+        Outcome::StateUnavailable,
+    ];
+
+    /// The `outcome` label of `inflight_requests_total`.
+    pub fn label(self) -> &'static str {
+        match self {
+            Outcome::Admitted => "admitted",
+            Outcome::ShedFull => "shed_full",
+            Outcome::ShedTimeout => "shed_timeout",
+            Outcome::Cancelled => "cancelled",
+            Outcome::StateUnavailable => "state_unavailable",
+            Outcome::UnknownRevision => "unknown_revision",
+        }
+    }
+
+    /// The `x-inflight-shed` value on the gateway's own reply; `None` when there is no reply.
+    pub fn shed_header(self) -> Option<&'static str> {
+        match self {
+            Outcome::Admitted | Outcome::Cancelled => None,
+            Outcome::ShedFull => Some("buffer-full"),
+            Outcome::ShedTimeout => Some("wait-timeout"),
+            Outcome::StateUnavailable => Some("state-unavailable"),
+            Outcome::UnknownRevision => Some("unknown-revision"),
+        }
+    }
+
+    /// The HTTP status of the gateway's own reply.
+    pub fn status(self) -> u32 {
+        match self {
+            Outcome::UnknownRevision => 404,
+            _ => 503,
+        }
+    }
+
+    /// Index into [`Outcome::PER_REVISION`].
+    pub fn index(self) -> Option<usize> {
+        Outcome::PER_REVISION.iter().position(|o| *o == self)
+    }
+}
+
+/// Per-revision gauges, exported as `inflight_<name>{revision}`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Gauge {
+    /// Requests in flight (holding a slot).
+    Active,
+    /// Requests queued in the buffer.
+    Queued,
+    /// Slots: cc × ready replicas (0: unlimited).
+    Capacity,
+    DesiredReplicas,
+    ReadyReplicas,
+    /// The autoscaler's stable-window average concurrency, × 1000.
+    StableConcurrencyMilli,
+    /// The autoscaler's panic-window average concurrency, × 1000.
+    PanicConcurrencyMilli,
+}
+
+impl Gauge {
+    pub const ALL: [Gauge; 7] = [
+        Gauge::Active,
+        Gauge::Queued,
+        Gauge::Capacity,
+        Gauge::DesiredReplicas,
+        Gauge::ReadyReplicas,
+        Gauge::StableConcurrencyMilli,
+        Gauge::PanicConcurrencyMilli,
+    ];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Gauge::Active => "active",
+            Gauge::Queued => "queued",
+            Gauge::Capacity => "capacity",
+            Gauge::DesiredReplicas => "desired_replicas",
+            Gauge::ReadyReplicas => "ready_replicas",
+            Gauge::StableConcurrencyMilli => "stable_concurrency_milli",
+            Gauge::PanicConcurrencyMilli => "panic_concurrency_milli",
+        }
+    }
+
+    pub fn index(self) -> usize {
+        Gauge::ALL.iter().position(|g| *g == self).unwrap_or(0)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_shed_has_a_header_and_every_outcome_a_distinct_label() {
+        let all = [
+            Outcome::Admitted,
+            Outcome::ShedFull,
+            Outcome::ShedTimeout,
+            Outcome::Cancelled,
+            Outcome::StateUnavailable,
+            Outcome::UnknownRevision,
+        ];
+        let mut labels: Vec<_> = all.iter().map(|o| o.label()).collect();
+        labels.sort_unstable();
+        labels.dedup();
+        assert_eq!(labels.len(), all.len());
+        for o in all {
+            let replies = o.shed_header().is_some();
+            assert_eq!(
+                replies,
+                !matches!(o, Outcome::Admitted | Outcome::Cancelled),
+                "{o:?}"
+            );
+            assert_eq!(o.index().is_some(), o != Outcome::UnknownRevision, "{o:?}");
+        }
+        for (i, g) in Gauge::ALL.iter().enumerate() {
+            assert_eq!(g.index(), i);
+        }
+    }
+}

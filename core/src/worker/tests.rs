@@ -1,0 +1,493 @@
+//! The worker's decisions, natively, on a fake host with Envoy's shared-data semantics: several
+//! workers share one world; wake queues are drained by the test, so every interleaving is
+//! chosen here.
+
+use super::*;
+use crate::store::fake::{FakeHost, World};
+use proptest::prelude::*;
+use serde_json::json;
+use std::cell::RefCell;
+
+/// The facts of one request.
+#[derive(Default, Clone)]
+struct Req {
+    authority: Option<String>,
+    cluster: Option<String>,
+    headers: Vec<(String, String)>,
+}
+
+fn host(h: &str) -> Req {
+    Req {
+        authority: Some(h.into()),
+        ..Req::default()
+    }
+}
+
+impl Req {
+    fn via(mut self, cluster: &str) -> Req {
+        self.cluster = Some(cluster.into());
+        self
+    }
+}
+
+impl RequestFacts for Req {
+    fn authority(&self) -> Option<String> {
+        self.authority.clone()
+    }
+    fn cluster(&self) -> Option<String> {
+        self.cluster.clone()
+    }
+    fn header(&self, name: &str) -> Option<String> {
+        self.headers
+            .iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, v)| v.clone())
+    }
+}
+
+/// Workers on one fake Envoy.
+struct Gateway {
+    world: Rc<RefCell<World>>,
+    workers: Vec<Worker<FakeHost>>,
+    effects: Vec<Vec<Effect>>,
+}
+
+fn gateway(workers: usize, config: serde_json::Value) -> Gateway {
+    let world = Rc::new(RefCell::new(World::default()));
+    let bytes = config.to_string();
+    let workers: Vec<_> = (0..workers)
+        .map(|_| {
+            let mut w = Worker::start(FakeHost {
+                world: Rc::clone(&world),
+            })
+            .unwrap();
+            w.configure(bytes.as_bytes(), 0).unwrap();
+            w
+        })
+        .collect();
+    let effects = vec![Vec::new(); workers.len()];
+    Gateway {
+        world,
+        workers,
+        effects,
+    }
+}
+
+/// One revision `rev-a` for `a.test`, `cc` slots (1 replica), `buffer` waiters, 1 s max wait,
+/// 100 ms ticks.
+fn one_revision(cc: u32, buffer: u32) -> serde_json::Value {
+    json!({
+        "revisions": [{
+            "name": "rev-a", "hosts": ["a.test"], "containerConcurrency": cc,
+            "readyReplicas": 1, "bufferDepth": buffer, "maxWait": "1s"
+        }],
+        "tick": "100ms", "retryAfter": "1s"
+    })
+}
+
+impl Gateway {
+    fn request(&mut self, w: usize, context: u32, req: &Req, now: u64) -> Verdict {
+        let v = self.workers[w].on_request(context, req, now);
+        self.collect(w);
+        v
+    }
+
+    fn collect(&mut self, w: usize) {
+        self.workers[w].take_effects(&mut self.effects[w]);
+    }
+
+    /// Delivers every message waiting on worker `w`'s wake queue.
+    fn wake(&mut self, w: usize, now: u64) {
+        let token = self.token(w);
+        loop {
+            let msg = self
+                .world
+                .borrow_mut()
+                .queues
+                .get_mut(&token)
+                .and_then(|q| q.pop_front());
+            let Some(msg) = msg else { break };
+            self.workers[w].on_wake(&msg, now);
+        }
+        self.collect(w);
+    }
+
+    fn token(&self, w: usize) -> u32 {
+        let key = store::wake_token_key(self.workers[w].id());
+        let bytes = self.world.borrow().shared.get(&key).unwrap().0.clone();
+        u32::from_le_bytes(bytes.try_into().unwrap())
+    }
+
+    fn state(&self) -> RevisionState {
+        let bytes = self.world.borrow().shared[&store::revision_key("rev-a")]
+            .0
+            .clone();
+        RevisionState::decode(&bytes).unwrap()
+    }
+
+    fn resumed(&mut self, w: usize) -> Vec<u32> {
+        let mut out = Vec::new();
+        self.effects[w].retain(|e| match e {
+            Effect::Resume { context } => {
+                out.push(*context);
+                false
+            }
+            _ => true,
+        });
+        out
+    }
+
+    fn replies(&mut self, w: usize) -> Vec<(u32, Outcome)> {
+        let mut out = Vec::new();
+        self.effects[w].retain(|e| match e {
+            Effect::Reply { context, reply } => {
+                out.push((*context, reply.outcome));
+                false
+            }
+            _ => true,
+        });
+        out
+    }
+
+    fn count(&self, w: usize, outcome: Outcome) -> usize {
+        self.effects[w]
+            .iter()
+            .filter(|e| matches!(e, Effect::Count { outcome: o, .. } if *o == outcome))
+            .count()
+    }
+}
+
+#[test]
+fn the_limit_is_exact_and_a_freed_slot_resumes_the_oldest_waiter_on_its_own_worker() {
+    let mut g = gateway(2, one_revision(1, 5));
+    let a = host("a.test");
+    assert_eq!(g.request(0, 1, &a, 0), Verdict::Continue);
+    assert_eq!(g.request(1, 2, &a, 1), Verdict::Pause);
+    assert_eq!(g.request(0, 3, &a, 2), Verdict::Pause);
+    assert!(g.workers[1].is_waiting(2));
+    assert_eq!(g.state().active, 1);
+    assert_eq!(g.state().queued(), 2);
+    // The holder's response completes: its slot goes to ticket 0, held by worker 1's stream 2.
+    g.workers[0].on_done(1, true, 10);
+    g.collect(0);
+    assert_eq!(g.resumed(0), Vec::<u32>::new());
+    g.wake(1, 11);
+    assert_eq!(g.resumed(1), vec![2]);
+    assert!(!g.workers[1].is_waiting(2));
+    assert!(g.effects[1].contains(&Effect::QueueWait {
+        rev: RevisionId(0),
+        ms: 10
+    }));
+    assert_eq!(g.state().active, 1);
+    assert_eq!(g.state().queued(), 1);
+}
+
+#[test]
+fn a_full_buffer_sheds_with_the_outcome_and_the_limits_in_words() {
+    let mut g = gateway(1, one_revision(1, 1));
+    let a = host("a.test");
+    g.request(0, 1, &a, 0);
+    g.request(0, 2, &a, 0);
+    let Verdict::Reply(r) = g.request(0, 3, &a, 0) else {
+        panic!("shed expected");
+    };
+    assert_eq!((r.status(), r.outcome), (503, Outcome::ShedFull));
+    assert_eq!(r.outcome.shed_header(), Some("buffer-full"));
+    assert_eq!(r.retry_after_s, Some(1));
+    assert!(
+        r.body
+            .contains("rev-a is at capacity (1) and its buffer (1)"),
+        "{}",
+        r.body
+    );
+    assert_eq!(g.count(0, Outcome::ShedFull), 1);
+}
+
+#[test]
+fn a_grant_whose_owner_vm_is_gone_is_handed_to_the_next_ticket() {
+    let mut g = gateway(3, one_revision(1, 5));
+    let a = host("a.test");
+    g.request(0, 1, &a, 0);
+    g.request(1, 2, &a, 0); // ticket 0, on worker 1, which will be gone
+    g.request(2, 3, &a, 0); // ticket 1, on worker 2
+    let gone = g.token(1);
+    g.world.borrow_mut().unreachable.push(gone);
+    g.workers[0].on_done(1, true, 5);
+    g.wake(2, 6);
+    assert_eq!(g.resumed(2), vec![3], "ticket 1 got the slot");
+    let s = g.state();
+    assert_eq!((s.active, s.queued()), (1, 0));
+    let holders: Vec<_> = s.holders().collect();
+    assert_eq!(
+        holders,
+        vec![(g.workers[2].id(), 1)],
+        "counted as worker 2's"
+    );
+}
+
+#[test]
+fn a_grant_for_a_stream_that_ended_is_passed_on() {
+    let mut g = gateway(2, one_revision(1, 5));
+    let a = host("a.test");
+    g.request(0, 1, &a, 0);
+    g.request(1, 2, &a, 0);
+    g.request(1, 3, &a, 0);
+    // Worker 0 frees the slot; the grant to stream 2 is on its way when stream 2 ends.
+    g.workers[0].on_done(1, true, 5);
+    g.workers[1].on_done(2, true, 6);
+    g.collect(1);
+    assert_eq!(g.count(1, Outcome::Cancelled), 1);
+    // The grant finds no stream 2 and is passed on, to stream 3 on this same worker.
+    g.wake(1, 7);
+    assert_eq!(g.resumed(1), vec![3]);
+    assert_eq!(g.count(1, Outcome::Admitted), 1);
+    // Resuming can still fail (the stream ended, its end not yet seen): the slot frees.
+    g.workers[1].on_resume_failed(3, 9);
+    assert_eq!(g.state().active, 0);
+}
+
+#[test]
+fn an_abandoned_slot_is_released_after_the_hold_not_before() {
+    let mut g = gateway(1, one_revision(1, 5));
+    let a = host("a.test");
+    g.request(0, 1, &a, 0);
+    g.request(0, 2, &a, 0);
+    // The client left before the response: the slot stays held.
+    g.workers[0].on_done(1, false, 100);
+    g.workers[0].on_tick(100 + ABANDONED_HOLD_MS - 1);
+    g.wake(0, 100 + ABANDONED_HOLD_MS - 1);
+    assert_eq!(g.state().active, 1);
+    assert_eq!(g.resumed(0), Vec::<u32>::new());
+    // The first request, stream end or tick after the hold releases it.
+    g.request(0, 3, &a, 100 + ABANDONED_HOLD_MS);
+    g.wake(0, 100 + ABANDONED_HOLD_MS);
+    assert_eq!(g.resumed(0), vec![2]);
+}
+
+#[test]
+fn waiters_are_shed_at_their_maximum_wait_and_a_lost_grant_one_tick_later() {
+    let mut g = gateway(2, one_revision(1, 5));
+    let a = host("a.test");
+    g.request(0, 1, &a, 0);
+    g.request(1, 2, &a, 0);
+    g.request(1, 3, &a, 500);
+    g.workers[1].on_tick(999);
+    g.collect(1);
+    assert_eq!(g.replies(1), Vec::<(u32, Outcome)>::new());
+    g.workers[1].on_tick(1_000);
+    g.collect(1);
+    assert_eq!(g.replies(1), vec![(2, Outcome::ShedTimeout)]);
+    assert_eq!(g.count(1, Outcome::ShedTimeout), 1);
+    // Stream 3's grant is sent but never arrives (its wake is lost): it is not shed at its max
+    // wait (a grant may be on its way) but one tick after.
+    g.workers[0].on_done(1, true, 1_200);
+    g.world
+        .borrow_mut()
+        .queues
+        .values_mut()
+        .for_each(|q| q.clear());
+    g.workers[1].on_tick(1_500);
+    g.collect(1);
+    assert_eq!(
+        g.replies(1),
+        Vec::<(u32, Outcome)>::new(),
+        "at max wait: the grant may still arrive"
+    );
+    g.workers[1].on_tick(1_600);
+    g.collect(1);
+    assert_eq!(g.replies(1), vec![(3, Outcome::ShedTimeout)]);
+}
+
+#[test]
+fn a_dead_vms_slots_and_waiters_are_given_back_after_it_stops_beating() {
+    let mut config = one_revision(1, 5);
+    config["revisions"][0]["maxWait"] = json!("60s");
+    let mut g = gateway(2, config);
+    let a = host("a.test");
+    g.request(1, 1, &a, 0); // worker 1 holds the slot...
+    g.request(1, 2, &a, 0); // ...and a waiter, then dies
+    g.request(0, 3, &a, 0);
+    g.workers[0].on_tick(100); // sees worker 1 holding
+    let dead = dead_after_ms(100);
+    g.workers[0].on_tick(dead);
+    assert_eq!(g.state().active, 1, "not dead yet (it beat at 0)");
+    g.workers[0].on_tick(dead + 1);
+    g.wake(0, dead + 1);
+    assert_eq!(
+        g.resumed(0),
+        vec![3],
+        "worker 0's waiter got the reclaimed slot"
+    );
+    let s = g.state();
+    assert_eq!((s.active, s.queued()), (1, 0));
+}
+
+#[test]
+fn an_orphaned_waiter_is_reaped_long_after_its_maximum_wait() {
+    let mut g = gateway(2, one_revision(1, 5));
+    let a = host("a.test");
+    g.request(0, 1, &a, 0);
+    g.request(1, 2, &a, 0);
+    // Worker 1 keeps beating (a reload keeps a VM alive) but never expires its waiter.
+    let age = orphan_age_ms(1_000, 100);
+    g.workers[0].on_tick(age);
+    assert_eq!(g.state().queued(), 1);
+    g.workers[0].on_tick(age + 1);
+    assert_eq!(g.state().queued(), 0);
+}
+
+#[test]
+fn membership_sets_ready_replicas_and_grants_what_now_fits() {
+    let mut g = gateway(
+        1,
+        json!({
+            "revisions": [{"name": "rev-a", "hosts": ["a.test"], "containerConcurrency": 1,
+                           "readyReplicas": 1, "upstreamCluster": "rev-a", "maxWait": "5s"}],
+            "membership": {"cluster": "admin", "interval": "1s"},
+            "tick": "100ms"
+        }),
+    );
+    let a = host("a.test");
+    g.request(0, 1, &a, 0);
+    g.request(0, 2, &a, 0);
+    g.workers[0].on_tick(100);
+    g.collect(0);
+    let polls: Vec<_> = g.effects[0]
+        .iter()
+        .filter(|e| matches!(e, Effect::Poll(p) if p.cluster == "admin"))
+        .collect();
+    assert_eq!(polls.len(), 1);
+    g.workers[0].on_poll_dispatched(Ok(7));
+    // Another tick in the interval does not poll again.
+    g.effects[0].clear();
+    g.workers[0].on_tick(200);
+    g.collect(0);
+    assert!(!g.effects[0].iter().any(|e| matches!(e, Effect::Poll(_))));
+    assert!(!g.workers[0].awaits_poll(8));
+    let body = br#"{"stats":[{"name":"cluster.rev-a.membership_healthy","value":2}]}"#;
+    g.workers[0].on_poll_answer(7, Ok(body.to_vec()), 250);
+    assert_eq!(g.state().ready(), Some(2));
+    g.wake(0, 251);
+    assert_eq!(g.resumed(0), vec![2], "capacity grew to 2");
+    // A failed answer keeps the count and is counted.
+    g.workers[0].on_tick(1_300);
+    g.workers[0].on_poll_dispatched(Ok(9));
+    g.effects[0].clear();
+    g.workers[0].on_poll_answer(9, Err("status 503".into()), 1_310);
+    g.collect(0);
+    assert!(g.effects[0].contains(&Effect::PollFailed));
+    assert_eq!(g.state().ready(), Some(2));
+}
+
+#[test]
+fn a_host_failure_sheds_with_state_unavailable_and_counts_it() {
+    let mut g = gateway(1, one_revision(1, 5));
+    g.world
+        .borrow_mut()
+        .failing_sets
+        .insert(store::revision_key("rev-a"), store::HostError::Other(2));
+    let Verdict::Reply(r) = g.request(0, 1, &host("a.test"), 0) else {
+        panic!("reply expected");
+    };
+    assert_eq!(r.outcome, Outcome::StateUnavailable);
+    assert_eq!(r.outcome.shed_header(), Some("state-unavailable"));
+    assert_eq!(g.count(0, Outcome::StateUnavailable), 1);
+}
+
+#[test]
+fn unknown_requests_pass_through_or_get_404_as_configured() {
+    let mut g = gateway(1, one_revision(1, 5));
+    assert_eq!(g.request(0, 1, &host("x.test"), 0), Verdict::Continue);
+    let mut cfg = one_revision(1, 5);
+    cfg["unknownRevision"] = json!("reject");
+    cfg["revisionHeader"] = json!("x-rev");
+    let mut g = gateway(1, cfg);
+    let Verdict::Reply(r) = g.request(0, 1, &host("x.test"), 0) else {
+        panic!("404 expected");
+    };
+    assert_eq!(
+        (r.status(), r.outcome.shed_header()),
+        (404, Some("unknown-revision"))
+    );
+    assert!(g.effects[0].contains(&Effect::CountUnknown));
+    // The gateway's header names the revision when host and cluster say nothing.
+    let mut named = host("x.test");
+    named.headers.push(("x-rev".into(), " rev-a ".into()));
+    assert_eq!(g.request(0, 2, &named, 0), Verdict::Continue);
+}
+
+/// Three revisions; `a.test` and `c.test` both route to cluster `shared` (a catch-all), `b.test`
+/// to `b`. Hosts only, no clusters listed, reject unknown.
+fn three_revisions() -> serde_json::Value {
+    json!({
+        "revisions": [
+            {"name": "rev-a", "hosts": ["a.test"], "containerConcurrency": 1, "readyReplicas": 1},
+            {"name": "rev-b", "hosts": ["b.test"], "containerConcurrency": 10, "readyReplicas": 1},
+            {"name": "rev-c", "hosts": ["c.test"], "containerConcurrency": 10, "readyReplicas": 1}
+        ],
+        "unknownRevision": "reject", "tick": "50ms"
+    })
+}
+
+fn routed(h: &str) -> Req {
+    let cluster = if h == "b.test" { "b" } else { "shared" };
+    host(h).via(cluster)
+}
+
+#[test]
+fn an_unknown_host_counts_by_the_cluster_learned_from_host_matches() {
+    let mut g = gateway(2, three_revisions());
+    g.request(0, 1, &routed("b.test"), 0);
+    // Worker 1 learned nothing itself: the record is shared.
+    assert_eq!(
+        g.request(1, 2, &routed("x.test").via("b"), 0),
+        Verdict::Continue
+    );
+    assert_eq!(g.count(1, Outcome::Admitted), 1);
+}
+
+#[test]
+fn two_revisions_behind_one_cluster_are_not_learned_in_the_order_that_failed_on_envoy() {
+    // The real-Envoy hostile test's order: worker 0 records `shared` for rev-a, worker 1 finds
+    // it ambiguous, then worker 0 (whose cache still says rev-a) sees c.test. With an empty
+    // ambiguity marker this read as "absent" and re-recorded `shared` for rev-c.
+    let mut g = gateway(2, three_revisions());
+    for (w, h) in [(0, "a.test"), (1, "c.test"), (1, "a.test"), (0, "c.test")] {
+        g.request(w, 1, &routed(h), 0);
+        g.workers[w].on_done(1, true, 0);
+    }
+    for w in 0..2 {
+        let Verdict::Reply(r) = g.request(w, 9, &routed("x.test"), 1) else {
+            panic!("worker {w}: an ambiguous cluster must not count");
+        };
+        assert_eq!(r.status(), 404);
+    }
+}
+
+proptest! {
+    /// Over any interleaving of requests on three workers: once a cluster has been seen behind
+    /// the hosts of two revisions, on any worker, no worker counts an unknown host through it.
+    #[test]
+    fn once_ambiguous_a_cluster_never_counts_again(
+        steps in proptest::collection::vec((0usize..3, 0usize..4), 1..40)
+    ) {
+        let mut g = gateway(3, three_revisions());
+        let hosts = ["a.test", "b.test", "c.test", "x.test"];
+        let mut seen_behind_shared: Vec<&str> = Vec::new();
+        for (i, (w, h)) in steps.into_iter().enumerate() {
+            let ctx = u32::try_from(i).unwrap() + 1;
+            let host_name = hosts[h];
+            let verdict = g.request(w, ctx, &routed(host_name), 0);
+            if host_name == "x.test" {
+                let ambiguous = seen_behind_shared.len() >= 2;
+                let learned = !seen_behind_shared.is_empty();
+                if ambiguous || !learned {
+                    prop_assert!(matches!(verdict, Verdict::Reply(_)), "step {i}: counted");
+                }
+            } else if host_name != "b.test" && !seen_behind_shared.contains(&host_name) {
+                seen_behind_shared.push(host_name);
+            }
+            g.workers[w].on_done(ctx, true, 0);
+        }
+    }
+}

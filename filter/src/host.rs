@@ -1,0 +1,75 @@
+//! Envoy as the worker's host: shared data, wake queues and the request's facts, through
+//! proxy-wasm host calls that return their `Status` (the SDK's trait helpers would unwrap).
+
+use inflight_core::store::{Host, HostError};
+use inflight_core::worker::RequestFacts;
+use proxy_wasm::hostcalls;
+use proxy_wasm::types::{BufferType, MapType, Status};
+
+fn host_error(s: Status) -> HostError {
+    match s {
+        Status::NotFound => HostError::NotFound,
+        Status::CasMismatch => HostError::CasMismatch,
+        Status::BadArgument => HostError::BadArgument,
+        other => HostError::Other(other as u32),
+    }
+}
+
+/// The proxy-wasm host of this VM.
+pub struct EnvoyHost;
+
+impl Host for EnvoyHost {
+    fn get(&self, key: &str) -> Result<(Option<Vec<u8>>, Option<u32>), HostError> {
+        hostcalls::get_shared_data(key).map_err(host_error)
+    }
+
+    fn set(&self, key: &str, value: &[u8], cas: Option<u32>) -> Result<(), HostError> {
+        hostcalls::set_shared_data(key, Some(value), cas).map_err(host_error)
+    }
+
+    fn register_queue(&self, name: &str) -> Result<u32, HostError> {
+        hostcalls::register_shared_queue(name).map_err(host_error)
+    }
+
+    fn enqueue(&self, token: u32, message: &[u8]) -> Result<(), HostError> {
+        hostcalls::enqueue_shared_queue(token, Some(message)).map_err(host_error)
+    }
+}
+
+/// The current request, as Envoy sees it at request headers.
+pub struct EnvoyRequest;
+
+impl RequestFacts for EnvoyRequest {
+    fn authority(&self) -> Option<String> {
+        self.header(":authority")
+    }
+
+    fn cluster(&self) -> Option<String> {
+        let bytes = hostcalls::get_property(vec!["xds", "cluster_name"]).ok()??;
+        String::from_utf8(bytes).ok()
+    }
+
+    fn header(&self, name: &str) -> Option<String> {
+        hostcalls::get_map_value(MapType::HttpRequestHeaders, name)
+            .ok()
+            .flatten()
+    }
+}
+
+/// The answer to the membership poll being delivered: its body, or why there is none.
+pub fn poll_answer(body_size: usize) -> Result<Vec<u8>, String> {
+    let status = hostcalls::get_map_value(MapType::HttpCallResponseHeaders, ":status")
+        .ok()
+        .flatten()
+        .unwrap_or_default();
+    if status.is_empty() {
+        return Err("no answer (timeout or reset)".into());
+    }
+    if status != "200" {
+        return Err(format!("status {status}"));
+    }
+    match hostcalls::get_buffer(BufferType::HttpCallResponseBody, 0, body_size) {
+        Ok(b) => Ok(b.unwrap_or_default()),
+        Err(e) => Err(format!("reading the body failed: {e:?}")),
+    }
+}
