@@ -1,5 +1,5 @@
 //! Everything under `manifests/`: each Kubernetes object validates against its CRD schema from
-//! `../shared/crds/` (core kinds: apiVersion, kind and required fields), the kustomizations
+//! `cli/tests/crds/` (core kinds: apiVersion, kind and required fields), the kustomizations
 //! reference files that exist and leave nothing out, the WasmPlugin and EnvoyFilter are exactly
 //! what `inflight render` writes for the InferenceServices beside them, and every metric a
 //! query names is one the filter exports.

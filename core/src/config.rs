@@ -9,7 +9,7 @@
 use crate::duration::{self, DurationError};
 use crate::kpa::{KpaConfig, KpaConfigError};
 use crate::table::{RevisionId, RevisionTable, TableError};
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
 /// Knative's default soft target (`container-concurrency-target-default`).
@@ -51,7 +51,7 @@ impl ConfigError {
 }
 
 /// What to do with a request that matches no configured revision.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub enum UnknownRevision {
     /// Forward it untracked (the default: the filter never breaks traffic it does not own).
@@ -61,73 +61,104 @@ pub enum UnknownRevision {
     Reject,
 }
 
-#[derive(Debug, Deserialize)]
+/// The plugin configuration as operators write it: the one schema, read by the filter and
+/// written by the CLI (`inflight render`, `inflight up`), which build this type and serialize it.
+/// Unset keys are omitted when written, so the output holds what the operator chose.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
-struct RawConfig {
-    revisions: Vec<RawRevision>,
-    #[serde(default)]
-    revision_header: Option<String>,
-    #[serde(default)]
-    unknown_revision: UnknownRevision,
-    #[serde(default)]
-    tick: Option<String>,
-    #[serde(default)]
-    retry_after: Option<String>,
-    #[serde(default)]
-    membership: Option<RawMembership>,
+pub struct ConfigDoc {
+    pub revisions: Vec<RevisionDoc>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub revision_header: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub unknown_revision: Option<UnknownRevision>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tick: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub retry_after: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub membership: Option<MembershipDoc>,
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
-struct RawMembership {
-    cluster: String,
-    #[serde(default)]
-    interval: Option<String>,
-    #[serde(default)]
-    timeout: Option<String>,
-    #[serde(default)]
-    authority: Option<String>,
+pub struct MembershipDoc {
+    pub cluster: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub interval: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub timeout: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub authority: Option<String>,
 }
 
-#[derive(Debug, Default, Deserialize)]
+/// Knative's per-revision autoscaling keys; unset keys keep Knative's defaults.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
-struct RawAutoscaling {
-    min_scale: Option<u32>,
-    max_scale: Option<u32>,
-    stable_window: Option<String>,
-    panic_window_percentage: Option<f64>,
-    panic_threshold_percentage: Option<f64>,
-    max_scale_up_rate: Option<f64>,
-    max_scale_down_rate: Option<f64>,
-    scale_to_zero_grace_period: Option<String>,
-    activation_scale: Option<u32>,
-    initial_scale: Option<u32>,
+pub struct AutoscalingDoc {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub min_scale: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_scale: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub initial_scale: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub activation_scale: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stable_window: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none", with = "number")]
+    pub panic_window_percentage: Option<f64>,
+    #[serde(default, skip_serializing_if = "Option::is_none", with = "number")]
+    pub panic_threshold_percentage: Option<f64>,
+    #[serde(default, skip_serializing_if = "Option::is_none", with = "number")]
+    pub max_scale_up_rate: Option<f64>,
+    #[serde(default, skip_serializing_if = "Option::is_none", with = "number")]
+    pub max_scale_down_rate: Option<f64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub scale_to_zero_grace_period: Option<String>,
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
-struct RawRevision {
-    name: String,
+pub struct RevisionDoc {
+    pub name: String,
     #[serde(default)]
-    hosts: Vec<String>,
+    pub hosts: Vec<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub clusters: Vec<String>,
     #[serde(default)]
-    clusters: Vec<String>,
-    #[serde(default)]
-    container_concurrency: u32,
-    #[serde(default)]
-    target: Option<f64>,
-    #[serde(default)]
-    target_utilization_percentage: Option<f64>,
-    #[serde(default)]
-    ready_replicas: Option<u32>,
-    #[serde(default)]
-    buffer_depth: Option<u32>,
-    #[serde(default)]
-    max_wait: Option<String>,
-    #[serde(default)]
-    upstream_cluster: Option<String>,
-    #[serde(default)]
-    autoscaling: Option<RawAutoscaling>,
+    pub container_concurrency: u32,
+    #[serde(default, skip_serializing_if = "Option::is_none", with = "number")]
+    pub target: Option<f64>,
+    #[serde(default, skip_serializing_if = "Option::is_none", with = "number")]
+    pub target_utilization_percentage: Option<f64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ready_replicas: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub buffer_depth: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_wait: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub upstream_cluster: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub autoscaling: Option<AutoscalingDoc>,
+}
+
+/// Numbers written as people write them: `10`, not `10.0`.
+mod number {
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(v: &Option<f64>, s: S) -> Result<S::Ok, S::Error> {
+        match *v {
+            Some(x) if x.fract() == 0.0 && (0.0..9.0e15).contains(&x) => s.serialize_u64(x as u64),
+            Some(x) => s.serialize_f64(x),
+            None => s.serialize_none(),
+        }
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<f64>, D::Error> {
+        Option::<f64>::deserialize(d)
+    }
 }
 
 /// One revision's validated limits.
@@ -221,13 +252,10 @@ impl RevisionConfig {
         }
     }
 
-    /// Knative's effective soft target: min(target, cc when cc > 0) × utilization.
+    /// Knative's effective soft target: min(target, cc when cc > 0) × utilization (the
+    /// autoscaler's own rule, on the values this revision filled in).
     pub fn effective_target(&self) -> f64 {
-        let mut t = self.target;
-        if self.container_concurrency > 0 {
-            t = t.min(f64::from(self.container_concurrency));
-        }
-        t * self.target_utilization_percentage / 100.0
+        self.autoscaling.effective_target()
     }
 }
 
@@ -252,7 +280,7 @@ impl Config {
             return Err(ConfigError::Empty);
         }
         let de = &mut serde_json::Deserializer::from_slice(bytes);
-        let raw: RawConfig = serde_path_to_error::deserialize(de).map_err(|e| {
+        let raw: ConfigDoc = serde_path_to_error::deserialize(de).map_err(|e| {
             let path = e.path().to_string();
             ConfigError::Json {
                 path: if path == "." || path == "?" {
@@ -266,7 +294,7 @@ impl Config {
         Self::validate(raw)
     }
 
-    fn validate(raw: RawConfig) -> Result<Config, ConfigError> {
+    fn validate(raw: ConfigDoc) -> Result<Config, ConfigError> {
         let tick_ms = duration_key("tick", raw.tick.as_deref().unwrap_or(DEFAULT_TICK))?;
         if !(1..=10_000).contains(&tick_ms) {
             return Err(ConfigError::invalid(
@@ -361,7 +389,7 @@ impl Config {
         Ok(Config {
             revisions,
             revision_header,
-            unknown_revision: raw.unknown_revision,
+            unknown_revision: raw.unknown_revision.unwrap_or_default(),
             tick_ms,
             retry_after_s: retry_after_ms / 1000,
             membership,
@@ -384,7 +412,7 @@ fn is_header_char(b: u8) -> bool {
 }
 
 /// DNS-1123 label, as Kubernetes names revisions; it also keeps metric names parseable.
-fn is_dns_label(s: &str) -> bool {
+pub fn is_dns_label(s: &str) -> bool {
     !s.is_empty()
         && s.len() <= 63
         && s.bytes()
@@ -395,7 +423,7 @@ fn is_dns_label(s: &str) -> bool {
 
 fn validate_revision(
     i: usize,
-    r: RawRevision,
+    r: RevisionDoc,
     has_header: bool,
 ) -> Result<RevisionConfig, ConfigError> {
     let at = |key: &str| format!("revisions[{i}].{key}");
@@ -798,6 +826,14 @@ mod tests {
         assert_eq!(plain.membership, None);
         assert_eq!(plain.revisions[0].upstream_cluster, None);
         assert_eq!(plain.revisions[0].autoscaling.stable_window_ms, 60_000);
+    }
+
+    #[test]
+    fn the_document_round_trips_and_writes_numbers_as_people_do() {
+        let text = r#"{"revisions":[{"name":"a","hosts":["a.test"],"containerConcurrency":10,"target":10,"targetUtilizationPercentage":70.5,"autoscaling":{"minScale":1,"maxScaleUpRate":2.5}}],"unknownRevision":"reject"}"#;
+        let doc: ConfigDoc = serde_json::from_str(text).unwrap();
+        assert_eq!(serde_json::to_string(&doc).unwrap(), text);
+        assert!(Config::parse(text.as_bytes()).is_ok());
     }
 
     #[test]

@@ -1,8 +1,9 @@
 //! Durations as operators write them in config: `"250ms"`, `"30s"`, `"1m30s"`, `"1.5s"`.
 //!
-//! The grammar is a subset of Go's `time.ParseDuration` (what Knative and Istio use), limited to
-//! the units that make sense for a gateway (`ms`, `s`, `m`, `h`) and to whole milliseconds, since
-//! Envoy ticks have millisecond granularity.
+//! The grammar is a subset of Go's `time.ParseDuration` (what Knative and Istio use), with the
+//! units `us` (or `µs`), `ms`, `s`, `m` and `h`. The filter's configuration takes whole
+//! milliseconds ([`parse_ms`]; Envoy ticks have millisecond granularity); the predictor's batch
+//! delay takes microseconds ([`parse_us`]). One grammar for the filter, the CLI and the predictor.
 
 use thiserror::Error;
 
@@ -11,20 +12,31 @@ use thiserror::Error;
 pub enum DurationError {
     #[error("empty duration; expected something like \"250ms\", \"30s\" or \"1m30s\"")]
     Empty,
-    #[error("`{0}` is not a duration; expected a number and a unit (ms, s, m, h), like \"250ms\" or \"1m30s\"")]
+    #[error("`{0}` is not a duration; expected a number and a unit (us, ms, s, m, h), like \"250ms\" or \"1m30s\"")]
     Malformed(String),
     #[error("`{0}` has no unit; write e.g. \"{0}s\" or \"{0}ms\"")]
     MissingUnit(String),
-    #[error("`{input}` has an unknown unit `{unit}`; use ms, s, m or h")]
+    #[error("`{input}` has an unknown unit `{unit}`; use us, ms, s, m or h")]
     UnknownUnit { input: String, unit: String },
     #[error("`{0}` is not a whole number of milliseconds")]
     SubMillisecond(String),
+    #[error("`{0}` is not a whole number of microseconds")]
+    SubMicrosecond(String),
     #[error("`{0}` is too large")]
     Overflow(String),
 }
 
 /// Parses a duration into whole milliseconds.
 pub fn parse_ms(input: &str) -> Result<u64, DurationError> {
+    let total_us = parse_us(input)?;
+    if !total_us.is_multiple_of(1_000) {
+        return Err(DurationError::SubMillisecond(input.to_string()));
+    }
+    Ok(total_us / 1_000)
+}
+
+/// Parses a duration into whole microseconds.
+pub fn parse_us(input: &str) -> Result<u64, DurationError> {
     let s = input.trim();
     if s.is_empty() {
         return Err(DurationError::Empty);
@@ -46,7 +58,7 @@ pub fn parse_ms(input: &str) -> Result<u64, DurationError> {
             return Err(DurationError::Malformed(input.to_string()));
         }
         let unit_start = i;
-        while i < bytes.len() && bytes[i].is_ascii_alphabetic() {
+        while i < bytes.len() && !(bytes[i].is_ascii_digit() || bytes[i] == b'.') {
             i += 1;
         }
         let unit = &s[unit_start..i];
@@ -54,6 +66,7 @@ pub fn parse_ms(input: &str) -> Result<u64, DurationError> {
             return Err(DurationError::MissingUnit(input.to_string()));
         }
         let unit_us: u128 = match unit {
+            "us" | "µs" => 1,
             "ms" => 1_000,
             "s" => 1_000_000,
             "m" => 60_000_000,
@@ -88,7 +101,7 @@ pub fn parse_ms(input: &str) -> Result<u64, DurationError> {
         let frac_den: u128 = 10u128.pow(frac.len() as u32);
         let frac_us = frac_num * unit_us;
         if !frac_us.is_multiple_of(frac_den) {
-            return Err(DurationError::SubMillisecond(input.to_string()));
+            return Err(DurationError::SubMicrosecond(input.to_string()));
         }
         total_us = whole
             .checked_mul(unit_us)
@@ -96,10 +109,7 @@ pub fn parse_ms(input: &str) -> Result<u64, DurationError> {
             .and_then(|v| total_us.checked_add(v))
             .ok_or_else(|| DurationError::Overflow(input.to_string()))?;
     }
-    if !total_us.is_multiple_of(1_000) {
-        return Err(DurationError::SubMillisecond(input.to_string()));
-    }
-    u64::try_from(total_us / 1_000).map_err(|_| DurationError::Overflow(input.to_string()))
+    u64::try_from(total_us).map_err(|_| DurationError::Overflow(input.to_string()))
 }
 
 /// Formats milliseconds the way `parse_ms` reads them (used in docs, errors and rendered config).
@@ -132,6 +142,8 @@ mod tests {
             ("zero", "0", 0),
             ("zero with unit", "0s", 0),
             ("spaces trimmed", " 10ms ", 10),
+            ("whole millis in micros", "2000us", 2),
+            ("micro sign", "3000µs", 3),
         ];
         for (name, input, want) in cases {
             assert_eq!(parse_ms(input), Ok(*want), "case {name}");
@@ -172,6 +184,20 @@ mod tests {
         for (name, input, want) in cases {
             assert_eq!(parse_ms(input).as_ref(), Err(want), "case {name}");
         }
+    }
+
+    #[test]
+    fn micros_for_the_predictor() {
+        assert_eq!(parse_us("100us"), Ok(100));
+        assert_eq!(parse_us("1.5ms"), Ok(1_500));
+        assert_eq!(
+            parse_ms("1500us"),
+            Err(DurationError::SubMillisecond("1500us".into()))
+        );
+        assert_eq!(
+            parse_us("0.5us"),
+            Err(DurationError::SubMicrosecond("0.5us".into()))
+        );
     }
 
     #[test]

@@ -25,6 +25,15 @@ pub enum Outcome {
 }
 
 impl Outcome {
+    pub const ALL: [Outcome; 6] = [
+        Outcome::Admitted,
+        Outcome::ShedFull,
+        Outcome::ShedTimeout,
+        Outcome::Cancelled,
+        Outcome::StateUnavailable,
+        Outcome::UnknownRevision,
+    ];
+
     /// Outcomes counted per revision, in metric order.
     pub const PER_REVISION: [Outcome; 5] = [
         Outcome::Admitted,
@@ -55,6 +64,11 @@ impl Outcome {
             Outcome::StateUnavailable => Some("state-unavailable"),
             Outcome::UnknownRevision => Some("unknown-revision"),
         }
+    }
+
+    /// The outcome whose [`label`](Self::label) is `label`.
+    pub fn from_label(label: &str) -> Option<Outcome> {
+        Outcome::ALL.into_iter().find(|o| o.label() == label)
     }
 
     /// The HTTP status of the gateway's own reply.
@@ -122,14 +136,7 @@ mod tests {
 
     #[test]
     fn every_shed_has_a_header_and_every_outcome_a_distinct_label() {
-        let all = [
-            Outcome::Admitted,
-            Outcome::ShedFull,
-            Outcome::ShedTimeout,
-            Outcome::Cancelled,
-            Outcome::StateUnavailable,
-            Outcome::UnknownRevision,
-        ];
+        let all = Outcome::ALL;
         let mut labels: Vec<_> = all.iter().map(|o| o.label()).collect();
         labels.sort_unstable();
         labels.dedup();
@@ -142,6 +149,7 @@ mod tests {
                 "{o:?}"
             );
             assert_eq!(o.index().is_some(), o != Outcome::UnknownRevision, "{o:?}");
+            assert_eq!(Outcome::from_label(o.label()), Some(o));
         }
         for (i, g) in Gauge::ALL.iter().enumerate() {
             assert_eq!(g.index(), i);

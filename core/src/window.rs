@@ -5,7 +5,7 @@
 //! gateway knows demand exactly — in-flight plus queued, a step function that only changes at
 //! events — so instead of sampling it we integrate it: [`Demand`] keeps ∫d dt in
 //! request-milliseconds with integer arithmetic (no drift, no rounding), which is also the
-//! Prometheus counter `inflight_demand_seconds_total` whose `rate()` is the average concurrency.
+//! Prometheus counter `inflight_demand_ms_total` whose `rate() / 1000` is the average concurrency.
 //! [`Window`] keeps samples of that integral, at most one per time bucket, and answers the
 //! average over the last N buckets as (integral now − integral then) / (time now − time then).
 //!

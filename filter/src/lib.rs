@@ -108,39 +108,13 @@ impl RootContext for Root {
     }
 
     fn on_configure(&mut self, _plugin_configuration_size: usize) -> bool {
-        let bytes = match hostcalls::get_buffer(BufferType::PluginConfiguration, 0, usize::MAX) {
-            Ok(b) => b.unwrap_or_default(),
-            Err(e) => {
-                log::error!("cannot read the plugin configuration: {e:?}");
-                return false;
-            }
-        };
-        let Ok(mut v) = self.vm.try_borrow_mut() else {
-            return false;
-        };
-        let v = &mut *v;
-        let Some(w) = v.worker.as_mut() else {
-            return false;
-        };
-        let config = match w.configure(&bytes, clock::now_ms()) {
-            Ok(c) => c,
-            Err(e) => {
-                log::error!("{e}");
-                return false;
-            }
-        };
-        match metrics::Metrics::define(&config) {
-            Ok(m) => v.metrics = m,
-            Err(e) => {
-                log::error!("cannot define metrics: {e:?}");
-                return false;
-            }
+        let configured = hostcalls::get_buffer(BufferType::PluginConfiguration, 0, usize::MAX)
+            .map_err(|e| format!("cannot read the plugin configuration: {e:?}"))
+            .and_then(|bytes| configure(&self.vm, &bytes.unwrap_or_default()));
+        if let Err(e) = &configured {
+            log::error!("{e}");
         }
-        if let Err(e) = hostcalls::set_tick_period(Duration::from_millis(config.tick_ms)) {
-            log::error!("cannot set the tick period: {e:?}");
-            return false;
-        }
-        true
+        configured.is_ok()
     }
 
     fn on_queue_ready(&mut self, queue_id: u32) {
@@ -173,6 +147,23 @@ impl RootContext for Root {
     fn get_type(&self) -> Option<ContextType> {
         Some(ContextType::HttpContext)
     }
+}
+
+/// Installs a plugin configuration: the worker validates and publishes it; then this VM's
+/// metrics and tick follow it. On error nothing of the new configuration is used.
+fn configure(vm: &SharedVm, bytes: &[u8]) -> Result<(), String> {
+    let mut v = vm
+        .try_borrow_mut()
+        .map_err(|_| "the worker is busy".to_string())?;
+    let v = &mut *v;
+    let w = v.worker.as_mut().ok_or("this worker VM did not start")?;
+    let config = w
+        .configure(bytes, clock::now_ms())
+        .map_err(|e| e.to_string())?;
+    v.metrics =
+        metrics::Metrics::define(&config).map_err(|e| format!("cannot define metrics: {e:?}"))?;
+    hostcalls::set_tick_period(Duration::from_millis(config.tick_ms))
+        .map_err(|e| format!("cannot set the tick period: {e:?}"))
 }
 
 struct Stream {

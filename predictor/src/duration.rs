@@ -1,30 +1,14 @@
 //! Durations on the command line and in env vars, written as `"250ms"`, `"5s"`, `"100us"` or
-//! `"0"`, the same form as the rest of the project's configuration.
+//! `"0"`: core's grammar, the same as the filter's and the CLI's configuration.
 
 use std::time::Duration;
 
-/// Parses `"<integer><unit>"` with unit `us`, `ms`, `s` or `m`; a bare `"0"` is zero.
+/// Parses a duration with the project's one grammar (`inflight_core::duration`): `"250ms"`,
+/// `"5s"`, `"100us"`, `"1m30s"`; a bare `"0"` is zero.
 pub fn parse_duration(text: &str) -> Result<Duration, String> {
-    let text = text.trim();
-    if text == "0" {
-        return Ok(Duration::ZERO);
-    }
-    let split = text
-        .find(|c: char| !c.is_ascii_digit())
-        .ok_or_else(|| format!("duration {text:?} has no unit: write e.g. \"5ms\", \"2s\""))?;
-    let (number, unit) = text.split_at(split);
-    let value: u64 = number
-        .parse()
-        .map_err(|_| format!("duration {text:?} must start with a whole number, e.g. \"5ms\""))?;
-    match unit {
-        "us" | "µs" => Ok(Duration::from_micros(value)),
-        "ms" => Ok(Duration::from_millis(value)),
-        "s" => Ok(Duration::from_secs(value)),
-        "m" => Ok(Duration::from_secs(value.saturating_mul(60))),
-        _ => Err(format!(
-            "duration {text:?} has unknown unit {unit:?}: use us, ms, s or m"
-        )),
-    }
+    inflight_core::duration::parse_us(text)
+        .map(Duration::from_micros)
+        .map_err(|e| format!("duration {:?}: {e}", text.trim()))
 }
 
 #[cfg(test)]
@@ -41,6 +25,8 @@ mod tests {
             ("seconds", "5s", Ok(Duration::from_secs(5))),
             ("minutes", "2m", Ok(Duration::from_secs(120))),
             ("spaces", " 3ms ", Ok(Duration::from_millis(3))),
+            ("compound", "1m30s", Ok(Duration::from_secs(90))),
+            ("fraction", "1.5ms", Ok(Duration::from_micros(1_500))),
         ];
         for (name, input, want) in cases {
             assert_eq!(parse_duration(input), want, "{name}");
@@ -49,7 +35,7 @@ mod tests {
 
     #[test]
     fn rejects_bad_input_with_a_hint() {
-        for input in ["", "5", "ms", "5h", "-1ms", "1.5s"] {
+        for input in ["", "5", "ms", "5d", "-1ms", "1.5us"] {
             let err = parse_duration(input).expect_err(input);
             assert!(err.contains("duration"), "{input}: {err}");
         }

@@ -472,15 +472,8 @@ pub fn fmt_num(x: f64) -> String {
     }
 }
 
-/// Kubernetes names: DNS-1123 labels.
-pub fn is_dns_label(s: &str) -> bool {
-    !s.is_empty()
-        && s.len() <= 63
-        && s.bytes()
-            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
-        && !s.starts_with('-')
-        && !s.ends_with('-')
-}
+/// Kubernetes names: DNS-1123 labels (core's rule, which the filter applies to revisions).
+pub use inflight_core::config::is_dns_label;
 
 /// Annotations with the field each came from (`metadata.annotations` or the predictor's own).
 #[derive(Debug, Default)]

@@ -7,7 +7,8 @@
 use super::isvc::{self, Mode, Predictor};
 use super::Args;
 use anyhow::{bail, Result};
-use serde::{Serialize, Serializer};
+use inflight_core::config::{AutoscalingDoc, ConfigDoc, MembershipDoc, RevisionDoc};
+use serde::Serialize;
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
 
@@ -53,69 +54,9 @@ pub fn parse_selector(s: &str) -> Result<BTreeMap<String, String>> {
     Ok(labels)
 }
 
-/// A number written as the user would: `10`, not `10.0`.
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub struct Num(pub f64);
-
-impl Serialize for Num {
-    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        if self.0.fract() == 0.0 && self.0 >= 0.0 && self.0 < 9.0e15 {
-            s.serialize_u64(self.0 as u64)
-        } else {
-            s.serialize_f64(self.0)
-        }
-    }
-}
-
-/// The filter's plugin configuration (keys as in `core/src/config.rs`).
-#[derive(Debug, Serialize)]
-#[serde(rename_all = "camelCase")]
-pub struct FilterConfig {
-    pub revisions: Vec<RevisionConfig>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub membership: Option<Membership>,
-}
-
-/// Where the filter learns ready replicas (`GET /stats` on Envoy's admin through `cluster`).
-#[derive(Debug, Serialize)]
-pub struct Membership {
-    pub cluster: String,
-}
-
-/// The revision's KPA settings (Knative's per-revision annotations); unset keys keep
-/// Knative's defaults in the filter.
-#[derive(Debug, Serialize)]
-#[serde(rename_all = "camelCase")]
-pub struct Autoscaling {
-    pub min_scale: u32,
-    pub max_scale: u32,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub initial_scale: Option<u32>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub activation_scale: Option<u32>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub stable_window: Option<String>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub panic_window_percentage: Option<Num>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub panic_threshold_percentage: Option<Num>,
-}
-
-#[derive(Debug, Serialize)]
-#[serde(rename_all = "camelCase")]
-pub struct RevisionConfig {
-    pub name: String,
-    pub hosts: Vec<String>,
-    #[serde(skip_serializing_if = "Vec::is_empty")]
-    pub clusters: Vec<String>,
-    pub container_concurrency: u32,
-    pub target: Num,
-    pub target_utilization_percentage: Num,
-    pub ready_replicas: u32,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub max_wait: Option<String>,
-    pub autoscaling: Autoscaling,
-}
+/// The filter's plugin configuration: core's own schema, so render cannot drift from what the
+/// filter reads.
+pub type FilterConfig = ConfigDoc;
 
 /// The validated result: the filter configuration and what the operator should know.
 pub struct Plan {
@@ -127,11 +68,9 @@ impl Plan {
     pub fn build(predictors: &[(String, Predictor)], args: &Args) -> Result<Plan> {
         let membership = match (&args.membership_cluster, args.no_membership, args.format) {
             (_, true, _) => None,
-            (Some(c), false, _) => Some(Membership { cluster: c.clone() }),
+            (Some(c), false, _) => Some(membership(c)),
             (None, false, Format::FilterConfig) => None,
-            (None, false, _) => Some(Membership {
-                cluster: DEFAULT_MEMBERSHIP_CLUSTER.into(),
-            }),
+            (None, false, _) => Some(membership(DEFAULT_MEMBERSHIP_CLUSTER)),
         };
         let mut revisions = Vec::new();
         let mut notes = Vec::new();
@@ -207,31 +146,35 @@ impl Plan {
                     }
                 ));
             }
-            revisions.push(RevisionConfig {
+            revisions.push(RevisionDoc {
                 name,
                 hosts,
                 clusters,
                 container_concurrency: p.container_concurrency,
-                target: Num(p.target.unwrap_or(inflight_core::config::DEFAULT_TARGET)),
-                target_utilization_percentage: Num(p
-                    .target_utilization_percentage
-                    .unwrap_or(inflight_core::config::DEFAULT_UTILIZATION_PERCENT)),
-                ready_replicas: ready,
+                target: Some(p.target.unwrap_or(inflight_core::config::DEFAULT_TARGET)),
+                target_utilization_percentage: Some(
+                    p.target_utilization_percentage
+                        .unwrap_or(inflight_core::config::DEFAULT_UTILIZATION_PERCENT),
+                ),
+                ready_replicas: Some(ready),
                 max_wait: args.max_wait.clone(),
-                autoscaling: Autoscaling {
-                    min_scale: p.min_scale,
-                    max_scale: p.max_scale,
+                autoscaling: Some(AutoscalingDoc {
+                    min_scale: Some(p.min_scale),
+                    max_scale: Some(p.max_scale),
                     initial_scale: p.initial_scale,
                     activation_scale: p.activation_scale,
                     stable_window: p.stable_window.clone(),
-                    panic_window_percentage: p.panic_window_percentage.map(Num),
-                    panic_threshold_percentage: p.panic_threshold_percentage.map(Num),
-                },
+                    panic_window_percentage: p.panic_window_percentage,
+                    panic_threshold_percentage: p.panic_threshold_percentage,
+                    ..AutoscalingDoc::default()
+                }),
+                ..RevisionDoc::default()
             });
         }
         let config = FilterConfig {
             revisions,
             membership,
+            ..FilterConfig::default()
         };
         // The filter's own parser is the judge: never print a config it would refuse.
         let json = serde_json::to_vec(&config)?;
@@ -239,6 +182,13 @@ impl Plan {
             bail!("the rendered filter configuration is invalid: {e}");
         }
         Ok(Plan { config, notes })
+    }
+}
+
+fn membership(cluster: &str) -> MembershipDoc {
+    MembershipDoc {
+        cluster: cluster.to_string(),
+        ..MembershipDoc::default()
     }
 }
 
@@ -565,11 +515,5 @@ mod tests {
         assert_eq!(s.len(), 2);
         assert!(parse_selector("").is_err());
         assert!(parse_selector("istio").is_err());
-    }
-
-    #[test]
-    fn numbers_print_like_people_write_them() {
-        assert_eq!(serde_json::to_string(&Num(10.0)).unwrap(), "10");
-        assert_eq!(serde_json::to_string(&Num(0.5)).unwrap(), "0.5");
     }
 }

@@ -3,8 +3,9 @@
 //! configuration and the Envoy bootstrap.
 
 use anyhow::{bail, Context as _, Result};
+use inflight_core::config::{AutoscalingDoc, ConfigDoc, MembershipDoc, RevisionDoc};
 use serde::Deserialize;
-use serde_json::{json, Value};
+use serde_json::Value;
 use std::path::Path;
 use std::time::Duration;
 
@@ -57,7 +58,7 @@ pub struct RevisionSpec {
     pub buffer_depth: Option<u32>,
     /// The filter's `autoscaling` object, passed through (minScale, maxScale, stableWindow, …).
     #[serde(default)]
-    pub autoscaling: serde_json::Map<String, Value>,
+    pub autoscaling: AutoscalingDoc,
     pub predictor: PredictorSpec,
 }
 
@@ -168,55 +169,48 @@ impl StackConfig {
         duration("scalerTick", &self.scaler_tick).unwrap_or(Duration::from_millis(500))
     }
 
-    /// The filter's plugin configuration (core's schema).
+    /// The filter's plugin configuration, built as core's own schema.
     pub fn plugin_config(&self) -> Value {
-        let revisions: Vec<Value> = self
+        let revisions = self
             .revisions
             .iter()
-            .map(|r| {
-                let mut v = json!({
-                    "name": r.name,
-                    "hosts": r.hosts,
-                    "clusters": [r.name],
-                    "containerConcurrency": r.container_concurrency,
-                    "target": r.target,
-                    "targetUtilizationPercentage": r.target_utilization_percentage,
-                    "readyReplicas": r.initial_replicas,
-                    "upstreamCluster": r.name,
-                    "autoscaling": Value::Object(r.autoscaling.clone()),
-                });
-                if let Some(w) = &r.max_wait {
-                    v["maxWait"] = json!(w);
-                }
-                if let Some(d) = r.buffer_depth {
-                    v["bufferDepth"] = json!(d);
-                }
-                v
+            .map(|r| RevisionDoc {
+                name: r.name.clone(),
+                hosts: r.hosts.clone(),
+                clusters: vec![r.name.clone()],
+                container_concurrency: r.container_concurrency,
+                target: Some(r.target),
+                target_utilization_percentage: Some(r.target_utilization_percentage),
+                ready_replicas: Some(r.initial_replicas),
+                buffer_depth: r.buffer_depth,
+                max_wait: r.max_wait.clone(),
+                upstream_cluster: Some(r.name.clone()),
+                autoscaling: Some(r.autoscaling.clone()),
             })
             .collect();
-        json!({
-            "tick": self.filter_tick,
-            "membership": { "cluster": ADMIN_CLUSTER, "interval": self.membership_interval },
-            "revisions": revisions,
-        })
+        let doc = ConfigDoc {
+            revisions,
+            tick: Some(self.filter_tick.clone()),
+            membership: Some(MembershipDoc {
+                cluster: ADMIN_CLUSTER.into(),
+                interval: Some(self.membership_interval.clone()),
+                ..MembershipDoc::default()
+            }),
+            ..ConfigDoc::default()
+        };
+        // A plain struct of strings and numbers always converts.
+        serde_json::to_value(doc).unwrap_or_default()
     }
 }
 
 impl RevisionSpec {
     pub fn min_scale(&self) -> u32 {
-        self.scale_key("minScale").unwrap_or(0)
+        self.autoscaling.min_scale.unwrap_or(0)
     }
 
     /// 0 = unbounded.
     pub fn max_scale(&self) -> u32 {
-        self.scale_key("maxScale").unwrap_or(0)
-    }
-
-    fn scale_key(&self, key: &str) -> Option<u32> {
-        self.autoscaling
-            .get(key)
-            .and_then(Value::as_u64)
-            .and_then(|v| u32::try_from(v).ok())
+        self.autoscaling.max_scale.unwrap_or(0)
     }
 
     pub fn drain_timeout(&self) -> Duration {

@@ -3,6 +3,7 @@
 
 use super::http;
 use anyhow::{bail, Result};
+use inflight_core::Outcome;
 use prometheus_parse::{Scrape, Value};
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -16,6 +17,8 @@ pub struct RevisionStats {
     pub admitted: f64,
     pub shed_full: f64,
     pub shed_timeout: f64,
+    /// Shed because the gateway's shared state failed (a host error).
+    pub state_unavailable: f64,
     pub cancelled: f64,
     pub active: f64,
     pub queued: f64,
@@ -37,7 +40,7 @@ pub struct RevisionStats {
 
 impl RevisionStats {
     pub fn shed(&self) -> f64 {
-        self.shed_full + self.shed_timeout
+        self.shed_full + self.shed_timeout + self.state_unavailable
     }
 
     /// Every request the gateway decided on (admitted or shed).
@@ -92,13 +95,16 @@ pub fn parse(text: &str) -> Result<Snapshot> {
         let v = scalar.unwrap_or(0.0);
         r.tracked = true;
         match name {
-            "inflight_requests_total" => match s.labels.get("outcome") {
-                Some("admitted") => r.admitted = v,
-                Some("shed_full") => r.shed_full = v,
-                Some("shed_timeout") => r.shed_timeout = v,
-                Some("cancelled") => r.cancelled = v,
-                _ => {}
-            },
+            "inflight_requests_total" => {
+                match s.labels.get("outcome").and_then(Outcome::from_label) {
+                    Some(Outcome::Admitted) => r.admitted = v,
+                    Some(Outcome::ShedFull) => r.shed_full = v,
+                    Some(Outcome::ShedTimeout) => r.shed_timeout = v,
+                    Some(Outcome::StateUnavailable) => r.state_unavailable = v,
+                    Some(Outcome::Cancelled) => r.cancelled = v,
+                    Some(Outcome::UnknownRevision) | None => {}
+                }
+            }
             "inflight_active" => r.active = v,
             "inflight_queued" => r.queued = v,
             "inflight_capacity" => r.capacity = v,

@@ -1,5 +1,5 @@
 //! Shared by the render tests: running `inflight render`, reading YAML, and validating
-//! Kubernetes objects against the real CRD schemas in `../shared/crds/` (or `INFLIGHT_CRDS`).
+//! Kubernetes objects against the real CRD schemas in `cli/tests/crds/` (or `INFLIGHT_CRDS`).
 //!
 //! CRD schemas are OpenAPI v3 subsets, not JSON Schema: before compiling one we turn
 //! `nullable: true` into a `null` type, and close every object that lists `properties` and is not
@@ -86,7 +86,7 @@ fn crds_dir() -> PathBuf {
     if let Some(p) = std::env::var_os("INFLIGHT_CRDS") {
         return PathBuf::from(p);
     }
-    let p = workspace_root().parent().unwrap().join("shared/crds");
+    let p = workspace_root().join("cli/tests/crds");
     assert!(
         p.is_dir(),
         "CRD schemas not found at {} (set INFLIGHT_CRDS to the folder with istio.yaml, kserve-inferenceservices.yaml, keda-scaledobjects.yaml)",
@@ -250,7 +250,7 @@ pub fn validate_object(doc: &Value) -> Vec<String> {
     }
     match CORE_KINDS.iter().find(|(a, k, _)| *a == api && *k == kind) {
         None => problems.push(format!(
-            "{api} {kind}: neither a CRD in ../shared/crds nor a known core kind"
+            "{api} {kind}: neither a CRD in cli/tests/crds nor a known core kind"
         )),
         Some((_, _, required)) => {
             for r in *required {
