@@ -129,96 +129,135 @@ pub fn display_name(doc: &Value, default_namespace: &str) -> String {
     format!("{ns}/{name}")
 }
 
-/// Reads one InferenceService document.
+/// Reads one InferenceService document: its identity, then the predictor's concurrency, the
+/// scaling metric (concurrency only), the soft target, scale bounds and the KPA knobs, each
+/// with KServe's precedence (spec fields over annotations, predictor annotations over the
+/// InferenceService's).
 pub fn parse(
     doc: &Value,
     default_namespace: &str,
     default_mode: Mode,
 ) -> Result<Predictor, FieldError> {
-    let api = doc.get("apiVersion").and_then(Value::as_str).unwrap_or("");
-    if api != "serving.kserve.io/v1beta1" {
-        return Err(err(
-            "apiVersion",
-            format!(
-                "expected \"serving.kserve.io/v1beta1\", got {}",
-                shown_opt(doc.get("apiVersion"))
-            ),
-        ));
-    }
+    check_api_version(doc)?;
     let meta = doc.get("metadata").unwrap_or(&Value::Null);
-    let name = match meta.get("name") {
-        Some(Value::String(s)) if is_dns_label(s) => s.clone(),
-        Some(v) => {
-            return Err(err(
-                "metadata.name",
-                format!(
-                    "expected a DNS label (lower-case letters, digits and '-', at most 63), got {}",
-                    shown(v)
-                ),
-            ))
-        }
-        None => {
-            return Err(err(
-                "metadata.name",
-                "missing; every InferenceService needs a name",
-            ))
-        }
-    };
-    let namespace = match meta.get("namespace") {
-        None | Some(Value::Null) => default_namespace.to_string(),
-        Some(Value::String(s)) if is_dns_label(s) => s.clone(),
-        Some(v) => {
-            return Err(err(
-                "metadata.namespace",
-                format!("expected a DNS label, got {}", shown(v)),
-            ))
-        }
-    };
-    let annotations = Annotations::read(meta.get("annotations"), "metadata.annotations")?;
-    let predictor = match doc.get("spec").and_then(|s| s.get("predictor")) {
-        Some(p @ Value::Object(_)) => p,
-        Some(v) => {
-            return Err(err(
-                "spec.predictor",
-                format!("expected an object, got {}", shown(v)),
-            ))
-        }
-        None => {
-            return Err(err(
-                "spec.predictor",
-                "missing; an InferenceService needs a predictor",
-            ))
-        }
-    };
+    let name = metadata_name(meta)?;
+    let namespace = metadata_namespace(meta, default_namespace)?;
+    let predictor = predictor_spec(doc)?;
     // KServe merges the component's own annotations over the InferenceService's.
-    let predictor_annotations =
-        Annotations::read(predictor.get("annotations"), "spec.predictor.annotations")?;
-    let ann = annotations.overlay(predictor_annotations);
+    let ann = Annotations::read(meta.get("annotations"), "metadata.annotations")?.overlay(
+        Annotations::read(predictor.get("annotations"), "spec.predictor.annotations")?,
+    );
     let mut notes = Vec::new();
-
-    let mode = match ann.get(ANN_DEPLOYMENT_MODE) {
-        None => default_mode,
-        Some((field, v)) => match v {
-            "Serverless" | "Knative" => Mode::Serverless,
-            "RawDeployment" | "Standard" => Mode::Raw,
-            other => {
-                return Err(err(
-                    field,
-                    format!("`{other}` is not supported; expected Serverless (Knative) or RawDeployment (Standard): ModelMesh does not route through the ingress gateway per InferenceService"),
-                ))
-            }
-        },
-    };
-
-    let pfield = |k: &str| format!("spec.predictor.{k}");
+    let mode = deployment_mode(&ann, default_mode)?;
     let container_concurrency = optional_u32(
         predictor.get("containerConcurrency"),
         &pfield("containerConcurrency"),
     )?
     .unwrap_or(0);
+    check_metric(predictor, &ann)?;
+    let target = soft_target(predictor, &ann, &name, container_concurrency, &mut notes)?;
+    let target_utilization_percentage = utilization(&ann)?;
+    let (min_scale, max_scale) = scale_bounds(predictor, &ann, mode, &name, &mut notes)?;
+    if mode == Mode::Raw {
+        notes.push(raw_autoscaler_note(&ann, &name));
+        notes.retain(|n| !n.is_empty());
+    }
+    let knobs = kpa_knobs(&ann)?;
+    Ok(Predictor {
+        name,
+        namespace,
+        mode,
+        container_concurrency,
+        target,
+        target_utilization_percentage,
+        min_scale,
+        max_scale,
+        stable_window: knobs.stable_window,
+        panic_window_percentage: knobs.panic_window_percentage,
+        panic_threshold_percentage: knobs.panic_threshold_percentage,
+        initial_scale: knobs.initial_scale,
+        activation_scale: knobs.activation_scale,
+        notes,
+    })
+}
 
-    // The metric: scaleMetric overwrites the annotation (KServe). The class decides the default.
-    let class = ann.get(ANN_CLASS);
+fn pfield(key: &str) -> String {
+    format!("spec.predictor.{key}")
+}
+
+fn check_api_version(doc: &Value) -> Result<(), FieldError> {
+    let api = doc.get("apiVersion").and_then(Value::as_str).unwrap_or("");
+    if api == "serving.kserve.io/v1beta1" {
+        return Ok(());
+    }
+    Err(err(
+        "apiVersion",
+        format!(
+            "expected \"serving.kserve.io/v1beta1\", got {}",
+            shown_opt(doc.get("apiVersion"))
+        ),
+    ))
+}
+
+fn metadata_name(meta: &Value) -> Result<String, FieldError> {
+    match meta.get("name") {
+        Some(Value::String(s)) if is_dns_label(s) => Ok(s.clone()),
+        Some(v) => Err(err(
+            "metadata.name",
+            format!(
+                "expected a DNS label (lower-case letters, digits and '-', at most 63), got {}",
+                shown(v)
+            ),
+        )),
+        None => Err(err(
+            "metadata.name",
+            "missing; every InferenceService needs a name",
+        )),
+    }
+}
+
+fn metadata_namespace(meta: &Value, default_namespace: &str) -> Result<String, FieldError> {
+    match meta.get("namespace") {
+        None | Some(Value::Null) => Ok(default_namespace.to_string()),
+        Some(Value::String(s)) if is_dns_label(s) => Ok(s.clone()),
+        Some(v) => Err(err(
+            "metadata.namespace",
+            format!("expected a DNS label, got {}", shown(v)),
+        )),
+    }
+}
+
+fn predictor_spec(doc: &Value) -> Result<&Value, FieldError> {
+    match doc.get("spec").and_then(|s| s.get("predictor")) {
+        Some(p @ Value::Object(_)) => Ok(p),
+        Some(v) => Err(err(
+            "spec.predictor",
+            format!("expected an object, got {}", shown(v)),
+        )),
+        None => Err(err(
+            "spec.predictor",
+            "missing; an InferenceService needs a predictor",
+        )),
+    }
+}
+
+fn deployment_mode(ann: &Annotations, default_mode: Mode) -> Result<Mode, FieldError> {
+    match ann.get(ANN_DEPLOYMENT_MODE) {
+        None => Ok(default_mode),
+        Some((field, v)) => match v {
+            "Serverless" | "Knative" => Ok(Mode::Serverless),
+            "RawDeployment" | "Standard" => Ok(Mode::Raw),
+            other => Err(err(
+                field,
+                format!("`{other}` is not supported; expected Serverless (Knative) or RawDeployment (Standard): ModelMesh does not route through the ingress gateway per InferenceService"),
+            )),
+        },
+    }
+}
+
+/// The metric must be concurrency: scaleMetric overwrites the annotation (KServe); the class
+/// decides the default.
+fn check_metric(predictor: &Value, ann: &Annotations) -> Result<(), FieldError> {
     let metric = match predictor.get("scaleMetric") {
         Some(Value::Null) | None => ann.get(ANN_METRIC).map(|(f, v)| (f, v.to_string())),
         Some(Value::String(s)) => Some((pfield("scaleMetric"), s.clone())),
@@ -232,37 +271,40 @@ pub fn parse(
             ))
         }
     };
-    match &metric {
-        None => {
-            if let Some((field, c)) = &class {
-                if c.starts_with("hpa.") {
-                    return Err(err(
-                        field.clone(),
-                        format!("`{c}` scales on CPU by default, which is not a concurrency target; remove the annotation (KPA) or set autoscaling.knative.dev/metric: concurrency"),
-                    ));
-                }
-            }
-        }
-        Some((_, m)) if m == "concurrency" => {}
-        Some((field, m)) => {
-            return Err(err(
-                field.clone(),
-                match m.as_str() {
-                    "rps" | "cpu" | "memory" => format!(
-                        "`{m}` is not supported: the gateway limits and measures concurrency (requests in flight plus queued), so its soft target is a number of concurrent requests, not {}; use concurrency (the default) or remove the field",
-                        match m.as_str() {
-                            "rps" => "requests per second",
-                            "cpu" => "CPU utilization",
-                            _ => "memory use",
-                        }
-                    ),
-                    _ => format!("expected one of concurrency, rps, cpu, memory, got \"{m}\""),
-                },
-            ))
-        }
+    match metric {
+        None => match ann.get(ANN_CLASS) {
+            Some((field, c)) if c.starts_with("hpa.") => Err(err(
+                field,
+                format!("`{c}` scales on CPU by default, which is not a concurrency target; remove the annotation (KPA) or set autoscaling.knative.dev/metric: concurrency"),
+            )),
+            _ => Ok(()),
+        },
+        Some((_, m)) if m == "concurrency" => Ok(()),
+        Some((field, m)) => Err(err(
+            field,
+            match m.as_str() {
+                "rps" | "cpu" | "memory" => format!(
+                    "`{m}` is not supported: the gateway limits and measures concurrency (requests in flight plus queued), so its soft target is a number of concurrent requests, not {}; use concurrency (the default) or remove the field",
+                    match m.as_str() {
+                        "rps" => "requests per second",
+                        "cpu" => "CPU utilization",
+                        _ => "memory use",
+                    }
+                ),
+                _ => format!("expected one of concurrency, rps, cpu, memory, got \"{m}\""),
+            },
+        )),
     }
+}
 
-    // The soft target: scaleTarget overwrites the annotation (KServe).
+/// The soft target: scaleTarget overwrites the annotation (KServe).
+fn soft_target(
+    predictor: &Value,
+    ann: &Annotations,
+    name: &str,
+    container_concurrency: u32,
+    notes: &mut Vec<String>,
+) -> Result<Option<f64>, FieldError> {
     let target = match predictor.get("scaleTarget") {
         Some(Value::Null) | None => match ann.get(ANN_TARGET) {
             None => None,
@@ -295,23 +337,33 @@ pub fn parse(
             ));
         }
     }
+    Ok(target)
+}
 
-    let target_utilization_percentage = match ann.get(ANN_UTILIZATION) {
-        None => None,
-        Some((field, v)) => {
-            let u = parse_f64(&field, v, "a percentage in [1, 100] (Knative default 70)")?;
-            if !(1.0..=100.0).contains(&u) {
-                return Err(err(
-                    field,
-                    format!("expected a percentage in [1, 100] (Knative default 70), got \"{v}\""),
-                ));
-            }
-            Some(u)
-        }
+fn utilization(ann: &Annotations) -> Result<Option<f64>, FieldError> {
+    let Some((field, v)) = ann.get(ANN_UTILIZATION) else {
+        return Ok(None);
     };
+    let u = parse_f64(&field, v, "a percentage in [1, 100] (Knative default 70)")?;
+    if !(1.0..=100.0).contains(&u) {
+        return Err(err(
+            field,
+            format!("expected a percentage in [1, 100] (Knative default 70), got \"{v}\""),
+        ));
+    }
+    Ok(Some(u))
+}
 
-    // Scale bounds. KServe always writes min-scale from minReplicas (default 1) and max-scale
-    // from maxReplicas when it is not 0; the annotations only matter where KServe leaves them.
+/// `(min scale, max scale)`. KServe always writes min-scale from minReplicas (default 1) and
+/// max-scale from maxReplicas when it is not 0; the annotations only matter where KServe leaves
+/// them.
+fn scale_bounds(
+    predictor: &Value,
+    ann: &Annotations,
+    mode: Mode,
+    name: &str,
+    notes: &mut Vec<String>,
+) -> Result<(u32, u32), FieldError> {
     let ann_min = match ann.get_any(&ANN_MIN_SCALE) {
         None => None,
         Some((field, v)) => Some((field.clone(), scale(&field, v)?)),
@@ -360,18 +412,33 @@ pub fn parse(
             format!("max scale {max_scale} is below min scale {min_scale}; raise it or set 0 for unbounded"),
         ));
     }
-    if mode == Mode::Raw {
-        match ann.get(ANN_AUTOSCALER_CLASS) {
-            Some((_, c)) if c == "external" || c == "none" => {}
-            Some((field, c)) => notes.push(format!(
-                "{name}: {field} = \"{c}\": KServe will run its own autoscaler on this Deployment, which fights a scaler driven by the gateway's demand; set it to \"external\" when KEDA or the HPA in manifests/autoscaling/ scales the predictor"
-            )),
-            None => notes.push(format!(
-                "{name}: raw deployment without {ANN_AUTOSCALER_CLASS}: KServe creates a CPU-based HPA for it; set the annotation to \"external\" when KEDA or the HPA in manifests/autoscaling/ scales the predictor on the gateway's demand"
-            )),
-        }
-    }
+    Ok((min_scale, max_scale))
+}
 
+/// Raw deployments: what KServe's own autoscaler will do beside a scaler on the gateway's demand
+/// (empty when it stays out of the way).
+fn raw_autoscaler_note(ann: &Annotations, name: &str) -> String {
+    match ann.get(ANN_AUTOSCALER_CLASS) {
+        Some((_, c)) if c == "external" || c == "none" => String::new(),
+        Some((field, c)) => format!(
+            "{name}: {field} = \"{c}\": KServe will run its own autoscaler on this Deployment, which fights a scaler driven by the gateway's demand; set it to \"external\" when KEDA or the HPA in manifests/autoscaling/ scales the predictor"
+        ),
+        None => format!(
+            "{name}: raw deployment without {ANN_AUTOSCALER_CLASS}: KServe creates a CPU-based HPA for it; set the annotation to \"external\" when KEDA or the HPA in manifests/autoscaling/ scales the predictor on the gateway's demand"
+        ),
+    }
+}
+
+/// The KPA knobs the filter takes from Knative's annotations.
+struct KpaKnobs {
+    stable_window: Option<String>,
+    panic_window_percentage: Option<f64>,
+    panic_threshold_percentage: Option<f64>,
+    initial_scale: Option<u32>,
+    activation_scale: Option<u32>,
+}
+
+fn kpa_knobs(ann: &Annotations) -> Result<KpaKnobs, FieldError> {
     let stable_window = match ann.get(ANN_WINDOW) {
         None => None,
         Some((field, v)) => {
@@ -385,32 +452,18 @@ pub fn parse(
             Some((field, v)) => parse_f64(&field, v, "a percentage").map(Some),
         }
     };
-    let panic_window_percentage = percentage(ANN_PANIC_WINDOW)?;
-    let panic_threshold_percentage = percentage(ANN_PANIC_THRESHOLD)?;
-    let initial_scale = match ann.get_any(&ANN_INITIAL_SCALE) {
-        None => None,
-        Some((field, v)) => Some(scale(&field, v)?),
+    let scale_of = |keys: &[&str]| -> Result<Option<u32>, FieldError> {
+        match ann.get_any(keys) {
+            None => Ok(None),
+            Some((field, v)) => scale(&field, v).map(Some),
+        }
     };
-    let activation_scale = match ann.get(ANN_ACTIVATION_SCALE) {
-        None => None,
-        Some((field, v)) => Some(scale(&field, v)?),
-    };
-
-    Ok(Predictor {
-        name,
-        namespace,
-        mode,
-        container_concurrency,
-        target,
-        target_utilization_percentage,
-        min_scale,
-        max_scale,
+    Ok(KpaKnobs {
         stable_window,
-        panic_window_percentage,
-        panic_threshold_percentage,
-        initial_scale,
-        activation_scale,
-        notes,
+        panic_window_percentage: percentage(ANN_PANIC_WINDOW)?,
+        panic_threshold_percentage: percentage(ANN_PANIC_THRESHOLD)?,
+        initial_scale: scale_of(&ANN_INITIAL_SCALE)?,
+        activation_scale: scale_of(&[ANN_ACTIVATION_SCALE])?,
     })
 }
 
