@@ -15,7 +15,7 @@
 //! with min/median/max over rounds. Gateway CPU per request comes from `/proc`.
 
 mod envoy;
-mod load;
+pub(crate) mod load;
 mod report;
 
 use anyhow::{bail, Context as _, Result};

@@ -32,7 +32,7 @@ const FONTS: &[&str] = &[
 ];
 
 /// Registers a font for plotters once; false if none was found.
-fn font() -> bool {
+pub(crate) fn font() -> bool {
     static FOUND: OnceLock<bool> = OnceLock::new();
     *FOUND.get_or_init(|| {
         for p in FONTS {
