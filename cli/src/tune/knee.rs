@@ -191,10 +191,12 @@ mod tests {
             .collect()
     }
 
+    /// (name, steps as (c, req/s, p50 ms), expected (knee, containerConcurrency)).
+    type Case = (&'static str, &'static [(u32, f64, f64)], Option<(u32, u32)>);
+
     #[test]
     fn knee_table() {
-        // (name, steps, expected knee, expected containerConcurrency)
-        let cases: &[(&str, &[(u32, f64, f64)], Option<(u32, u32)>)] = &[
+        let cases: &[Case] = &[
             (
                 "k=2 workers, 20 ms: flat from 2",
                 &[
