@@ -104,7 +104,7 @@ fn explain(t: &Tuning) -> String {
     let next = t.steps.iter().find(|s| s.concurrency > k.concurrency);
     let _ = writeln!(
         out,
-        "knee: concurrency {} (confidence {:.0} %): {}throughput rose at most {:.1} % beyond it{}",
+        "knee: concurrency {} (confidence {:.0} %): {}beyond it throughput changed by at most {:+.1} %{}",
         k.concurrency,
         k.confidence * 100.0,
         k.gain_into
@@ -130,12 +130,12 @@ fn explain(t: &Tuning) -> String {
     }
     let why = match k.choice {
         Choice::Knee => format!(
-            "= the knee: the next step gained {:.1} %, under half the {} % threshold",
+            "= the knee: the next step changed throughput by {:+.1} %, under half the {} % threshold",
             next_gain(&k, t) * 100.0,
             t.threshold_percent
         ),
         Choice::KneePlusOne => format!(
-            "= knee + 1: the next step still gained {:.1} %, marginal (between half the {} % threshold and the threshold)",
+            "= knee + 1: the next step still gained {:+.1} %, marginal (between half the {} % threshold and the threshold)",
             next_gain(&k, t) * 100.0,
             t.threshold_percent
         ),

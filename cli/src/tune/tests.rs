@@ -398,7 +398,7 @@ fn the_report_explains_the_recommendation() {
         "     3      149.0    1.0%",
         "← knee",
         "knee: concurrency 3",
-        "recommended: containerConcurrency 3 (= the knee: the next step gained 0.7 %",
+        "recommended: containerConcurrency 3 (= the knee: the next step changed throughput by +0.7 %",
         "target 3 at 70 % utilization",
         "more than 2.1 requests in flight",
         "containerConcurrency: 3",
