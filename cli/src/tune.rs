@@ -6,7 +6,7 @@
 //! in windows until the 95 % confidence interval of throughput is within `--precision` of its
 //! mean (between `--min-hold` and `--max-hold`). It stops at the bound (`--max-concurrency`,
 //! `--max-duration`), at the first step whose errors pass `--max-errors` or whose p99 passes
-//! `--max-p99`, or once `--past-knee` steps beyond a knee have confirmed it. The knee and the
+//! `--max-p99`, or once `--past-knee` steps beyond a knee are measured. The knee and the
 //! recommendation are pure arithmetic over the steps ([`knee`]); the output is a table, a PNG,
 //! the InferenceService snippet, or `--json`.
 
@@ -38,7 +38,8 @@ pub struct Args {
     /// Longest the whole sweep may run; it stops after the step that passes it.
     #[arg(long, default_value = "5m")]
     pub max_duration: String,
-    /// Knee threshold, %: beyond the knee throughput rises by less than this.
+    /// Knee threshold, %: at the step after the knee throughput rises by less than this (and
+    /// median latency by more).
     #[arg(long, default_value_t = 5.0)]
     pub threshold: f64,
     /// Hold a step until the 95 % confidence interval of its throughput is within this many %
@@ -60,7 +61,8 @@ pub struct Args {
     /// Stop after the first step with more than this % of errors (non-2xx, socket errors).
     #[arg(long, default_value_t = 1.0)]
     pub max_errors: f64,
-    /// Steps to measure beyond a knee before stopping (each must stay flat to keep it).
+    /// Steps to measure beyond the knee before stopping (for the table and the plot; the step
+    /// right after the knee decides it).
     #[arg(long, default_value_t = 2)]
     pub past_knee: u32,
     /// Knative's target utilization, % (its default: 70): the autoscaler aims at
@@ -248,7 +250,7 @@ impl Step {
 #[derive(Debug, Clone, Copy, PartialEq, Serialize)]
 #[serde(rename_all = "camelCase", tag = "reason")]
 pub enum Stop {
-    /// `--past-knee` steps beyond the knee kept it.
+    /// `--past-knee` steps beyond the knee were measured.
     KneeConfirmed,
     /// The highest level (`--max-concurrency`) was measured.
     MaxConcurrency,

@@ -78,7 +78,7 @@ pub fn text(t: &Tuning) -> String {
 fn explain(t: &Tuning) -> String {
     let mut out = String::new();
     let stop = match t.stop {
-        Stop::KneeConfirmed => "the steps beyond the knee kept it".to_string(),
+        Stop::KneeConfirmed => "--past-knee steps beyond the knee measured".to_string(),
         Stop::MaxConcurrency => "highest concurrency (--max-concurrency) measured".to_string(),
         Stop::MaxDuration => "--max-duration reached".to_string(),
         Stop::Latency {
