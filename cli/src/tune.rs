@@ -111,11 +111,7 @@ struct Plan {
 
 impl Plan {
     fn from(args: &Args) -> Result<Plan> {
-        let ms = |s: &str, what: &str| -> Result<Duration> {
-            inflight_core::duration::parse_ms(s)
-                .map(Duration::from_millis)
-                .map_err(|e| anyhow::anyhow!("--{what} {s:?}: {e}; expected e.g. \"3s\""))
-        };
+        let ms = crate::bench::duration_flag;
         if args.max_concurrency == 0 {
             bail!("--max-concurrency must be at least 1");
         }

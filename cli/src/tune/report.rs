@@ -5,7 +5,7 @@
 use super::knee::{Choice, Knee};
 use super::{Step, Stop, Tuning};
 use crate::render::isvc::{ANN_TARGET, ANN_UTILIZATION};
-use crate::up::plot::font;
+use crate::up::plot::{draw_legend, draw_mesh, font, legend_mark};
 use anyhow::{anyhow, Result};
 use plotters::prelude::*;
 use std::fmt::Write as _;
@@ -196,23 +196,11 @@ pub fn plot(path: &Path, t: &Tuning) -> Result<()> {
         .build_cartesian_2d(0.0..x_max, 0.0..y_max)
         .map_err(|e| anyhow!("{e}"))?
         .set_secondary_coord(0.0..x_max, 0.0..l_max);
+    draw_mesh(&mut chart, text, "concurrency", "requests/s")?;
     if text {
-        chart
-            .configure_mesh()
-            .x_desc("concurrency")
-            .y_desc("requests/s")
-            .draw()
-            .map_err(|e| anyhow!("{e}"))?;
         chart
             .configure_secondary_axes()
             .y_desc("p99 latency (ms)")
-            .draw()
-            .map_err(|e| anyhow!("{e}"))?;
-    } else {
-        chart
-            .configure_mesh()
-            .x_labels(0)
-            .y_labels(0)
             .draw()
             .map_err(|e| anyhow!("{e}"))?;
     }
@@ -228,9 +216,8 @@ pub fn plot(path: &Path, t: &Tuning) -> Result<()> {
         .draw_series(LineSeries::new(xs(|s| s.throughput), blue.stroke_width(2)))
         .map_err(|e| anyhow!("{e}"))?;
     if text {
-        s.label("throughput (req/s)").legend(move |(x, y)| {
-            PathElement::new(vec![(x, y), (x + 20, y)], blue.stroke_width(2))
-        });
+        s.label("throughput (req/s)")
+            .legend(legend_mark(blue.stroke_width(2)));
     }
     chart
         .draw_series(
@@ -244,7 +231,7 @@ pub fn plot(path: &Path, t: &Tuning) -> Result<()> {
         .map_err(|e| anyhow!("{e}"))?;
     if text {
         s.label("p99 latency (ms, right axis)")
-            .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], red.stroke_width(2)));
+            .legend(legend_mark(red.stroke_width(2)));
     }
     if let Some(k) = t.knee {
         let x = f64::from(k.concurrency);
@@ -259,19 +246,11 @@ pub fn plot(path: &Path, t: &Tuning) -> Result<()> {
                 "knee: c = {} → containerConcurrency {}",
                 k.concurrency, k.container_concurrency
             ))
-            .legend(move |(x, y)| {
-                PathElement::new(vec![(x, y), (x + 20, y)], BLACK.mix(0.5).stroke_width(2))
-            });
+            .legend(legend_mark(BLACK.mix(0.5).stroke_width(2)));
         }
     }
     if text {
-        chart
-            .configure_series_labels()
-            .background_style(WHITE.mix(0.8))
-            .border_style(BLACK)
-            .position(SeriesLabelPosition::LowerRight)
-            .draw()
-            .map_err(|e| anyhow!("{e}"))?;
+        draw_legend(&mut chart, SeriesLabelPosition::LowerRight)?;
     }
     root.present().map_err(|e| anyhow!("{e}"))?;
     Ok(())
