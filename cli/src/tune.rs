@@ -286,6 +286,10 @@ pub struct Recommendation {
 }
 
 pub fn run(args: Args) -> Result<()> {
+    if let (true, Some(admin), Some(revision)) = (args.apply, args.admin, &args.revision) {
+        let lds = apply::preflight(admin, revision)?;
+        eprintln!("tune: will apply to {revision} in {}", lds.display());
+    }
     let tuning = sweep(&args)?;
     if args.json {
         println!("{}", serde_json::to_string_pretty(&tuning)?);
