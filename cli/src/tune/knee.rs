@@ -3,11 +3,13 @@
 //!
 //! The knee is the smallest concurrency beyond which throughput rises by less than a threshold
 //! (default 5 %) while latency keeps growing: past it, more requests in flight only queue inside
-//! the server. "Beyond" is the next measured step: a closed-loop client leaves a server with k
-//! workers idle for its own turnaround at concurrency k, so throughput creeps up a little more
-//! past the knee while the queue hides those gaps, and asking every later step to stay within
-//! the threshold would push the knee past k. Growing latency (p50 up by more than the
-//! threshold) tells the knee from a noisy flat step on the way up, where latency stays put.
+//! the server. "Beyond" is the next measured step, with some slack for the steps after it: a
+//! closed-loop client leaves a server with k workers idle for its own turnaround at
+//! concurrency k, so throughput creeps up a little more past the knee while the queue hides
+//! those gaps; asking every later step to stay within the threshold would push the knee past
+//! k. Later steps may gain up to twice the threshold; more means throughput rose again and the
+//! candidate was a noisy flat step, not the knee. Growing latency (p50 up by more than the
+//! threshold) also tells the knee from a flat step on the way up, where latency stays put.
 //! The largest later gain is reported beside it. Its confidence is how sure the measurements
 //! are of both sides of the statement, from each step's confidence interval of throughput
 //! (normal approximation).
@@ -95,7 +97,7 @@ pub fn find(points: &[Point], threshold: f64) -> Option<Knee> {
 }
 
 /// Step `i` is the knee candidate: the next step gains less than the threshold in throughput
-/// and more than it in median latency.
+/// and more than it in median latency, and no later step gains twice the threshold.
 fn is_knee(points: &[Point], i: usize, threshold: f64) -> bool {
     let at = points[i];
     let Some(next) = points.get(i + 1) else {
@@ -104,6 +106,9 @@ fn is_knee(points: &[Point], i: usize, threshold: f64) -> bool {
     at.throughput > 0.0
         && gain(at.throughput, next.throughput) < threshold
         && next.p50_ms > at.p50_ms * (1.0 + threshold)
+        && points[i + 1..]
+            .iter()
+            .all(|p| gain(at.throughput, p.throughput) < 2.0 * threshold)
 }
 
 fn gain(from: f64, to: f64) -> f64 {
@@ -244,13 +249,28 @@ mod tests {
             (
                 "creeping past the knee (closed-loop gaps filled by the queue) keeps it",
                 &[
+                    (1, 18.5, 52.1),
+                    (2, 36.2, 51.2),
+                    (3, 36.2, 54.8),
+                    (4, 38.5, 100.8),
+                ],
+                Some((2, 2)),
+            ),
+            (
+                "a later rise of twice the threshold: the flat step was noise",
+                &[(1, 949.6, 0.7), (2, 984.0, 1.6), (3, 1365.7, 0.9)],
+                None,
+            ),
+            (
+                "creep of more than twice the threshold moves the knee on",
+                &[
                     (1, 40.0, 21.0),
                     (2, 81.0, 20.8),
                     (3, 82.2, 28.8),
                     (4, 90.8, 40.6),
                     (6, 94.0, 60.8),
                 ],
-                Some((2, 2)),
+                Some((4, 5)),
             ),
             (
                 "a flat step where latency stays put is noise, not the knee",
