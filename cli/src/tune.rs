@@ -39,7 +39,7 @@ pub struct Args {
     #[arg(long, default_value = "5m")]
     pub max_duration: String,
     /// Knee threshold, %: at the step after the knee throughput rises by less than this (and
-    /// median latency by more).
+    /// p90 latency by more).
     #[arg(long, default_value_t = 5.0)]
     pub threshold: f64,
     /// Hold a step until the 95 % confidence interval of its throughput is within this many %
@@ -201,7 +201,7 @@ impl Step {
             concurrency: self.concurrency,
             throughput: self.throughput,
             ci95: self.ci95,
-            p50_ms: self.p50_ms,
+            p90_ms: self.p90_ms,
         }
     }
 

@@ -8,8 +8,10 @@
 //! concurrency k, so throughput creeps up a little more past the knee while the queue hides
 //! those gaps; asking every later step to stay within the threshold would push the knee past
 //! k. Later steps may gain up to twice the threshold; more means throughput rose again and the
-//! candidate was a noisy flat step, not the knee. Growing latency (p50 up by more than the
-//! threshold) also tells the knee from a flat step on the way up, where latency stays put.
+//! candidate was a noisy flat step, not the knee. Growing latency (p90 up by more than the
+//! threshold) also tells the knee from a flat step on the way up, where latency stays put. p90,
+//! not p50: one step past a knee of k workers (1.5 k clients) a third of the requests wait a
+//! whole service time, which moves p90 and leaves the median where it was.
 //! The largest later gain is reported beside it. Its confidence is how sure the measurements
 //! are of both sides of the statement, from each step's confidence interval of throughput
 //! (normal approximation).
@@ -24,8 +26,8 @@ pub struct Point {
     pub throughput: f64,
     /// Half-width of the 95 % confidence interval of `throughput`, requests/s.
     pub ci95: f64,
-    /// Median latency, ms.
-    pub p50_ms: f64,
+    /// 90th percentile latency, ms.
+    pub p90_ms: f64,
 }
 
 /// Why the recommendation is what it is.
@@ -97,7 +99,7 @@ pub fn find(points: &[Point], threshold: f64) -> Option<Knee> {
 }
 
 /// Step `i` is the knee candidate: the next step gains less than the threshold in throughput
-/// and more than it in median latency, and no later step gains twice the threshold.
+/// and more than it in p90 latency, and no later step gains twice the threshold.
 fn is_knee(points: &[Point], i: usize, threshold: f64) -> bool {
     let at = points[i];
     let Some(next) = points.get(i + 1) else {
@@ -105,7 +107,7 @@ fn is_knee(points: &[Point], i: usize, threshold: f64) -> bool {
     };
     at.throughput > 0.0
         && gain(at.throughput, next.throughput) < threshold
-        && next.p50_ms > at.p50_ms * (1.0 + threshold)
+        && next.p90_ms > at.p90_ms * (1.0 + threshold)
         && points[i + 1..]
             .iter()
             .all(|p| gain(at.throughput, p.throughput) < 2.0 * threshold)
@@ -183,7 +185,7 @@ fn t95(df: usize) -> f64 {
 mod tests {
     use super::*;
 
-    /// Points from (c, req/s, p50 ms) with a ±1 % interval.
+    /// Points from (c, req/s, p90 ms) with a ±1 % interval.
     fn sweep(steps: &[(u32, f64, f64)]) -> Vec<Point> {
         steps
             .iter()
@@ -191,12 +193,12 @@ mod tests {
                 concurrency: c,
                 throughput: x,
                 ci95: x * 0.01,
-                p50_ms: l,
+                p90_ms: l,
             })
             .collect()
     }
 
-    /// (name, steps as (c, req/s, p50 ms), expected (knee, containerConcurrency)).
+    /// (name, steps as (c, req/s, p90 ms), expected (knee, containerConcurrency)).
     type Case = (&'static str, &'static [(u32, f64, f64)], Option<(u32, u32)>);
 
     #[test]
@@ -334,7 +336,7 @@ mod tests {
                     concurrency: c,
                     throughput: x,
                     ci95: x * ci,
-                    p50_ms: l,
+                    p90_ms: l,
                 })
                 .collect();
             find(&pts, 0.05).unwrap().confidence
@@ -353,13 +355,13 @@ mod tests {
                     concurrency: 1,
                     throughput: 50.0,
                     ci95: 0.0,
-                    p50_ms: 1.0,
+                    p90_ms: 1.0,
                 },
                 Point {
                     concurrency: 2,
                     throughput: 50.0,
                     ci95: 0.0,
-                    p50_ms: 2.0,
+                    p90_ms: 2.0,
                 },
             ],
             0.05,

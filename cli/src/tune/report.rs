@@ -113,8 +113,8 @@ fn explain(t: &Tuning) -> String {
         k.gain_beyond * 100.0,
         match (at, next) {
             (Some(a), Some(n)) => format!(
-                ", while p50 grew {:.1} → {:.1} ms (c={})",
-                a.p50_ms, n.p50_ms, n.concurrency
+                ", while p90 grew {:.1} → {:.1} ms (c={})",
+                a.p90_ms, n.p90_ms, n.concurrency
             ),
             _ => String::new(),
         }
