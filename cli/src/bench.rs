@@ -15,7 +15,7 @@
 //! with min/median/max over rounds. Gateway CPU per request comes from `/proc`.
 
 mod envoy;
-mod load;
+pub(crate) mod load;
 mod report;
 
 use anyhow::{bail, Context as _, Result};
@@ -163,13 +163,16 @@ struct Plan {
     setups: Vec<Setup>,
 }
 
+/// The duration given to the flag `--what`, in core's syntax (`"500ms"`, `"3s"`, `"1m"`).
+pub(crate) fn duration_flag(s: &str, what: &str) -> Result<Duration> {
+    inflight_core::duration::parse_ms(s)
+        .map(Duration::from_millis)
+        .map_err(|e| anyhow::anyhow!("--{what} {s:?}: {e}; expected e.g. \"500ms\" or \"3s\""))
+}
+
 impl Plan {
     fn from(args: &Args) -> Result<Plan> {
-        let ms = |s: &str, what: &str| -> Result<Duration> {
-            inflight_core::duration::parse_ms(s)
-                .map(Duration::from_millis)
-                .map_err(|e| anyhow::anyhow!("--{what} {s:?}: {e}"))
-        };
+        let ms = duration_flag;
         let (d, w, c, r) = if args.quick {
             ("1s", "1s", vec![1, 50], 1)
         } else {

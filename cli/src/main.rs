@@ -4,12 +4,14 @@
 //! - `inflight render` — gateway config (filter config, WasmPlugin, EnvoyFilter) from
 //!   InferenceService YAML;
 //! - `inflight top` — a live per-revision view of a running gateway;
-//! - `inflight bench` — what the filter costs, side by side with plain Envoy.
+//! - `inflight bench` — what the filter costs, side by side with plain Envoy;
+//! - `inflight tune` — a model server's knee, and the containerConcurrency and target from it.
 
 use clap::{Parser, Subcommand};
 
 mod bench;
 mod render;
+mod tune;
 mod up;
 
 #[derive(Parser)]
@@ -33,6 +35,9 @@ enum Command {
     Render(render::Args),
     /// Benchmark the filter against plain Envoy, an empty wasm filter and Envoy's circuit breaker.
     Bench(bench::Args),
+    /// Find a model server's knee (sweep concurrency up) and recommend containerConcurrency and
+    /// the autoscaling target.
+    Tune(tune::Args),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -41,5 +46,6 @@ fn main() -> anyhow::Result<()> {
         Command::Top(a) => up::top(a),
         Command::Render(a) => render::run(a),
         Command::Bench(a) => bench::run(a),
+        Command::Tune(a) => tune::run(a),
     }
 }

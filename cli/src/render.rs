@@ -11,7 +11,7 @@
 //! Notes (values KServe overrides, settings that fight the gateway) go to stderr, and into the
 //! YAML as comments, so they travel with the file that gets applied.
 
-mod isvc;
+pub(crate) mod isvc;
 mod out;
 
 use anyhow::{bail, Context as _, Result};

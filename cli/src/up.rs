@@ -1,4 +1,5 @@
-//! `inflight up`: the local stack from one config file — Envoy with the filter, predictor
+//! `inflight up`: the local stack from one config file — Envoy with the filter (its listener
+//! read from a file, file-based LDS, so `inflight tune --apply` can change a limit live), predictor
 //! replicas on loopback ports published to Envoy through file-based EDS, the local scaler that
 //! follows the gateway's `inflight_desired_replicas`, and a live view. `--demo` plays the KServe
 //! autoscaling page (50 clients against target 10 → 5 replicas) and ends with the `hey` summary,
@@ -7,16 +8,16 @@
 //! Every child runs in its own process group; Ctrl-C / SIGTERM reach only this process, which
 //! stops the load, drains and stops the replicas, then Envoy, and waits for each pid.
 
-mod config;
+pub(crate) mod config;
 mod demo;
-mod eds;
-mod envoy;
-mod http;
-mod plot;
+pub(crate) mod eds;
+pub(crate) mod envoy;
+pub(crate) mod http;
+pub(crate) mod plot;
 mod process;
 mod replicas;
 mod scaler;
-mod stats;
+pub(crate) mod stats;
 mod top;
 mod view;
 
@@ -244,6 +245,18 @@ impl Stack {
                 eds_dir.display()
             );
         }
+        // The listener (with the plugin configuration) from its own file, so that a new
+        // configuration (`inflight tune --apply`) reaches the running Envoy without a restart.
+        let lds_dir = dir.join("lds");
+        std::fs::create_dir_all(&lds_dir)
+            .with_context(|| format!("creating {}", lds_dir.display()))?;
+        let (bootstrap, lds) = inflight_envoy_control::bootstrap::listener_from_file(
+            &bootstrap,
+            &lds_dir.join("listener.yaml"),
+            None,
+        )
+        .context("the generated bootstrap has no listener to move into its LDS file")?;
+        std::fs::write(lds_dir.join("listener.yaml"), lds)?;
         let bootstrap_path = dir.join("envoy.yaml");
         std::fs::write(&bootstrap_path, &bootstrap)?;
         let mut pools = Vec::new();

@@ -102,6 +102,44 @@ pub fn eds_from_file(eds_file: &Path) -> String {
     )
 }
 
+/// Moves the one listener of a bootstrap written with [`http_listener`] (everything between
+/// `  listeners:` and `  clusters:`) into a file-based LDS resource for `lds_path`, watched in
+/// that file's directory: returns the bootstrap that reads it, and the file's contents. Envoy
+/// then reloads the listener when the file is replaced by a rename — a new plugin configuration
+/// without a restart. A listener's address cannot change in an update, so `port`, if given,
+/// replaces the listener's `port_value: 0`. None if the bootstrap has no such listener.
+pub fn listener_from_file(
+    yaml: &str,
+    lds_path: &Path,
+    port: Option<u16>,
+) -> Option<(String, String)> {
+    let start = yaml.find("  listeners:\n")?;
+    let end = yaml.find("  clusters:\n")?;
+    let block = yaml.get(start + "  listeners:\n".len()..end)?;
+    let mut listener: String = block
+        .lines()
+        .map(|l| l.strip_prefix("  ").unwrap_or(l))
+        .collect::<Vec<_>>()
+        .join("\n")
+        .replacen(
+            "- name: ",
+            "- \"@type\": type.googleapis.com/envoy.config.listener.v3.Listener\n  name: ",
+            1,
+        );
+    if let Some(port) = port {
+        listener = listener.replacen("port_value: 0", &format!("port_value: {port}"), 1);
+    }
+    let lds = format!("resources:\n{listener}\n");
+    let bootstrap = format!(
+        "{}{}dynamic_resources:\n  lds_config:\n    resource_api_version: V3\n    path_config_source:\n      path: \"{}\"\n      watched_directory: {{ path: \"{}\" }}\n",
+        &yaml[..start],
+        &yaml[end..],
+        lds_path.display(),
+        lds_path.parent().unwrap_or(Path::new(".")).display(),
+    );
+    Some((bootstrap, lds))
+}
+
 /// What a generator wrote for a representative input before the generators shared these
 /// fragments (`envoy-control/testdata/<name>`), for its tests to compare with.
 pub fn captured(name: &str) -> std::io::Result<String> {
@@ -115,6 +153,33 @@ pub fn captured(name: &str) -> std::io::Result<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_listener_moves_to_its_file() {
+        let yaml = format!(
+            "{}{}          http_filters:\n{ROUTER}  clusters:\n  - name: c\n",
+            admin(9901),
+            http_listener("ingress", 0, "ingress")
+        );
+        let (boot, lds) =
+            listener_from_file(&yaml, Path::new("/tmp/lds/listener.yaml"), Some(8080)).unwrap();
+        assert!(lds.starts_with("resources:\n- \"@type\": type.googleapis.com/envoy.config.listener.v3.Listener\n  name: ingress\n"), "{lds}");
+        assert!(lds.contains("port_value: 8080"), "{lds}");
+        assert!(
+            !boot.contains("listeners:") && boot.contains("  clusters:\n  - name: c\n"),
+            "{boot}"
+        );
+        assert!(
+            boot.contains("path: \"/tmp/lds/listener.yaml\"")
+                && boot.contains("watched_directory: { path: \"/tmp/lds\" }"),
+            "{boot}"
+        );
+        assert!(boot.contains("static_resources:\n"), "{boot}");
+        assert_eq!(
+            listener_from_file("admin: {}\n", Path::new("/x"), None),
+            None
+        );
+    }
 
     #[test]
     fn fragments_are_whole_lines() {

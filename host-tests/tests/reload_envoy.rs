@@ -9,6 +9,7 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
+use inflight_envoy_control::bootstrap;
 use inflight_host_tests::chaos::{Ledger, Replica};
 use inflight_host_tests::client::Request;
 use inflight_host_tests::envoy::{self, Cluster, Envoy, Gateway};
@@ -37,31 +38,7 @@ fn plugin_config(cc: u32) -> String {
 /// Splits the static gateway config into a bootstrap with file-based LDS and the listener
 /// resource (on a fixed port, since a listener's address cannot change in an update).
 fn lds_configs(g: &Gateway, dir: &Path, port: u16) -> (String, String) {
-    let yaml = g.yaml();
-    let start = yaml.find("  listeners:\n").unwrap();
-    let end = yaml.find("  clusters:\n").unwrap();
-    let listener_block = &yaml[start + "  listeners:\n".len()..end];
-    let listener: String = listener_block
-        .lines()
-        .map(|l| l.strip_prefix("  ").unwrap_or(l))
-        .collect::<Vec<_>>()
-        .join("\n")
-        .replacen(
-            "- name: ingress",
-            "- \"@type\": type.googleapis.com/envoy.config.listener.v3.Listener\n  name: ingress",
-            1,
-        )
-        .replacen("port_value: 0", &format!("port_value: {port}"), 1);
-    let lds = format!("resources:\n{listener}\n");
-    let lds_path = dir.join("lds.yaml");
-    let bootstrap = format!(
-        "{}{}dynamic_resources:\n  lds_config:\n    resource_api_version: V3\n    path_config_source:\n      path: \"{}\"\n      watched_directory: {{ path: \"{}\" }}\n",
-        &yaml[..start],
-        &yaml[end..],
-        lds_path.display(),
-        dir.display(),
-    );
-    (bootstrap, lds)
+    bootstrap::listener_from_file(&g.yaml(), &dir.join("lds.yaml"), Some(port)).unwrap()
 }
 
 fn write_atomically(dir: &Path, lds: &str) {

@@ -1,7 +1,8 @@
 //! The load generator: `wrk` (preferred: C, epoll, microsecond latency histogram) or `hey`
 //! (the KServe example's tool; its per-request CSV has 0.1 ms resolution, too coarse for the
 //! added-latency target, so it is the fallback). Both run closed-loop: `c` connections, each
-//! sending its next request when the previous answer arrives, with keep-alive.
+//! sending its next request when the previous answer arrives, with keep-alive. `inflight bench`
+//! sends GETs; `inflight tune` also POSTs a body ([`Target::body`]).
 
 use anyhow::{bail, Context as _, Result};
 use std::path::{Path, PathBuf};
@@ -46,7 +47,7 @@ impl Generator {
         }
     }
 
-    /// Runs `c` connections against `url` with `Host: host` for `duration`.
+    /// Runs `c` connections against `url` with `Host: host` for `duration` (GET).
     pub fn run(
         &self,
         url: &str,
@@ -55,11 +56,43 @@ impl Generator {
         duration: Duration,
         scratch: &Path,
     ) -> Result<Load> {
+        let target = Target {
+            url: url.to_string(),
+            host: host.to_string(),
+            body: None,
+        };
+        self.run_target(&target, c, duration, scratch)
+    }
+
+    /// Runs `c` connections against `target` for `duration`.
+    pub fn run_target(
+        &self,
+        target: &Target,
+        c: u32,
+        duration: Duration,
+        scratch: &Path,
+    ) -> Result<Load> {
         match self {
-            Generator::Wrk(bin) => run_wrk(bin, url, host, c, duration, scratch),
-            Generator::Hey(bin) => run_hey(bin, url, host, c, duration),
+            Generator::Wrk(bin) => run_wrk(bin, target, c, duration, scratch),
+            Generator::Hey(bin) => run_hey(bin, target, c, duration),
         }
     }
+
+    /// The shortest run this generator can time: wrk counts whole seconds.
+    pub fn min_duration(&self) -> Duration {
+        match self {
+            Generator::Wrk(_) => Duration::from_secs(1),
+            Generator::Hey(_) => Duration::from_millis(1),
+        }
+    }
+}
+
+/// What to send: a GET, or a POST of a file's bytes (`Content-Type: application/json`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Target {
+    pub url: String,
+    pub host: String,
+    pub body: Option<PathBuf>,
 }
 
 fn which(name: &str) -> Option<PathBuf> {
@@ -80,6 +113,7 @@ pub struct Load {
     pub errors: u64,
     pub seconds: f64,
     pub p50_us: f64,
+    pub p90_us: f64,
     pub p99_us: f64,
     pub p999_us: f64,
 }
@@ -108,24 +142,41 @@ const WRK_SCRIPT: &str = r#"
 done = function(summary, latency, requests)
   local e = summary.errors
   io.write(string.format(
-    "inflight-bench requests=%d duration_us=%d status=%d connect=%d read=%d write=%d timeout=%d p50=%d p99=%d p999=%d\n",
+    "inflight-bench requests=%d duration_us=%d status=%d connect=%d read=%d write=%d timeout=%d p50=%d p90=%d p99=%d p999=%d\n",
     summary.requests, summary.duration, e.status, e.connect, e.read, e.write, e.timeout,
-    latency:percentile(50), latency:percentile(99), latency:percentile(99.9)))
+    latency:percentile(50), latency:percentile(90), latency:percentile(99), latency:percentile(99.9)))
 end
 "#;
 
+/// wrk's script for a POST of `body` (read by wrk's LuaJIT when it starts).
+fn wrk_post_script(body: &Path) -> String {
+    format!(
+        "wrk.method = \"POST\"\nwrk.headers[\"Content-Type\"] = \"application/json\"\nlocal f = assert(io.open({:?}, \"rb\"))\nwrk.body = f:read(\"*a\")\nf:close()\n{WRK_SCRIPT}",
+        body.display().to_string()
+    )
+}
+
 fn run_wrk(
     bin: &Path,
-    url: &str,
-    host: &str,
+    target: &Target,
     c: u32,
     duration: Duration,
     scratch: &Path,
 ) -> Result<Load> {
-    let script = scratch.join("wrk-report.lua");
-    if !script.exists() {
-        std::fs::write(&script, WRK_SCRIPT)?;
-    }
+    let script = match &target.body {
+        None => {
+            let script = scratch.join("wrk-report.lua");
+            if !script.exists() {
+                std::fs::write(&script, WRK_SCRIPT)?;
+            }
+            script
+        }
+        Some(body) => {
+            let script = scratch.join("wrk-post.lua");
+            std::fs::write(&script, wrk_post_script(body))?;
+            script
+        }
+    };
     // Two threads (one per core of the machines we target); wrk needs c >= threads.
     let threads = c.clamp(1, 2);
     let out = Command::new(bin)
@@ -140,11 +191,11 @@ fn run_wrk(
             "--timeout",
             "60s",
             "-H",
-            &format!("Host: {host}"),
+            &format!("Host: {}", target.host),
             "-s",
         ])
         .arg(&script)
-        .arg(url)
+        .arg(&target.url)
         .output()
         .with_context(|| format!("running {}", bin.display()))?;
     let stdout = String::from_utf8_lossy(&out.stdout);
@@ -171,26 +222,32 @@ fn parse_wrk(stdout: &str) -> Option<Load> {
         errors: (field("connect")? + field("read")? + field("write")? + field("timeout")?) as u64,
         seconds: field("duration_us")? / 1e6,
         p50_us: field("p50")?,
+        p90_us: field("p90")?,
         p99_us: field("p99")?,
         p999_us: field("p999")?,
     })
 }
 
-fn run_hey(bin: &Path, url: &str, host: &str, c: u32, duration: Duration) -> Result<Load> {
-    let out = Command::new(bin)
-        .args([
-            "-z",
-            &format!("{}ms", duration.as_millis().max(1)),
-            "-c",
-            &c.to_string(),
-            "-t",
-            "60",
-            "-host",
-            host,
-            "-o",
-            "csv",
-            url,
-        ])
+fn run_hey(bin: &Path, target: &Target, c: u32, duration: Duration) -> Result<Load> {
+    let mut cmd = Command::new(bin);
+    cmd.args([
+        "-z",
+        &format!("{}ms", duration.as_millis().max(1)),
+        "-c",
+        &c.to_string(),
+        "-t",
+        "60",
+        "-host",
+        &target.host,
+        "-o",
+        "csv",
+    ]);
+    if let Some(body) = &target.body {
+        cmd.args(["-m", "POST", "-T", "application/json", "-D"])
+            .arg(body);
+    }
+    let out = cmd
+        .arg(&target.url)
         .output()
         .with_context(|| format!("running {}", bin.display()))?;
     if !out.status.success() {
@@ -238,6 +295,7 @@ fn parse_hey_csv(csv: &str) -> Option<Load> {
         errors: 0,
         seconds: end,
         p50_us: percentile(&lat_us, 50.0),
+        p90_us: percentile(&lat_us, 90.0),
         p99_us: percentile(&lat_us, 99.0),
         p999_us: percentile(&lat_us, 99.9),
     })
@@ -260,12 +318,15 @@ mod tests {
     #[test]
     fn parses_wrk_report_line() {
         let out = "Running 1s test @ http://127.0.0.1:1/\n\
-            inflight-bench requests=1000 duration_us=2000000 status=10 connect=0 read=1 write=0 timeout=2 p50=120 p99=900 p999=1500\n";
+            inflight-bench requests=1000 duration_us=2000000 status=10 connect=0 read=1 write=0 timeout=2 p50=120 p90=500 p99=900 p999=1500\n";
         let l = parse_wrk(out).unwrap();
         assert_eq!((l.requests, l.non_2xx, l.errors), (1000, 10, 3));
         assert_eq!(l.rps(), 500.0);
         assert_eq!(l.ok_rps(), 495.0);
-        assert_eq!((l.p50_us, l.p99_us, l.p999_us), (120.0, 900.0, 1500.0));
+        assert_eq!(
+            (l.p50_us, l.p90_us, l.p99_us, l.p999_us),
+            (120.0, 500.0, 900.0, 1500.0)
+        );
         assert!(parse_wrk("no report\n").is_none());
         assert!(
             parse_wrk("inflight-bench requests=1\n").is_none(),

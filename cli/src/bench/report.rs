@@ -511,6 +511,7 @@ mod tests {
                 errors: 0,
                 seconds: 1.0,
                 p50_us: p50,
+                p90_us: p50 * 1.5,
                 p99_us: p50 * 2.0,
                 p999_us: p50 * 3.0,
             },

@@ -4,6 +4,7 @@
 //! at all.
 
 use anyhow::{anyhow, Result};
+use plotters::coord::types::RangedCoordf64;
 use plotters::prelude::*;
 use std::path::Path;
 use std::sync::OnceLock;
@@ -32,7 +33,7 @@ const FONTS: &[&str] = &[
 ];
 
 /// Registers a font for plotters once; false if none was found.
-fn font() -> bool {
+pub(crate) fn font() -> bool {
     static FOUND: OnceLock<bool> = OnceLock::new();
     *FOUND.get_or_init(|| {
         for p in FONTS {
@@ -46,6 +47,41 @@ fn font() -> bool {
         }
         false
     })
+}
+
+/// A legend entry: a short line in the series' style.
+pub(crate) fn legend_mark(style: ShapeStyle) -> impl Fn((i32, i32)) -> PathElement<(i32, i32)> {
+    move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], style)
+}
+
+/// The grid with the axes named, or without a font a bare grid.
+pub(crate) fn draw_mesh<'a, DB: DrawingBackend + 'a>(
+    chart: &mut ChartContext<'a, DB, Cartesian2d<RangedCoordf64, RangedCoordf64>>,
+    text: bool,
+    x_desc: &str,
+    y_desc: &str,
+) -> Result<()> {
+    let mut mesh = chart.configure_mesh();
+    if text {
+        mesh.x_desc(x_desc).y_desc(y_desc);
+    } else {
+        mesh.x_labels(0).y_labels(0);
+    }
+    mesh.draw().map_err(|e| anyhow!("{e}"))
+}
+
+/// The legend box, drawn the same way on every plot of the CLI.
+pub(crate) fn draw_legend<'a, DB: DrawingBackend + 'a, CT: CoordTranslate>(
+    chart: &mut ChartContext<'a, DB, CT>,
+    position: SeriesLabelPosition,
+) -> Result<()> {
+    chart
+        .configure_series_labels()
+        .background_style(WHITE.mix(0.8))
+        .border_style(BLACK)
+        .position(position)
+        .draw()
+        .map_err(|e| anyhow!("{e}"))
 }
 
 /// Draws `points` of `revision` into a PNG at `path`.
@@ -113,9 +149,7 @@ pub fn draw(path: &Path, revision: &str, points: &[Point], markers: &[(f64, &str
             ))
             .map_err(|e| anyhow!("{e}"))?;
         if text {
-            s.label(label).legend(move |(x, y)| {
-                PathElement::new(vec![(x, y), (x + 20, y)], color.stroke_width(2))
-            });
+            s.label(label).legend(legend_mark(color.stroke_width(2)));
         }
     }
     for (t, _) in markers {
@@ -127,13 +161,7 @@ pub fn draw(path: &Path, revision: &str, points: &[Point], markers: &[(f64, &str
             .map_err(|e| anyhow!("{e}"))?;
     }
     if text {
-        chart
-            .configure_series_labels()
-            .background_style(WHITE.mix(0.8))
-            .border_style(BLACK)
-            .position(SeriesLabelPosition::UpperRight)
-            .draw()
-            .map_err(|e| anyhow!("{e}"))?;
+        draw_legend(&mut chart, SeriesLabelPosition::UpperRight)?;
     }
 
     let mut b = ChartBuilder::on(&bottom);
@@ -141,21 +169,7 @@ pub fn draw(path: &Path, revision: &str, points: &[Point], markers: &[(f64, &str
     let mut chart = b
         .build_cartesian_2d(0.0..t_max, 0.0..r_max)
         .map_err(|e| anyhow!("{e}"))?;
-    if text {
-        chart
-            .configure_mesh()
-            .y_desc("replicas")
-            .x_desc("seconds")
-            .draw()
-            .map_err(|e| anyhow!("{e}"))?;
-    } else {
-        chart
-            .configure_mesh()
-            .x_labels(0)
-            .y_labels(0)
-            .draw()
-            .map_err(|e| anyhow!("{e}"))?;
-    }
+    draw_mesh(&mut chart, text, "seconds", "replicas")?;
     let reps: [Series; 2] = [
         ("desired (gateway)", RGBColor(148, 103, 189), |p| p.desired),
         ("ready", RGBColor(44, 160, 44), |p| p.ready),
@@ -174,19 +188,11 @@ pub fn draw(path: &Path, revision: &str, points: &[Point], markers: &[(f64, &str
             .draw_series(LineSeries::new(pts, color.stroke_width(3)))
             .map_err(|e| anyhow!("{e}"))?;
         if text {
-            s.label(label).legend(move |(x, y)| {
-                PathElement::new(vec![(x, y), (x + 20, y)], color.stroke_width(3))
-            });
+            s.label(label).legend(legend_mark(color.stroke_width(3)));
         }
     }
     if text {
-        chart
-            .configure_series_labels()
-            .background_style(WHITE.mix(0.8))
-            .border_style(BLACK)
-            .position(SeriesLabelPosition::LowerRight)
-            .draw()
-            .map_err(|e| anyhow!("{e}"))?;
+        draw_legend(&mut chart, SeriesLabelPosition::LowerRight)?;
     }
     root.present().map_err(|e| anyhow!("{e}"))?;
     Ok(())
