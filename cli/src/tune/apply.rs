@@ -11,6 +11,7 @@
 use super::Recommendation;
 use crate::up::{http, stats};
 use anyhow::{bail, Context as _, Result};
+use inflight_core::config::ConfigDoc;
 use serde_json::Value;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -148,19 +149,16 @@ pub fn set_limit(lds_yaml: &str, revision: &str, rec: &Recommendation) -> Result
     let mut doc: Value = serde_norway::from_str(lds_yaml).context("not YAML")?;
     let mut old = None;
     let mut configs = 0;
-    edit_configs(&mut doc, &mut |config: &mut Value| -> Result<()> {
+    edit_configs(&mut doc, &mut |config: &mut ConfigDoc| -> Result<()> {
         configs += 1;
-        let Some(revs) = config["revisions"].as_array_mut() else {
-            return Ok(());
-        };
-        for r in revs.iter_mut().filter(|r| r["name"] == revision) {
-            old = Some(r["containerConcurrency"].as_u64().unwrap_or(0));
-            r["containerConcurrency"] = rec.container_concurrency.into();
-            r["target"] = rec.target.into();
-            r["targetUtilizationPercentage"] = rec.target_utilization_percentage.into();
+        for r in config.revisions.iter_mut().filter(|r| r.name == revision) {
+            old = Some(u64::from(r.container_concurrency));
+            r.container_concurrency = rec.container_concurrency;
+            r.target = Some(f64::from(rec.target));
+            r.target_utilization_percentage = Some(rec.target_utilization_percentage);
         }
         // The filter's own validation, so a change it would refuse is never written.
-        inflight_core::config::Config::parse(config.to_string().as_bytes())
+        inflight_core::config::Config::parse(serde_json::to_string(config)?.as_bytes())
             .map_err(|e| anyhow::anyhow!("the filter would reject the change: {e}"))?;
         Ok(())
     })?;
@@ -173,20 +171,22 @@ pub fn set_limit(lds_yaml: &str, revision: &str, rec: &Recommendation) -> Result
     Ok((serde_norway::to_string(&doc)?, old))
 }
 
-/// Calls `f` on every plugin configuration (parsed) under `v` and writes it back.
-fn edit_configs(v: &mut Value, f: &mut dyn FnMut(&mut Value) -> Result<()>) -> Result<()> {
+/// Calls `f` on every plugin configuration (parsed as core's schema) under `v` and writes it
+/// back.
+fn edit_configs(v: &mut Value, f: &mut dyn FnMut(&mut ConfigDoc) -> Result<()>) -> Result<()> {
     match v {
         Value::Object(map) => {
             let is_string_value = map.get("@type").and_then(Value::as_str)
                 == Some("type.googleapis.com/google.protobuf.StringValue");
             if is_string_value {
                 if let Some(Value::String(s)) = map.get("value") {
-                    if let Ok(mut config) = serde_json::from_str::<Value>(s) {
-                        if config.get("revisions").is_some() {
-                            f(&mut config)?;
-                            map.insert("value".into(), Value::String(config.to_string()));
-                            return Ok(());
-                        }
+                    if let Ok(mut config) = serde_json::from_str::<ConfigDoc>(s) {
+                        f(&mut config)?;
+                        map.insert(
+                            "value".into(),
+                            Value::String(serde_json::to_string(&config)?),
+                        );
+                        return Ok(());
                     }
                 }
             }
