@@ -2,7 +2,7 @@
 //!
 //! Each Envoy worker thread runs one VM of this module, and each VM one
 //! [`inflight_core::Worker`], which makes every decision. Callbacks follow one pattern: read
-//! the inputs from Envoy, call the worker, apply what it returns ([`effects`]). The worker is
+//! the inputs from Envoy, call the worker, apply what it returns ([`apply`]). The worker is
 //! reached through [`with_worker`], which never nests a borrow: effects are applied after the
 //! worker call returned, because applying one (resuming a stream) can re-enter this VM.
 //!
@@ -10,25 +10,22 @@
 //! the revision, `try_admit` in shared data) → `Verdict` → continue, pause or reply here; later
 //! `Stream::on_done` → `Worker::on_done` (release, grants to the oldest waiters on their VMs'
 //! wake queues) → `Root::on_queue_ready` on the waiter's VM → `Worker::on_wake` →
-//! `Effect::Resume` applied in [`effects::apply`].
+//! `Effect::Resume` applied in [`apply`]. This file and `core/src/worker.rs` hold the whole path.
 
 mod clock;
-mod effects;
 #[cfg(feature = "fault-injection")]
 mod fault;
 mod host;
 mod metrics;
 
 use host::{EnvoyHost, EnvoyRequest};
-use inflight_core::worker::Worker;
+use inflight_core::worker::{Effect, PollRequest, Reply, Worker};
 use proxy_wasm::hostcalls;
 use proxy_wasm::traits::{Context, HttpContext, RootContext};
 use proxy_wasm::types::{Action, BufferType, ContextType, LogLevel};
 use std::cell::RefCell;
 use std::rc::Rc;
 use std::time::Duration;
-
-pub use effects::SHED_HEADER;
 
 proxy_wasm::main! {{
     proxy_wasm::set_log_level(LogLevel::Info);
@@ -62,7 +59,7 @@ fn with_worker<T>(vm: &SharedVm, f: impl FnOnce(&mut Worker<EnvoyHost>) -> T) ->
         (out, effects)
     };
     if !effects.is_empty() {
-        effects::apply(vm, &mut effects);
+        apply(vm, &mut effects);
         effects.clear();
     }
     if let Ok(mut v) = vm.try_borrow_mut() {
@@ -211,7 +208,7 @@ impl HttpContext for Stream {
         match verdict {
             Some(inflight_core::Verdict::Pause) => Action::Pause,
             Some(inflight_core::Verdict::Reply(reply)) => {
-                effects::send_reply(&reply);
+                send_reply(&reply);
                 Action::Pause
             }
             Some(inflight_core::Verdict::Continue) | None => Action::Continue,
@@ -240,4 +237,73 @@ impl HttpContext for Stream {
         self.response_complete = true;
         Action::Continue
     }
+}
+
+// ---- applying the worker's effects to Envoy --------------------------------------------------
+
+/// Header carrying the outcome on every local reply of the filter.
+pub const SHED_HEADER: &str = "x-inflight-shed";
+
+/// Applies `effects` in order. Holds no borrow of the VM while resuming or replying: both can
+/// re-enter this VM (a resumed stream's body callback, say).
+fn apply(vm: &SharedVm, effects: &mut Vec<Effect>) {
+    for effect in effects.drain(..) {
+        match effect {
+            Effect::Resume { context } => {
+                let resumed = hostcalls::set_effective_context(context)
+                    .and_then(|()| hostcalls::resume_http_request());
+                if resumed.is_err() {
+                    // The stream ended without on_done reaching us yet.
+                    with_worker(vm, |w| w.on_resume_failed(context, clock::now_ms()));
+                }
+            }
+            Effect::Reply { context, reply } => {
+                if hostcalls::set_effective_context(context).is_ok() {
+                    send_reply(&reply);
+                }
+            }
+            Effect::Poll(request) => {
+                let sent = dispatch(&request);
+                with_worker(vm, |w| w.on_poll_dispatched(sent));
+            }
+            other => {
+                if let Ok(v) = vm.try_borrow() {
+                    v.metrics.apply(&other);
+                }
+            }
+        }
+    }
+}
+
+/// Sends the gateway's own reply on the current (effective) stream.
+fn send_reply(reply: &Reply) {
+    let retry;
+    let mut headers = vec![("content-type", "text/plain")];
+    if let Some(value) = reply.outcome.shed_header() {
+        headers.insert(0, (SHED_HEADER, value));
+    }
+    if let Some(s) = reply.retry_after_s {
+        retry = s.to_string();
+        headers.push(("retry-after", retry.as_str()));
+    }
+    let status = reply.status();
+    if let Err(e) = hostcalls::send_http_response(status, headers, Some(reply.body.as_bytes())) {
+        log::error!("sending the {status} reply failed: {e:?}");
+    }
+}
+
+fn dispatch(r: &PollRequest) -> Result<u32, String> {
+    let headers = vec![
+        (":method", "GET"),
+        (":path", r.path),
+        (":authority", r.authority.as_str()),
+    ];
+    hostcalls::dispatch_http_call(
+        &r.cluster,
+        headers,
+        None,
+        vec![],
+        Duration::from_millis(r.timeout_ms),
+    )
+    .map_err(|e| format!("dispatch to cluster `{}` failed: {e:?}", r.cluster))
 }
