@@ -102,6 +102,8 @@ struct RawAutoscaling {
     scale_to_zero_grace_period: Option<String>,
     activation_scale: Option<u32>,
     initial_scale: Option<u32>,
+    queue_aware_panic: Option<bool>,
+    queue_aware_horizon: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -493,6 +495,10 @@ fn validate_revision(
         None => defaults.scale_to_zero_grace_period_ms,
         Some(s) => duration_key(&autoscaling_key("scaleToZeroGracePeriod"), s)?,
     };
+    let queue_aware_horizon_ms = match a.queue_aware_horizon.as_deref() {
+        None => defaults.queue_aware_horizon_ms,
+        Some(s) => duration_key(&autoscaling_key("queueAwareHorizon"), s)?,
+    };
     let autoscaling = KpaConfig {
         target,
         container_concurrency: r.container_concurrency,
@@ -513,6 +519,8 @@ fn validate_revision(
         scale_to_zero_grace_period_ms: grace_ms,
         activation_scale: a.activation_scale.unwrap_or(defaults.activation_scale),
         initial_scale: a.initial_scale.unwrap_or(defaults.initial_scale),
+        queue_aware_panic: a.queue_aware_panic.unwrap_or(defaults.queue_aware_panic),
+        queue_aware_horizon_ms,
     };
     autoscaling.validate().map_err(|e| {
         let field = match &e {
