@@ -809,6 +809,25 @@ mod tests {
     }
 
     #[test]
+    fn queue_aware_panic_is_on_by_default_and_can_be_turned_off() {
+        let on = &parse(MINIMAL).unwrap().revisions[0].autoscaling;
+        assert_eq!(
+            (on.queue_aware_panic, on.queue_aware_horizon_ms),
+            (true, 1_000)
+        );
+        let off = parse(
+            r#"{"revisions":[{"name":"a","hosts":["a"],
+                "autoscaling":{"queueAwarePanic":false,"queueAwareHorizon":"500ms"}}]}"#,
+        )
+        .unwrap();
+        let off = &off.revisions[0].autoscaling;
+        assert_eq!(
+            (off.queue_aware_panic, off.queue_aware_horizon_ms),
+            (false, 500)
+        );
+    }
+
+    #[test]
     fn autoscaling_errors_name_the_key() {
         let cases: &[(&str, &str, &str)] = &[
             (
@@ -830,6 +849,21 @@ mod tests {
                 "unknown key",
                 r#"{"minReplicas":1}"#,
                 "revisions[0].autoscaling.minReplicas",
+            ),
+            (
+                "zero queue-aware horizon",
+                r#"{"queueAwareHorizon":"0s"}"#,
+                "revisions[0].autoscaling.queueAwareHorizon (revision `a`)",
+            ),
+            (
+                "queue-aware horizon longer than the stable window",
+                r#"{"stableWindow":"6s","queueAwareHorizon":"7s"}"#,
+                "revisions[0].autoscaling.queueAwareHorizon (revision `a`)",
+            ),
+            (
+                "queue-aware panic not a bool",
+                r#"{"queueAwarePanic":"off"}"#,
+                "revisions[0].autoscaling.queueAwarePanic",
             ),
         ];
         for (name, a, path) in cases {
