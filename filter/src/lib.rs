@@ -20,7 +20,8 @@ mod fault;
 mod metrics;
 mod shared;
 
-use inflight_core::autoscaler::{Autoscaler, DEFAULT_DECISION_PERIOD_MS};
+use inflight_core::autoscaler::{Autoscaler, Observation, DEFAULT_DECISION_PERIOD_MS};
+use inflight_core::kpa::Reason;
 use inflight_core::membership;
 use inflight_core::wake::Wake;
 use inflight_core::{
@@ -837,26 +838,28 @@ fn tick_revision(vm: &SharedVm, config: &Config, index: usize, r: &Revision, now
         metrics::add(r.metrics.demand_ms, demand_delta);
     }
     let ready = state.ready().unwrap_or(rc.ready_replicas);
-    let level = state.active.saturating_add(state.queued());
-    let demand_ms = state.demand_ms(now);
+    let observation = Observation {
+        now_ms: now,
+        demand_ms: state.demand_ms(now),
+        active: state.active,
+        queued: state.queued(),
+        capacity: limits.capacity,
+        ready,
+    };
     let signal = shared::update_autoscaler(
         &r.kpa_key,
         || Autoscaler::new(&rc.autoscaling),
         |a| {
-            let decision = a.step(
-                &rc.autoscaling,
-                now,
-                demand_ms,
-                level,
-                ready,
-                DEFAULT_DECISION_PERIOD_MS,
-            );
+            let decision = a.step(&rc.autoscaling, &observation, DEFAULT_DECISION_PERIOD_MS);
             (decision, a.signal())
         },
     );
     match signal {
         Ok((decision, signal)) => {
             if let Some(d) = decision {
+                if d.reason == Reason::QueueAwarePanic {
+                    metrics::count(r.metrics.queue_aware_scale_ups);
+                }
                 let previous = vm.borrow_mut().last_desired.insert(index, d.desired);
                 if previous.is_some_and(|p| p != d.desired) {
                     log::info!("revision `{}`: {d}", rc.name);

@@ -21,6 +21,8 @@ pub struct RevisionMetrics {
     pub ready_replicas: u32,
     pub stable_concurrency_milli: u32,
     pub panic_concurrency_milli: u32,
+    /// Decisions raised by the queue-aware panic (core's `Reason::QueueAwarePanic`).
+    pub queue_aware_scale_ups: u32,
 }
 
 impl RevisionMetrics {
@@ -53,6 +55,10 @@ impl RevisionMetrics {
             ready_replicas: gauge("ready_replicas")?,
             stable_concurrency_milli: gauge("stable_concurrency_milli")?,
             panic_concurrency_milli: gauge("panic_concurrency_milli")?,
+            queue_aware_scale_ups: hostcalls::define_metric(
+                MetricType::Counter,
+                &format!("inflight.revision.{revision}.queue_aware_scale_ups_total"),
+            )?,
             queue_wait_ms: hostcalls::define_metric(
                 MetricType::Histogram,
                 &format!("inflight.revision.{revision}.queue_wait_ms"),
