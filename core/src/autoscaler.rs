@@ -166,7 +166,14 @@ impl Autoscaler {
             stable = stable.max(f64::from(demand_level));
             panic = panic.max(f64::from(demand_level));
         }
-        let queued = queue_aware.then(|| self.short.average(now_ms, cfg.queue_aware_horizon_ms));
+        // The span is the horizon less one bucket, so that (the window being bucket-aligned) it
+        // does not reach back before the requests started waiting: demand from before the step
+        // would dilute the average.
+        let span_ms = cfg
+            .queue_aware_horizon_ms
+            .saturating_sub(self.short.granularity_ms())
+            .max(1);
+        let queued = queue_aware.then(|| self.short.average(now_ms, span_ms));
         let mut decider = Decider::new(cfg.clone()).ok()?;
         decider.restore(self.decider);
         let decision = decider.decide_queue_aware(now_ms, stable, panic, queued, ready);
@@ -403,6 +410,26 @@ mod tests {
         assert!(a.step(&c, &saturated(13_600), 1_000).is_none());
         let d = a.step(&c, &saturated(13_700), 1_000).unwrap();
         assert_eq!(d.queue_desired, Some(5), "{d}");
+    }
+
+    #[test]
+    fn the_short_average_does_not_reach_back_before_the_waiting() {
+        // 41 requests from t = 10 s on 1 ready: 41 / 10 -> 5. Idle time before the step in the
+        // average (1.1 s span) would read 37 -> 4.
+        let c = cfg(10.0, 100.0);
+        let mut a = Autoscaler::new(&c);
+        let mut t = 0;
+        while t < 10_000 {
+            a.step(&c, &obs(t, 0, 0, 0, Some(10), 1), 1_000);
+            t += 100;
+        }
+        let mut last = None;
+        while t <= 11_000 {
+            last = a.step(&c, &obs(t, 41 * (t - 10_000), 10, 31, Some(10), 1), 1_000);
+            t += 100;
+        }
+        let d = last.unwrap();
+        assert_eq!((d.queue_desired, d.desired), (Some(5), 5), "{d}");
     }
 
     #[test]
