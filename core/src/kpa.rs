@@ -16,7 +16,8 @@
 //! every request in flight and every request waiting in its buffer; while the revision is at
 //! capacity and requests have waited for a whole short horizon (1 s by default), the demand is
 //! not a guess. Then [`Decider::decide_queue_aware`] may use the average demand over that
-//! horizon instead of the panic window — only to scale *up*, bounded by `maxScaleUpRate` and
+//! horizon instead of the panic window (once per stretch of waiting: [`crate::autoscaler`]
+//! decides when) — only to scale *up*, bounded by `maxScaleUpRate` and
 //! `maxScale` like any count, and entering (or extending) Knative's panic mode at that count, so
 //! the scale-down that follows is Knative's own: no scale-down for a stable window after the
 //! last surge, then the stable average under `maxScaleDownRate`. Without waiters every decision
