@@ -389,6 +389,7 @@ impl Stack {
                 capacity: s.capacity,
                 ready: pool.ready() as f64,
                 desired: s.desired.unwrap_or(f64::from(pool.target)),
+                queue_aware_scale_ups: s.queue_aware_scale_ups,
             });
         }
         let text = self.render(&rows);

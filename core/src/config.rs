@@ -116,6 +116,10 @@ pub struct AutoscalingDoc {
     pub max_scale_down_rate: Option<f64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub scale_to_zero_grace_period: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub queue_aware_panic: Option<bool>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub queue_aware_horizon: Option<String>,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
@@ -521,6 +525,10 @@ fn validate_revision(
         None => defaults.scale_to_zero_grace_period_ms,
         Some(s) => duration_key(&autoscaling_key("scaleToZeroGracePeriod"), s)?,
     };
+    let queue_aware_horizon_ms = match a.queue_aware_horizon.as_deref() {
+        None => defaults.queue_aware_horizon_ms,
+        Some(s) => duration_key(&autoscaling_key("queueAwareHorizon"), s)?,
+    };
     let autoscaling = KpaConfig {
         target,
         container_concurrency: r.container_concurrency,
@@ -541,6 +549,8 @@ fn validate_revision(
         scale_to_zero_grace_period_ms: grace_ms,
         activation_scale: a.activation_scale.unwrap_or(defaults.activation_scale),
         initial_scale: a.initial_scale.unwrap_or(defaults.initial_scale),
+        queue_aware_panic: a.queue_aware_panic.unwrap_or(defaults.queue_aware_panic),
+        queue_aware_horizon_ms,
     };
     autoscaling.validate().map_err(|e| {
         let field = match &e {
@@ -837,6 +847,25 @@ mod tests {
     }
 
     #[test]
+    fn queue_aware_panic_is_on_by_default_and_can_be_turned_off() {
+        let on = &parse(MINIMAL).unwrap().revisions[0].autoscaling;
+        assert_eq!(
+            (on.queue_aware_panic, on.queue_aware_horizon_ms),
+            (true, 1_000)
+        );
+        let off = parse(
+            r#"{"revisions":[{"name":"a","hosts":["a"],
+                "autoscaling":{"queueAwarePanic":false,"queueAwareHorizon":"500ms"}}]}"#,
+        )
+        .unwrap();
+        let off = &off.revisions[0].autoscaling;
+        assert_eq!(
+            (off.queue_aware_panic, off.queue_aware_horizon_ms),
+            (false, 500)
+        );
+    }
+
+    #[test]
     fn autoscaling_errors_name_the_key() {
         let cases: &[(&str, &str, &str)] = &[
             (
@@ -858,6 +887,21 @@ mod tests {
                 "unknown key",
                 r#"{"minReplicas":1}"#,
                 "revisions[0].autoscaling.minReplicas",
+            ),
+            (
+                "zero queue-aware horizon",
+                r#"{"queueAwareHorizon":"0s"}"#,
+                "revisions[0].autoscaling.queueAwareHorizon (revision `a`)",
+            ),
+            (
+                "queue-aware horizon longer than the stable window",
+                r#"{"stableWindow":"6s","queueAwareHorizon":"7s"}"#,
+                "revisions[0].autoscaling.queueAwareHorizon (revision `a`)",
+            ),
+            (
+                "queue-aware panic not a bool",
+                r#"{"queueAwarePanic":"off"}"#,
+                "revisions[0].autoscaling.queueAwarePanic",
             ),
         ];
         for (name, a, path) in cases {

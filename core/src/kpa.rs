@@ -9,6 +9,19 @@
 //! activation scale, initial scale, scale-to-zero grace period), so one call gives the number an
 //! autoscaler should apply. Time is an argument and the state is a small value that encodes to
 //! bytes, because the filter keeps it in Envoy shared data shared by all worker VMs.
+//!
+//! One rule is ours, not Knative's, and can be turned off (`queueAwarePanic: false`): the
+//! **queue-aware panic**. Knative's autoscaler sees only what pods report once a second, so a
+//! load step has to fill its 6 s panic window before the count catches up. The gateway sees
+//! every request in flight and every request waiting in its buffer; while the revision is at
+//! capacity and requests have waited for a whole short horizon (1 s by default), the demand is
+//! not a guess. Then [`Decider::decide_queue_aware`] may use the average demand over that
+//! horizon instead of the panic window (once per stretch of waiting: [`crate::autoscaler`]
+//! decides when) — only to scale *up*, bounded by `maxScaleUpRate` and
+//! `maxScale` like any count, and entering (or extending) Knative's panic mode at that count, so
+//! the scale-down that follows is Knative's own: no scale-down for a stable window after the
+//! last surge, then the stable average under `maxScaleDownRate`. Without waiters every decision
+//! is exactly Knative's.
 
 use thiserror::Error;
 
@@ -47,6 +60,14 @@ pub struct KpaConfig {
     pub activation_scale: u32,
     /// Replicas to ask for until the revision has once had this many ready.
     pub initial_scale: u32,
+    /// Not in Knative: while the revision is at capacity and requests wait, scale up on the
+    /// demand of the last `queue_aware_horizon_ms` instead of waiting for the panic window (see
+    /// the module docs). `false` gives Knative's behaviour exactly.
+    pub queue_aware_panic: bool,
+    /// How long requests must have waited at capacity before the queue-aware panic may act, and
+    /// the span its demand average covers. At least one tick in practice (the gateway samples
+    /// at ticks); at most the stable window.
+    pub queue_aware_horizon_ms: u64,
 }
 
 impl Default for KpaConfig {
@@ -66,9 +87,14 @@ impl Default for KpaConfig {
             scale_to_zero_grace_period_ms: 30_000,
             activation_scale: 1,
             initial_scale: 1,
+            queue_aware_panic: true,
+            queue_aware_horizon_ms: DEFAULT_QUEUE_AWARE_HORIZON_MS,
         }
     }
 }
+
+/// Default horizon of the queue-aware panic: one Knative reporting period.
+pub const DEFAULT_QUEUE_AWARE_HORIZON_MS: u64 = 1_000;
 
 /// What is wrong with a [`KpaConfig`]; fields are named by their config keys.
 #[derive(Debug, Clone, PartialEq, Error)]
@@ -172,6 +198,13 @@ impl KpaConfig {
                 activation_scale: self.activation_scale,
                 max_scale: self.max_scale,
             });
+        }
+        if self.queue_aware_horizon_ms == 0 || self.queue_aware_horizon_ms > self.stable_window_ms {
+            return Err(out_of_range(
+                "queueAwareHorizon",
+                format!("{}ms", self.queue_aware_horizon_ms),
+                "a duration > 0 and at most the stable window (default 1s)",
+            ));
         }
         Ok(())
     }
@@ -339,6 +372,9 @@ pub enum Reason {
     ActivationScale,
     /// Raised to the initial scale, not yet reached once.
     InitialScale,
+    /// Not Knative's: requests waited at capacity for the whole horizon, and the demand over it
+    /// asked for more than the panic window did (see the module docs).
+    QueueAwarePanic,
     /// Raised to minScale.
     MinScale,
     /// Lowered to maxScale.
@@ -357,6 +393,9 @@ impl std::fmt::Display for Reason {
             Self::ScaleToZeroGrace => "no demand, within scaleToZeroGracePeriod: keep one",
             Self::ActivationScale => "raised to activationScale",
             Self::InitialScale => "raised to initialScale (not reached yet)",
+            Self::QueueAwarePanic => {
+                "queue-aware panic: requests wait at capacity, scale up on the short horizon"
+            }
             Self::MinScale => "raised to minScale",
             Self::MaxScale => "lowered to maxScale",
         })
@@ -374,6 +413,9 @@ pub struct Decision {
     pub stable_desired: u32,
     /// ceil(panic average / effective target), before any limit.
     pub panic_desired: u32,
+    /// ceil(short-horizon average / effective target) when the queue-aware panic could act
+    /// (requests waited at capacity for the whole horizon), before any limit.
+    pub queue_desired: Option<u32>,
     /// Upper rate limit of this decision: ceil(maxScaleUpRate × max(ready, 1)).
     pub max_scale_up: u32,
     /// Lower rate limit of this decision: floor(max(ready, 1) / maxScaleDownRate).
@@ -390,11 +432,13 @@ impl std::fmt::Display for Decision {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(
             f,
-            "desired={} ready={} stable={} panic={} mode={} limits=[{}, {}] target={} ({})",
+            "desired={} ready={} stable={} panic={}{} mode={} limits=[{}, {}] target={} ({})",
             self.desired,
             self.ready,
             self.stable_desired,
             self.panic_desired,
+            self.queue_desired
+                .map_or(String::new(), |q| format!(" queue={q}")),
             if self.panic { "panic" } else { "stable" },
             self.max_scale_down,
             self.max_scale_up,
@@ -453,6 +497,25 @@ impl Decider {
     /// more than one ready replica enters panic mode at the ready count, as a new Knative
     /// autoscaler does: windows that have just started know too little to scale down on.
     pub fn decide(&mut self, now_ms: u64, stable_avg: f64, panic_avg: f64, ready: u32) -> Decision {
+        self.decide_queue_aware(now_ms, stable_avg, panic_avg, None, ready)
+    }
+
+    /// [`Decider::decide`] plus the queue-aware panic: `queued_avg` is the average demand
+    /// (in flight + queued) over the last `queueAwareHorizon`, given only when requests have
+    /// waited at capacity for that whole horizon; `None` (or `queueAwarePanic: false`) decides
+    /// exactly as Knative.
+    ///
+    /// The rule only raises: when ceil(queued_avg / target), rate-limited, exceeds Knative's
+    /// count, that is the count, and panic mode starts (or is extended) holding it — so no
+    /// decision of this rule ever scales down, and the decisions after it are Knative's own.
+    pub fn decide_queue_aware(
+        &mut self,
+        now_ms: u64,
+        stable_avg: f64,
+        panic_avg: f64,
+        queued_avg: Option<f64>,
+        ready: u32,
+    ) -> Decision {
         let cfg = &self.config;
         let state = &mut self.state;
         if state.last_demand_ms.is_none() && state.panic.is_none() && ready > 1 {
@@ -468,6 +531,9 @@ impl Decider {
         let target = cfg.effective_target();
         let stable_desired = ceil_ratio(stable_avg, target);
         let panic_desired = ceil_ratio(panic_avg, target);
+        let queue_desired = queued_avg
+            .filter(|_| cfg.queue_aware_panic)
+            .map(|avg| ceil_ratio(avg, target));
 
         // Knative treats zero ready pods as one for the rates and the panic ratio, so a
         // revision at zero can grow to maxScaleUpRate at once and never divides by zero.
@@ -527,6 +593,19 @@ impl Decider {
                 (desired, reason)
             }
         };
+        if let Some(want) = queue_desired.map(limited).filter(|want| *want > desired) {
+            // Requests wait at capacity and the short horizon asks for more: a panic at that
+            // count, held as Knative holds its own (no scale-down for a stable window after).
+            let panic = state.panic.get_or_insert(Panic {
+                started_ms: now_ms,
+                last_over_threshold_ms: now_ms,
+                max_desired: 0,
+            });
+            panic.last_over_threshold_ms = panic.last_over_threshold_ms.max(now_ms);
+            panic.max_desired = panic.max_desired.max(want);
+            desired = want;
+            reason = Reason::QueueAwarePanic;
+        }
 
         let has_demand = stable_avg > 0.0 || panic_avg > 0.0;
         if has_demand || state.last_demand_ms.is_none() {
@@ -574,6 +653,7 @@ impl Decider {
             panic: state.panic.is_some(),
             stable_desired,
             panic_desired,
+            queue_desired,
             max_scale_up,
             max_scale_down,
             effective_target: target,
@@ -898,6 +978,203 @@ mod tests {
                 case.name
             );
         }
+    }
+
+    /// The queue-aware panic, beside the Knative cases above: each case is one decision of a
+    /// decider that has run before, with `queued` the short-horizon average when requests have
+    /// waited at capacity for the whole horizon (`None`: nothing waits).
+    #[test]
+    fn queue_aware_panic_decisions() {
+        struct QueueCase {
+            name: &'static str,
+            cfg: KpaConfig,
+            stable_avg: f64,
+            panic_avg: f64,
+            queued: Option<f64>,
+            ready: u32,
+            desired: u32,
+            panic: bool,
+            reason: Reason,
+        }
+        let cases = vec![
+            QueueCase {
+                name: "load step: 50 waiting on 1 ready, panic window 1 s full -> 5 at once",
+                cfg: target_10(100.0),
+                stable_avg: 8.0,
+                panic_avg: 8.0,
+                queued: Some(50.0),
+                ready: 1,
+                desired: 5,
+                panic: true,
+                reason: Reason::QueueAwarePanic,
+            },
+            QueueCase {
+                name: "the same step with queueAwarePanic off: Knative's 1",
+                cfg: config(|c| {
+                    c.target = 10.0;
+                    c.target_utilization_percentage = 100.0;
+                    c.queue_aware_panic = false;
+                }),
+                stable_avg: 8.0,
+                panic_avg: 8.0,
+                queued: Some(50.0),
+                ready: 1,
+                desired: 1,
+                panic: false,
+                reason: Reason::Stable,
+            },
+            QueueCase {
+                name: "nothing waits: Knative's count even with a high short horizon",
+                cfg: target_10(100.0),
+                stable_avg: 8.0,
+                panic_avg: 8.0,
+                queued: None,
+                ready: 1,
+                desired: 1,
+                panic: false,
+                reason: Reason::Stable,
+            },
+            QueueCase {
+                name: "below the panic threshold it still scales up: 4 ready, 45 waiting -> 5",
+                cfg: target_10(100.0),
+                stable_avg: 40.0,
+                panic_avg: 42.0,
+                queued: Some(45.0),
+                ready: 4,
+                desired: 5,
+                panic: true,
+                reason: Reason::QueueAwarePanic,
+            },
+            QueueCase {
+                name: "never for scale-down: a lower short horizon leaves Knative's 10",
+                cfg: target_10(100.0),
+                stable_avg: 100.0,
+                panic_avg: 100.0,
+                queued: Some(30.0),
+                ready: 10,
+                desired: 10,
+                panic: false,
+                reason: Reason::Stable,
+            },
+            QueueCase {
+                name: "equal to Knative's panic count: Knative's decision",
+                cfg: target_10(100.0),
+                stable_avg: 20.0,
+                panic_avg: 50.0,
+                queued: Some(50.0),
+                ready: 1,
+                desired: 5,
+                panic: true,
+                reason: Reason::Panic,
+            },
+            QueueCase {
+                name: "bounded by maxScaleUpRate: rate 2 on 1 ready -> 2",
+                cfg: config(|c| {
+                    c.target = 10.0;
+                    c.target_utilization_percentage = 100.0;
+                    c.max_scale_up_rate = 2.0;
+                }),
+                stable_avg: 8.0,
+                panic_avg: 8.0,
+                queued: Some(50.0),
+                ready: 1,
+                desired: 2,
+                panic: true,
+                reason: Reason::QueueAwarePanic,
+            },
+            QueueCase {
+                name: "bounded by maxScale: 3",
+                cfg: config(|c| {
+                    c.target = 10.0;
+                    c.target_utilization_percentage = 100.0;
+                    c.max_scale = 3;
+                }),
+                stable_avg: 8.0,
+                panic_avg: 8.0,
+                queued: Some(50.0),
+                ready: 1,
+                desired: 3,
+                panic: true,
+                reason: Reason::MaxScale,
+            },
+            QueueCase {
+                name: "uses the effective target: 50 at 70% of 10 -> 8",
+                cfg: target_10(70.0),
+                stable_avg: 8.0,
+                panic_avg: 8.0,
+                queued: Some(50.0),
+                ready: 1,
+                desired: 8,
+                panic: true,
+                reason: Reason::QueueAwarePanic,
+            },
+            QueueCase {
+                name: "scale from zero: 6 waiting with cc 2 -> 3",
+                cfg: config(|c| {
+                    c.target = 2.0;
+                    c.container_concurrency = 2;
+                    c.target_utilization_percentage = 100.0;
+                }),
+                stable_avg: 0.5,
+                panic_avg: 0.5,
+                queued: Some(6.0),
+                ready: 0,
+                desired: 3,
+                panic: true,
+                reason: Reason::QueueAwarePanic,
+            },
+        ];
+        for case in cases {
+            let mut decider = decider(case.cfg);
+            decider.restore(DeciderState {
+                last_demand_ms: Some(0),
+                ..DeciderState::default()
+            });
+            let d = decider.decide_queue_aware(
+                1_000,
+                case.stable_avg,
+                case.panic_avg,
+                case.queued,
+                case.ready,
+            );
+            assert_eq!(
+                (d.desired, d.panic, d.reason),
+                (case.desired, case.panic, case.reason),
+                "{}: {d}",
+                case.name
+            );
+        }
+    }
+
+    #[test]
+    fn queue_aware_panic_holds_then_scales_down_as_knative() {
+        // 50 clients arrive on 1 replica: after the 1 s horizon the rule asks for 5.
+        let mut rule = decider(target_10(100.0));
+        let mut knative = decider(target_10(100.0));
+        let d = rule.decide_queue_aware(1_000, 8.0, 8.0, Some(50.0), 1);
+        assert_eq!((d.desired, d.reason), (5, Reason::QueueAwarePanic), "{d}");
+        knative.decide(1_000, 8.0, 8.0, 1);
+        // Replicas start, the queue drains: no short horizon any more; the panic window still
+        // reads low. Knative alone would ask for fewer; the panic entered by the rule holds 5.
+        let d = rule.decide_queue_aware(2_000, 16.0, 16.0, None, 5);
+        assert_eq!((d.desired, d.reason), (5, Reason::PanicHold), "{d}");
+        // Demand stays at 50: Knative's own count catches up and agrees.
+        for now in [10_000, 30_000, 61_000] {
+            let d = rule.decide_queue_aware(now, 50.0, 50.0, None, 5);
+            assert_eq!(d.desired, 5, "at {now}: {d}");
+        }
+        // The load ends. Panic ends a stable window after the rule last fired (t = 1 s), and
+        // from then on both scale down the same way: Knative's rate limit, 5 -> 2 -> 1.
+        let d = rule.decide_queue_aware(61_001, 1.0, 0.0, None, 5);
+        let k = knative.decide(61_001, 1.0, 0.0, 5);
+        assert_eq!(
+            (d.desired, d.panic, d.reason),
+            (2, false, Reason::ScaleDownRateLimited)
+        );
+        assert_eq!((k.desired, k.panic), (d.desired, d.panic));
+        let d = rule.decide_queue_aware(62_000, 1.0, 0.0, None, 2);
+        let k = knative.decide(62_000, 1.0, 0.0, 2);
+        assert_eq!((d.desired, k.desired), (1, 1));
     }
 
     #[test]
@@ -1256,6 +1533,8 @@ mod tests {
                         scale_to_zero_grace_period_ms: grace,
                         activation_scale: activation,
                         initial_scale: initial,
+                        queue_aware_panic: true,
+                        queue_aware_horizon_ms: DEFAULT_QUEUE_AWARE_HORIZON_MS.min(stable),
                     }
                 },
             )
@@ -1303,6 +1582,42 @@ mod tests {
             let low = low.decide(now, stable_low, panic_low, ready);
             let high = high.decide(now, stable_low + stable_extra, panic_low + panic_extra, ready);
             prop_assert!(low.desired <= high.desired, "{low} vs {high}");
+        }
+
+        #[test]
+        fn queue_aware_panic_only_raises_knatives_decision(
+            cfg in any_config(),
+            state in any_state(),
+            now in 0u64..1_000_000,
+            ready in 0u32..200,
+            stable in any_average(),
+            panic in any_average(),
+            queued in proptest::option::of(any_average()),
+        ) {
+            let mut knative = decider(KpaConfig { queue_aware_panic: false, ..cfg.clone() });
+            knative.restore(state);
+            let mut rule = decider(cfg);
+            rule.restore(state);
+            let k = knative.decide(now, stable, panic, ready);
+            let d = rule.decide_queue_aware(now, stable, panic, queued, ready);
+            prop_assert!(d.desired >= k.desired, "{d} below Knative's {k}");
+            // The rule acts only by raising a count, which always changes the state.
+            let fired = rule.state() != knative.state();
+            if !fired {
+                // Not raised: exactly Knative's decision.
+                prop_assert_eq!((d.desired, d.panic, d.reason), (k.desired, k.panic, k.reason));
+            } else {
+                // Raised: only with a short horizon, within maxScaleUpRate and maxScale.
+                prop_assert!(queued.is_some());
+                prop_assert!(d.panic, "{d}");
+                let activation = rule.config().activation_scale;
+                prop_assert!(
+                    d.desired <= d.max_scale_up.max(k.desired).max(activation),
+                    "{d} vs {k}"
+                );
+                let max = rule.config().max_scale;
+                prop_assert!(max == 0 || d.desired <= max, "{d}");
+            }
         }
 
         #[test]

@@ -22,8 +22,9 @@
 //!   the revision's ready replicas, and capacity follows.
 
 use crate::admission::{Admission, Grant, Owner, RevisionState};
-use crate::autoscaler::{Autoscaler, DEFAULT_DECISION_PERIOD_MS};
+use crate::autoscaler::{Autoscaler, Observation, DEFAULT_DECISION_PERIOD_MS};
 use crate::config::{Config, ConfigError, Limits, Membership, RevisionConfig, UnknownRevision};
+use crate::kpa::Reason;
 use crate::membership;
 use crate::outcome::{Gauge, Outcome};
 use crate::store::{self, Change, ClusterOwner, Host, StoreError};
@@ -124,6 +125,8 @@ pub enum Effect {
         gauge: Gauge,
         value: u64,
     },
+    /// The autoscaler scaled up on the queue-aware rule (`kpa::Reason::QueueAwarePanic`).
+    QueueAwareScaleUp { rev: RevisionId },
     /// A membership poll failed.
     PollFailed,
     /// Send this request to Envoy's admin; then call [`Worker::on_poll_dispatched`].
@@ -829,7 +832,15 @@ impl<H: Host> Worker<H> {
             });
         }
         let ready = h.state.ready().unwrap_or(rc.ready_replicas);
-        self.step_autoscaler(rc, rev, &h.state, ready, now);
+        let observation = Observation {
+            now_ms: now,
+            demand_ms: h.state.demand_ms(now),
+            active: h.state.active,
+            queued: h.state.queued(),
+            capacity: h.limits.and_then(|l| l.capacity),
+            ready,
+        };
+        self.step_autoscaler(rc, rev, &observation);
         for (gauge, value) in [
             (Gauge::Active, u64::from(h.state.active)),
             (Gauge::Queued, u64::from(h.state.queued())),
@@ -843,32 +854,18 @@ impl<H: Host> Worker<H> {
         }
     }
 
-    fn step_autoscaler(
-        &mut self,
-        rc: &RevisionConfig,
-        rev: RevisionId,
-        state: &RevisionState,
-        ready: u32,
-        now: u64,
-    ) {
+    /// One step of the revision's autoscaler (shared by all workers: whoever steps when a
+    /// decision is due makes it).
+    fn step_autoscaler(&mut self, rc: &RevisionConfig, rev: RevisionId, obs: &Observation) {
         let Some(r) = self.revisions.get(rev.0) else {
             return;
         };
-        let level = state.active.saturating_add(state.queued());
-        let demand_ms = state.demand_ms(now);
         let stepped = store::update_autoscaler(
             &self.host,
             &r.kpa_key,
             || Autoscaler::new(&rc.autoscaling),
             |a| {
-                let decision = a.step(
-                    &rc.autoscaling,
-                    now,
-                    demand_ms,
-                    level,
-                    ready,
-                    DEFAULT_DECISION_PERIOD_MS,
-                );
+                let decision = a.step(&rc.autoscaling, obs, DEFAULT_DECISION_PERIOD_MS);
                 (decision, a.signal())
             },
         );
@@ -879,6 +876,9 @@ impl<H: Host> Worker<H> {
                 return;
             }
         };
+        if decision.is_some_and(|d| d.reason == Reason::QueueAwarePanic) {
+            self.effects.push(Effect::QueueAwareScaleUp { rev });
+        }
         if let (Some(d), Some(r)) = (decision, self.revisions.get_mut(rev.0)) {
             let previous = r.last_desired.replace(d.desired);
             if previous.is_some_and(|p| p != d.desired) {

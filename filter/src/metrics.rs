@@ -17,6 +17,8 @@ struct RevisionMetrics {
     gauges: Vec<u32>,
     queue_wait_ms: u32,
     demand_ms: u32,
+    /// Decisions raised by the queue-aware panic.
+    queue_aware_scale_ups: u32,
 }
 
 /// This VM's metric ids, per revision by [`RevisionId`].
@@ -57,6 +59,10 @@ impl Metrics {
                 demand_ms: hostcalls::define_metric(
                     MetricType::Counter,
                     &format!("{prefix}.demand_ms_total"),
+                )?,
+                queue_aware_scale_ups: hostcalls::define_metric(
+                    MetricType::Counter,
+                    &format!("{prefix}.queue_aware_scale_ups_total"),
                 )?,
             });
         }
@@ -106,6 +112,11 @@ impl Metrics {
             Effect::Gauge { rev, gauge, value } => {
                 if let Some(id) = self.revision(rev).and_then(|m| m.gauges.get(gauge.index())) {
                     record(*id, value);
+                }
+            }
+            Effect::QueueAwareScaleUp { rev } => {
+                if let Some(m) = self.revision(rev) {
+                    add(m.queue_aware_scale_ups, 1);
                 }
             }
             Effect::PollFailed => {

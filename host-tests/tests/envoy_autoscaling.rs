@@ -239,3 +239,190 @@ fn desired_replicas_reads_five_under_fifty_clients_at_target_ten() {
         s.gauge("inflight_stable_concurrency_milli", "torchserve")
     );
 }
+
+/// The demo's load step with Knative's default windows (60 s stable, 6 s panic) and a scaler
+/// that follows the gateway: each revision has five upstreams already running ("replicas that
+/// start at once"), published in its EDS file as the gateway's desired count asks. Two
+/// revisions in one gateway get the same step at the same moment: `rule` with the queue-aware
+/// panic (the default), `knative` with `queueAwarePanic: false`.
+#[test]
+fn load_step_reaches_five_desired_within_two_seconds_with_the_queue_aware_panic() {
+    let _g = serial();
+    const REPLICAS: usize = 5;
+    const CLIENTS: usize = 50;
+    let names = ["rule", "knative"];
+    let groups: Vec<_> = names.iter().map(|_| Group::new()).collect();
+    let ups: Vec<Vec<Upstream>> = groups
+        .iter()
+        .map(|g| {
+            (0..REPLICAS)
+                .map(|_| Upstream::start_in(Some(Arc::clone(g))).unwrap())
+                .collect()
+        })
+        .collect();
+    let ports: Vec<Vec<u16>> = ups
+        .iter()
+        .map(|u| u.iter().map(Upstream::port).collect())
+        .collect();
+    let eds = EdsDir::new("step");
+    let files: Vec<PathBuf> = names
+        .iter()
+        .map(|n| eds.0.join(format!("{n}.yaml")))
+        .collect();
+    for ((file, name), ports) in files.iter().zip(names).zip(&ports) {
+        write_eds(file, name, &ports[..1]).unwrap();
+    }
+    let revision = |name: &str, queue_aware: bool| {
+        serde_json::json!({"name": name, "hosts": [format!("{name}.test")], "clusters": [name],
+            "containerConcurrency": 10, "target": 10, "targetUtilizationPercentage": 100,
+            "bufferDepth": 500, "maxWait": "60s",
+            "autoscaling": {"minScale": 1, "queueAwarePanic": queue_aware}})
+    };
+    let admin_port = envoy::free_port().unwrap();
+    let config = serde_json::json!({
+        "membership": {"cluster": ADMIN_CLUSTER, "interval": "200ms"},
+        "revisions": [revision("rule", true), revision("knative", false)],
+    });
+    let g = Gateway {
+        plugin_config: config.to_string(),
+        routes: names
+            .iter()
+            .map(|n| (format!("{n}.test"), n.to_string()))
+            .collect(),
+        clusters: names
+            .iter()
+            .zip(&files)
+            .map(|(n, f)| Cluster {
+                name: n.to_string(),
+                ports: vec![],
+                eds_file: Some(f.clone()),
+            })
+            .collect(),
+        wasm: envoy::filter_wasm(),
+        admin_port: Some(admin_port),
+    };
+    let envoy = Envoy::start(&g.yaml(), 4).expect("start envoy");
+    envoy
+        .wait_stats(Duration::from_secs(5), "1 ready, capacity 10 each", |s| {
+            names.iter().all(|n| s.gauge("inflight_capacity", n) == 10)
+        })
+        .unwrap();
+    // The scenario, not a synchronisation: a gateway that has been idle for a panic window
+    // (6 s) and more, as before the demo's step, so neither revision's windows start empty.
+    thread::sleep(Duration::from_secs(7));
+
+    // The scaler: publish min(desired, 5) replicas of each revision, every 100 ms.
+    let stop = Arc::new(AtomicBool::new(false));
+    let scaler = {
+        let stop = Arc::clone(&stop);
+        let admin = envoy.admin;
+        let (files, ports) = (files.clone(), ports.clone());
+        thread::spawn(move || {
+            let mut published = vec![1usize; names.len()];
+            while !stop.load(Ordering::SeqCst) {
+                let stats =
+                    inflight_envoy_control::get(admin, "/stats/prometheus", Duration::from_secs(2));
+                if let Ok((200, text)) = stats {
+                    let s = envoy::Stats::parse(&text);
+                    for (i, name) in names.iter().enumerate() {
+                        let want = (s.gauge("inflight_desired_replicas", name) as usize)
+                            .clamp(1, REPLICAS);
+                        if want != published[i] {
+                            write_eds(&files[i], name, &ports[i][..want]).unwrap();
+                            published[i] = want;
+                        }
+                    }
+                }
+                thread::sleep(Duration::from_millis(100));
+            }
+        })
+    };
+
+    // The step: 50 closed-loop clients on each revision, like `hey -c 50`.
+    let addr = envoy.listener;
+    let step = Instant::now();
+    let clients: Vec<_> = names
+        .iter()
+        .flat_map(|name| (0..CLIENTS).map(move |_| name))
+        .map(|name| {
+            let stop = Arc::clone(&stop);
+            let host = format!("{name}.test");
+            thread::spawn(move || {
+                let mut n = 0u32;
+                while !stop.load(Ordering::SeqCst) {
+                    let r = Request::get(addr, &host)
+                        .header("x-hold-ms", 50)
+                        .send()
+                        .unwrap();
+                    assert_eq!(r.status, 200);
+                    n += 1;
+                }
+                n
+            })
+        })
+        .collect();
+    let mut desired_at: [Option<Duration>; 2] = [None, None];
+    let mut capacity_at: [Option<Duration>; 2] = [None, None];
+    let deadline = step + Duration::from_secs(15);
+    while (desired_at.contains(&None) || capacity_at.contains(&None)) && Instant::now() < deadline {
+        let s = envoy.stats().unwrap();
+        let since = step.elapsed();
+        for (i, name) in names.iter().enumerate() {
+            if s.gauge("inflight_desired_replicas", name) >= 5 {
+                desired_at[i].get_or_insert(since);
+            }
+            if s.gauge("inflight_capacity", name) >= 50 {
+                capacity_at[i].get_or_insert(since);
+            }
+        }
+        thread::sleep(Duration::from_millis(20));
+    }
+    // Keep the load a little longer: both hold 5 (no overshoot).
+    thread::sleep(Duration::from_millis(1500));
+    let later = envoy.stats().unwrap();
+    stop.store(true, Ordering::SeqCst);
+    let total: u32 = clients.into_iter().map(|c| c.join().unwrap()).sum();
+    scaler.join().unwrap();
+    eprintln!(
+        "load step 0 -> {CLIENTS} clients: desired 5 after {:?} (queue-aware panic) vs {:?} \
+         (Knative's rule); capacity 50 after {:?} vs {:?}; {total} requests",
+        desired_at[0], desired_at[1], capacity_at[0], capacity_at[1]
+    );
+    let rule = desired_at[0].expect("the rule revision reached desired 5");
+    let knative = desired_at[1].expect("the Knative revision reached desired 5");
+    // The rule acts a horizon (1 s) after requests start waiting, plus a tick (100 ms) and
+    // this poll: 2 s leaves the loaded machine half a second of slack.
+    assert!(
+        rule <= Duration::from_secs(2),
+        "queue-aware panic: desired 5 after {rule:?}\n{}",
+        later.inflight_lines()
+    );
+    // Knative's rule has to fill the 6 s panic window: 50 clients cross 40 (desired 5) after
+    // 4.8 s of it at the earliest.
+    assert!(
+        knative >= Duration::from_secs(4),
+        "Knative: desired 5 after {knative:?}"
+    );
+    for name in names {
+        assert_eq!(
+            later.gauge("inflight_desired_replicas", name),
+            5,
+            "{name}\n{}",
+            later.inflight_lines()
+        );
+    }
+    let fired = |name| {
+        later.get(
+            "inflight_queue_aware_scale_ups_total",
+            &[("revision", name)],
+        )
+    };
+    assert!(fired("rule") >= 1.0, "{}", later.inflight_lines());
+    assert_eq!(fired("knative"), 0.0);
+    for (name, group) in names.iter().zip(&groups) {
+        assert!(
+            group.max_concurrency() <= 50,
+            "{name}: the hard limit cc x ready held"
+        );
+    }
+}

@@ -197,6 +197,21 @@ pub fn run(stack: &mut Stack, args: &Args) -> Result<()> {
     let upstream_5xx = s.upstream_rq_xx.get("5").copied().unwrap_or(0.0);
     let t_desired = first_desired.get(&peak_desired).copied();
     let t_ready = first_ready.get(&peak_desired).copied();
+    // What the clients ask for at steady state (50 / 10 = 5 in the KServe example), and when the
+    // gateway first asked for it.
+    let kpa = inflight_core::kpa::KpaConfig {
+        target: spec.target,
+        container_concurrency: cc,
+        target_utilization_percentage: spec.target_utilization_percentage,
+        ..inflight_core::kpa::KpaConfig::default()
+    };
+    let expected = inflight_core::kpa::desired_for_concurrency(f64::from(args.clients), &kpa);
+    let t_expected = first_desired.get(&expected).copied();
+    let fired: Vec<f64> = plot::queue_aware_times(&stack.timeline)
+        .into_iter()
+        .filter(|t| *t >= load_t)
+        .map(|t| t - load_t)
+        .collect();
 
     println!(
         "\n=== hey (load: {} clients for {:.0}s) ===",
@@ -232,6 +247,22 @@ pub fn run(stack: &mut Stack, args: &Args) -> Result<()> {
         fmt_t(t_desired),
         fmt_t(t_ready)
     );
+    println!(
+        "time to desired = {expected} ({} clients / effective target {}): {}; queue-aware panic fired {}",
+        args.clients,
+        kpa.effective_target(),
+        fmt_t(t_expected),
+        if fired.is_empty() {
+            "never".to_string()
+        } else {
+            fired
+                .iter()
+                .map(|t| format!("at {t:.1}s"))
+                .collect::<Vec<_>>()
+                .join(", ")
+                + " of load"
+        }
+    );
     let plot_path = &args.plot;
     match plot::draw(
         plot_path,
@@ -258,6 +289,9 @@ pub fn run(stack: &mut Stack, args: &Args) -> Result<()> {
             "finalReady": final_ready,
             "secondsToDesired": t_desired,
             "secondsToReady": t_ready,
+            "expectedDesired": expected,
+            "secondsToExpectedDesired": t_expected,
+            "queueAwareFiredAt": fired,
             "plot": plot_path,
             "pids": stack.pids(),
             "timeline": stack.timeline,

@@ -1,5 +1,6 @@
 //! The plot of a run: demand, in-flight, queued and capacity (requests, top panel) and ready /
-//! desired replicas (bottom panel) over time, as a PNG. Text uses a system TrueType font when
+//! desired replicas (bottom panel) over time, as a PNG. Dashed orange lines in the bottom panel
+//! mark when the gateway's queue-aware panic raised the desired count. Text uses a system TrueType font when
 //! one is found (DejaVu/Liberation); without one the plot is drawn without text rather than not
 //! at all.
 
@@ -22,6 +23,17 @@ pub struct Point {
     pub capacity: f64,
     pub ready: f64,
     pub desired: f64,
+    /// Decisions the gateway's queue-aware panic raised so far (a counter).
+    pub queue_aware_scale_ups: f64,
+}
+
+/// Times at which the queue-aware panic fired: where its counter grew since the previous point.
+pub fn queue_aware_times(points: &[Point]) -> Vec<f64> {
+    points
+        .windows(2)
+        .filter(|w| w[1].queue_aware_scale_ups > w[0].queue_aware_scale_ups)
+        .map(|w| w[1].t)
+        .collect()
 }
 
 const FONTS: &[&str] = &[
@@ -191,6 +203,20 @@ pub fn draw(path: &Path, revision: &str, points: &[Point], markers: &[(f64, &str
             s.label(label).legend(legend_mark(color.stroke_width(3)));
         }
     }
+    let fired = RGBColor(255, 127, 14);
+    for (i, t) in queue_aware_times(points).into_iter().enumerate() {
+        // A dashed vertical line: short segments, every other one drawn.
+        let dashes = (0..20).filter(|k| k % 2 == 0).map(move |k| {
+            let y = r_max * f64::from(k) / 20.0;
+            PathElement::new(vec![(t, y), (t, y + r_max / 20.0)], fired.stroke_width(2))
+        });
+        let s = chart.draw_series(dashes).map_err(|e| anyhow!("{e}"))?;
+        if text && i == 0 {
+            s.label("queue-aware panic fired").legend(move |(x, y)| {
+                PathElement::new(vec![(x, y), (x + 20, y)], fired.stroke_width(2))
+            });
+        }
+    }
     if text {
         draw_legend(&mut chart, SeriesLabelPosition::LowerRight)?;
     }
@@ -215,9 +241,11 @@ mod tests {
                     capacity: 10.0,
                     ready: 1.0,
                     desired: 5.0,
+                    queue_aware_scale_ups: if t > 3.0 { 1.0 } else { 0.0 },
                 }
             })
             .collect();
+        assert_eq!(queue_aware_times(&points), vec![3.5]);
         let path = std::env::temp_dir().join(format!("inflight-plot-{}.png", std::process::id()));
         draw(&path, "torchserve", &points, &[(2.0, "load")]).unwrap();
         let bytes = std::fs::read(&path).unwrap();

@@ -29,6 +29,8 @@ pub struct RevisionStats {
     pub demand_ms_total: Option<f64>,
     pub stable_concurrency: Option<f64>,
     pub panic_concurrency: Option<f64>,
+    /// Decisions the queue-aware panic raised (a counter; 0 when not exported).
+    pub queue_aware_scale_ups: f64,
     /// Cumulative `(upper bound ms, count)` of the time upstream took (Envoy's cluster
     /// `upstream_rq_time` for the revision's cluster).
     pub upstream_time: Vec<(f64, f64)>,
@@ -113,6 +115,7 @@ pub fn parse(text: &str) -> Result<Snapshot> {
             "inflight_demand_ms_total" => r.demand_ms_total = Some(v),
             "inflight_stable_concurrency_milli" => r.stable_concurrency = Some(v / 1000.0),
             "inflight_panic_concurrency_milli" => r.panic_concurrency = Some(v / 1000.0),
+            "inflight_queue_aware_scale_ups_total" => r.queue_aware_scale_ups = v,
             "inflight_queue_wait_ms" => r.queue_wait = buckets,
             _ => {}
         }
@@ -194,6 +197,8 @@ inflight_queued{revision="torchserve"} 40
 inflight_desired_replicas{revision="torchserve"} 5
 # TYPE inflight_stable_concurrency_milli gauge
 inflight_stable_concurrency_milli{revision="torchserve"} 48500
+# TYPE inflight_queue_aware_scale_ups_total counter
+inflight_queue_aware_scale_ups_total{revision="torchserve"} 1
 # TYPE envoy_cluster_upstream_rq_xx counter
 envoy_cluster_upstream_rq_xx{envoy_response_code_class="2",envoy_cluster_name="torchserve"} 117
 # TYPE envoy_cluster_upstream_rq_time histogram
@@ -215,6 +220,7 @@ envoy_server_live{} 1
         assert_eq!(r.desired, Some(5.0));
         assert_eq!(r.ready, None, "absent gauges stay None");
         assert_eq!(r.stable_concurrency, Some(48.5));
+        assert_eq!(r.queue_aware_scale_ups, 1.0);
         assert_eq!(r.upstream_rq_xx.get("2"), Some(&117.0));
         assert_eq!(r.upstream_time.len(), 3);
     }
