@@ -71,8 +71,10 @@ chmod 755 "$work"
 compose() { "${compose_cmd[@]}" -f envoy/docker-compose.yaml -f "$work/compose.test.yaml" -p "$project" "$@"; }
 
 stack_up=false
+hey_pid=""
 cleanup() {
   local rc=$?
+  [[ -n "$hey_pid" ]] && kill "$hey_pid" 2>/dev/null
   if $stack_up; then
     if ((rc != 0)); then
       say "failed: the stack's state and last logs"
@@ -85,12 +87,16 @@ cleanup() {
   exit $rc
 }
 trap cleanup EXIT
+trap 'exit 130' INT TERM
 
 # The test's copies: plugin config with a buffer that 50 clients overflow; alerts with short `for:`.
 sed 's/"readyReplicas": 1,/"readyReplicas": 1, "bufferDepth": 20,/' envoy/envoy.yaml >"$work/envoy.yaml"
 grep -q '"bufferDepth": 20' "$work/envoy.yaml" || fail "could not set bufferDepth in the test's copy of envoy/envoy.yaml"
 mkdir -p "$work/rules"
 sed -E 's/^( *)for: [0-9]+[smh]$/\1for: 5s/' target/compose/prometheus/rules/inflight.yaml >"$work/rules/inflight.yaml"
+rules_for="$(grep -c '^ *for: ' target/compose/prometheus/rules/inflight.yaml)"
+[[ "$(grep -c '^ *for: 5s$' "$work/rules/inflight.yaml")" == "$rules_for" ]] ||
+  fail "could not shorten every for: in the test's copy of the rules"
 chmod -R a+rX "$work"
 cat >"$work/compose.test.yaml" <<EOF
 services:
@@ -103,8 +109,8 @@ services:
 EOF
 
 t=$SECONDS
-compose build -q 2>&1 | grep -v '^$' || true
 compose config -q || fail "compose config rejected the files"
+compose build >"$work/build.log" 2>&1 || { tail -40 "$work/build.log"; fail "building the images failed (log above)"; }
 for image in gateway predictor prometheus; do
   docker image inspect "inflight-$image:local" >/dev/null || fail "image inflight-$image:local was not built"
 done
@@ -119,7 +125,7 @@ docker run --rm --entrypoint promtool inflight-prometheus:local check rules /etc
 t=$SECONDS
 stack_up=true
 export INFLIGHT_GATEWAY_PORT="" INFLIGHT_ADMIN_PORT="" INFLIGHT_PROMETHEUS_PORT=""
-compose up -d --scale predictor=$REPLICAS 2>&1 | grep -v '^$' || true
+compose up -d --scale predictor=$REPLICAS >"$work/up.log" 2>&1 || { cat "$work/up.log"; fail "compose up failed (log above)"; }
 port_of() { compose port "$1" "$2" | tail -1; }
 gateway="$(port_of gateway 8080)"
 admin="$(port_of gateway 9901)"
@@ -180,6 +186,7 @@ for _ in $(seq 20); do
   esac
 done
 wait "$hey_pid" || fail "hey failed: $(cat "$work/hey.txt")"
+hey_pid=""
 load_end="$(date +%s.%N)"
 
 # The counters settle once nothing is in flight or queued (the demand integral advances every tick).
