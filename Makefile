@@ -3,7 +3,7 @@
 SHELL := /bin/bash
 WASM := target/wasm32-wasip1/wasm/inflight_filter.wasm
 
-.PHONY: setup build-wasm build test test-rust test-core-wasm test-fuzz lint fmt demo bench chaos-long fuzz clean
+.PHONY: setup build-wasm build test test-rust test-core-wasm test-fuzz test-compose compose lint fmt demo bench chaos-long fuzz clean
 
 setup:
 	scripts/setup.sh
@@ -16,10 +16,12 @@ build: setup build-wasm
 	cargo build --workspace --release
 
 # Every test: core (native and wasm32), emulated host, real Envoy (limits, autoscaling, chaos,
-# VM crash, reload, hostile input), predictor, CLI (render, local stack, demo), short fuzzing.
+# VM crash, reload, hostile input), predictor, CLI (render, local stack, demo), short fuzzing,
+# the docker-compose stack with Prometheus (needs a Docker engine; after test-rust, whose debug
+# predictor it reuses).
 # --keep-going: one failing part does not hide the results of the others (the exit code still fails).
 test: setup
-	$(MAKE) --keep-going test-rust test-core-wasm test-fuzz
+	$(MAKE) --keep-going test-rust test-core-wasm test-fuzz test-compose
 
 test-rust:
 	LIBTORCH="$$(scripts/setup-torch.sh --print-libtorch)" cargo test --workspace --no-fail-fast
@@ -29,6 +31,17 @@ test-core-wasm:
 
 test-fuzz:
 	scripts/fuzz.sh --quick
+
+test-compose:
+	scripts/test-compose.sh
+
+# The compose stack's images (release predictor), on BASE_IMAGE if set, else on the local base
+# scripts/base-image.sh makes from Debian's packages (no registry needed). Then:
+#   docker compose -f envoy/docker-compose.yaml -p inflight up -d --scale predictor=2
+COMPOSE = $(shell docker compose version >/dev/null 2>&1 && echo "docker compose" || echo docker-compose)
+compose: setup
+	scripts/compose-context.sh
+	BASE_IMAGE="$${BASE_IMAGE:-$$(scripts/base-image.sh | tail -1)}" $(COMPOSE) -f envoy/docker-compose.yaml build
 
 # Longer runs (not part of `make test`).
 chaos-long: setup

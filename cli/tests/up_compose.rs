@@ -1,7 +1,8 @@
-//! The docker-compose stack cannot run here (no container engine), so its Envoy config is
-//! checked the way Envoy would check it: `envoy --mode validate` with the filter at the path the
-//! compose file mounts it to replaced by the local build, and the plugin config it embeds
-//! accepted by the filter's own parser. Also validates the bootstrap `inflight up` generates.
+//! The docker-compose stack's Envoy config, checked the way Envoy would check it: `envoy --mode
+//! validate` with the filter at the path the gateway image holds it replaced by the local build,
+//! and the plugin config it embeds accepted by the filter's own parser (fast, without Docker;
+//! scripts/test-compose.sh runs the stack itself). Also validates the bootstrap `inflight up`
+//! generates.
 
 // Test helpers and tests: failing loudly is the point.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
@@ -30,11 +31,11 @@ fn validate(config: &std::path::Path) {
 fn compose_envoy_config_validates() {
     let root = workspace_root();
     let yaml = std::fs::read_to_string(root.join("envoy/envoy.yaml")).unwrap();
-    let compose = std::fs::read_to_string(root.join("envoy/docker-compose.yaml")).unwrap();
+    let dockerfile = std::fs::read_to_string(root.join("envoy/Dockerfile.gateway")).unwrap();
     assert!(
-        compose.contains("./envoy.yaml:/etc/envoy/envoy.yaml")
-            && compose.contains(":/etc/envoy/inflight_filter.wasm"),
-        "the compose file mounts the config and the filter where envoy.yaml expects them"
+        dockerfile.contains("COPY envoy.yaml /etc/envoy/envoy.yaml")
+            && dockerfile.contains("COPY inflight_filter.wasm /etc/envoy/inflight_filter.wasm"),
+        "the gateway image holds the config and the filter where envoy.yaml expects them"
     );
     let dir = scratch("compose");
     let local = dir.join("envoy.yaml");
