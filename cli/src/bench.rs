@@ -233,6 +233,8 @@ pub fn run(args: Args) -> Result<()> {
     Ok(())
 }
 
+/// Builds the filters, starts the upstream and one gateway per setup, checks each during a
+/// warm-up, then measures every setup at every concurrency, round after round.
 fn measure(args: &Args) -> Result<Report> {
     let plan = Plan::from(args)?;
     let root = workspace_root();
@@ -241,26 +243,8 @@ fn measure(args: &Args) -> Result<Report> {
     let scratch = std::env::temp_dir().join(format!("inflight-bench-{}", std::process::id()));
     std::fs::create_dir_all(&scratch)?;
     let _cleanup = RemoveOnDrop(scratch.clone());
-
     let raw_names: Vec<String> = args.variants.iter().map(|(n, _)| n.clone()).collect();
     let names = variant_labels(&raw_names, args.variants_at_cap);
-    let needs = |s: Setup| plan.setups.contains(&s);
-    let filter = if needs(Setup::Inflight) || needs(Setup::InflightCap) {
-        Some(match &args.wasm {
-            Some(p) => p.clone(),
-            None => build_filter(&root)?,
-        })
-    } else {
-        None
-    };
-    let empty = if needs(Setup::EmptyWasm) {
-        Some(match &args.empty_wasm {
-            Some(p) => p.clone(),
-            None => build_empty_filter(&root)?,
-        })
-    } else {
-        None
-    };
 
     let upstream = Envoy::start(
         &envoy_bin,
@@ -269,6 +253,59 @@ fn measure(args: &Args) -> Result<Report> {
         args.workers,
     )
     .context("starting the upstream Envoy")?;
+    let mut gateways = start_gateways(args, &plan, &root, &envoy_bin, &scratch, &names, &upstream)?;
+    for (setup, gw) in &gateways {
+        warm_up(&generator, *setup, &names, gw, &plan, &scratch)?;
+    }
+    let mut samples = Vec::new();
+    for round in 0..plan.rounds {
+        for &c in &plan.concurrency {
+            // Rotate the order every round so no setup always runs first after a change of c.
+            let n = gateways.len();
+            for i in 0..n {
+                let (setup, gw) = &mut gateways[(i + round as usize) % n];
+                let sample =
+                    measure_one(&generator, *setup, &names, gw, c, round, &plan, &scratch)?;
+                print_sample(&sample, *setup, &names, round, plan.rounds, c);
+                samples.push(sample);
+            }
+        }
+    }
+    drop(gateways);
+    drop(upstream);
+    Ok(Report {
+        meta: meta(args, &plan, &root, &envoy_bin, &generator, raw_names),
+        samples,
+    })
+}
+
+/// One gateway per setup of the plan, with the filter builds it needs (built here unless given).
+fn start_gateways(
+    args: &Args,
+    plan: &Plan,
+    root: &Path,
+    envoy_bin: &Path,
+    scratch: &Path,
+    names: &[String],
+    upstream: &Envoy,
+) -> Result<Vec<(Setup, Envoy)>> {
+    let needs = |s: Setup| plan.setups.contains(&s);
+    let filter = if needs(Setup::Inflight) || needs(Setup::InflightCap) {
+        Some(match &args.wasm {
+            Some(p) => p.clone(),
+            None => build_filter(root)?,
+        })
+    } else {
+        None
+    };
+    let empty = if needs(Setup::EmptyWasm) {
+        Some(match &args.empty_wasm {
+            Some(p) => p.clone(),
+            None => build_empty_filter(root)?,
+        })
+    } else {
+        None
+    };
     let max_c = plan.concurrency.iter().copied().max().unwrap_or(1);
     let mut gateways = Vec::new();
     for &setup in &plan.setups {
@@ -286,99 +323,103 @@ fn measure(args: &Args) -> Result<Report> {
         };
         let yaml = envoy::gateway_yaml(&spec, upstream.listener);
         let dir = scratch.join(format!("gateway-{setup:?}").to_lowercase());
-        let gw = Envoy::start(&envoy_bin, &dir, &yaml, args.workers)
-            .with_context(|| format!("starting the gateway of setup {}", setup.label(&names)))?;
+        let gw = Envoy::start(envoy_bin, &dir, &yaml, args.workers)
+            .with_context(|| format!("starting the gateway of setup {}", setup.label(names)))?;
         gateways.push((setup, gw));
     }
+    Ok(gateways)
+}
 
-    // Warm up, and check each setup does what it claims before measuring it.
-    for (setup, gw) in &gateways {
-        let url = format!("http://{}/", gw.listener);
-        let warm = generator.run(&url, HOST, max_c, plan.warmup, &scratch)?;
-        if warm.requests == 0 || warm.errors > 0 {
-            bail!(
-                "setup {} answered {} requests with {} errors during warm-up:\n{}",
-                setup.label(&names),
-                warm.requests,
-                warm.errors,
-                gw.log_tail(20)
-            );
-        }
-        // (A variant may be stripped down to count nothing; it is not checked.)
-        if matches!(setup, Setup::Inflight | Setup::InflightCap) {
-            let prom = gw.prometheus()?;
-            let admitted =
-                envoy::counter_sum(&prom, &["inflight_requests_total", "outcome=\"admitted\""]);
-            if admitted == 0 {
-                bail!(
-                    "setup {}: the filter admitted nothing during warm-up (revision not matched?)",
-                    setup.label(&names)
-                );
-            }
-        }
-        eprintln!(
-            "bench: warm-up {:<15} {:>8.0} req/s",
-            setup.label(&names),
-            warm.rps()
+/// Warms a gateway up and checks it does what its setup claims before it is measured.
+fn warm_up(
+    generator: &Generator,
+    setup: Setup,
+    names: &[String],
+    gw: &Envoy,
+    plan: &Plan,
+    scratch: &Path,
+) -> Result<()> {
+    let max_c = plan.concurrency.iter().copied().max().unwrap_or(1);
+    let url = format!("http://{}/", gw.listener);
+    let warm = generator.run(&url, HOST, max_c, plan.warmup, scratch)?;
+    if warm.requests == 0 || warm.errors > 0 {
+        bail!(
+            "setup {} answered {} requests with {} errors during warm-up:\n{}",
+            setup.label(names),
+            warm.requests,
+            warm.errors,
+            gw.log_tail(20)
         );
     }
-
-    let mut samples = Vec::new();
-    for round in 0..plan.rounds {
-        for &c in &plan.concurrency {
-            // Rotate the order every round so no setup always runs first after a change of c.
-            let n = gateways.len();
-            for i in 0..n {
-                let (setup, gw) = &mut gateways[(i + round as usize) % n];
-                let sample =
-                    measure_one(&generator, *setup, &names, gw, c, round, &plan, &scratch)?;
-                eprintln!(
-                    "bench: round {}/{} c={c:<4} {:<15} {:>8.0} req/s  p50 {:>6.0} µs  p99 {:>7.0} µs  {:>5.1} CPU µs/req{}",
-                    round + 1,
-                    plan.rounds,
-                    setup.label(&names),
-                    sample.load.rps(),
-                    sample.load.p50_us,
-                    sample.load.p99_us,
-                    sample.cpu_us_per_req,
-                    if sample.load.non_2xx > 0 {
-                        format!("  ({} non-2xx)", sample.load.non_2xx)
-                    } else {
-                        String::new()
-                    }
-                );
-                samples.push(sample);
-            }
+    // (A variant may be stripped down to count nothing; it is not checked.)
+    if matches!(setup, Setup::Inflight | Setup::InflightCap) {
+        let prom = gw.prometheus()?;
+        let admitted =
+            envoy::counter_sum(&prom, &["inflight_requests_total", "outcome=\"admitted\""]);
+        if admitted == 0 {
+            bail!(
+                "setup {}: the filter admitted nothing during warm-up (revision not matched?)",
+                setup.label(names)
+            );
         }
     }
-    drop(gateways);
-    drop(upstream);
+    eprintln!(
+        "bench: warm-up {:<15} {:>8.0} req/s",
+        setup.label(names),
+        warm.rps()
+    );
+    Ok(())
+}
 
-    Ok(Report {
-        meta: Meta {
-            command: command_line(),
-            machine: machine(),
-            envoy: envoy_version(&envoy_bin),
-            generator: generator.name().to_string(),
-            revision: match &args.wasm {
-                Some(p) => format!(
-                    "{} (filter.wasm given: {})",
-                    git_revision(&root),
-                    p.display()
-                ),
-                None => git_revision(&root),
-            },
-            duration: inflight_core::duration::format_ms(
-                u64::try_from(plan.duration.as_millis()).unwrap_or(u64::MAX),
+/// The progress line of one measured run.
+fn print_sample(sample: &Sample, setup: Setup, names: &[String], round: u32, rounds: u32, c: u32) {
+    eprintln!(
+        "bench: round {}/{rounds} c={c:<4} {:<15} {:>8.0} req/s  p50 {:>6.0} µs  p99 {:>7.0} µs  {:>5.1} CPU µs/req{}",
+        round + 1,
+        setup.label(names),
+        sample.load.rps(),
+        sample.load.p50_us,
+        sample.load.p99_us,
+        sample.cpu_us_per_req,
+        if sample.load.non_2xx > 0 {
+            format!("  ({} non-2xx)", sample.load.non_2xx)
+        } else {
+            String::new()
+        }
+    );
+}
+
+/// What the report says about the run: command, machine, versions, plan.
+fn meta(
+    args: &Args,
+    plan: &Plan,
+    root: &Path,
+    envoy_bin: &Path,
+    generator: &Generator,
+    variants: Vec<String>,
+) -> Meta {
+    Meta {
+        command: command_line(),
+        machine: machine(),
+        envoy: envoy_version(envoy_bin),
+        generator: generator.name().to_string(),
+        revision: match &args.wasm {
+            Some(p) => format!(
+                "{} (filter.wasm given: {})",
+                git_revision(root),
+                p.display()
             ),
-            rounds: plan.rounds,
-            workers: args.workers,
-            cap: args.cap,
-            variants: raw_names,
-            variants_at_cap: args.variants_at_cap,
+            None => git_revision(root),
         },
-        samples,
-    })
+        duration: inflight_core::duration::format_ms(
+            u64::try_from(plan.duration.as_millis()).unwrap_or(u64::MAX),
+        ),
+        rounds: plan.rounds,
+        workers: args.workers,
+        cap: args.cap,
+        variants,
+        variants_at_cap: args.variants_at_cap,
+    }
 }
 
 #[allow(clippy::too_many_arguments)]

@@ -53,15 +53,58 @@ pub fn hey_errors(out: &str) -> Vec<String> {
         .collect()
 }
 
+/// The demo: wait for the initial replicas, a short idle baseline, the load step, then the
+/// results (printed, plotted, and written as JSON when asked).
 pub fn run(stack: &mut Stack, args: &Args) -> Result<()> {
     let duration = config::duration("--duration", &args.duration)?;
     let Some(spec) = stack.pools.first().map(|p| p.spec.clone()) else {
         bail!("the demo needs a revision");
     };
+    if !wait_for_initial_replicas(stack, &spec)? {
+        return Ok(());
+    }
+    let url = format!("http://{}/v1/models/mnist:predict", stack.listener());
+    stack.console.log(&[
+        format!("gateway http://{}  admin http://{}", stack.listener(), stack.envoy.admin),
+        format!(
+            "revision {}: containerConcurrency {}, target {} at {} % utilization, {} ready replica(s)",
+            spec.name,
+            spec.container_concurrency,
+            spec.target,
+            spec.target_utilization_percentage,
+            spec.initial_replicas
+        ),
+    ]);
+    // A short idle baseline for the plot.
+    idle_ticks(stack, 4)?;
     let host = spec.hosts.first().cloned().unwrap_or_default();
-    let cc = spec.container_concurrency;
+    let (hey, hey_out) = start_load(stack, args, duration, &host, &url)?;
+    let trace = follow_load(stack, hey, &spec.name)?;
+    // Let in-flight work finish and the view settle.
+    idle_ticks(stack, 3)?;
+    stack.console.keep();
+    let results = Results::collect(stack, args, &spec, &hey_out, &trace);
+    results.print(stack, args, duration);
+    let plot_path = &args.plot;
+    match plot::draw(
+        plot_path,
+        &spec.name,
+        &stack.timeline,
+        &[(trace.load_t, "load"), (trace.load_end_t, "end")],
+    ) {
+        Ok(()) => println!("plot: {}", plot_path.display()),
+        Err(e) => eprintln!("plot: could not draw {}: {e:#}", plot_path.display()),
+    }
+    if let Some(path) = &args.summary_json {
+        results.write_json(stack, args, path)?;
+    }
+    Ok(())
+}
 
-    // 1. Wait for the initial replicas, and for the gateway to see them (capacity = cc × ready).
+/// Waits for the initial replicas, and for the gateway to see them (capacity = cc × ready).
+/// `false` when the stack is stopping.
+fn wait_for_initial_replicas(stack: &mut Stack, spec: &config::RevisionSpec) -> Result<bool> {
+    let cc = spec.container_concurrency;
     let deadline = Instant::now() + Duration::from_secs(90);
     loop {
         stack.tick()?;
@@ -74,10 +117,10 @@ pub fn run(stack: &mut Stack, args: &Args) -> Result<()> {
         if ready >= spec.initial_replicas as usize
             && (cc == 0 || capacity >= f64::from(cc * spec.initial_replicas))
         {
-            break;
+            return Ok(true);
         }
         if stack.stopping() {
-            return Ok(());
+            return Ok(false);
         }
         if Instant::now() > deadline {
             bail!(
@@ -87,21 +130,24 @@ pub fn run(stack: &mut Stack, args: &Args) -> Result<()> {
         }
         stack.sleep_tick();
     }
-    let url = format!("http://{}/v1/models/mnist:predict", stack.listener());
-    stack.console.log(&[
-        format!("gateway http://{}  admin http://{}", stack.listener(), stack.envoy.admin),
-        format!(
-            "revision {}: containerConcurrency {cc}, target {} at {} % utilization, {} ready replica(s)",
-            spec.name, spec.target, spec.target_utilization_percentage, spec.initial_replicas
-        ),
-    ]);
-    // A short idle baseline for the plot.
-    for _ in 0..4 {
+}
+
+fn idle_ticks(stack: &mut Stack, n: usize) -> Result<()> {
+    for _ in 0..n {
         stack.tick()?;
         stack.sleep_tick();
     }
+    Ok(())
+}
 
-    // 2. The load step: 0 → N clients.
+/// The load step, 0 → N clients: starts hey, writing its report to the returned file.
+fn start_load(
+    stack: &mut Stack,
+    args: &Args,
+    duration: Duration,
+    host: &str,
+    url: &str,
+) -> Result<(std::process::Child, std::path::PathBuf)> {
     let body = stack.dir.join("mnist.json");
     std::fs::write(&body, SAMPLE)?;
     let hey_out = stack.dir.join("hey.out");
@@ -110,8 +156,8 @@ pub fn run(stack: &mut Stack, args: &Args) -> Result<()> {
         .arg(format!("{}s", duration.as_secs_f64()))
         .args(["-c", &args.clients.to_string(), "-D"])
         .arg(&body)
-        .args(["-T", "application/json", "-host", &host])
-        .arg(&url)
+        .args(["-T", "application/json", "-host", host])
+        .arg(url)
         .stdin(Stdio::null())
         .stdout(std::fs::File::create(&hey_out)?)
         .stderr(Stdio::null());
@@ -120,23 +166,47 @@ pub fn run(stack: &mut Stack, args: &Args) -> Result<()> {
         duration.as_secs_f64(),
         args.clients
     )]);
-    let mut hey = process::spawn(&mut cmd).context(
+    let hey = process::spawn(&mut cmd).context(
         "starting hey (the load generator; `make setup` installs it: apt-get install hey)",
     )?;
     stack.adopt_pid(hey.id());
+    Ok((hey, hey_out))
+}
+
+/// When each replica count was first desired and first ready during the load, and the peaks.
+struct LoadTrace {
+    /// Seconds since the stack started when the load began and ended.
+    load_t: f64,
+    load_end_t: f64,
+    /// Seconds of load until `k` replicas were first desired / ready.
+    first_desired: BTreeMap<u32, f64>,
+    first_ready: BTreeMap<u32, f64>,
+    peak_desired: u32,
+    peak_ready: usize,
+}
+
+/// Ticks the stack until hey ends (or the stack stops), recording the scaling.
+fn follow_load(
+    stack: &mut Stack,
+    mut hey: std::process::Child,
+    revision: &str,
+) -> Result<LoadTrace> {
     let load_start = Instant::now();
-    let load_t = stack.started.elapsed().as_secs_f64();
-    let mut first_desired: BTreeMap<u32, f64> = BTreeMap::new();
-    let mut first_ready: BTreeMap<u32, f64> = BTreeMap::new();
-    let mut peak_desired = 0u32;
-    let mut peak_ready = 0usize;
+    let mut t = LoadTrace {
+        load_t: stack.started.elapsed().as_secs_f64(),
+        load_end_t: 0.0,
+        first_desired: BTreeMap::new(),
+        first_ready: BTreeMap::new(),
+        peak_desired: 0,
+        peak_ready: 0,
+    };
     loop {
         stack.tick()?;
         let since = load_start.elapsed().as_secs_f64();
         let desired = stack
             .last
             .revisions
-            .get(&spec.name)
+            .get(revision)
             .and_then(|s| s.desired)
             .unwrap_or(0.0);
         let desired = if desired.is_finite() && desired > 0.0 {
@@ -146,13 +216,13 @@ pub fn run(stack: &mut Stack, args: &Args) -> Result<()> {
         };
         let ready = stack.pools[0].ready();
         for k in 1..=desired {
-            first_desired.entry(k).or_insert(since);
+            t.first_desired.entry(k).or_insert(since);
         }
         for k in 1..=u32::try_from(ready).unwrap_or(0) {
-            first_ready.entry(k).or_insert(since);
+            t.first_ready.entry(k).or_insert(since);
         }
-        peak_desired = peak_desired.max(desired);
-        peak_ready = peak_ready.max(ready);
+        t.peak_desired = t.peak_desired.max(desired);
+        t.peak_ready = t.peak_ready.max(ready);
         if hey.try_wait()?.is_some() {
             break;
         }
@@ -162,144 +232,186 @@ pub fn run(stack: &mut Stack, args: &Args) -> Result<()> {
         }
         stack.sleep_tick();
     }
-    let load_end_t = stack.started.elapsed().as_secs_f64();
-    // Let in-flight work finish and the view settle.
-    for _ in 0..3 {
-        stack.tick()?;
-        stack.sleep_tick();
-    }
-    stack.console.keep();
+    t.load_end_t = stack.started.elapsed().as_secs_f64();
+    Ok(t)
+}
 
-    // 3. Results.
-    for pool in &mut stack.pools {
-        for r in &mut pool.replicas {
-            let _ = r.read_metrics();
+/// What the run produced: hey's counts, the gateway's, each predictor's peak, and the scaling.
+struct Results {
+    hey_text: String,
+    statuses: BTreeMap<u16, u64>,
+    errors: Vec<String>,
+    gateway: super::stats::RevisionStats,
+    max_seen: BTreeMap<String, f64>,
+    final_ready: usize,
+    peak_desired: u32,
+    peak_ready: usize,
+    t_desired: Option<f64>,
+    t_ready: Option<f64>,
+    /// What the clients ask for at steady state (50 / 10 = 5 in the KServe example), the
+    /// effective target behind it, and when the gateway first asked for it.
+    expected: u32,
+    effective_target: f64,
+    t_expected: Option<f64>,
+    /// Seconds of load at which the queue-aware panic fired.
+    fired: Vec<f64>,
+    revision: String,
+    cc: u32,
+}
+
+impl Results {
+    fn collect(
+        stack: &mut Stack,
+        args: &Args,
+        spec: &config::RevisionSpec,
+        hey_out: &std::path::Path,
+        trace: &LoadTrace,
+    ) -> Results {
+        for pool in &mut stack.pools {
+            for r in &mut pool.replicas {
+                let _ = r.read_metrics();
+            }
         }
-    }
-    let hey_text = std::fs::read_to_string(&hey_out).unwrap_or_default();
-    let statuses = hey_statuses(&hey_text);
-    let errors = hey_errors(&hey_text);
-    let s = stack
-        .last
-        .revisions
-        .get(&spec.name)
-        .cloned()
-        .unwrap_or_default();
-    let pool = &stack.pools[0];
-    let final_ready = pool.ready();
-    let mut max_seen: BTreeMap<String, f64> = BTreeMap::new();
-    for r in pool.replicas.iter().chain(&pool.gone) {
-        max_seen.insert(r.name.clone(), r.max_in_flight);
-    }
-    let total: u64 = statuses.values().sum();
-    let ok = statuses.get(&200).copied().unwrap_or(0);
-    let shed503 = statuses.get(&503).copied().unwrap_or(0);
-    let upstream_5xx = s.upstream_rq_xx.get("5").copied().unwrap_or(0.0);
-    let t_desired = first_desired.get(&peak_desired).copied();
-    let t_ready = first_ready.get(&peak_desired).copied();
-    // What the clients ask for at steady state (50 / 10 = 5 in the KServe example), and when the
-    // gateway first asked for it.
-    let kpa = inflight_core::kpa::KpaConfig {
-        target: spec.target,
-        container_concurrency: cc,
-        target_utilization_percentage: spec.target_utilization_percentage,
-        ..inflight_core::kpa::KpaConfig::default()
-    };
-    let expected = inflight_core::kpa::desired_for_concurrency(f64::from(args.clients), &kpa);
-    let t_expected = first_desired.get(&expected).copied();
-    let fired: Vec<f64> = plot::queue_aware_times(&stack.timeline)
-        .into_iter()
-        .filter(|t| *t >= load_t)
-        .map(|t| t - load_t)
-        .collect();
-
-    println!(
-        "\n=== hey (load: {} clients for {:.0}s) ===",
-        args.clients,
-        duration.as_secs_f64()
-    );
-    println!("{}", hey_text.trim_end());
-    println!("\n=== kubectl get pods (revision {}) ===", spec.name);
-    print!("{}", stack.pods_table());
-    println!("\n=== totals ===");
-    println!(
-        "requests {total}: 200 → {ok}, 503 → {shed503}{}",
-        statuses
+        let hey_text = std::fs::read_to_string(hey_out).unwrap_or_default();
+        let pool = &stack.pools[0];
+        let max_seen = pool
+            .replicas
             .iter()
-            .filter(|(c, _)| **c != 200 && **c != 503)
-            .map(|(c, n)| format!(", {c} → {n}"))
-            .collect::<String>()
-    );
-    if !errors.is_empty() {
-        println!("client errors: {}", errors.join("; "));
-    }
-    println!(
-        "gateway: admitted {}, shed (queue full) {}, shed (wait timeout) {}, cancelled {}; upstream 5xx {upstream_5xx}",
-        s.admitted, s.shed_full, s.shed_timeout, s.cancelled
-    );
-    println!("max in-flight seen by each predictor (hard limit containerConcurrency = {cc}):");
-    for (name, m) in &max_seen {
-        println!("  {name:<34} {m}");
-    }
-    let fmt_t = |t: Option<f64>| t.map_or_else(|| "never".into(), |t| format!("{t:.1}s"));
-    println!(
-        "scaling: desired {peak_desired} after {} of load, {peak_desired} ready after {}; ready at the end: {final_ready}",
-        fmt_t(t_desired),
-        fmt_t(t_ready)
-    );
-    println!(
-        "time to desired = {expected} ({} clients / effective target {}): {}; queue-aware panic fired {}",
-        args.clients,
-        kpa.effective_target(),
-        fmt_t(t_expected),
-        if fired.is_empty() {
-            "never".to_string()
-        } else {
-            fired
-                .iter()
-                .map(|t| format!("at {t:.1}s"))
-                .collect::<Vec<_>>()
-                .join(", ")
-                + " of load"
+            .chain(&pool.gone)
+            .map(|r| (r.name.clone(), r.max_in_flight))
+            .collect();
+        let kpa = inflight_core::kpa::KpaConfig {
+            target: spec.target,
+            container_concurrency: spec.container_concurrency,
+            target_utilization_percentage: spec.target_utilization_percentage,
+            ..inflight_core::kpa::KpaConfig::default()
+        };
+        let expected = inflight_core::kpa::desired_for_concurrency(f64::from(args.clients), &kpa);
+        Results {
+            statuses: hey_statuses(&hey_text),
+            errors: hey_errors(&hey_text),
+            hey_text,
+            gateway: stack
+                .last
+                .revisions
+                .get(&spec.name)
+                .cloned()
+                .unwrap_or_default(),
+            max_seen,
+            final_ready: pool.ready(),
+            peak_desired: trace.peak_desired,
+            peak_ready: trace.peak_ready,
+            t_desired: trace.first_desired.get(&trace.peak_desired).copied(),
+            t_ready: trace.first_ready.get(&trace.peak_desired).copied(),
+            expected,
+            effective_target: kpa.effective_target(),
+            t_expected: trace.first_desired.get(&expected).copied(),
+            fired: plot::queue_aware_times(&stack.timeline)
+                .into_iter()
+                .filter(|t| *t >= trace.load_t)
+                .map(|t| t - trace.load_t)
+                .collect(),
+            revision: spec.name.clone(),
+            cc: spec.container_concurrency,
         }
-    );
-    let plot_path = &args.plot;
-    match plot::draw(
-        plot_path,
-        &spec.name,
-        &stack.timeline,
-        &[(load_t, "load"), (load_end_t, "end")],
-    ) {
-        Ok(()) => println!("plot: {}", plot_path.display()),
-        Err(e) => eprintln!("plot: could not draw {}: {e:#}", plot_path.display()),
     }
 
-    if let Some(path) = &args.summary_json {
+    fn upstream_5xx(&self) -> f64 {
+        self.gateway.upstream_rq_xx.get("5").copied().unwrap_or(0.0)
+    }
+
+    fn print(&self, stack: &Stack, args: &Args, duration: Duration) {
+        let s = &self.gateway;
+        let cc = self.cc;
+        println!(
+            "\n=== hey (load: {} clients for {:.0}s) ===",
+            args.clients,
+            duration.as_secs_f64()
+        );
+        println!("{}", self.hey_text.trim_end());
+        println!("\n=== kubectl get pods (revision {}) ===", self.revision);
+        print!("{}", stack.pods_table());
+        println!("\n=== totals ===");
+        let total: u64 = self.statuses.values().sum();
+        let count = |code: u16| self.statuses.get(&code).copied().unwrap_or(0);
+        println!(
+            "requests {total}: 200 → {}, 503 → {}{}",
+            count(200),
+            count(503),
+            self.statuses
+                .iter()
+                .filter(|(c, _)| **c != 200 && **c != 503)
+                .map(|(c, n)| format!(", {c} → {n}"))
+                .collect::<String>()
+        );
+        if !self.errors.is_empty() {
+            println!("client errors: {}", self.errors.join("; "));
+        }
+        println!(
+            "gateway: admitted {}, shed (queue full) {}, shed (wait timeout) {}, cancelled {}; upstream 5xx {}",
+            s.admitted,
+            s.shed_full,
+            s.shed_timeout,
+            s.cancelled,
+            self.upstream_5xx()
+        );
+        println!("max in-flight seen by each predictor (hard limit containerConcurrency = {cc}):");
+        for (name, m) in &self.max_seen {
+            println!("  {name:<34} {m}");
+        }
+        let fmt_t = |t: Option<f64>| t.map_or_else(|| "never".into(), |t| format!("{t:.1}s"));
+        println!(
+            "scaling: desired {peak} after {} of load, {peak} ready after {}; ready at the end: {}",
+            fmt_t(self.t_desired),
+            fmt_t(self.t_ready),
+            self.final_ready,
+            peak = self.peak_desired,
+        );
+        println!(
+            "time to desired = {} ({} clients / effective target {}): {}; queue-aware panic fired {}",
+            self.expected,
+            args.clients,
+            self.effective_target,
+            fmt_t(self.t_expected),
+            if self.fired.is_empty() {
+                "never".to_string()
+            } else {
+                self.fired
+                    .iter()
+                    .map(|t| format!("at {t:.1}s"))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+                    + " of load"
+            }
+        );
+    }
+
+    fn write_json(&self, stack: &Stack, args: &Args, path: &std::path::Path) -> Result<()> {
+        let s = &self.gateway;
         let summary = serde_json::json!({
-            "revision": spec.name,
-            "containerConcurrency": cc,
+            "revision": self.revision,
+            "containerConcurrency": self.cc,
             "clients": args.clients,
-            "statuses": statuses.iter().map(|(c, n)| (c.to_string(), *n)).collect::<BTreeMap<_, _>>(),
-            "clientErrors": errors,
+            "statuses": self.statuses.iter().map(|(c, n)| (c.to_string(), *n)).collect::<BTreeMap<_, _>>(),
+            "clientErrors": self.errors,
             "gateway": { "admitted": s.admitted, "shedFull": s.shed_full, "shedTimeout": s.shed_timeout, "cancelled": s.cancelled },
-            "upstream5xx": upstream_5xx,
-            "maxInFlight": max_seen,
-            "peakDesired": peak_desired,
-            "peakReady": peak_ready,
-            "finalReady": final_ready,
-            "secondsToDesired": t_desired,
-            "secondsToReady": t_ready,
-            "expectedDesired": expected,
-            "secondsToExpectedDesired": t_expected,
-            "queueAwareFiredAt": fired,
-            "plot": plot_path,
+            "upstream5xx": self.upstream_5xx(),
+            "maxInFlight": self.max_seen,
+            "peakDesired": self.peak_desired,
+            "peakReady": self.peak_ready,
+            "finalReady": self.final_ready,
+            "secondsToDesired": self.t_desired,
+            "secondsToReady": self.t_ready,
+            "expectedDesired": self.expected,
+            "secondsToExpectedDesired": self.t_expected,
+            "queueAwareFiredAt": self.fired,
+            "plot": args.plot,
             "pids": stack.pids(),
             "timeline": stack.timeline,
         });
         std::fs::write(path, serde_json::to_string_pretty(&summary)?)
-            .with_context(|| format!("writing {}", path.display()))?;
+            .with_context(|| format!("writing {}", path.display()))
     }
-    Ok(())
 }
 
 #[cfg(test)]

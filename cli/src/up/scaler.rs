@@ -164,10 +164,27 @@ impl Pool {
     }
 
     /// One scaler tick; returns the log lines of what it did and why.
+    /// One scaler step: observe the processes, follow the gateway's desired count, publish the
+    /// endpoints, then end what was drained and forget what exited. Returns the log lines.
     pub fn tick(&mut self, stats: Option<&RevisionStats>) -> Result<Vec<String>> {
         let mut log = Vec::new();
-        let name = self.spec.name.clone();
-        // 1. Observe the processes.
+        self.observe(&mut log)?;
+        if let Some(desired) = stats.and_then(|s| s.desired) {
+            self.follow(desired, stats, &mut log)?;
+        }
+        // Publish before terminating anything, so drained replicas are out of EDS first.
+        if let Some(line) = self.publish()? {
+            log.push(line);
+        }
+        self.end_drained(&mut log);
+        self.forget_exited(&mut log);
+        Ok(log)
+    }
+
+    /// Polls every replica: restarts one that exited unexpectedly, notes one that became ready,
+    /// reads the metrics of those serving.
+    fn observe(&mut self, log: &mut Vec<String>) -> Result<()> {
+        let name = &self.spec.name;
         for r in &mut self.replicas {
             let was = r.phase;
             if r.poll() {
@@ -196,63 +213,75 @@ impl Pool {
                 let _ = r.read_metrics();
             }
         }
-        // 2. Decide: follow the gateway.
-        if let Some(desired) = stats.and_then(|s| s.desired) {
-            let target = clamp(desired, self.spec.min_scale(), self.spec.max_scale());
-            let phases: Vec<Phase> = self.replicas.iter().map(|r| r.phase).collect();
-            let p = plan(target, &phases);
-            if target != self.target || p.start > 0 || !p.retire.is_empty() {
-                let s = stats.cloned().unwrap_or_default();
-                let fmt = |v: Option<f64>| v.map_or("-".into(), |v| format!("{v:.1}"));
-                let action = if p.start > 0 {
-                    format!("start {}", p.start)
-                } else if !p.retire.is_empty() {
-                    format!("drain {}", p.retire.len())
-                } else {
-                    "nothing to do".into()
-                };
+        Ok(())
+    }
+
+    /// Follows the gateway's desired count (within min and max scale): starts replicas, or
+    /// retires the newest (SIGTERM if not ready yet, else out of EDS and draining).
+    fn follow(
+        &mut self,
+        desired: f64,
+        stats: Option<&RevisionStats>,
+        log: &mut Vec<String>,
+    ) -> Result<()> {
+        let name = self.spec.name.clone();
+        let target = clamp(desired, self.spec.min_scale(), self.spec.max_scale());
+        let phases: Vec<Phase> = self.replicas.iter().map(|r| r.phase).collect();
+        let p = plan(target, &phases);
+        if target != self.target || p.start > 0 || !p.retire.is_empty() {
+            let s = stats.cloned().unwrap_or_default();
+            let fmt = |v: Option<f64>| v.map_or("-".into(), |v| format!("{v:.1}"));
+            let action = if p.start > 0 {
+                format!("start {}", p.start)
+            } else if !p.retire.is_empty() {
+                format!("drain {}", p.retire.len())
+            } else {
+                "nothing to do".into()
+            };
+            log.push(format!(
+                "{name}: scale {} → {target} (gateway desired {desired}, min {}, max {}; ready {} [gateway {}], starting {}, in-flight {}, queued {}, capacity {}, stable avg {}, panic avg {}) → {action}",
+                self.target,
+                self.spec.min_scale(),
+                self.spec.max_scale(),
+                self.ready(),
+                fmt(s.ready),
+                self.count(|p| p == Phase::Starting),
+                s.active,
+                s.queued,
+                s.capacity,
+                fmt(s.stable_concurrency),
+                fmt(s.panic_concurrency),
+            ));
+            self.target = target;
+        }
+        for _ in 0..p.start {
+            log.push(self.start_one()?);
+        }
+        for i in p.retire {
+            let Some(r) = self.replicas.get_mut(i) else {
+                continue;
+            };
+            if r.phase == Phase::Starting {
                 log.push(format!(
-                    "{name}: scale {} → {target} (gateway desired {desired}, min {}, max {}; ready {} [gateway {}], starting {}, in-flight {}, queued {}, capacity {}, stable avg {}, panic avg {}) → {action}",
-                    self.target,
-                    self.spec.min_scale(),
-                    self.spec.max_scale(),
-                    self.ready(),
-                    fmt(s.ready),
-                    self.count(|p| p == Phase::Starting),
-                    s.active,
-                    s.queued,
-                    s.capacity,
-                    fmt(s.stable_concurrency),
-                    fmt(s.panic_concurrency),
+                    "{name}: {} not ready yet, not needed → SIGTERM",
+                    r.name
                 ));
-                self.target = target;
-            }
-            for _ in 0..p.start {
-                log.push(self.start_one()?);
-            }
-            for i in p.retire {
-                if let Some(r) = self.replicas.get_mut(i) {
-                    if r.phase == Phase::Starting {
-                        log.push(format!(
-                            "{name}: {} not ready yet, not needed → SIGTERM",
-                            r.name
-                        ));
-                        r.terminate();
-                    } else {
-                        log.push(format!(
-                            "{name}: {} leaves EDS, draining (in-flight {})",
-                            r.name, r.in_flight
-                        ));
-                        r.drain();
-                    }
-                }
+                r.terminate();
+            } else {
+                log.push(format!(
+                    "{name}: {} leaves EDS, draining (in-flight {})",
+                    r.name, r.in_flight
+                ));
+                r.drain();
             }
         }
-        // 3. Publish before terminating anything, so drained replicas are out of EDS first.
-        if let Some(line) = self.publish()? {
-            log.push(line);
-        }
-        // 4. Drained replicas: SIGTERM once idle (or the drain timeout passed).
+        Ok(())
+    }
+
+    /// Drained replicas: SIGTERM once idle (or the drain timeout passed); SIGKILL one that
+    /// ignored SIGTERM.
+    fn end_drained(&mut self, log: &mut Vec<String>) {
+        let name = &self.spec.name;
         for r in &mut self.replicas {
             match r.phase {
                 Phase::Draining { since } => {
@@ -276,16 +305,23 @@ impl Pool {
                 _ => {}
             }
         }
-        // 5. Forget replicas that have exited after being retired.
+    }
+
+    /// Forgets replicas that have exited after being retired (kept in `gone` for the summary).
+    fn forget_exited(&mut self, log: &mut Vec<String>) {
         let (gone, kept): (Vec<Replica>, Vec<Replica>) = std::mem::take(&mut self.replicas)
             .into_iter()
             .partition(|r| r.phase == Phase::Exited);
         for r in &gone {
-            log.push(format!("{name}: {} (pid {}) exited", r.name, r.pid()));
+            log.push(format!(
+                "{}: {} (pid {}) exited",
+                self.spec.name,
+                r.name,
+                r.pid()
+            ));
         }
         self.gone.extend(gone);
         self.replicas = kept;
-        Ok(log)
     }
 
     /// Stops every replica: out of EDS, SIGTERM to all, then wait for each.
