@@ -177,8 +177,9 @@ fn run_wrk(
             script
         }
     };
-    // Two threads (one per core of the machines we target); wrk needs c >= threads.
-    let threads = c.clamp(1, 2);
+    // Two threads (one per core of the machines we target) when they split the connections
+    // evenly: wrk opens c / threads (rounded down) per thread, so `-t 2 -c 3` keeps 2.
+    let threads = wrk_threads(c);
     let out = Command::new(bin)
         .args([
             "-t",
@@ -207,6 +208,15 @@ fn run_wrk(
         );
     }
     parse_wrk(&stdout).with_context(|| format!("unexpected wrk output:\n{stdout}"))
+}
+
+/// wrk's `-t` for `c` connections: 2, or 1 when c is odd (then `-t 2` would open c − 1).
+fn wrk_threads(c: u32) -> u32 {
+    if c >= 2 && c.is_multiple_of(2) {
+        2
+    } else {
+        1
+    }
 }
 
 fn parse_wrk(stdout: &str) -> Option<Load> {
@@ -314,6 +324,14 @@ pub fn percentile(sorted: &[f64], p: f64) -> f64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn wrk_threads_split_the_connections_evenly() {
+        for (c, want) in [(1, 1), (2, 2), (3, 1), (4, 2), (6, 2), (7, 1), (64, 2)] {
+            assert_eq!(wrk_threads(c), want, "c={c}");
+            assert_eq!(c / wrk_threads(c) * wrk_threads(c), c, "c={c}: all opened");
+        }
+    }
 
     #[test]
     fn parses_wrk_report_line() {

@@ -7,8 +7,12 @@
 //! closed-loop client leaves a server with k workers idle for its own turnaround at
 //! concurrency k, so throughput creeps up a little more past the knee while the queue hides
 //! those gaps; asking every later step to stay within the threshold would push the knee past
-//! k. Later steps may gain up to twice the threshold; more means throughput rose again and the
-//! candidate was a noisy flat step, not the knee. Growing latency (p90 up by more than the
+//! k. Later steps may gain up to twice the threshold; more, beyond the noise of the two
+//! measurements (95 % sure, from their intervals), means throughput rose again and the candidate
+//! was a noisy flat step, not the knee. A later gain that is only noisily above twice the
+//! threshold does not move the knee: on a loaded machine a step with a wide interval (a 32 %
+//! dip, then a step 10.6 % over a candidate measured ±9 %) would otherwise push the knee of 8
+//! workers to 16. Growing latency (p90 up by more than the
 //! threshold) also tells the knee from a flat step on the way up, where latency stays put. p90,
 //! not p50: one step past a knee of k workers (1.5 k clients) a third of the requests wait a
 //! whole service time, which moves p90 and leaves the median where it was.
@@ -99,7 +103,7 @@ pub fn find(points: &[Point], threshold: f64) -> Option<Knee> {
 }
 
 /// Step `i` is the knee candidate: the next step gains less than the threshold in throughput
-/// and more than it in p90 latency, and no later step gains twice the threshold.
+/// and more than it in p90 latency, and no later step [rises again](rises_again).
 fn is_knee(points: &[Point], i: usize, threshold: f64) -> bool {
     let at = points[i];
     let Some(next) = points.get(i + 1) else {
@@ -108,9 +112,20 @@ fn is_knee(points: &[Point], i: usize, threshold: f64) -> bool {
     at.throughput > 0.0
         && gain(at.throughput, next.throughput) < threshold
         && next.p90_ms > at.p90_ms * (1.0 + threshold)
-        && points[i + 1..]
+        && !points[i + 1..]
             .iter()
-            .all(|p| gain(at.throughput, p.throughput) < 2.0 * threshold)
+            .any(|&p| rises_again(at, p, threshold))
+}
+
+/// How sure a later step's gain over a candidate must be to be above twice the threshold before
+/// it rules the candidate out.
+const RISE_CONFIDENCE: f64 = 0.95;
+
+/// `later` gained more than twice the threshold over the candidate `at`, and its intervals say
+/// so with [`RISE_CONFIDENCE`]: throughput really rose again, the candidate was not the knee.
+fn rises_again(at: Point, later: Point, threshold: f64) -> bool {
+    gain(at.throughput, later.throughput) >= 2.0 * threshold
+        && prob_gain_above(at, later, 2.0 * threshold) >= RISE_CONFIDENCE
 }
 
 fn gain(from: f64, to: f64) -> f64 {
@@ -304,6 +319,65 @@ mod tests {
         ];
         for (name, steps, want) in cases {
             let got = find(&sweep(steps), 0.05).map(|k| (k.concurrency, k.container_concurrency));
+            assert_eq!(got, *want, "{name}");
+        }
+    }
+
+    /// (name, steps as (c, req/s, ci95 as % of req/s, p90 ms), expected (knee, cc)).
+    type CiCase = (
+        &'static str,
+        &'static [(u32, f64, f64, f64)],
+        Option<(u32, u32)>,
+    );
+
+    /// The later-rise rule against each step's own interval.
+    #[test]
+    fn knee_table_with_intervals() {
+        let cases: &[CiCase] = &[
+            (
+                "k=8 on a loaded machine: a noisy dip at 12, then 16 only noisily over 8 + 10 %",
+                &[
+                    (6, 98.5, 12.1, 73.9),
+                    (8, 135.4, 9.0, 69.3),
+                    (12, 114.9, 32.4, 118.2),
+                    (16, 149.7, 3.5, 106.4),
+                    (24, 147.2, 9.0, 225.7),
+                ],
+                Some((8, 8)),
+            ),
+            (
+                "the same dip, but a rise past it measured narrowly: the knee moves on",
+                &[
+                    (6, 98.5, 1.0, 73.9),
+                    (8, 135.4, 1.0, 69.3),
+                    (12, 114.9, 1.0, 118.2),
+                    (16, 152.0, 1.0, 106.4),
+                    (24, 147.2, 1.0, 225.7),
+                ],
+                Some((16, 16)),
+            ),
+            (
+                "a large rise is a rise even through wide intervals",
+                &[
+                    (1, 50.0, 10.0, 20.0),
+                    (2, 51.0, 10.0, 30.0),
+                    (3, 150.0, 10.0, 20.0),
+                    (4, 151.0, 10.0, 30.0),
+                ],
+                Some((3, 3)),
+            ),
+        ];
+        for (name, steps, want) in cases {
+            let points: Vec<Point> = steps
+                .iter()
+                .map(|&(c, x, ci, l)| Point {
+                    concurrency: c,
+                    throughput: x,
+                    ci95: x * ci / 100.0,
+                    p90_ms: l,
+                })
+                .collect();
+            let got = find(&points, 0.05).map(|k| (k.concurrency, k.container_concurrency));
             assert_eq!(got, *want, "{name}");
         }
     }
