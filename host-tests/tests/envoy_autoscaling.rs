@@ -15,6 +15,27 @@ use std::time::{Duration, Instant};
 
 static SERIAL: Mutex<()> = Mutex::new(());
 
+/// One client in a closed loop (like one of `hey -c N`'s): requests that each hold 50 ms
+/// upstream, every answer 200, until `stop`; returns how many it sent.
+fn closed_loop_client(
+    addr: std::net::SocketAddr,
+    host: String,
+    stop: Arc<AtomicBool>,
+) -> thread::JoinHandle<u32> {
+    thread::spawn(move || {
+        let mut n = 0u32;
+        while !stop.load(Ordering::SeqCst) {
+            let r = Request::get(addr, &host)
+                .header("x-hold-ms", 50)
+                .send()
+                .unwrap();
+            assert_eq!(r.status, 200);
+            n += 1;
+        }
+        n
+    })
+}
+
 fn serial() -> MutexGuard<'static, ()> {
     SERIAL.lock().unwrap_or_else(|e| e.into_inner())
 }
@@ -193,21 +214,7 @@ fn desired_replicas_reads_five_under_fifty_clients_at_target_ten() {
     let started = Instant::now();
     // 50 clients in closed loops, like `hey -c 50`.
     let clients: Vec<_> = (0..50)
-        .map(|_| {
-            let stop = Arc::clone(&stop);
-            thread::spawn(move || {
-                let mut n = 0u32;
-                while !stop.load(Ordering::SeqCst) {
-                    let r = Request::get(addr, "torchserve.test")
-                        .header("x-hold-ms", 50)
-                        .send()
-                        .unwrap();
-                    assert_eq!(r.status, 200);
-                    n += 1;
-                }
-                n
-            })
-        })
+        .map(|_| closed_loop_client(addr, "torchserve.test".into(), Arc::clone(&stop)))
         .collect();
     let s = envoy.wait_stats(Duration::from_secs(8), "desired = 5", |s| {
         s.gauge("inflight_desired_replicas", "torchserve") == 5
@@ -344,22 +351,7 @@ fn load_step_reaches_five_desired_within_two_seconds_with_the_queue_aware_panic(
     let clients: Vec<_> = names
         .iter()
         .flat_map(|name| (0..CLIENTS).map(move |_| name))
-        .map(|name| {
-            let stop = Arc::clone(&stop);
-            let host = format!("{name}.test");
-            thread::spawn(move || {
-                let mut n = 0u32;
-                while !stop.load(Ordering::SeqCst) {
-                    let r = Request::get(addr, &host)
-                        .header("x-hold-ms", 50)
-                        .send()
-                        .unwrap();
-                    assert_eq!(r.status, 200);
-                    n += 1;
-                }
-                n
-            })
-        })
+        .map(|name| closed_loop_client(addr, format!("{name}.test"), Arc::clone(&stop)))
         .collect();
     let mut desired_at: [Option<Duration>; 2] = [None, None];
     let mut capacity_at: [Option<Duration>; 2] = [None, None];
