@@ -92,15 +92,17 @@ impl RootContext for Root {
         if let Ok(level) = hostcalls::get_log_level() {
             proxy_wasm::set_log_level(level);
         }
-        match Worker::start(EnvoyHost) {
-            Ok(w) => {
-                self.vm.borrow_mut().worker = Some(w);
+        let started = Worker::start(EnvoyHost).map_err(|e| e.to_string());
+        match (started, self.vm.try_borrow_mut()) {
+            (Ok(w), Ok(mut v)) => {
+                v.worker = Some(w);
                 true
             }
-            Err(e) => {
+            (Err(e), _) => {
                 log::error!("cannot register this worker VM: {e}");
                 false
             }
+            (Ok(_), Err(_)) => false,
         }
     }
 
