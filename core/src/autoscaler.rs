@@ -372,16 +372,19 @@ mod tests {
         assert!(Autoscaler::decode(&b[..b.len() - 1]).is_err());
     }
 
+    /// Ten idle seconds on one ready replica (capacity 10), a step every 100 ms.
+    fn idle_for_10s(a: &mut Autoscaler, c: &KpaConfig) {
+        for t in (0..10_000).step_by(100) {
+            a.step(c, &obs(t, 0, 0, 0, Some(10), 1), 1_000);
+        }
+    }
+
     #[test]
     fn a_saturated_stretch_decides_once_at_the_horizon() {
         let c = cfg(10.0, 100.0);
         let mut a = Autoscaler::new(&c);
         // Idle, then from t = 10 s 50 requests on 1 ready (10 in flight, 40 waiting).
-        let mut t = 0;
-        while t < 10_000 {
-            a.step(&c, &obs(t, 0, 0, 0, Some(10), 1), 1_000);
-            t += 100;
-        }
+        idle_for_10s(&mut a, &c);
         let saturated = |t: u64| obs(t, 50 * (t - 10_000), 10, 40, Some(10), 1);
         // The regular decision at 10 s sees nothing yet; 10.9 s is not due and not a horizon.
         assert!(a.step(&c, &saturated(10_000), 1_000).is_some());
@@ -418,15 +421,10 @@ mod tests {
         // average (1.1 s span) would read 37 -> 4.
         let c = cfg(10.0, 100.0);
         let mut a = Autoscaler::new(&c);
-        let mut t = 0;
-        while t < 10_000 {
-            a.step(&c, &obs(t, 0, 0, 0, Some(10), 1), 1_000);
-            t += 100;
-        }
+        idle_for_10s(&mut a, &c);
         let mut last = None;
-        while t <= 11_000 {
+        for t in (10_000..=11_000).step_by(100) {
             last = a.step(&c, &obs(t, 41 * (t - 10_000), 10, 31, Some(10), 1), 1_000);
-            t += 100;
         }
         let d = last.unwrap();
         assert_eq!((d.queue_desired, d.desired), (Some(5), 5), "{d}");

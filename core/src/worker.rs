@@ -940,9 +940,16 @@ impl<H: Host> Worker<H> {
         self.poll == Poll::InFlight(token)
     }
 
-    /// The admin's answer to poll `token`: the body, or why there is none. Records ready
-    /// replicas per revision and grants what now fits.
-    pub fn on_poll_answer(&mut self, token: u32, answer: Result<Vec<u8>, String>, now: u64) {
+    /// The admin's answer to poll `token`: its `:status` (empty: none came, a timeout or
+    /// reset) and its body (or why it could not be read). A 200 records ready replicas per
+    /// revision and grants what now fits; anything else keeps the last counts.
+    pub fn on_poll_answer(
+        &mut self,
+        token: u32,
+        status: &str,
+        body: Result<Vec<u8>, String>,
+        now: u64,
+    ) {
         if !self.awaits_poll(token) {
             return;
         }
@@ -950,9 +957,13 @@ impl<H: Host> Worker<H> {
         let Some(config) = self.config.clone() else {
             return;
         };
-        let body = match answer {
-            Ok(b) => b,
-            Err(why) => return self.poll_failed(&why),
+        let body = match (status, body) {
+            ("", _) => return self.poll_failed("no answer (timeout or reset)"),
+            ("200", Ok(b)) => b,
+            ("200", Err(why)) => {
+                return self.poll_failed(&format!("reading the body failed: {why}"))
+            }
+            (other, _) => return self.poll_failed(&format!("status {other}")),
         };
         let clusters: Vec<&str> = config
             .revisions

@@ -56,20 +56,15 @@ impl RequestFacts for EnvoyRequest {
     }
 }
 
-/// The answer to the membership poll being delivered: its body, or why there is none.
-pub fn poll_answer(body_size: usize) -> Result<Vec<u8>, String> {
+/// The answer to the membership poll being delivered: its `:status` (empty if none) and its
+/// body. The worker judges them.
+pub fn poll_answer(body_size: usize) -> (String, Result<Vec<u8>, String>) {
     let status = hostcalls::get_map_value(MapType::HttpCallResponseHeaders, ":status")
         .ok()
         .flatten()
         .unwrap_or_default();
-    if status.is_empty() {
-        return Err("no answer (timeout or reset)".into());
-    }
-    if status != "200" {
-        return Err(format!("status {status}"));
-    }
-    match hostcalls::get_buffer(BufferType::HttpCallResponseBody, 0, body_size) {
-        Ok(b) => Ok(b.unwrap_or_default()),
-        Err(e) => Err(format!("reading the body failed: {e:?}")),
-    }
+    let body = hostcalls::get_buffer(BufferType::HttpCallResponseBody, 0, body_size)
+        .map(Option::unwrap_or_default)
+        .map_err(|e| format!("{e:?}"));
+    (status, body)
 }

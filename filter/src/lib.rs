@@ -81,8 +81,8 @@ impl Context for Root {
             .try_borrow()
             .is_ok_and(|v| v.worker.as_ref().is_some_and(|w| w.awaits_poll(token)));
         if ours {
-            let answer = host::poll_answer(body_size);
-            with_worker(&self.vm, |w| w.on_poll_answer(token, answer, now));
+            let (status, body) = host::poll_answer(body_size);
+            with_worker(&self.vm, |w| w.on_poll_answer(token, &status, body, now));
         }
     }
 }

@@ -365,7 +365,7 @@ fn membership_sets_ready_replicas_and_grants_what_now_fits() {
     assert!(!g.effects[0].iter().any(|e| matches!(e, Effect::Poll(_))));
     assert!(!g.workers[0].awaits_poll(8));
     let body = br#"{"stats":[{"name":"cluster.rev-a.membership_healthy","value":2}]}"#;
-    g.workers[0].on_poll_answer(7, Ok(body.to_vec()), 250);
+    g.workers[0].on_poll_answer(7, "200", Ok(body.to_vec()), 250);
     assert_eq!(g.state().ready(), Some(2));
     g.wake(0, 251);
     assert_eq!(g.resumed(0), vec![2], "capacity grew to 2");
@@ -373,7 +373,7 @@ fn membership_sets_ready_replicas_and_grants_what_now_fits() {
     g.workers[0].on_tick(1_300);
     g.workers[0].on_poll_dispatched(Ok(9));
     g.effects[0].clear();
-    g.workers[0].on_poll_answer(9, Err("status 503".into()), 1_310);
+    g.workers[0].on_poll_answer(9, "503", Ok(Vec::new()), 1_310);
     g.collect(0);
     assert!(g.effects[0].contains(&Effect::PollFailed));
     assert_eq!(g.state().ready(), Some(2));
