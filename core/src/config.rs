@@ -10,6 +10,7 @@ use crate::duration::{self, DurationError};
 use crate::kpa::{KpaConfig, KpaConfigError};
 use crate::table::{RevisionId, RevisionTable, TableError};
 use serde::{Deserialize, Serialize};
+use std::rc::Rc;
 use thiserror::Error;
 
 /// Knative's default soft target (`container-concurrency-target-default`).
@@ -21,6 +22,9 @@ pub const DEFAULT_BUFFER_PER_SLOT: u32 = 10;
 pub const DEFAULT_MAX_WAIT: &str = "30s";
 pub const DEFAULT_TICK: &str = "100ms";
 pub const DEFAULT_RETRY_AFTER: &str = "1s";
+/// The request header that names the picked endpoint for Envoy's `override_host` policy (the
+/// name Gateway API Inference Extension's endpoint picker uses).
+pub const DEFAULT_ENDPOINT_HEADER: &str = "x-gateway-destination-endpoint";
 
 /// A configuration that could not be used. The filter logs it and refuses the configuration.
 #[derive(Debug, Clone, PartialEq, Error)]
@@ -78,6 +82,22 @@ pub struct ConfigDoc {
     pub retry_after: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub membership: Option<MembershipDoc>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub routing: Option<RoutingDoc>,
+}
+
+/// Endpoint picking: the filter chooses each request's pod (an endpoint of the revision's
+/// `upstreamCluster` with fewer than `containerConcurrency` in flight) and names it in
+/// `endpointHeader` for Envoy's `override_host` load-balancing policy.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct RoutingDoc {
+    /// Default true.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub enabled: Option<bool>,
+    /// Default `x-gateway-destination-endpoint`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub endpoint_header: Option<String>,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
@@ -274,6 +294,11 @@ pub struct Config {
     /// `retry-after` seconds on shed replies.
     pub retry_after_s: u64,
     pub membership: Option<Membership>,
+    /// The endpoint header when endpoint picking is on (the default): the filter sets it on
+    /// every request it picked an endpoint for and removes a client's copy from every other.
+    /// Picking applies to revisions with an `upstreamCluster` whose endpoints `membership`
+    /// learns.
+    pub endpoint_header: Option<Rc<str>>,
     pub table: RevisionTable,
 }
 
@@ -318,16 +343,7 @@ impl Config {
         }
         let revision_header = match raw.revision_header {
             None => None,
-            Some(h) => {
-                let h = h.trim().to_ascii_lowercase();
-                if h.is_empty() || h.starts_with(':') || !h.bytes().all(is_header_char) {
-                    return Err(ConfigError::invalid(
-                        "revisionHeader",
-                        format!("`{h}` is not a valid request header name"),
-                    ));
-                }
-                Some(h)
-            }
+            Some(h) => Some(header_name("revisionHeader", &h)?),
         };
         let membership = match raw.membership {
             None => None,
@@ -361,6 +377,12 @@ impl Config {
                     authority: m.authority.unwrap_or_else(|| "envoy-admin".into()),
                 })
             }
+        };
+        let routing = raw.routing.unwrap_or_default();
+        let endpoint_header = match (routing.enabled.unwrap_or(true), routing.endpoint_header) {
+            (false, _) => None,
+            (true, None) => Some(Rc::from(DEFAULT_ENDPOINT_HEADER)),
+            (true, Some(h)) => Some(Rc::from(header_name("routing.endpointHeader", &h)?)),
         };
         if raw.revisions.is_empty() {
             return Err(ConfigError::invalid(
@@ -397,6 +419,7 @@ impl Config {
             tick_ms,
             retry_after_s: retry_after_ms / 1000,
             membership,
+            endpoint_header,
             table,
         })
     }
@@ -409,6 +432,18 @@ impl Config {
 
 fn duration_key(path: &str, value: &str) -> Result<u64, ConfigError> {
     duration::parse_ms(value).map_err(|e: DurationError| ConfigError::invalid(path, e.to_string()))
+}
+
+/// A request header name, lower-cased; pseudo-headers are refused.
+fn header_name(path: &str, h: &str) -> Result<String, ConfigError> {
+    let h = h.trim().to_ascii_lowercase();
+    if h.is_empty() || h.starts_with(':') || !h.bytes().all(is_header_char) {
+        return Err(ConfigError::invalid(
+            path,
+            format!("`{h}` is not a valid request header name"),
+        ));
+    }
+    Ok(h)
 }
 
 fn is_header_char(b: u8) -> bool {
@@ -912,6 +947,26 @@ mod tests {
         }
         let err = parse(r#"{"revisions":[{"name":"a","hosts":["a"]}],"membership":{"cluster":"x","interval":"10ms"}}"#).unwrap_err();
         assert_eq!(err.path(), "membership.interval");
+    }
+
+    #[test]
+    fn routing_defaults_on_with_the_inference_extension_header() {
+        let c = parse(r#"{"revisions":[{"name":"a","hosts":["a"]}]}"#).unwrap();
+        assert_eq!(c.endpoint_header.as_deref(), Some(DEFAULT_ENDPOINT_HEADER));
+        let off =
+            parse(r#"{"revisions":[{"name":"a","hosts":["a"]}],"routing":{"enabled":false}}"#)
+                .unwrap();
+        assert_eq!(off.endpoint_header, None);
+        let own = parse(
+            r#"{"revisions":[{"name":"a","hosts":["a"]}],"routing":{"endpointHeader":" X-Pod "}}"#,
+        )
+        .unwrap();
+        assert_eq!(own.endpoint_header.as_deref(), Some("x-pod"));
+        let bad = parse(
+            r#"{"revisions":[{"name":"a","hosts":["a"]}],"routing":{"endpointHeader":":path"}}"#,
+        )
+        .unwrap_err();
+        assert_eq!(bad.path(), "routing.endpointHeader");
     }
 
     proptest::proptest! {
