@@ -83,6 +83,30 @@ pub fn lb_endpoint(addr: SocketAddr) -> String {
     )
 }
 
+/// A cluster's `load_balancing_policy` (at 4 spaces, inside a cluster) that routes a request to
+/// the endpoint named in request header `header` (`IP:port`, Envoy's `override_host` policy),
+/// the filter's pick; requests without the header, or naming an endpoint the cluster does not
+/// have, go to the least-loaded endpoint (least request, full scan).
+pub fn override_host_policy(header: &str) -> String {
+    format!(
+        r#"    load_balancing_policy:
+      policies:
+      - typed_extension_config:
+          name: envoy.load_balancing_policies.override_host
+          typed_config:
+            "@type": type.googleapis.com/envoy.extensions.load_balancing_policies.override_host.v3.OverrideHost
+            override_host_sources: [{{ header: {header} }}]
+            fallback_policy:
+              policies:
+              - typed_extension_config:
+                  name: envoy.load_balancing_policies.least_request
+                  typed_config:
+                    "@type": type.googleapis.com/envoy.extensions.load_balancing_policies.least_request.v3.LeastRequest
+                    selection_method: FULL_SCAN
+"#
+    )
+}
+
 /// A STATIC cluster `name` of the one endpoint loopback `port`: the filter's way to the admin
 /// endpoint (`membership.cluster`), to learn ready replicas.
 pub fn admin_cluster(name: &str, port: u16) -> String {
