@@ -18,8 +18,15 @@
 //! with queued demand included, and it costs nothing extra to keep it in the same swap.
 //!
 //! The capacity is an input ([`Limits`]), not state: it follows the ready replicas, which the
-//! filter learns separately, and a later per-endpoint model can sum its endpoints' capacity
-//! without changing this type's contract.
+//! filter learns separately.
+//!
+//! **Endpoints.** Once the filter knows a revision's endpoints ([`RevisionState::set_endpoints`]),
+//! a slot is a slot *on an endpoint*: admission and grants pick a ready endpoint with fewer than
+//! `containerConcurrency` in flight (the least loaded; ties go round the list, so they spread),
+//! count the request on it, and name it in the [`Pick`]; a release gives the slot back on the
+//! endpoint it was taken on. The per-endpoint counts live in this same record, so one CAS covers
+//! the revision and its endpoints. An endpoint that leaves Envoy's view while requests run on it
+//! stays listed as gone until they finish, so they still release where they were counted.
 
 use crate::config::{LimitParams, Limits};
 use crate::outcome::Outcome;
@@ -43,11 +50,43 @@ pub struct Waiter {
 }
 
 /// A slot handed to a waiter; `active` already counts it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Grant {
     pub ticket: u64,
     pub owner: Owner,
     pub waited_ms: u64,
+    /// The endpoint the slot is on (when the revision's endpoints are known).
+    pub endpoint: Option<Pick>,
+}
+
+/// The endpoint a slot was taken on: its id in the revision's state (for the release) and its
+/// address (`IP:port`, for Envoy's `override_host`).
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct Pick {
+    pub id: u32,
+    pub address: String,
+}
+
+/// Whether an endpoint takes new requests.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum EndpointState {
+    /// Healthy and not draining: picked.
+    Ready,
+    /// Listed by Envoy but unhealthy, degraded or draining: not picked.
+    NotReady,
+    /// No longer listed; kept while requests it holds run, dropped at the last release.
+    Gone,
+}
+
+/// One endpoint (a pod) of a revision.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Endpoint {
+    /// ≥ 1, unique within the revision while listed; 0 means "no endpoint".
+    pub id: u32,
+    pub address: String,
+    /// Requests holding a slot on it.
+    pub active: u32,
+    pub state: EndpointState,
 }
 
 /// Why a request was shed.
@@ -76,10 +115,11 @@ impl From<ShedReason> for Outcome {
 }
 
 /// The answer to a request asking to go upstream.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Admission {
-    /// Go now; a slot is taken and must be released when the stream ends.
-    Admitted,
+    /// Go now (to `endpoint`, when the revision's endpoints are known); a slot is taken and must
+    /// be released when the stream ends.
+    Admitted { endpoint: Option<Pick> },
     /// Wait with this ticket until granted, cancelled or expired.
     Queued { ticket: u64 },
     /// Answer 503 now.
@@ -97,9 +137,11 @@ pub enum DecodeError {
     Trailing(usize),
     #[error("revision state's demand is unreadable: {0}")]
     Demand(String),
+    #[error("revision state has an endpoint address that is not UTF-8")]
+    Address,
 }
 
-const VERSION: u8 = 4;
+const VERSION: u8 = 5;
 /// `ready` when the filter has not learned it (static configuration applies).
 const READY_UNKNOWN: u32 = u32::MAX;
 const WAITER_BYTES: usize = 8 + 4 + 4 + 8;
@@ -117,26 +159,112 @@ pub struct RevisionState {
     exported_ms: u64,
     /// Ready replicas learned from Envoy's membership; `None` until learned.
     ready: Option<u32>,
-    /// Slots held per worker VM, `(vm, held)` sorted by vm; they sum to `active`. Lets a
-    /// survivor give back the slots of a VM that crashed (its streams never call release).
-    holders: Vec<(u32, u32)>,
+    /// Slots held per worker VM and endpoint, `(vm, endpoint id, held)` sorted; they sum to
+    /// `active`. Lets a survivor give back the slots of a VM that crashed (its streams never
+    /// call release), on the endpoints they were taken on.
+    holders: Vec<(u32, u32, u32)>,
+    /// The revision's endpoints, once learned; `None`: slots are not tied to endpoints.
+    endpoints: Option<Endpoints>,
     /// The limit parameters of the newest configuration generation that configured this
     /// revision, `(generation, params)`.
     published: Option<(u64, LimitParams)>,
 }
 
+/// A revision's endpoints and the cursor that spreads ties.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+struct Endpoints {
+    list: Vec<Endpoint>,
+    next_id: u32,
+    cursor: u32,
+}
+
+impl Endpoints {
+    /// Index of the endpoint the next request goes to: ready, below `per_endpoint` (`None`:
+    /// no cap), least in flight; among equals the first at or after the cursor.
+    fn pick(&self, per_endpoint: Option<u32>) -> Option<usize> {
+        let n = self.list.len();
+        if n == 0 {
+            return None;
+        }
+        let start = self.cursor as usize % n;
+        let mut best: Option<(usize, u32)> = None;
+        for k in 0..n {
+            let i = (start + k) % n;
+            let Some(e) = self.list.get(i) else {
+                continue;
+            };
+            let eligible =
+                e.state == EndpointState::Ready && per_endpoint.is_none_or(|cap| e.active < cap);
+            if eligible && best.is_none_or(|(_, a)| e.active < a) {
+                best = Some((i, e.active));
+            }
+        }
+        best.map(|(i, _)| i)
+    }
+
+    /// Takes a slot on the picked endpoint.
+    fn take(&mut self, per_endpoint: Option<u32>) -> Option<Pick> {
+        let i = self.pick(per_endpoint)?;
+        self.cursor = self.cursor.wrapping_add(1);
+        let e = self.list.get_mut(i)?;
+        e.active = e.active.saturating_add(1);
+        Some(Pick {
+            id: e.id,
+            address: e.address.clone(),
+        })
+    }
+
+    /// Gives `n` slots back on endpoint `id`; a gone endpoint leaves at its last release.
+    fn give_back(&mut self, id: u32, n: u32) {
+        let Some(i) = self.list.iter().position(|e| e.id == id) else {
+            return;
+        };
+        if let Some(e) = self.list.get_mut(i) {
+            e.active = e.active.saturating_sub(n);
+            if e.active == 0 && e.state == EndpointState::Gone {
+                self.list.remove(i);
+            }
+        }
+    }
+
+    fn ready(&self) -> u32 {
+        let n = self
+            .list
+            .iter()
+            .filter(|e| e.state == EndpointState::Ready)
+            .count();
+        u32::try_from(n).unwrap_or(u32::MAX)
+    }
+}
+
 impl RevisionState {
+    /// A free slot for the next request, if there is one: on an endpoint when they are known
+    /// (`Some(Some(pick))`), else on the revision (`Some(None)`). Takes it.
+    fn take_slot(&mut self, limits: Limits) -> Option<Option<Pick>> {
+        match self.endpoints.as_mut() {
+            Some(eps) => match eps.take(limits.per_endpoint) {
+                Some(p) => Some(Some(p)),
+                // Unlimited (cc 0) with no ready endpoint: Envoy's balancer decides, as before
+                // endpoints were known.
+                None if limits.capacity.is_none() && eps.ready() == 0 => Some(None),
+                None => None,
+            },
+            None => limits
+                .capacity
+                .is_none_or(|cap| self.active < cap)
+                .then_some(None),
+        }
+    }
+
     /// Admit, queue or shed one arriving request.
     pub fn try_admit(&mut self, limits: Limits, owner: Owner, now_ms: u64) -> Admission {
-        let has_room = match limits.capacity {
-            None => true,
-            Some(cap) => self.active < cap,
-        };
-        if has_room && self.waiters.is_empty() {
-            self.active = self.active.saturating_add(1);
-            self.hold(owner.vm, true);
-            self.observe(now_ms);
-            return Admission::Admitted;
+        if self.waiters.is_empty() {
+            if let Some(endpoint) = self.take_slot(limits) {
+                self.active = self.active.saturating_add(1);
+                self.hold(owner.vm, endpoint.as_ref().map_or(0, |p| p.id), true);
+                self.observe(now_ms);
+                return Admission::Admitted { endpoint };
+            }
         }
         if (self.waiters.len() as u64) < u64::from(limits.buffer) {
             let ticket = self.next_ticket;
@@ -152,11 +280,14 @@ impl RevisionState {
         Admission::Shed(ShedReason::BufferFull)
     }
 
-    /// One slot held by worker VM `vm` frees (a stream ended, or a granted waiter was gone);
-    /// returns the grants that follow, oldest ticket first.
-    pub fn release(&mut self, vm: u32, limits: Limits, now_ms: u64) -> Vec<Grant> {
+    /// One slot held by worker VM `vm` on endpoint `endpoint` (0: none) frees (a stream ended,
+    /// or a granted waiter was gone); returns the grants that follow, oldest ticket first.
+    pub fn release(&mut self, vm: u32, endpoint: u32, limits: Limits, now_ms: u64) -> Vec<Grant> {
         self.active = self.active.saturating_sub(1);
-        self.hold(vm, false);
+        self.hold(vm, endpoint, false);
+        if let (Some(eps), true) = (self.endpoints.as_mut(), endpoint != 0) {
+            eps.give_back(endpoint, 1);
+        }
         self.observe(now_ms);
         self.grant_ready(limits, now_ms)
     }
@@ -166,16 +297,20 @@ impl RevisionState {
     pub fn grant_ready(&mut self, limits: Limits, now_ms: u64) -> Vec<Grant> {
         // A grant moves a request from queued to in-flight: demand does not change.
         let mut grants = Vec::new();
-        while limits.capacity.is_none_or(|cap| self.active < cap) {
+        while !self.waiters.is_empty() {
+            let Some(endpoint) = self.take_slot(limits) else {
+                break;
+            };
             let Some(w) = self.waiters.pop_front() else {
                 break;
             };
             self.active = self.active.saturating_add(1);
-            self.hold(w.owner.vm, true);
+            self.hold(w.owner.vm, endpoint.as_ref().map_or(0, |p| p.id), true);
             grants.push(Grant {
                 ticket: w.ticket,
                 owner: w.owner,
                 waited_ms: now_ms.saturating_sub(w.since_ms),
+                endpoint,
             });
         }
         grants
@@ -206,21 +341,24 @@ impl RevisionState {
         reaped
     }
 
-    fn hold(&mut self, vm: u32, take: bool) {
-        match self.holders.binary_search_by_key(&vm, |h| h.0) {
+    fn hold(&mut self, vm: u32, endpoint: u32, take: bool) {
+        match self
+            .holders
+            .binary_search_by_key(&(vm, endpoint), |h| (h.0, h.1))
+        {
             Ok(i) => {
                 if let Some(h) = self.holders.get_mut(i) {
-                    h.1 = if take {
-                        h.1.saturating_add(1)
+                    h.2 = if take {
+                        h.2.saturating_add(1)
                     } else {
-                        h.1.saturating_sub(1)
+                        h.2.saturating_sub(1)
                     };
-                    if h.1 == 0 {
+                    if h.2 == 0 {
                         self.holders.remove(i);
                     }
                 }
             }
-            Err(i) if take => self.holders.insert(i, (vm, 1)),
+            Err(i) if take => self.holders.insert(i, (vm, endpoint, 1)),
             Err(_) => {}
         }
     }
@@ -242,18 +380,35 @@ impl RevisionState {
         }
     }
 
-    /// Slots held per worker VM, `(vm, held)`.
+    /// Slots held per worker VM, `(vm, held)`, by vm.
     pub fn holders(&self) -> impl Iterator<Item = (u32, u32)> + '_ {
-        self.holders.iter().copied()
+        let mut it = self.holders.iter().peekable();
+        std::iter::from_fn(move || {
+            let &(vm, _, mut held) = it.next()?;
+            while let Some(&(_, _, more)) = it.next_if(|h| h.0 == vm) {
+                held = held.saturating_add(more);
+            }
+            Some((vm, held))
+        })
     }
 
     /// Gives back everything worker VM `vm` held — its slots and its waiters — because it is
     /// gone (crashed; its streams will never release). Returns (slots, waiters, grants).
     pub fn reap_vm(&mut self, vm: u32, limits: Limits, now_ms: u64) -> (u32, usize, Vec<Grant>) {
-        let slots = match self.holders.binary_search_by_key(&vm, |h| h.0) {
-            Ok(i) => self.holders.remove(i).1,
-            Err(_) => 0,
-        };
+        let mut slots = 0u32;
+        let mut freed = Vec::new();
+        self.holders.retain(|&(v, endpoint, held)| {
+            if v == vm {
+                slots = slots.saturating_add(held);
+                freed.push((endpoint, held));
+            }
+            v != vm
+        });
+        if let Some(eps) = self.endpoints.as_mut() {
+            for (endpoint, held) in freed {
+                eps.give_back(endpoint, held);
+            }
+        }
         self.active = self.active.saturating_sub(slots);
         let before = self.waiters.len();
         self.waiters.retain(|w| w.owner.vm != vm);
@@ -288,8 +443,48 @@ impl RevisionState {
     }
 
     /// Records the ready replicas Envoy reports (the caller then grants with the new limits).
+    /// Slots are no longer tied to endpoints (endpoint picking is off for this revision).
     pub fn set_ready(&mut self, ready: u32) {
         self.ready = (ready != READY_UNKNOWN).then_some(ready);
+        self.endpoints = None;
+    }
+
+    /// Records the endpoints Envoy lists for the revision, `(address, ready)` in Envoy's order:
+    /// new ones join (with no slot taken), known ones take the new readiness, unlisted ones
+    /// leave (or stay as gone while they hold slots). Ready replicas = ready endpoints. The
+    /// caller then grants with the new limits.
+    pub fn set_endpoints<'a>(&mut self, listed: impl IntoIterator<Item = (&'a str, bool)>) {
+        let eps = self.endpoints.get_or_insert_with(Endpoints::default);
+        for e in &mut eps.list {
+            e.state = EndpointState::Gone;
+        }
+        for (address, ready) in listed {
+            let state = if ready {
+                EndpointState::Ready
+            } else {
+                EndpointState::NotReady
+            };
+            match eps.list.iter_mut().find(|e| e.address == address) {
+                Some(e) => e.state = state,
+                None => {
+                    eps.next_id = eps.next_id.wrapping_add(1).max(1);
+                    eps.list.push(Endpoint {
+                        id: eps.next_id,
+                        address: address.to_string(),
+                        active: 0,
+                        state,
+                    });
+                }
+            }
+        }
+        eps.list
+            .retain(|e| e.state != EndpointState::Gone || e.active > 0);
+        self.ready = Some(eps.ready());
+    }
+
+    /// The revision's endpoints, if known.
+    pub fn endpoints(&self) -> Option<&[Endpoint]> {
+        self.endpoints.as_ref().map(|e| e.list.as_slice())
     }
 
     /// Requests waiting for a slot.
@@ -316,7 +511,10 @@ impl RevisionState {
             + 1
             + if self.published.is_some() { 20 } else { 0 }
             + 4
-            + self.holders.len() * 8
+            + self.holders.len() * 12
+            + self.endpoints.as_ref().map_or(1, |e| {
+                13 + e.list.iter().map(|x| 10 + x.address.len()).sum::<usize>()
+            })
             + 4
             + self.waiters.records().len();
         let mut out = Vec::with_capacity(len);
@@ -338,9 +536,32 @@ impl RevisionState {
             }
         }
         out.extend_from_slice(&u32::try_from(self.holders.len()).unwrap_or(0).to_le_bytes());
-        for (vm, held) in &self.holders {
+        for (vm, endpoint, held) in &self.holders {
             out.extend_from_slice(&vm.to_le_bytes());
+            out.extend_from_slice(&endpoint.to_le_bytes());
             out.extend_from_slice(&held.to_le_bytes());
+        }
+        match &self.endpoints {
+            None => out.push(0),
+            Some(eps) => {
+                out.push(1);
+                out.extend_from_slice(&eps.next_id.to_le_bytes());
+                out.extend_from_slice(&eps.cursor.to_le_bytes());
+                out.extend_from_slice(&u32::try_from(eps.list.len()).unwrap_or(0).to_le_bytes());
+                for e in &eps.list {
+                    out.extend_from_slice(&e.id.to_le_bytes());
+                    out.extend_from_slice(&e.active.to_le_bytes());
+                    out.push(match e.state {
+                        EndpointState::Ready => 0,
+                        EndpointState::NotReady => 1,
+                        EndpointState::Gone => 2,
+                    });
+                    let addr = e.address.as_bytes();
+                    let len = addr.len().min(255);
+                    out.push(len as u8);
+                    out.extend_from_slice(addr.get(..len).unwrap_or_default());
+                }
+            }
         }
         out.extend_from_slice(&self.queued().to_le_bytes());
         out.extend_from_slice(self.waiters.records());
@@ -380,13 +601,49 @@ impl RevisionState {
             }
         };
         let h = r.u32()? as usize;
-        if bytes.len().saturating_sub(r.at) < h.saturating_mul(8) {
+        if bytes.len().saturating_sub(r.at) < h.saturating_mul(12) {
             return Err(DecodeError::Truncated(bytes.len()));
         }
         let mut holders = Vec::with_capacity(h);
         for _ in 0..h {
-            holders.push((r.u32()?, r.u32()?));
+            holders.push((r.u32()?, r.u32()?, r.u32()?));
         }
+        let endpoints = match r.u8()? {
+            0 => None,
+            _ => {
+                let next_id = r.u32()?;
+                let cursor = r.u32()?;
+                let n = r.u32()? as usize;
+                if bytes.len().saturating_sub(r.at) < n.saturating_mul(10) {
+                    return Err(DecodeError::Truncated(bytes.len()));
+                }
+                let mut list = Vec::with_capacity(n);
+                for _ in 0..n {
+                    let id = r.u32()?;
+                    let active = r.u32()?;
+                    let state = match r.u8()? {
+                        0 => EndpointState::Ready,
+                        1 => EndpointState::NotReady,
+                        _ => EndpointState::Gone,
+                    };
+                    let len = usize::from(r.u8()?);
+                    let address = std::str::from_utf8(r.slice(len)?)
+                        .map_err(|_| DecodeError::Address)?
+                        .to_string();
+                    list.push(Endpoint {
+                        id,
+                        address,
+                        active,
+                        state,
+                    });
+                }
+                Some(Endpoints {
+                    list,
+                    next_id,
+                    cursor,
+                })
+            }
+        };
         let n = r.u32()? as usize;
         let waiters = WaiterQueue::from_records(r.slice(n.saturating_mul(WAITER_BYTES))?);
         if r.at != bytes.len() {
@@ -400,6 +657,7 @@ impl RevisionState {
             exported_ms,
             ready: (ready != READY_UNKNOWN).then_some(ready),
             holders,
+            endpoints,
             published,
         })
     }
@@ -602,6 +860,7 @@ mod tests {
         Limits {
             capacity: Some(capacity),
             buffer,
+            per_endpoint: None,
         }
     }
     fn owner(vm: u32, context: u32) -> Owner {
@@ -612,8 +871,14 @@ mod tests {
     fn admits_up_to_capacity_then_queues_then_sheds() {
         let mut s = RevisionState::default();
         let l = lim(2, 1);
-        assert_eq!(s.try_admit(l, owner(0, 1), 0), Admission::Admitted);
-        assert_eq!(s.try_admit(l, owner(1, 1), 0), Admission::Admitted);
+        assert_eq!(
+            s.try_admit(l, owner(0, 1), 0),
+            Admission::Admitted { endpoint: None }
+        );
+        assert_eq!(
+            s.try_admit(l, owner(1, 1), 0),
+            Admission::Admitted { endpoint: None }
+        );
         assert_eq!(
             s.try_admit(l, owner(2, 1), 5),
             Admission::Queued { ticket: 0 }
@@ -623,13 +888,14 @@ mod tests {
             Admission::Shed(ShedReason::BufferFull)
         );
         assert_eq!((s.active, s.queued()), (2, 1));
-        let g = s.release(0, l, 45);
+        let g = s.release(0, 0, l, 45);
         assert_eq!(
             g,
             vec![Grant {
                 ticket: 0,
                 owner: owner(2, 1),
-                waited_ms: 40
+                waited_ms: 40,
+                endpoint: None,
             }]
         );
         assert_eq!((s.active, s.queued()), (2, 0));
@@ -639,13 +905,16 @@ mod tests {
     fn new_arrivals_do_not_barge_past_waiters() {
         let mut s = RevisionState::default();
         let l = lim(1, 5);
-        assert_eq!(s.try_admit(l, owner(0, 1), 0), Admission::Admitted);
+        assert_eq!(
+            s.try_admit(l, owner(0, 1), 0),
+            Admission::Admitted { endpoint: None }
+        );
         assert_eq!(
             s.try_admit(l, owner(0, 2), 0),
             Admission::Queued { ticket: 0 }
         );
         // The slot frees but the grant is in transit; capacity is full again with the grantee.
-        let g = s.release(0, l, 1);
+        let g = s.release(0, 0, l, 1);
         assert_eq!(g.len(), 1);
         // Even with room, an arrival while someone waits must queue.
         let mut s2 = RevisionState::default();
@@ -662,9 +931,13 @@ mod tests {
         let l = Limits {
             capacity: None,
             buffer: 0,
+            per_endpoint: None,
         };
         for i in 0..1000 {
-            assert_eq!(s.try_admit(l, owner(0, i), 0), Admission::Admitted);
+            assert_eq!(
+                s.try_admit(l, owner(0, i), 0),
+                Admission::Admitted { endpoint: None }
+            );
         }
         assert_eq!(s.active, 1000);
     }
@@ -722,7 +995,7 @@ mod tests {
     #[test]
     fn release_of_empty_state_saturates() {
         let mut s = RevisionState::default();
-        assert!(s.release(0, lim(1, 1), 0).is_empty());
+        assert!(s.release(0, 0, lim(1, 1), 0).is_empty());
         assert_eq!(s.active, 0);
     }
 
@@ -745,8 +1018,8 @@ mod tests {
         s.try_admit(l, owner(0, 1), 0); // level 1
         s.try_admit(l, owner(0, 2), 100); // level 2 (1 in flight, 1 queued)
         assert_eq!(s.demand_ms(300), 100 + 2 * 200);
-        assert_eq!(s.release(0, l, 300).len(), 1); // the grant keeps level at 1
-        assert_eq!(s.release(0, l, 500).len(), 0); // level 0
+        assert_eq!(s.release(0, 0, l, 300).len(), 1); // the grant keeps level at 1
+        assert_eq!(s.release(0, 0, l, 500).len(), 0); // level 0
         assert_eq!(s.demand_ms(10_000), 100 + 400 + 200);
         assert_eq!(s.take_unexported_demand_ms(10_000), 700);
         assert_eq!(s.take_unexported_demand_ms(20_000), 0, "exported once");
@@ -827,7 +1100,7 @@ mod tests {
         s.try_admit(l, owner(4, 40), 1_040); // ticket 2
         s.try_admit(l, owner(2, 21), 1_050); // ticket 3
         s.cancel(1, 1_060);
-        s.release(1, l, 1_070); // grants ticket 0 to VM 3
+        s.release(1, 0, l, 1_070); // grants ticket 0 to VM 3
         s.try_admit(l, owner(0xABCD_EF01, 0x1234_5678), 1_075); // ticket 4
         s.publish(
             7,
@@ -838,24 +1111,31 @@ mod tests {
             },
         );
         s.set_ready(2);
+        s.set_endpoints([("10.0.0.1:8080", true), ("[::1]:80", false)]);
         s.take_unexported_demand_ms(1_080);
         s
     }
 
-    /// The encoding of [`golden_state`] as the `VecDeque` implementation wrote it (VERSION 4):
-    /// keeping the waiters as bytes must not change one byte of shared data, or VMs of two
-    /// builds sharing an Envoy would misread each other.
+    /// The encoding of [`golden_state`] (VERSION 5: version 4, which the `VecDeque`
+    /// implementation wrote and the byte queue kept, plus per-endpoint holders and the endpoint
+    /// list). Pinned so that a change of shared data is deliberate (and bumps VERSION): VMs of
+    /// two builds sharing an Envoy must never misread each other.
     const GOLDEN_BYTES: &[u8] = &[
-        0x04, 0x02, 0x00, 0x00, 0x00, 0x05, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x31, 0x01,
-        0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x02, 0x00, 0x00, 0x00, 0x07, 0x01, 0x01, 0x05, 0xb3,
+        0x05, 0x02, 0x00, 0x00, 0x00, 0x05, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x31, 0x01,
+        0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x01, 0x00, 0x00, 0x00, 0x07, 0x01, 0x01, 0x05, 0xb3,
         0x08, 0x98, 0x02, 0x01, 0x07, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x04, 0x00, 0x00,
         0x00, 0x08, 0x00, 0x00, 0x00, 0x02, 0x00, 0x00, 0x00, 0x02, 0x00, 0x00, 0x00, 0x02, 0x00,
-        0x00, 0x00, 0x01, 0x00, 0x00, 0x00, 0x03, 0x00, 0x00, 0x00, 0x01, 0x00, 0x00, 0x00, 0x03,
-        0x00, 0x00, 0x00, 0x02, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x04, 0x00, 0x00, 0x00,
-        0x28, 0x00, 0x00, 0x00, 0x10, 0x04, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x03, 0x00, 0x00,
-        0x00, 0x00, 0x00, 0x00, 0x00, 0x02, 0x00, 0x00, 0x00, 0x15, 0x00, 0x00, 0x00, 0x1a, 0x04,
-        0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x04, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x01,
-        0xef, 0xcd, 0xab, 0x78, 0x56, 0x34, 0x12, 0x33, 0x04, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00,
+        0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x01, 0x00, 0x00, 0x00, 0x03, 0x00, 0x00, 0x00, 0x00,
+        0x00, 0x00, 0x00, 0x01, 0x00, 0x00, 0x00, 0x01, 0x02, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00,
+        0x00, 0x02, 0x00, 0x00, 0x00, 0x01, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x0d,
+        0x31, 0x30, 0x2e, 0x30, 0x2e, 0x30, 0x2e, 0x31, 0x3a, 0x38, 0x30, 0x38, 0x30, 0x02, 0x00,
+        0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x01, 0x08, 0x5b, 0x3a, 0x3a, 0x31, 0x5d, 0x3a, 0x38,
+        0x30, 0x03, 0x00, 0x00, 0x00, 0x02, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x04, 0x00,
+        0x00, 0x00, 0x28, 0x00, 0x00, 0x00, 0x10, 0x04, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x03,
+        0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x02, 0x00, 0x00, 0x00, 0x15, 0x00, 0x00, 0x00,
+        0x1a, 0x04, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x04, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00,
+        0x00, 0x01, 0xef, 0xcd, 0xab, 0x78, 0x56, 0x34, 0x12, 0x33, 0x04, 0x00, 0x00, 0x00, 0x00,
+        0x00, 0x00,
     ];
 
     #[test]
@@ -1010,6 +1290,284 @@ mod tests {
         assert!(RevisionState::decode(&lying).is_err());
     }
 
+    // ---- endpoints -------------------------------------------------------------------------
+
+    fn cc(per_endpoint: u32) -> Limits {
+        LimitParams {
+            container_concurrency: per_endpoint,
+            buffer_depth: Some(100),
+            ready_replicas: 1,
+        }
+        .limits(1)
+    }
+
+    fn admitted_on(a: Admission) -> String {
+        match a {
+            Admission::Admitted {
+                endpoint: Some(p), ..
+            } => p.address,
+            other => panic!("admitted on an endpoint expected, got {other:?}"),
+        }
+    }
+
+    fn on(s: &RevisionState, address: &str) -> u32 {
+        s.endpoints()
+            .and_then(|l| l.iter().find(|e| e.address == address))
+            .map_or(0, |e| e.active)
+    }
+
+    #[test]
+    fn picks_the_least_loaded_ready_endpoint_and_spreads_ties() {
+        let mut s = RevisionState::default();
+        s.set_endpoints([("a:1", true), ("b:1", true), ("c:1", false)]);
+        assert_eq!(s.ready(), Some(2));
+        let l = cc(2);
+        let firsts: Vec<String> = (0..4)
+            .map(|i| admitted_on(s.try_admit(l, owner(0, i), 0)))
+            .collect();
+        let mut sorted = firsts.clone();
+        sorted.sort();
+        assert_eq!(
+            sorted,
+            vec!["a:1", "a:1", "b:1", "b:1"],
+            "never the not-ready c"
+        );
+        assert_ne!(firsts[0], firsts[1], "a tie goes to the other endpoint");
+        // Both full: the next waits, whatever the revision total says.
+        assert_eq!(
+            s.try_admit(l, owner(0, 9), 0),
+            Admission::Queued { ticket: 0 }
+        );
+        // A slot frees on b: the waiter gets b, and b is back at 2.
+        let b = s
+            .endpoints()
+            .unwrap()
+            .iter()
+            .find(|e| e.address == "b:1")
+            .unwrap()
+            .id;
+        let g = s.release(0, b, l, 5);
+        assert_eq!(g.len(), 1);
+        assert_eq!(
+            g[0].endpoint.as_ref().map(|p| p.address.as_str()),
+            Some("b:1")
+        );
+        assert_eq!((on(&s, "a:1"), on(&s, "b:1"), on(&s, "c:1")), (2, 2, 0));
+        assert_eq!(s.active, 4);
+    }
+
+    #[test]
+    fn a_removed_endpoint_keeps_its_slots_until_released_then_leaves() {
+        let mut s = RevisionState::default();
+        s.set_endpoints([("a:1", true)]);
+        let l = cc(1);
+        let Admission::Admitted {
+            endpoint: Some(a), ..
+        } = s.try_admit(l, owner(1, 1), 0)
+        else {
+            panic!()
+        };
+        // `a` leaves Envoy's view, `b` joins: new work goes to b; a is gone but still counted.
+        s.set_endpoints([("b:1", true)]);
+        assert_eq!(s.ready(), Some(1));
+        assert_eq!(admitted_on(s.try_admit(l, owner(1, 2), 0)), "b:1");
+        let gone = s
+            .endpoints()
+            .unwrap()
+            .iter()
+            .find(|e| e.id == a.id)
+            .unwrap();
+        assert_eq!((gone.state, gone.active), (EndpointState::Gone, 1));
+        assert!(matches!(
+            s.try_admit(l, owner(1, 3), 0),
+            Admission::Queued { .. }
+        ));
+        // Its release frees nothing new (a is gone) and drops it.
+        assert!(s.release(1, a.id, l, 1).is_empty());
+        assert!(s.endpoints().unwrap().iter().all(|e| e.id != a.id));
+        assert_eq!(s.active, 1);
+        // a comes back: a new id, and the waiter gets it.
+        s.set_endpoints([("b:1", true), ("a:1", true)]);
+        let g = s.grant_ready(l, 2);
+        assert_eq!(g.len(), 1);
+        let back = g[0].endpoint.clone().unwrap();
+        assert_eq!(back.address, "a:1");
+        assert_ne!(back.id, a.id, "a returning endpoint is a new one");
+        assert_eq!(RevisionState::decode(&s.encode()), Ok(s.clone()));
+    }
+
+    #[test]
+    fn unhealthy_or_draining_endpoints_get_no_new_requests_and_still_release() {
+        let mut s = RevisionState::default();
+        s.set_endpoints([("a:1", true), ("b:1", true)]);
+        let l = cc(4);
+        let picks: Vec<Pick> = (0..4)
+            .map(|i| match s.try_admit(l, owner(0, i), 0) {
+                Admission::Admitted { endpoint: Some(p) } => p,
+                other => panic!("{other:?}"),
+            })
+            .collect();
+        s.set_endpoints([("a:1", false), ("b:1", true)]);
+        for i in 10..20 {
+            match s.try_admit(l, owner(0, i), 0) {
+                Admission::Admitted { endpoint: Some(p) } => assert_eq!(p.address, "b:1"),
+                Admission::Queued { .. } => {}
+                other => panic!("{other:?}"),
+            }
+        }
+        assert_eq!(on(&s, "b:1"), 4);
+        for p in picks.iter().filter(|p| p.address == "a:1") {
+            s.release(0, p.id, l, 1);
+        }
+        assert_eq!(on(&s, "a:1"), 0, "released on a, where they were taken");
+    }
+
+    #[test]
+    fn cc_zero_picks_least_loaded_without_a_cap() {
+        let mut s = RevisionState::default();
+        s.set_endpoints([("a:1", true), ("b:1", true)]);
+        let l = cc(0);
+        for i in 0..10 {
+            admitted_on(s.try_admit(l, owner(0, i), 0));
+        }
+        assert_eq!((on(&s, "a:1"), on(&s, "b:1")), (5, 5));
+        // No ready endpoint: Envoy's balancer decides, as before endpoints were known.
+        s.set_endpoints([("a:1", false), ("b:1", false)]);
+        assert_eq!(
+            s.try_admit(l, owner(0, 11), 0),
+            Admission::Admitted { endpoint: None }
+        );
+    }
+
+    #[test]
+    fn a_dead_vm_gives_back_its_slots_on_their_endpoints() {
+        let mut s = RevisionState::default();
+        s.set_endpoints([("a:1", true), ("b:1", true)]);
+        let l = cc(1);
+        admitted_on(s.try_admit(l, owner(7, 1), 0));
+        admitted_on(s.try_admit(l, owner(8, 1), 0));
+        assert!(matches!(
+            s.try_admit(l, owner(8, 2), 0),
+            Admission::Queued { .. }
+        ));
+        let (slots, waiters, grants) = s.reap_vm(7, l, 1);
+        assert_eq!((slots, waiters, grants.len()), (1, 0, 1));
+        assert_eq!(grants[0].owner, owner(8, 2));
+        assert_eq!((on(&s, "a:1"), on(&s, "b:1")), (1, 1));
+        assert_eq!(s.holders().collect::<Vec<_>>(), vec![(8, 2)]);
+    }
+
+    /// What the endpoint property test does.
+    #[derive(Debug, Clone)]
+    enum EpOp {
+        Arrive(u32),
+        Finish(usize),
+        /// A new endpoint view: for each of 5 addresses, absent (0), ready (1) or not (2).
+        View([u8; 5]),
+        Reap(u32),
+        Cancel(usize),
+    }
+
+    fn ep_op() -> impl Strategy<Value = EpOp> {
+        prop_oneof![
+            5 => (0u32..3).prop_map(EpOp::Arrive),
+            4 => (0usize..64).prop_map(EpOp::Finish),
+            1 => proptest::array::uniform5(0u8..3).prop_map(EpOp::View),
+            1 => (0u32..3).prop_map(EpOp::Reap),
+            1 => (0usize..64).prop_map(EpOp::Cancel),
+        ]
+    }
+
+    proptest! {
+        /// Random endpoint churn, arrivals, completions, cancels and dead VMs: no endpoint ever
+        /// holds more than cc, every slot goes back to the endpoint it was taken on (the counts
+        /// per endpoint equal the slots the test holds there), counts are conserved, grants
+        /// keep ticket order, and at the end every slot and endpoint count is back to 0.
+        #[test]
+        fn endpoint_slots_are_exact_under_churn(
+            ops in proptest::collection::vec(ep_op(), 1..250),
+            per in 1u32..4,
+        ) {
+            let mut s = RevisionState::default();
+            let l = cc(per);
+            // Slots the test holds: (vm, endpoint id, address).
+            let mut held: Vec<(u32, u32, String)> = Vec::new();
+            let mut waiting: Vec<(u32, u64)> = Vec::new();
+            let mut last_granted: Option<u64> = None;
+            let mut ctx = 0u32;
+            let mut take = |g: Vec<Grant>, held: &mut Vec<(u32, u32, String)>, waiting: &mut Vec<(u32, u64)>| -> Result<(), TestCaseError> {
+                for g in g {
+                    prop_assert!(last_granted.is_none_or(|t| g.ticket > t), "grants in ticket order");
+                    last_granted = Some(g.ticket);
+                    waiting.retain(|w| w.1 != g.ticket);
+                    let p = g.endpoint.clone();
+                    held.push((g.owner.vm, p.as_ref().map_or(0, |p| p.id), p.map(|p| p.address).unwrap_or_default()));
+                }
+                Ok(())
+            };
+            for o in ops {
+                match o {
+                    EpOp::Arrive(vm) => {
+                        ctx += 1;
+                        match s.try_admit(l, owner(vm, ctx), 0) {
+                            Admission::Admitted { endpoint } => held.push((vm, endpoint.as_ref().map_or(0, |p| p.id), endpoint.map(|p| p.address).unwrap_or_default())),
+                            Admission::Queued { ticket } => waiting.push((vm, ticket)),
+                            Admission::Shed(_) => {}
+                        }
+                    }
+                    EpOp::Finish(i) => {
+                        if !held.is_empty() {
+                            let (vm, id, _) = held.remove(i % held.len());
+                            let g = s.release(vm, id, l, 0);
+                            take(g, &mut held, &mut waiting)?;
+                        }
+                    }
+                    EpOp::View(v) => {
+                        let names = ["a:1", "b:1", "c:1", "d:1", "e:1"];
+                        let listed: Vec<(&str, bool)> = names.iter().zip(v).filter(|(_, k)| k > &0).map(|(n, k)| (*n, k == 1)).collect();
+                        s.set_endpoints(listed);
+                        let g = s.grant_ready(l, 0);
+                        take(g, &mut held, &mut waiting)?;
+                    }
+                    EpOp::Reap(vm) => {
+                        let (slots, _, g) = s.reap_vm(vm, l, 0);
+                        prop_assert_eq!(slots as usize, held.iter().filter(|h| h.0 == vm).count());
+                        held.retain(|h| h.0 != vm);
+                        waiting.retain(|w| w.0 != vm);
+                        take(g, &mut held, &mut waiting)?;
+                    }
+                    EpOp::Cancel(i) => {
+                        if !waiting.is_empty() {
+                            let (_, t) = waiting.remove(i % waiting.len());
+                            prop_assert!(s.cancel(t, 0).is_some());
+                        }
+                    }
+                }
+                let eps = s.endpoints().unwrap_or_default();
+                for e in eps {
+                    prop_assert!(e.active <= per, "endpoint {} holds {} > cc {}", e.address, e.active, per);
+                    let mine = held.iter().filter(|h| h.1 == e.id).count() as u32;
+                    prop_assert_eq!(e.active, mine, "endpoint {} counts what was taken on it", e.address);
+                    prop_assert!(held.iter().filter(|h| h.1 == e.id).all(|h| h.2 == e.address));
+                }
+                prop_assert_eq!(s.active as usize, held.len());
+                prop_assert_eq!(s.holders().map(|h| h.1).sum::<u32>(), s.active);
+                prop_assert_eq!(s.queued() as usize, waiting.len());
+                prop_assert_eq!(RevisionState::decode(&s.encode()), Ok(s.clone()));
+            }
+            // Drain: everything held is released; every waiter is served or cancelled.
+            while let Some((vm, id, _)) = held.pop() {
+                let g = s.release(vm, id, l, 0);
+                take(g, &mut held, &mut waiting)?;
+            }
+            for (_, t) in waiting.drain(..) {
+                prop_assert!(s.cancel(t, 0).is_some());
+            }
+            prop_assert_eq!(s.active, 0);
+            prop_assert!(s.endpoints().unwrap_or_default().iter().all(|e| e.active == 0 && e.state != EndpointState::Gone));
+        }
+    }
+
     #[derive(Debug, Clone)]
     enum Op {
         Arrive(u32),
@@ -1048,7 +1606,7 @@ mod tests {
             if room && self.waiters.is_empty() {
                 self.active += 1;
                 self.hold(owner.vm);
-                Admission::Admitted
+                Admission::Admitted { endpoint: None }
             } else if self.waiters.len() < limits.buffer as usize {
                 let ticket = self.next_ticket;
                 self.next_ticket += 1;
@@ -1074,6 +1632,7 @@ mod tests {
                     ticket: w.ticket,
                     owner: w.owner,
                     waited_ms: now_ms.saturating_sub(w.since_ms),
+                    endpoint: None,
                 });
             }
             grants
@@ -1149,7 +1708,7 @@ mod tests {
         ) {
             let mut s = RevisionState::default();
             let mut m = Model::default();
-            let mut limits = Limits { capacity: cap, buffer };
+            let mut limits = Limits { capacity: cap, buffer, per_endpoint: None };
             let mut now = 0u64;
             let mut ctx = 0u32;
             for o in ops {
@@ -1160,7 +1719,7 @@ mod tests {
                         prop_assert_eq!(s.try_admit(limits, who, now), m.try_admit(limits, who, now));
                     }
                     ModelOp::Release(vm) => {
-                        prop_assert_eq!(s.release(vm, limits, now), m.release(vm, limits, now));
+                        prop_assert_eq!(s.release(vm, 0, limits, now), m.release(vm, limits, now));
                     }
                     ModelOp::CancelWaiting(i) => {
                         if !m.waiters.is_empty() {
@@ -1170,7 +1729,7 @@ mod tests {
                     }
                     ModelOp::CancelAny(t) => prop_assert_eq!(s.cancel(t, now), m.cancel(t)),
                     ModelOp::Resize(c) => {
-                        limits = Limits { capacity: c, buffer };
+                        limits = Limits { capacity: c, buffer, per_endpoint: None };
                         prop_assert_eq!(s.grant_ready(limits, now), m.grant_ready(limits, now));
                     }
                     ModelOp::Tick(d) => now += d,
@@ -1215,14 +1774,14 @@ mod tests {
                     Op::Arrive(vm) => {
                         arrivals += 1;
                         match s.try_admit(limits, owner(vm, arrivals as u32), now) {
-                            Admission::Admitted => { running.push((u64::MAX - arrivals, vm)); vec![] }
+                            Admission::Admitted { .. } => { running.push((u64::MAX - arrivals, vm)); vec![] }
                             Admission::Queued { .. } | Admission::Shed(_) => vec![],
                         }
                     }
                     Op::Finish(i) => {
                         if running.is_empty() { vec![] } else {
                             let (_, vm) = running.remove(i % running.len());
-                            s.release(vm, limits, now)
+                            s.release(vm, 0, limits, now)
                         }
                     }
                     Op::Cancel(i) => {
@@ -1256,7 +1815,7 @@ mod tests {
             // Drain: finish everything, cancel everyone.
             let tickets: Vec<u64> = s.waiters().map(|w| w.ticket).collect();
             for t in tickets { s.cancel(t, now); }
-            while let Some((_, vm)) = running.pop() { prop_assert!(s.release(vm, limits, now).is_empty()); }
+            while let Some((_, vm)) = running.pop() { prop_assert!(s.release(vm, 0, limits, now).is_empty()); }
             prop_assert_eq!((s.active, s.queued()), (0, 0));
             prop_assert_eq!(s.holders().count(), 0);
         }
@@ -1268,8 +1827,8 @@ mod tests {
             let mut held = 0u32;
             for o in ops {
                 match o {
-                    0 | 1 => { if s.try_admit(l, owner(0, 0), 0) == Admission::Admitted { held += 1; } }
-                    _ => if held > 0 { held -= 1; held += s.release(0, l, 0).len() as u32; },
+                    0 | 1 => { if s.try_admit(l, owner(0, 0), 0) == (Admission::Admitted { endpoint: None }) { held += 1; } }
+                    _ => if held > 0 { held -= 1; held += s.release(0, 0, l, 0).len() as u32; },
                 }
                 prop_assert!(s.active <= cap);
                 prop_assert_eq!(s.active, held);

@@ -226,6 +226,8 @@ pub struct Limits {
     pub capacity: Option<u32>,
     /// Requests allowed to wait.
     pub buffer: u32,
+    /// Requests allowed in flight on one endpoint (containerConcurrency); `None` is unlimited.
+    pub per_endpoint: Option<u32>,
 }
 
 /// What decides a revision's limits: published in shared state by the newest configuration so
@@ -247,6 +249,7 @@ impl LimitParams {
             return Limits {
                 capacity: None,
                 buffer: self.buffer_depth.unwrap_or(0),
+                per_endpoint: None,
             };
         }
         let buffer = self.buffer_depth.unwrap_or_else(|| {
@@ -257,6 +260,7 @@ impl LimitParams {
         Limits {
             capacity: Some(cc.saturating_mul(ready)),
             buffer,
+            per_endpoint: Some(cc),
         }
     }
 }
@@ -640,7 +644,8 @@ mod tests {
             r.limits(1),
             Limits {
                 capacity: Some(10),
-                buffer: 100
+                buffer: 100,
+                per_endpoint: Some(10)
             }
         );
         assert_eq!(r.limits(3).capacity, Some(30));
@@ -650,7 +655,8 @@ mod tests {
             r.limits(0),
             Limits {
                 capacity: Some(0),
-                buffer: 100
+                buffer: 100,
+                per_endpoint: Some(10)
             }
         );
         assert!((r.effective_target() - 7.0).abs() < 1e-9);
@@ -672,7 +678,8 @@ mod tests {
             r.limits(3),
             Limits {
                 capacity: Some(6),
-                buffer: 5
+                buffer: 5,
+                per_endpoint: Some(2)
             }
         );
         assert_eq!(c.revision_header.as_deref(), Some("x-inflight-revision"));
@@ -691,7 +698,8 @@ mod tests {
             c.revisions[0].limits(0),
             Limits {
                 capacity: None,
-                buffer: 0
+                buffer: 0,
+                per_endpoint: None
             }
         );
         assert!((c.revisions[0].effective_target() - 70.0).abs() < 1e-9);

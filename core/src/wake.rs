@@ -7,6 +7,7 @@
 //! Revisions travel by name, not index, so a message stays meaningful across a configuration
 //! reload (old and new VMs run side by side and share revision state by name).
 
+use crate::admission::Pick;
 use thiserror::Error;
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -15,6 +16,8 @@ pub enum Wake {
         revision: String,
         ticket: u64,
         context: u32,
+        /// The endpoint the slot is on (its id and address), when endpoints are known.
+        endpoint: Option<Pick>,
     },
 }
 
@@ -31,19 +34,30 @@ impl Wake {
         }
     }
 
-    /// `kind, name length, name, [ticket, context]`.
+    /// `kind, name length, name, [ticket, context]`, then for a slot on an endpoint
+    /// `[endpoint id, address length, address]`.
     pub fn encode(&self) -> Vec<u8> {
         let name = self.revision().as_bytes();
         let len = name.len().min(255);
-        let mut out = Vec::with_capacity(2 + len + 12);
+        let Wake::Grant {
+            ticket,
+            context,
+            endpoint,
+            ..
+        } = self;
+        let address = endpoint.as_ref().map_or(&[][..], |p| p.address.as_bytes());
+        let alen = address.len().min(255);
+        let mut out = Vec::with_capacity(2 + len + 12 + 5 + alen);
         out.push(GRANT);
         out.push(len as u8);
-        out.extend_from_slice(&name[..len]);
-        let Wake::Grant {
-            ticket, context, ..
-        } = self;
+        out.extend_from_slice(name.get(..len).unwrap_or_default());
         out.extend_from_slice(&ticket.to_le_bytes());
         out.extend_from_slice(&context.to_le_bytes());
+        if let Some(p) = endpoint {
+            out.extend_from_slice(&p.id.to_le_bytes());
+            out.push(alen as u8);
+            out.extend_from_slice(address.get(..alen).unwrap_or_default());
+        }
         out
     }
 
@@ -55,17 +69,27 @@ impl Wake {
         let name = rest.get(..len).ok_or_else(err)?;
         let rest = rest.get(len..).ok_or_else(err)?;
         let revision = std::str::from_utf8(name).map_err(|_| err())?.to_string();
-        match kind {
-            GRANT if rest.len() == 12 => {
-                let (ticket, context) = rest.split_at(8);
-                Ok(Wake::Grant {
-                    revision,
-                    ticket: u64::from_le_bytes(ticket.try_into().map_err(|_| err())?),
-                    context: u32::from_le_bytes(context.try_into().map_err(|_| err())?),
+        if kind != GRANT {
+            return Err(err());
+        }
+        let ticket = rest.get(..8).ok_or_else(err)?;
+        let context = rest.get(8..12).ok_or_else(err)?;
+        let endpoint = match rest.get(12..) {
+            Some([]) => None,
+            Some([a, b, c, d, len, address @ ..]) if address.len() == usize::from(*len) => {
+                Some(Pick {
+                    id: u32::from_le_bytes([*a, *b, *c, *d]),
+                    address: std::str::from_utf8(address).map_err(|_| err())?.to_string(),
                 })
             }
-            _ => Err(err()),
-        }
+            _ => return Err(err()),
+        };
+        Ok(Wake::Grant {
+            revision,
+            ticket: u64::from_le_bytes(ticket.try_into().map_err(|_| err())?),
+            context: u32::from_le_bytes(context.try_into().map_err(|_| err())?),
+            endpoint,
+        })
     }
 }
 
@@ -79,8 +103,24 @@ mod tests {
             revision: "torchserve".into(),
             ticket: 42,
             context: 7,
+            endpoint: None,
         };
         assert_eq!(Wake::decode(&g.encode()).as_ref(), Ok(&g));
+        let routed = Wake::Grant {
+            revision: "torchserve".into(),
+            ticket: 42,
+            context: 7,
+            endpoint: Some(Pick {
+                id: 3,
+                address: "10.0.0.5:8080".into(),
+            }),
+        };
+        assert_eq!(Wake::decode(&routed.encode()).as_ref(), Ok(&routed));
+        let r = routed.encode();
+        assert!(
+            Wake::decode(&r[..r.len() - 1]).is_err(),
+            "truncated address"
+        );
         let b = g.encode();
         assert!(Wake::decode(&b[..b.len() - 1]).is_err(), "truncated");
         let mut long = b.clone();

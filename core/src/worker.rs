@@ -18,10 +18,14 @@
 //!   [`orphan_age_ms`] after its maximum wait is orphaned and removed;
 //! - **the abandoned hold**: a stream that ends before its response keeps its slot
 //!   [`ABANDONED_HOLD_MS`] (Envoy resets the upstream request only after the filter hears the end);
-//! - **membership**: one worker at a time polls Envoy's admin for healthy members; their count is
-//!   the revision's ready replicas, and capacity follows.
+//! - **membership**: one worker at a time polls Envoy's admin for each revision's endpoints and
+//!   their health; the ready ones are the revision's ready replicas, and capacity follows;
+//! - **endpoint picking** (routing on): a request is admitted on an endpoint with a free slot
+//!   and the adapter names it in the endpoint header ([`Effect::Route`]) for Envoy's
+//!   `override_host` policy; every other request passing the filter has a client's copy of that
+//!   header removed; the response is checked against the pick ([`Worker::on_response`]).
 
-use crate::admission::{Admission, Grant, Owner, RevisionState};
+use crate::admission::{Admission, Grant, Owner, Pick, RevisionState};
 use crate::autoscaler::{Autoscaler, Observation, DEFAULT_DECISION_PERIOD_MS};
 use crate::config::{Config, ConfigError, Limits, Membership, RevisionConfig, UnknownRevision};
 use crate::kpa::Reason;
@@ -72,6 +76,12 @@ pub trait RequestFacts {
     fn header(&self, name: &str) -> Option<String>;
 }
 
+/// What Envoy knows about the response of the request at hand.
+pub trait ResponseFacts {
+    /// The upstream host Envoy sent the request to (`upstream.address`).
+    fn upstream_address(&self) -> Option<String>;
+}
+
 /// The gateway's own answer to a request.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Reply {
@@ -101,13 +111,20 @@ pub enum Verdict {
 pub struct PollRequest {
     pub cluster: String,
     pub authority: String,
-    pub path: &'static str,
+    pub path: String,
     pub timeout_ms: u64,
 }
 
 /// What the adapter does for the worker after a call.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Effect {
+    /// Set request header `header` of stream `context` to `endpoint`, or remove it (`None`);
+    /// comes before the stream continues upstream.
+    Route {
+        context: u32,
+        header: Rc<str>,
+        endpoint: Option<String>,
+    },
     /// Resume a paused stream; if that fails, call [`Worker::on_resume_failed`].
     Resume { context: u32 },
     /// Answer a paused stream.
@@ -127,6 +144,8 @@ pub enum Effect {
     },
     /// The autoscaler scaled up on the queue-aware rule (`kpa::Reason::QueueAwarePanic`).
     QueueAwareScaleUp { rev: RevisionId },
+    /// Envoy sent a request of the revision to another endpoint than the one picked.
+    EndpointMismatch { rev: RevisionId },
     /// A membership poll failed.
     PollFailed,
     /// Send this request to Envoy's admin; then call [`Worker::on_poll_dispatched`].
@@ -145,7 +164,7 @@ pub enum ConfigureError {
 }
 
 /// What the VM knows about one of its streams.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 enum StreamState {
     Waiting {
         rev: RevisionId,
@@ -154,6 +173,8 @@ enum StreamState {
     },
     Admitted {
         rev: RevisionId,
+        /// The endpoint its slot is on, when picked.
+        endpoint: Option<Pick>,
     },
 }
 
@@ -169,6 +190,8 @@ struct RevisionVm {
     last_desired: Option<u32>,
     /// Other VMs that held slots or waiters at the last tick.
     seen: Vec<u32>,
+    /// A request of this revision reached another endpoint than picked (logged once).
+    mismatch_seen: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -186,8 +209,8 @@ pub struct Worker<H: Host> {
     revisions: Vec<RevisionVm>,
     /// Every stream that holds a slot or a ticket, by context id.
     streams: HashMap<u32, StreamState>,
-    /// Slots of streams that ended before their response, with when.
-    abandoned: Vec<(RevisionId, u64)>,
+    /// Slots of streams that ended before their response (revision, endpoint id), with when.
+    abandoned: Vec<(RevisionId, u32, u64)>,
     wake_tokens: HashMap<u32, u32>,
     /// Clusters this VM recorded behind host matches: `Some(rev)`, or `None` once found
     /// ambiguous (so each is written to shared data once).
@@ -255,6 +278,7 @@ impl<H: Host> Worker<H> {
                 learn_samples: 0,
                 last_desired: None,
                 seen: Vec::new(),
+                mismatch_seen: false,
             });
         }
         log::info!(
@@ -296,7 +320,10 @@ impl<H: Host> Worker<H> {
         };
         let Some(rev) = self.identify(&config, facts) else {
             return match config.unknown_revision {
-                UnknownRevision::PassThrough => Verdict::Continue,
+                UnknownRevision::PassThrough => {
+                    self.route(&config, context, None);
+                    Verdict::Continue
+                }
                 UnknownRevision::Reject => {
                     self.effects.push(Effect::CountUnknown);
                     Verdict::Reply(Reply {
@@ -308,6 +335,7 @@ impl<H: Host> Worker<H> {
             };
         };
         let (Some(rc), Some(r)) = (config.revision(rev), self.revisions.get(rev.0)) else {
+            self.route(&config, context, None);
             return Verdict::Continue;
         };
         let owner = Owner {
@@ -319,8 +347,10 @@ impl<H: Host> Worker<H> {
             (s.try_admit(limits, owner, now), limits)
         });
         match admission {
-            Ok((Admission::Admitted, _)) => {
-                self.streams.insert(context, StreamState::Admitted { rev });
+            Ok((Admission::Admitted { endpoint }, _)) => {
+                self.route(&config, context, endpoint.as_ref());
+                self.streams
+                    .insert(context, StreamState::Admitted { rev, endpoint });
                 self.effects.push(Effect::Count {
                     rev,
                     outcome: Outcome::Admitted,
@@ -365,6 +395,55 @@ impl<H: Host> Worker<H> {
         }
     }
 
+    /// Names the picked endpoint in the endpoint header of stream `context`, or removes a
+    /// client's copy of the header (routing on; nothing otherwise).
+    fn route(&mut self, config: &Config, context: u32, endpoint: Option<&Pick>) {
+        if let Some(header) = &config.endpoint_header {
+            self.effects.push(Effect::Route {
+                context,
+                header: Rc::clone(header),
+                endpoint: endpoint.map(|p| p.address.clone()),
+            });
+        }
+    }
+
+    /// Response headers of stream `context`: a request sent to another endpoint than picked
+    /// is counted (and the first one of a revision logged), since then the per-endpoint limit
+    /// does not hold there. Reads the upstream only for streams that were picked an endpoint.
+    pub fn on_response(&mut self, context: u32, facts: &impl ResponseFacts) {
+        let Some(StreamState::Admitted {
+            rev,
+            endpoint: Some(pick),
+        }) = self.streams.get(&context)
+        else {
+            return;
+        };
+        // A local reply (no healthy upstream, a timeout) has no upstream: nothing to compare.
+        let Some(upstream) = facts.upstream_address() else {
+            return;
+        };
+        if upstream == pick.address {
+            return;
+        }
+        let (rev, pick) = (*rev, pick.clone());
+        self.effects.push(Effect::EndpointMismatch { rev });
+        let (Some(config), Some(r)) = (self.config.clone(), self.revisions.get_mut(rev.0)) else {
+            return;
+        };
+        if r.mismatch_seen {
+            return;
+        }
+        r.mismatch_seen = true;
+        let rc = config.revision(rev);
+        log::warn!(
+            "a request of `{}` picked for endpoint {} went to {upstream}: cluster `{}` does not route by header `{}` (give it the load_balancing_policy envoy.load_balancing_policies.override_host with that header; until then the per-endpoint limit does not hold). Counted in endpoint_mismatch; logged once per worker",
+            rc.map_or("?", |rc| rc.name.as_str()),
+            pick.address,
+            rc.and_then(|rc| rc.upstream_cluster.as_deref()).unwrap_or("?"),
+            config.endpoint_header.as_deref().unwrap_or("?"),
+        );
+    }
+
     /// Whether stream `context` waits for a grant (its body and trailers must stay paused:
     /// continuing would send the held headers upstream and bypass the limit).
     pub fn is_waiting(&self, context: u32) -> bool {
@@ -381,10 +460,12 @@ impl<H: Host> Worker<H> {
         match self.streams.remove(&context) {
             // Envoy destroys filters in chain order, so the router resets the upstream request
             // of a stream that ended early only after this callback: hold its slot a while.
-            Some(StreamState::Admitted { rev }) if !response_complete => {
-                self.abandoned.push((rev, now));
+            Some(StreamState::Admitted { rev, endpoint }) if !response_complete => {
+                self.abandoned.push((rev, pick_id(endpoint.as_ref()), now));
             }
-            Some(StreamState::Admitted { rev }) => self.release(rev, now),
+            Some(StreamState::Admitted { rev, endpoint }) => {
+                self.release(rev, pick_id(endpoint.as_ref()), now);
+            }
             Some(StreamState::Waiting { rev, ticket, .. }) => {
                 let Some(r) = self.revisions.get(rev.0) else {
                     return;
@@ -511,8 +592,9 @@ impl<H: Host> Worker<H> {
 
     // ---- slots and grants ------------------------------------------------------------------
 
-    /// A slot of `rev` frees: release it and hand what follows to the oldest waiters.
-    fn release(&mut self, rev: RevisionId, now: u64) {
+    /// A slot of `rev` on endpoint `endpoint` (0: none) frees: release it and hand what follows
+    /// to the oldest waiters.
+    fn release(&mut self, rev: RevisionId, endpoint: u32, now: u64) {
         let (Some(config), Some(r)) = (self.config.clone(), self.revisions.get(rev.0)) else {
             return;
         };
@@ -522,7 +604,7 @@ impl<H: Host> Worker<H> {
         let me = self.id;
         match store::update_revision(&self.host, &r.key, |s| {
             let limits = r.limits(rc, s);
-            s.release(me, limits, now)
+            s.release(me, endpoint, limits, now)
         }) {
             Ok(grants) => self.deliver(rev, grants, now),
             Err(e) => log::error!("releasing a slot of `{}` failed (slot leaked): {e}", r.key),
@@ -537,15 +619,15 @@ impl<H: Host> Worker<H> {
             return;
         }
         let mut due = Vec::new();
-        self.abandoned.retain(|(rev, since)| {
+        self.abandoned.retain(|(rev, endpoint, since)| {
             let ripe = now.saturating_sub(*since) >= ABANDONED_HOLD_MS;
             if ripe {
-                due.push(*rev);
+                due.push((*rev, *endpoint));
             }
             !ripe
         });
-        for rev in due {
-            self.release(rev, now);
+        for (rev, endpoint) in due {
+            self.release(rev, endpoint, now);
         }
     }
 
@@ -569,6 +651,7 @@ impl<H: Host> Worker<H> {
                 revision: rc.name.clone(),
                 ticket: g.ticket,
                 context: g.owner.context,
+                endpoint: g.endpoint.clone(),
             }
             .encode();
             let sent = match self.wake_token(g.owner.vm) {
@@ -597,7 +680,7 @@ impl<H: Host> Worker<H> {
             // The slot was counted as the unreachable owner's: give it back in its name.
             match store::update_revision(&self.host, &key, |s| {
                 let limits = r.limits(rc, s);
-                s.release(g.owner.vm, limits, now)
+                s.release(g.owner.vm, pick_id(g.endpoint.as_ref()), limits, now)
             }) {
                 Ok(more) => pending.extend(more),
                 Err(e) => log::error!("passing a slot of `{key}` on failed: {e}"),
@@ -622,13 +705,21 @@ impl<H: Host> Worker<H> {
                 revision,
                 ticket,
                 context,
-            }) => self.on_grant(&revision, ticket, context, now),
+                endpoint,
+            }) => self.on_grant(&revision, ticket, context, endpoint, now),
             Err(e) => log::warn!("{e}"),
         }
     }
 
     /// A grant arrived for one of this VM's streams: resume it, or pass the slot on.
-    fn on_grant(&mut self, revision: &str, ticket: u64, context: u32, now: u64) {
+    fn on_grant(
+        &mut self,
+        revision: &str,
+        ticket: u64,
+        context: u32,
+        endpoint: Option<Pick>,
+        now: u64,
+    ) {
         let Some(config) = self.config.clone() else {
             return;
         };
@@ -636,13 +727,15 @@ impl<H: Host> Worker<H> {
             log::warn!("grant for unknown revision `{revision}` dropped");
             return;
         };
-        match self.streams.get(&context).copied() {
+        match self.streams.get(&context).cloned() {
             Some(StreamState::Waiting {
                 rev: wr,
                 ticket: t,
                 since_ms,
             }) if wr == rev && t == ticket => {
-                self.streams.insert(context, StreamState::Admitted { rev });
+                self.route(&config, context, endpoint.as_ref());
+                self.streams
+                    .insert(context, StreamState::Admitted { rev, endpoint });
                 self.effects.push(Effect::Count {
                     rev,
                     outcome: Outcome::Admitted,
@@ -653,7 +746,7 @@ impl<H: Host> Worker<H> {
                 });
                 self.effects.push(Effect::Resume { context });
             }
-            _ => self.release(rev, now),
+            _ => self.release(rev, pick_id(endpoint.as_ref()), now),
         }
     }
 
@@ -661,8 +754,8 @@ impl<H: Host> Worker<H> {
     /// goes to the next ticket.
     pub fn on_resume_failed(&mut self, context: u32, now: u64) {
         log::debug!("resuming stream {context} failed");
-        if let Some(StreamState::Admitted { rev }) = self.streams.remove(&context) {
-            self.release(rev, now);
+        if let Some(StreamState::Admitted { rev, endpoint }) = self.streams.remove(&context) {
+            self.release(rev, pick_id(endpoint.as_ref()), now);
         }
     }
 
@@ -921,7 +1014,7 @@ impl<H: Host> Worker<H> {
             }
         }
         self.poll = Poll::Dispatching;
-        self.effects.push(Effect::Poll(poll_request(m)));
+        self.effects.push(Effect::Poll(poll_request(m, config)));
     }
 
     /// The adapter sent (`Ok(token)`) or could not send the poll of [`Effect::Poll`].
@@ -941,8 +1034,9 @@ impl<H: Host> Worker<H> {
     }
 
     /// The admin's answer to poll `token`: its `:status` (empty: none came, a timeout or
-    /// reset) and its body (or why it could not be read). A 200 records ready replicas per
-    /// revision and grants what now fits; anything else keeps the last counts.
+    /// reset) and its body (or why it could not be read). A 200 records each revision's
+    /// endpoints (routing on) or its ready count, and grants what now fits; anything else keeps
+    /// the last view.
     pub fn on_poll_answer(
         &mut self,
         token: u32,
@@ -970,26 +1064,27 @@ impl<H: Host> Worker<H> {
             .iter()
             .filter_map(|r| r.upstream_cluster.as_deref())
             .collect();
-        let healthy = match membership::healthy_members(&body, &clusters) {
+        let reported = match membership::endpoints(&body, &clusters) {
             Ok(h) => h,
             Err(e) => return self.poll_failed(&e.to_string()),
         };
+        let routing = config.endpoint_header.is_some();
         for (i, rc) in config.revisions.iter().enumerate() {
             let rev = RevisionId(i);
-            let Some(n) = rc
-                .upstream_cluster
-                .as_deref()
-                .and_then(|c| healthy.get(c))
-                .copied()
-            else {
+            let Some(hosts) = rc.upstream_cluster.as_deref().and_then(|c| reported.get(c)) else {
                 continue;
             };
+            let n = u32::try_from(hosts.iter().filter(|h| h.ready).count()).unwrap_or(u32::MAX);
             let Some(r) = self.revisions.get(i) else {
                 continue;
             };
             match store::update_revision(&self.host, &r.key, |s| {
                 let before = s.ready();
-                s.set_ready(n);
+                if routing {
+                    s.set_endpoints(hosts.iter().map(|h| (h.address.as_str(), h.ready)));
+                } else {
+                    s.set_ready(n);
+                }
                 let limits = r.limits(rc, s);
                 (before, s.grant_ready(limits, now))
             }) {
@@ -1056,13 +1151,23 @@ fn others(state: &RevisionState, me: u32) -> Vec<u32> {
     others
 }
 
-fn poll_request(m: &Membership) -> PollRequest {
+fn poll_request(m: &Membership, config: &Config) -> PollRequest {
+    let clusters: Vec<&str> = config
+        .revisions
+        .iter()
+        .filter_map(|r| r.upstream_cluster.as_deref())
+        .collect();
     PollRequest {
         cluster: m.cluster.clone(),
         authority: m.authority.clone(),
-        path: membership::STATS_PATH,
+        path: membership::clusters_path(&clusters),
         timeout_ms: m.timeout_ms,
     }
+}
+
+/// The id a slot is released under: its endpoint's, or 0 (none).
+fn pick_id(p: Option<&Pick>) -> u32 {
+    p.map_or(0, |p| p.id)
 }
 
 fn milli(v: f64) -> u64 {

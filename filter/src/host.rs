@@ -2,7 +2,7 @@
 //! proxy-wasm host calls that return their `Status` (the SDK's trait helpers would unwrap).
 
 use inflight_core::store::{Host, HostError};
-use inflight_core::worker::RequestFacts;
+use inflight_core::worker::{RequestFacts, ResponseFacts};
 use proxy_wasm::hostcalls;
 use proxy_wasm::types::{BufferType, MapType, Status};
 
@@ -53,6 +53,16 @@ impl RequestFacts for EnvoyRequest {
         hostcalls::get_map_value(MapType::HttpRequestHeaders, name)
             .ok()
             .flatten()
+    }
+}
+
+/// The current response, as Envoy sees it at response headers.
+pub struct EnvoyResponse;
+
+impl ResponseFacts for EnvoyResponse {
+    fn upstream_address(&self) -> Option<String> {
+        let bytes = hostcalls::get_property(vec!["upstream", "address"]).ok()??;
+        String::from_utf8(bytes).ok()
     }
 }
 

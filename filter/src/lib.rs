@@ -18,11 +18,11 @@ mod fault;
 mod host;
 mod metrics;
 
-use host::{EnvoyHost, EnvoyRequest};
+use host::{EnvoyHost, EnvoyRequest, EnvoyResponse};
 use inflight_core::worker::{Effect, PollRequest, Reply, Worker};
 use proxy_wasm::hostcalls;
 use proxy_wasm::traits::{Context, HttpContext, RootContext};
-use proxy_wasm::types::{Action, BufferType, ContextType, LogLevel};
+use proxy_wasm::types::{Action, BufferType, ContextType, LogLevel, MapType};
 use std::cell::RefCell;
 use std::rc::Rc;
 use std::time::Duration;
@@ -227,6 +227,8 @@ impl HttpContext for Stream {
 
     fn on_http_response_headers(&mut self, _num_headers: usize, end_of_stream: bool) -> Action {
         self.response_complete |= end_of_stream;
+        let context = self.context;
+        with_worker(&self.vm, |w| w.on_response(context, &EnvoyResponse));
         Action::Continue
     }
 
@@ -251,6 +253,22 @@ pub const SHED_HEADER: &str = "x-inflight-shed";
 fn apply(vm: &SharedVm, effects: &mut Vec<Effect>) {
     for effect in effects.drain(..) {
         match effect {
+            Effect::Route {
+                context,
+                header,
+                endpoint,
+            } => {
+                let set = hostcalls::set_effective_context(context).and_then(|()| {
+                    hostcalls::set_map_value(
+                        MapType::HttpRequestHeaders,
+                        &header,
+                        endpoint.as_deref(),
+                    )
+                });
+                if let Err(e) = set {
+                    log::warn!("setting `{header}` on stream {context} failed: {e:?}");
+                }
+            }
             Effect::Resume { context } => {
                 let resumed = hostcalls::set_effective_context(context)
                     .and_then(|()| hostcalls::resume_http_request());
@@ -297,7 +315,7 @@ fn send_reply(reply: &Reply) {
 fn dispatch(r: &PollRequest) -> Result<u32, String> {
     let headers = vec![
         (":method", "GET"),
-        (":path", r.path),
+        (":path", r.path.as_str()),
         (":authority", r.authority.as_str()),
     ];
     hostcalls::dispatch_http_call(

@@ -19,6 +19,8 @@ struct RevisionMetrics {
     demand_ms: u32,
     /// Decisions raised by the queue-aware panic.
     queue_aware_scale_ups: u32,
+    /// Requests Envoy sent to another endpoint than picked.
+    endpoint_mismatch: u32,
 }
 
 /// This VM's metric ids, per revision by [`RevisionId`].
@@ -63,6 +65,10 @@ impl Metrics {
                 queue_aware_scale_ups: hostcalls::define_metric(
                     MetricType::Counter,
                     &format!("{prefix}.queue_aware_scale_ups_total"),
+                )?,
+                endpoint_mismatch: hostcalls::define_metric(
+                    MetricType::Counter,
+                    &format!("{prefix}.endpoint_mismatch_total"),
                 )?,
             });
         }
@@ -119,12 +125,20 @@ impl Metrics {
                     add(m.queue_aware_scale_ups, 1);
                 }
             }
+            Effect::EndpointMismatch { rev } => {
+                if let Some(m) = self.revision(rev) {
+                    add(m.endpoint_mismatch, 1);
+                }
+            }
             Effect::PollFailed => {
                 if let Some(id) = self.poll_failures {
                     add(id, 1);
                 }
             }
-            Effect::Resume { .. } | Effect::Reply { .. } | Effect::Poll(_) => {}
+            Effect::Route { .. }
+            | Effect::Resume { .. }
+            | Effect::Reply { .. }
+            | Effect::Poll(_) => {}
         }
     }
 }

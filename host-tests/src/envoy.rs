@@ -48,6 +48,35 @@ pub struct Cluster {
     pub name: String,
     pub ports: Vec<u16>,
     pub eds_file: Option<PathBuf>,
+    /// How Envoy picks the endpoint.
+    pub lb: Lb,
+    /// More of the cluster's YAML, at its 4-space indentation (health checks, protocol options).
+    pub extra: String,
+}
+
+/// The filter's default endpoint header (core's `DEFAULT_ENDPOINT_HEADER`).
+pub const ENDPOINT_HEADER: &str = "x-gateway-destination-endpoint";
+
+/// A cluster's load-balancing policy in these configs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Lb {
+    /// By the filter's pick (`override_host` on the endpoint header), least request otherwise:
+    /// what inflight ships.
+    Pick,
+    /// Envoy's default, round robin.
+    RoundRobin,
+    /// Least request.
+    LeastRequest,
+}
+
+impl Lb {
+    fn yaml(self) -> String {
+        match self {
+            Lb::Pick => bootstrap::override_host_policy(ENDPOINT_HEADER),
+            Lb::RoundRobin => String::new(),
+            Lb::LeastRequest => "    lb_policy: LEAST_REQUEST\n".into(),
+        }
+    }
 }
 
 impl Cluster {
@@ -56,6 +85,16 @@ impl Cluster {
             name: name.into(),
             ports,
             eds_file: None,
+            lb: Lb::Pick,
+            extra: String::new(),
+        }
+    }
+
+    /// The cluster of `name` reading its endpoints from `eds_file`.
+    pub fn eds(name: &str, eds_file: PathBuf) -> Cluster {
+        Cluster {
+            eds_file: Some(eds_file),
+            ..Cluster::fixed(name, Vec::new())
         }
     }
 }
@@ -132,16 +171,20 @@ impl Gateway {
             if let Some(file) = &c.eds_file {
                 let _ = write!(
                     clusters,
-                    "  - name: {name}\n    type: EDS\n    connect_timeout: 1s\n    circuit_breakers:\n      thresholds:\n      - {{ max_connections: 100000, max_pending_requests: 100000, max_requests: 100000 }}\n{eds}",
+                    "  - name: {name}\n    type: EDS\n    connect_timeout: 1s\n    circuit_breakers:\n      thresholds:\n      - {{ max_connections: 100000, max_pending_requests: 100000, max_requests: 100000 }}\n{lb}{extra}{eds}",
                     name = c.name,
+                    lb = c.lb.yaml(),
+                    extra = c.extra,
                     eds = bootstrap::eds_from_file(file),
                 );
                 continue;
             }
             let _ = write!(
                 clusters,
-                "  - name: {name}\n    type: STATIC\n    connect_timeout: 1s\n    circuit_breakers:\n      thresholds:\n      - {{ max_connections: 100000, max_pending_requests: 100000, max_requests: 100000 }}\n    load_assignment:\n      cluster_name: {name}\n      endpoints:\n      - lb_endpoints:\n",
-                name = c.name
+                "  - name: {name}\n    type: STATIC\n    connect_timeout: 1s\n    circuit_breakers:\n      thresholds:\n      - {{ max_connections: 100000, max_pending_requests: 100000, max_requests: 100000 }}\n{lb}{extra}    load_assignment:\n      cluster_name: {name}\n      endpoints:\n      - lb_endpoints:\n",
+                name = c.name,
+                lb = c.lb.yaml(),
+                extra = c.extra,
             );
             for &p in &c.ports {
                 clusters.push_str(&bootstrap::lb_endpoint(SocketAddr::from((
@@ -388,11 +431,7 @@ mod golden {
             ],
             clusters: vec![
                 Cluster::fixed("rev-a", vec![9001, 9002]),
-                Cluster {
-                    name: "rev-b".into(),
-                    ports: vec![],
-                    eds_file: Some(PathBuf::from("/tmp/eds/rev-b.json")),
-                },
+                Cluster::eds("rev-b", PathBuf::from("/tmp/eds/rev-b.json")),
             ],
             wasm: PathBuf::from("/x/f.wasm"),
             admin_port: Some(9901),
@@ -403,6 +442,11 @@ mod golden {
             admin_port: None,
             ..with_admin.clone()
         };
+        if std::env::var_os("BLESS").is_some() {
+            let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../envoy-control/testdata");
+            std::fs::write(dir.join("test-gateway.yaml"), with_admin.yaml()).unwrap();
+            std::fs::write(dir.join("test-gateway-plain.yaml"), plain.yaml()).unwrap();
+        }
         assert_eq!(
             with_admin.yaml(),
             bootstrap::captured("test-gateway.yaml").unwrap()

@@ -73,11 +73,7 @@ fn eds_gateway(eds: &EdsDir, ports: &[u16], revision: serde_json::Value) -> Envo
     let g = Gateway {
         plugin_config: config.to_string(),
         routes: vec![],
-        clusters: vec![Cluster {
-            name: "rev".into(),
-            ports: vec![],
-            eds_file: Some(eds.file()),
-        }],
+        clusters: vec![Cluster::eds("rev", eds.file())],
         wasm: envoy::filter_wasm(),
         admin_port: Some(admin_port),
     };
@@ -299,11 +295,7 @@ fn load_step_reaches_five_desired_within_two_seconds_with_the_queue_aware_panic(
         clusters: names
             .iter()
             .zip(&files)
-            .map(|(n, f)| Cluster {
-                name: n.to_string(),
-                ports: vec![],
-                eds_file: Some(f.clone()),
-            })
+            .map(|(n, f)| Cluster::eds(n, f.clone()))
             .collect(),
         wasm: envoy::filter_wasm(),
         admin_port: Some(admin_port),

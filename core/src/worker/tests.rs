@@ -357,6 +357,10 @@ fn membership_sets_ready_replicas_and_grants_what_now_fits() {
         .filter(|e| matches!(e, Effect::Poll(p) if p.cluster == "admin"))
         .collect();
     assert_eq!(polls.len(), 1);
+    assert!(
+        matches!(polls[0], Effect::Poll(p) if p.path == "/clusters?filter=%5E%28rev%5C-a%29%24"),
+        "{polls:?}"
+    );
     g.workers[0].on_poll_dispatched(Ok(7));
     // Another tick in the interval does not poll again.
     g.effects[0].clear();
@@ -364,7 +368,7 @@ fn membership_sets_ready_replicas_and_grants_what_now_fits() {
     g.collect(0);
     assert!(!g.effects[0].iter().any(|e| matches!(e, Effect::Poll(_))));
     assert!(!g.workers[0].awaits_poll(8));
-    let body = br#"{"stats":[{"name":"cluster.rev-a.membership_healthy","value":2}]}"#;
+    let body = b"rev-a::added_via_api::false\nrev-a::10.0.0.1:80::health_flags::healthy\nrev-a::10.0.0.2:80::health_flags::healthy\nrev-a::10.0.0.3:80::health_flags::/failed_active_hc\n";
     g.workers[0].on_poll_answer(7, "200", Ok(body.to_vec()), 250);
     assert_eq!(g.state().ready(), Some(2));
     g.wake(0, 251);
@@ -490,4 +494,217 @@ proptest! {
             g.workers[w].on_done(ctx, true, 0);
         }
     }
+}
+
+// ---- endpoint picking ----------------------------------------------------------------------
+
+/// One revision `rev-a` behind cluster `rev-a` whose endpoints the worker polls, `cc` per
+/// endpoint, 10 waiters, 5 s max wait; routing as configured by `routing`.
+fn routed_revision(cc: u32, routing: serde_json::Value) -> serde_json::Value {
+    json!({
+        "revisions": [{"name": "rev-a", "hosts": ["a.test"], "containerConcurrency": cc,
+                       "readyReplicas": 1, "upstreamCluster": "rev-a", "bufferDepth": 10,
+                       "maxWait": "5s"}],
+        "membership": {"cluster": "admin", "interval": "1s"},
+        "routing": routing,
+        "tick": "100ms"
+    })
+}
+
+struct Resp(Option<&'static str>);
+
+impl ResponseFacts for Resp {
+    fn upstream_address(&self) -> Option<String> {
+        self.0.map(String::from)
+    }
+}
+
+impl Gateway {
+    /// Worker `w` polls the admin and gets `hosts` (`(address, health flags)`) for `rev-a`.
+    fn poll(&mut self, w: usize, now: u64, hosts: &[(&str, &str)]) {
+        self.workers[w].on_tick(now);
+        self.collect(w);
+        assert!(
+            self.effects[w].iter().any(|e| matches!(e, Effect::Poll(_))),
+            "worker {w} polls at {now}"
+        );
+        self.effects[w].retain(|e| !matches!(e, Effect::Poll(_)));
+        self.workers[w].on_poll_dispatched(Ok(99));
+        let mut body = String::from("rev-a::added_via_api::false\n");
+        for (address, flags) in hosts {
+            body.push_str(&format!("rev-a::{address}::health_flags::{flags}\n"));
+        }
+        self.workers[w].on_poll_answer(99, "200", Ok(body.into_bytes()), now);
+        self.collect(w);
+    }
+
+    /// The endpoint-header effects of worker `w` (taken out), in order.
+    fn routes(&mut self, w: usize) -> Vec<(u32, Option<String>)> {
+        let mut out = Vec::new();
+        self.effects[w].retain(|e| match e {
+            Effect::Route {
+                context,
+                header,
+                endpoint,
+            } => {
+                assert_eq!(&**header, "x-gateway-destination-endpoint");
+                out.push((*context, endpoint.clone()));
+                false
+            }
+            _ => true,
+        });
+        out
+    }
+}
+
+#[test]
+fn each_request_is_named_a_free_endpoint_and_a_grant_carries_the_freed_one() {
+    let mut g = gateway(2, routed_revision(1, json!({})));
+    g.poll(
+        0,
+        100,
+        &[("10.0.0.1:80", "healthy"), ("10.0.0.2:80", "healthy")],
+    );
+    let a = host("a.test");
+    assert_eq!(g.request(0, 1, &a, 200), Verdict::Continue);
+    assert_eq!(g.request(1, 2, &a, 200), Verdict::Continue);
+    let first = g.routes(0);
+    let second = g.routes(1);
+    assert_eq!(first.len(), 1);
+    assert_eq!(second.len(), 1);
+    let (e1, e2) = (first[0].1.clone().unwrap(), second[0].1.clone().unwrap());
+    assert_ne!(e1, e2, "the second request goes to the free endpoint");
+    // Both endpoints full (cc 1): the third waits, with no endpoint named yet.
+    assert_eq!(g.request(0, 3, &a, 201), Verdict::Pause);
+    assert!(g.routes(0).is_empty());
+    // Worker 1's stream ends: its endpoint's slot goes to stream 3, named before the resume.
+    g.workers[1].on_done(2, true, 300);
+    g.collect(1);
+    g.wake(0, 301);
+    let order: Vec<&Effect> = g.effects[0]
+        .iter()
+        .filter(|e| matches!(e, Effect::Route { .. } | Effect::Resume { .. }))
+        .collect();
+    assert_eq!(
+        order,
+        vec![
+            &Effect::Route {
+                context: 3,
+                header: Rc::from("x-gateway-destination-endpoint"),
+                endpoint: Some(e2.clone())
+            },
+            &Effect::Resume { context: 3 }
+        ]
+    );
+    let per: Vec<(String, u32)> = g
+        .state()
+        .endpoints()
+        .unwrap()
+        .iter()
+        .map(|e| (e.address.clone(), e.active))
+        .collect();
+    assert_eq!(
+        per,
+        vec![("10.0.0.1:80".into(), 1), ("10.0.0.2:80".into(), 1)]
+    );
+    // Releases land on their endpoints.
+    g.workers[0].on_done(1, true, 400);
+    g.workers[0].on_done(3, true, 400);
+    assert!(g.state().endpoints().unwrap().iter().all(|e| e.active == 0));
+    assert_eq!(g.state().active, 0);
+}
+
+#[test]
+fn a_client_copy_of_the_endpoint_header_never_survives() {
+    let mut g = gateway(1, routed_revision(2, json!({})));
+    let mut a = host("a.test");
+    a.headers.push((
+        "x-gateway-destination-endpoint".into(),
+        "10.9.9.9:80".into(),
+    ));
+    // Before the first poll: admitted on the revision, the client's header removed.
+    assert_eq!(g.request(0, 1, &a, 0), Verdict::Continue);
+    assert_eq!(g.routes(0), vec![(1, None)]);
+    // A host of no revision passes through, also without the client's header.
+    let mut x = host("x.test");
+    x.headers = a.headers.clone();
+    assert_eq!(g.request(0, 2, &x, 0), Verdict::Continue);
+    assert_eq!(g.routes(0), vec![(2, None)]);
+    // Endpoints known: the pick overwrites it.
+    g.poll(0, 100, &[("10.0.0.1:80", "healthy")]);
+    assert_eq!(g.request(0, 3, &a, 200), Verdict::Continue);
+    assert_eq!(g.routes(0), vec![(3, Some("10.0.0.1:80".into()))]);
+}
+
+#[test]
+fn unready_endpoints_get_nothing_new_and_capacity_follows_the_ready_ones() {
+    let mut g = gateway(1, routed_revision(1, json!({})));
+    g.poll(
+        0,
+        100,
+        &[
+            ("10.0.0.1:80", "healthy"),
+            ("10.0.0.2:80", "/eds_status_draining"),
+            ("10.0.0.3:80", "/failed_active_hc"),
+        ],
+    );
+    assert_eq!(g.state().ready(), Some(1));
+    let a = host("a.test");
+    assert_eq!(g.request(0, 1, &a, 200), Verdict::Continue);
+    assert_eq!(g.routes(0), vec![(1, Some("10.0.0.1:80".into()))]);
+    assert_eq!(g.request(0, 2, &a, 200), Verdict::Pause);
+    // 10.0.0.3 recovers: the waiter is granted there at the poll.
+    g.poll(
+        0,
+        1_200,
+        &[
+            ("10.0.0.1:80", "healthy"),
+            ("10.0.0.2:80", "/eds_status_draining"),
+            ("10.0.0.3:80", "healthy"),
+        ],
+    );
+    g.wake(0, 1_201);
+    assert_eq!(g.routes(0), vec![(2, Some("10.0.0.3:80".into()))]);
+    assert_eq!(g.resumed(0), vec![2]);
+}
+
+#[test]
+fn a_response_from_another_endpoint_is_counted_as_a_mismatch() {
+    let mut g = gateway(1, routed_revision(3, json!({})));
+    g.poll(0, 100, &[("10.0.0.1:80", "healthy")]);
+    let a = host("a.test");
+    g.request(0, 1, &a, 200);
+    g.request(0, 2, &a, 200);
+    g.request(0, 3, &a, 200);
+    g.effects[0].clear();
+    let mismatches = |g: &mut Gateway| {
+        g.collect(0);
+        g.effects[0]
+            .iter()
+            .filter(|e| matches!(e, Effect::EndpointMismatch { .. }))
+            .count()
+    };
+    g.workers[0].on_response(1, &Resp(Some("10.0.0.1:80")));
+    assert_eq!(mismatches(&mut g), 0, "went where picked");
+    g.workers[0].on_response(2, &Resp(None));
+    assert_eq!(mismatches(&mut g), 0, "a local reply has no upstream");
+    g.workers[0].on_response(3, &Resp(Some("10.0.0.7:80")));
+    assert_eq!(mismatches(&mut g), 1);
+}
+
+#[test]
+fn with_routing_off_no_header_is_touched_and_slots_stay_on_the_revision() {
+    let mut g = gateway(1, routed_revision(1, json!({"enabled": false})));
+    g.poll(
+        0,
+        100,
+        &[("10.0.0.1:80", "healthy"), ("10.0.0.2:80", "healthy")],
+    );
+    assert_eq!(g.state().ready(), Some(2));
+    assert_eq!(g.state().endpoints(), None);
+    let a = host("a.test");
+    assert_eq!(g.request(0, 1, &a, 200), Verdict::Continue);
+    assert_eq!(g.request(0, 2, &a, 200), Verdict::Continue);
+    assert!(g.routes(0).is_empty());
+    assert_eq!(g.request(0, 3, &a, 200), Verdict::Pause);
 }
