@@ -5,6 +5,8 @@
 //! requests arrive (by their `x-id` header). Requests steer the replica with headers:
 //! `x-hold-ms: N` (answer after N ms), `x-gate: 1` (answer when the test opens the gate),
 //! `x-status: N` (answer with that status), `x-reset: 1` (close the connection without an answer).
+//! `GET /healthz` is a health check: answered at once, 200 or (after [`Upstream::set_healthy`]
+//! `(false)`) 503, and not recorded.
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
@@ -55,6 +57,7 @@ struct Shared {
     gate_open: Mutex<bool>,
     gate: Condvar,
     stopped: AtomicBool,
+    unhealthy: AtomicBool,
 }
 
 /// One upstream replica on a free loopback port; stops when dropped.
@@ -78,6 +81,7 @@ impl Upstream {
             gate_open: Mutex::new(false),
             gate: Condvar::new(),
             stopped: AtomicBool::new(false),
+            unhealthy: AtomicBool::new(false),
         });
         let s = Arc::clone(&shared);
         thread::spawn(move || {
@@ -117,6 +121,11 @@ impl Upstream {
     /// `x-id`s in arrival order.
     pub fn arrivals(&self) -> Vec<String> {
         self.lock().arrivals.clone()
+    }
+
+    /// What `GET /healthz` answers from now on: 200 (healthy) or 503.
+    pub fn set_healthy(&self, healthy: bool) {
+        self.shared.unhealthy.store(!healthy, Ordering::SeqCst);
     }
 
     /// Releases every request held by `x-gate`, now and later.
@@ -180,6 +189,18 @@ fn serve(conn: TcpStream, s: &Shared) {
         let mut body = vec![0u8; content_length];
         if reader.read_exact(&mut body).is_err() {
             return;
+        }
+        if line.starts_with("GET /healthz") {
+            let status = if s.unhealthy.load(Ordering::SeqCst) {
+                503
+            } else {
+                200
+            };
+            let response = format!("HTTP/1.1 {status} X\r\ncontent-length: 0\r\n\r\n");
+            if writer.write_all(response.as_bytes()).is_err() {
+                return;
+            }
+            continue;
         }
         let body_len = body.len();
         let get = |name: &str| {
