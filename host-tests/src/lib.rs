@@ -7,4 +7,5 @@ pub mod chaos;
 pub mod client;
 pub mod emu;
 pub mod envoy;
+pub mod sidecar;
 pub mod upstream;
