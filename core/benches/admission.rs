@@ -17,10 +17,12 @@ const OWNER: Owner = Owner { vm: 1, context: 7 };
 const UNLIMITED: Limits = Limits {
     capacity: None,
     buffer: 0,
+    per_endpoint: None,
 };
 const CAP_HIGH: Limits = Limits {
     capacity: Some(1_000_000),
     buffer: 1_000,
+    per_endpoint: Some(1_000_000),
 };
 
 /// A state with `active == cap` and `n` waiters (the buffer in use).
@@ -28,6 +30,7 @@ fn contended(cap: u32, n: u32) -> (RevisionState, Limits) {
     let limits = Limits {
         capacity: Some(cap),
         buffer: n.saturating_add(1),
+        per_endpoint: Some(cap),
     };
     let mut s = RevisionState::default();
     for c in 0..cap.saturating_add(n) {
@@ -45,12 +48,38 @@ fn contended(cap: u32, n: u32) -> (RevisionState, Limits) {
 
 fn admit_release(c: &mut Criterion) {
     let mut g = c.benchmark_group("admit_release");
+    // With 10 endpoints known: the pick (least loaded, ties spread) and the per-endpoint
+    // release, in the same two CAS rounds.
+    g.bench_function(
+        BenchmarkId::new("two_cas_rounds", "picking_10_endpoints"),
+        |b| {
+            let mut s = RevisionState::default();
+            let addresses: Vec<String> = (1..=10).map(|i| format!("10.0.0.{i}:8080")).collect();
+            s.set_endpoints(addresses.iter().map(|a| (a.as_str(), true)));
+            let mut bytes = s.encode();
+            b.iter(|| {
+                let mut s = RevisionState::decode(black_box(&bytes)).unwrap_or_default();
+                let a = s.try_admit(CAP_HIGH, OWNER, 1);
+                bytes = s.encode();
+                let id = match &a {
+                    Admission::Admitted {
+                        endpoint: Some(p), ..
+                    } => p.id,
+                    _ => 0,
+                };
+                let mut s = RevisionState::decode(black_box(&bytes)).unwrap_or_default();
+                let grants = s.release(1, id, CAP_HIGH, 2);
+                bytes = s.encode();
+                black_box((a, grants))
+            })
+        },
+    );
     for (name, limits) in [("unlimited", UNLIMITED), ("cap_not_hit", CAP_HIGH)] {
         g.bench_function(BenchmarkId::new("in_memory", name), |b| {
             let mut s = RevisionState::default();
             b.iter(|| {
                 let a = s.try_admit(black_box(limits), OWNER, 1);
-                let grants = s.release(1, limits, 2);
+                let grants = s.release(1, 0, limits, 2);
                 black_box((a, grants))
             })
         });
@@ -62,7 +91,7 @@ fn admit_release(c: &mut Criterion) {
                 let a = s.try_admit(limits, OWNER, 1);
                 bytes = s.encode();
                 let mut s = RevisionState::decode(black_box(&bytes)).unwrap_or_default();
-                let grants = s.release(1, limits, 2);
+                let grants = s.release(1, 0, limits, 2);
                 bytes = s.encode();
                 black_box((a, grants))
             })
@@ -97,7 +126,7 @@ fn contention(c: &mut Criterion) {
             let mut s = start.clone();
             let mut ctx = 0u32;
             b.iter(|| {
-                let grants = s.release(1, limits, 5);
+                let grants = s.release(1, 0, limits, 5);
                 ctx = ctx.wrapping_add(1);
                 let a = s.try_admit(
                     limits,
@@ -116,7 +145,7 @@ fn contention(c: &mut Criterion) {
             let mut ctx = 0u32;
             b.iter(|| {
                 let mut s = RevisionState::decode(&bytes).unwrap_or_default();
-                let grants = s.release(1, limits, 5);
+                let grants = s.release(1, 0, limits, 5);
                 bytes = s.encode();
                 let mut s = RevisionState::decode(&bytes).unwrap_or_default();
                 ctx = ctx.wrapping_add(1);
