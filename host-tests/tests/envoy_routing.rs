@@ -301,7 +301,7 @@ fn endpoints_follow_eds_and_health_checks_under_load() {
     let first3: Vec<u16> = ups[..3].iter().map(Upstream::port).collect();
     write_eds(&eds.file(), "rev-a", &first3).unwrap();
     let cluster = Cluster {
-        extra: "    health_checks:\n    - timeout: 1s\n      interval: 100ms\n      unhealthy_threshold: 1\n      healthy_threshold: 1\n      http_health_check: { path: /healthz }\n".into(),
+        extra: "    health_checks:\n    - timeout: 1s\n      interval: 0.1s\n      no_traffic_interval: 0.1s\n      unhealthy_threshold: 1\n      healthy_threshold: 1\n      http_health_check: { path: /healthz }\n".into(),
         ..Cluster::eds("rev-a", eds.file())
     };
     let envoy = start(cluster, 2);
@@ -312,11 +312,13 @@ fn endpoints_follow_eds_and_health_checks_under_load() {
     let rest: Vec<u16> = ups[1..3].iter().map(Upstream::port).collect();
     write_eds(&eds.file(), "rev-a", &rest).unwrap();
     ups[1].set_healthy(false);
-    envoy
-        .wait_stats(Duration::from_secs(5), "1 ready", |s| {
-            s.gauge("inflight_ready_replicas", "rev-a") == 1
-        })
-        .unwrap();
+    if let Err(e) = envoy.wait_stats(Duration::from_secs(5), "1 ready", |s| {
+        s.gauge("inflight_ready_replicas", "rev-a") == 1
+    }) {
+        let (_, clusters) = envoy.admin_get("/clusters?filter=rev-a").unwrap();
+        let flags: Vec<&str> = clusters.lines().filter(|l| l.contains("health_flags")).collect();
+        panic!("{e}\nEnvoy's view: {flags:#?}");
+    }
     // Requests picked just before the poll may still be on their way: one interval more.
     thread::sleep(Duration::from_millis(POLL_MS + 100));
     let (t0, t1) = (ups[0].total(), ups[1].total());
