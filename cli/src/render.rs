@@ -6,6 +6,10 @@
 //! - `wasmplugin`: an Istio `WasmPlugin` for the ingress gateway (the default);
 //! - `envoyfilter`: the equivalent Istio `EnvoyFilter` (wasm file mounted into the gateway).
 //!
+//! The two Istio outputs also carry the `EnvoyFilter` that sets the `override_host` policy on
+//! the clusters of revisions whose endpoints the filter picks (raw deployments), so Envoy sends
+//! each request to the pod the filter named in its endpoint header.
+//!
 //! The filter configuration is checked with the filter's own parser (`inflight_core::Config`)
 //! before anything is printed, so a config that render writes is one the filter accepts.
 //! Notes (values KServe overrides, settings that fight the gateway) go to stderr, and into the
@@ -60,6 +64,11 @@ pub struct Args {
     /// Do not learn ready replicas from Envoy; capacity stays containerConcurrency × readyReplicas.
     #[arg(long)]
     pub no_membership: bool,
+    /// Leave the choice of pod to Envoy: the filter picks no endpoint (`"routing": {"enabled":
+    /// false}`) and no cluster policy is written, so a pod is no longer held to
+    /// containerConcurrency on its own, only the revision's total.
+    #[arg(long)]
+    pub no_endpoint_picking: bool,
     /// Longest a request may wait in the gateway's buffer (e.g. `30s`; filter default 30s).
     #[arg(long)]
     pub max_wait: Option<String>,

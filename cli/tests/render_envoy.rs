@@ -6,7 +6,12 @@
 //!   cluster of `manifests/istio/common/membership-cluster.yaml`, in a bootstrap shaped like
 //!   Istio's (its stats tags and a stats matcher that would drop the filter's stats), with
 //!   `manifests/istio/common/stats-bootstrap.yaml` passed as `--config-yaml`, exactly as
-//!   pilot-agent passes ISTIO_BOOTSTRAP_OVERRIDE: the series must come out labelled.
+//!   pilot-agent passes ISTIO_BOOTSTRAP_OVERRIDE: the series must come out labelled;
+//! - the endpoint-picking `EnvoyFilter` render writes beside the WasmPlugin/EnvoyFilter, merged
+//!   the way Istio merges a `CLUSTER` patch into a cluster shaped like the ones Istio generates
+//!   (`lb_policy: LEAST_REQUEST` and all): a request goes to the endpoint its header names;
+//! - the same `override_host` policy in the plain Envoy configs we ship (`envoy/envoy.yaml`,
+//!   `docs/envoy-minimal.yaml`), on the header their plugin configuration names.
 //!
 //! Needs `.venv/bin/envoy` (`make setup`); builds filter.wasm itself. One test at a time (a
 //! lock): each starts Envoy on a two-core machine.
@@ -15,10 +20,12 @@
 
 mod render;
 
+use inflight_core::config::DEFAULT_ENDPOINT_HEADER;
+use inflight_envoy_control::bootstrap;
 use inflight_host_tests::client::Request;
 use inflight_host_tests::envoy::{self, Cluster, Envoy, Gateway, Stats};
 use inflight_host_tests::upstream::Upstream;
-use render::{manifests_dir, render_ok, yaml_docs};
+use render::{manifests_dir, render_ok, workspace_root, yaml_docs};
 use serde_json::{json, Value};
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
@@ -359,4 +366,220 @@ fn free_port() -> u16 {
         .local_addr()
         .unwrap()
         .port()
+}
+
+const ISVCS: [&str; 4] = [
+    "-f",
+    "manifests/kserve/serverless/torchserve.yaml",
+    "-f",
+    "manifests/kserve/raw/torchserve-raw.yaml",
+];
+const RAW_CLUSTER: &str = "outbound|80||torchserve-raw-predictor.default.svc.cluster.local";
+
+/// The `CLUSTER` patches of the endpoint-picking EnvoyFilter in a rendered YAML stream.
+fn endpoint_picking_patches(text: &str) -> Vec<Value> {
+    yaml_docs(text)
+        .into_iter()
+        .find(|d| {
+            d["kind"] == "EnvoyFilter" && d["metadata"]["name"] == "inflight-endpoint-picking"
+        })
+        .map(|d| d["spec"]["configPatches"].as_array().unwrap().clone())
+        .unwrap_or_default()
+}
+
+/// Istio's `MERGE` of a patch into a generated cluster: protobuf merge semantics, so messages
+/// merge field by field, repeated fields append and scalars are replaced. It cannot clear a
+/// field, which is why what Istio already set must be acceptable beside the patch.
+fn proto_merge(dst: &mut Value, src: &Value) {
+    match (dst, src) {
+        (Value::Object(d), Value::Object(s)) => {
+            for (k, v) in s {
+                match d.get_mut(k) {
+                    Some(dv) => proto_merge(dv, v),
+                    None => {
+                        d.insert(k.clone(), v.clone());
+                    }
+                }
+            }
+        }
+        (Value::Array(d), Value::Array(s)) => d.extend(s.iter().cloned()),
+        (d, s) => *d = s.clone(),
+    }
+}
+
+/// A gateway cluster for a Kubernetes Service as Istio generates it (`istioctl proxy-config
+/// cluster -o json`), as far as load balancing goes: LEAST_REQUEST (Istio's default), an empty
+/// `common_lb_config`, Istio's unlimited circuit breakers; endpoints static instead of EDS.
+fn istio_service_cluster(name: &str, ports: &[u16]) -> Value {
+    let endpoints: Vec<Value> = ports
+        .iter()
+        .map(|p| json!({"endpoint": {"address": {"socket_address": {"address": "127.0.0.1", "port_value": p}}}}))
+        .collect();
+    json!({
+        "name": name,
+        "type": "STATIC",
+        "connect_timeout": "10s",
+        "lb_policy": "LEAST_REQUEST",
+        "common_lb_config": {},
+        "circuit_breakers": {"thresholds": [{
+            "max_connections": 4294967295u64, "max_pending_requests": 4294967295u64,
+            "max_requests": 4294967295u64, "max_retries": 4294967295u64, "track_remaining": true
+        }]},
+        "load_assignment": {"cluster_name": name, "endpoints": [{"lb_endpoints": endpoints}]}
+    })
+}
+
+/// A bootstrap with one listener routing everything to `cluster` (no filter: here the header
+/// is set by the test, as the filter would set it).
+fn router_bootstrap(cluster: &Value) -> Value {
+    json!({
+        "admin": {"address": {"socket_address": {"address": "127.0.0.1", "port_value": 0}}},
+        "static_resources": {
+            "listeners": [{
+                "name": "0.0.0.0_8080",
+                "address": {"socket_address": {"address": "127.0.0.1", "port_value": 0}},
+                "filter_chains": [{"filters": [{
+                    "name": "envoy.filters.network.http_connection_manager",
+                    "typed_config": {
+                        "@type": "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager",
+                        "stat_prefix": "gateway",
+                        "route_config": {"virtual_hosts": [{
+                            "name": "all",
+                            "domains": ["*"],
+                            "routes": [{"match": {"prefix": "/"}, "route": {"cluster": cluster["name"], "timeout": "0s"}}]
+                        }]},
+                        "http_filters": [
+                            {"name": "envoy.filters.http.router", "typed_config": {"@type": "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"}}
+                        ]
+                    }
+                }]}]
+            }],
+            "clusters": [cluster]
+        }
+    })
+}
+
+#[test]
+fn endpoint_picking_patch_merges_into_an_istio_cluster_and_routes_by_the_header() {
+    let _s = serial();
+    // What render writes beside the filter, in both Istio formats: one patch, for the raw
+    // revision's cluster (the serverless revision's pods sit behind Knative's activator).
+    let mut args = ISVCS.to_vec();
+    args.extend(["--format", "wasmplugin"]);
+    let patches = endpoint_picking_patches(&render_ok(&args));
+    args.pop();
+    args.push("envoyfilter");
+    assert_eq!(patches, endpoint_picking_patches(&render_ok(&args)));
+    assert_eq!(patches.len(), 1, "{patches:?}");
+    let p = &patches[0];
+    assert_eq!(p["applyTo"], "CLUSTER");
+    assert_eq!(p["match"]["context"], "GATEWAY");
+    assert_eq!(p["match"]["cluster"]["name"], RAW_CLUSTER);
+    assert_eq!(p["patch"]["operation"], "MERGE");
+    let value = &p["patch"]["value"];
+    let policy = &value["load_balancing_policy"]["policies"][0]["typed_extension_config"];
+    assert_eq!(
+        policy["name"],
+        "envoy.load_balancing_policies.override_host"
+    );
+    assert_eq!(
+        policy["typed_config"]["override_host_sources"][0]["header"],
+        DEFAULT_ENDPOINT_HEADER
+    );
+
+    let upstreams = [Upstream::start().unwrap(), Upstream::start().unwrap()];
+    let ports: Vec<u16> = upstreams.iter().map(Upstream::port).collect();
+    let mut cluster = istio_service_cluster(RAW_CLUSTER, &ports);
+    proto_merge(&mut cluster, value);
+    // Istio's `lb_policy: LEAST_REQUEST` stays beside the merged policy (a MERGE cannot clear
+    // it): Envoy accepts both and load-balances by `load_balancing_policy`.
+    assert_eq!(cluster["lb_policy"], "LEAST_REQUEST");
+    let dir = scratch("picking");
+    let config = dir.join("bootstrap.json");
+    std::fs::write(
+        &config,
+        serde_json::to_string_pretty(&router_bootstrap(&cluster)).unwrap(),
+    )
+    .unwrap();
+    envoy::validate(&config).unwrap();
+    {
+        let gw = Proxy::start(&config, None, &dir);
+        let send = |endpoint: Option<String>| {
+            let mut r = Request::get(gw.listener, "torchserve-raw-default.example.com");
+            if let Some(e) = endpoint {
+                r = r.header(DEFAULT_ENDPOINT_HEADER, e);
+            }
+            let r = r.send().unwrap();
+            assert_eq!(r.status, 200, "{r:?}");
+        };
+        for _ in 0..5 {
+            send(Some(format!("127.0.0.1:{}", ports[1])));
+        }
+        assert_eq!((upstreams[0].total(), upstreams[1].total()), (0, 5));
+        send(Some(format!("127.0.0.1:{}", ports[0])));
+        assert_eq!((upstreams[0].total(), upstreams[1].total()), (1, 5));
+        // A host the cluster does not have, or no header: least request picks one.
+        send(Some("127.0.0.1:1".into()));
+        send(None);
+        assert_eq!(upstreams[0].total() + upstreams[1].total(), 8);
+    }
+
+    // What Istio must not have set on the cluster: locality-weighted (or zone-aware) load
+    // balancing, which a DestinationRule's `localityLbSetting.distribute` or failover turns on.
+    // Envoy rejects it beside `load_balancing_policy`, and the gateway would refuse the update.
+    let mut local = istio_service_cluster(RAW_CLUSTER, &ports);
+    local["common_lb_config"] = json!({"locality_weighted_lb_config": {}});
+    proto_merge(&mut local, value);
+    std::fs::write(
+        &config,
+        serde_json::to_string_pretty(&router_bootstrap(&local)).unwrap(),
+    )
+    .unwrap();
+    let err = envoy::validate(&config).unwrap_err().to_string();
+    assert!(
+        err.contains("load_balancing_policy cannot be combined"),
+        "{err}"
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// The plugin configuration embedded in one of our Envoy YAML files (`value: |` up to the router).
+fn embedded_plugin_config(yaml: &str) -> Value {
+    let start = yaml.find("value: |").unwrap() + "value: |".len();
+    let end = yaml[start..]
+        .find("          - name: envoy.filters.http.router")
+        .unwrap()
+        + start;
+    serde_json::from_str(&yaml[start..end]).unwrap()
+}
+
+/// The plain Envoy configs we ship route each revision's cluster by the filter's pick: the
+/// shared policy text, on the header their plugin configuration names, and no per-host
+/// connection cap (each replica's limit is the filter's to keep).
+#[test]
+fn shipped_envoy_configs_route_by_the_endpoint_header() {
+    for file in ["envoy/envoy.yaml", "docs/envoy-minimal.yaml"] {
+        let yaml = std::fs::read_to_string(workspace_root().join(file)).unwrap();
+        let plugin = embedded_plugin_config(&yaml);
+        assert_ne!(plugin["routing"]["enabled"], false, "{file}");
+        let header = plugin["routing"]["endpointHeader"]
+            .as_str()
+            .unwrap_or(DEFAULT_ENDPOINT_HEADER);
+        for r in plugin["revisions"].as_array().unwrap() {
+            let cluster = r["upstreamCluster"]
+                .as_str()
+                .or(r["clusters"][0].as_str())
+                .unwrap();
+            let at = yaml
+                .find(&format!("\n  - name: {cluster}\n"))
+                .unwrap_or_else(|| panic!("{file}: no cluster {cluster}"));
+            let body = &yaml[at + 1..];
+            let body = &body[..body[1..].find("\n  - name: ").map_or(body.len(), |e| e + 1)];
+            assert!(
+                body.contains(&bootstrap::override_host_policy(header)),
+                "{file}: cluster {cluster} does not route by {header}:\n{body}"
+            );
+            assert!(!body.contains("per_host_thresholds"), "{file}: {body}");
+        }
+    }
 }

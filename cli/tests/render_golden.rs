@@ -46,7 +46,7 @@ const CASES: &[Case] = &[
     },
     Case {
         name: "raw",
-        formats: &["filter-config", "wasmplugin"],
+        formats: &["filter-config", "wasmplugin", "envoyfilter"],
         extra: &["--domain", "models.example.org"],
         ok: true,
     },
@@ -228,4 +228,36 @@ fn usage_errors() {
     assert!(!ok && stderr.contains("not valid YAML"), "{stderr}");
     let _ = std::fs::remove_dir_all(&dir);
     let _ = yaml_docs("");
+}
+
+/// `--no-endpoint-picking`: the filter is told to leave the choice of pod to Envoy, and no
+/// cluster policy is written (it would let clients choose a pod: with picking off the filter
+/// no longer removes their copy of the header).
+#[test]
+fn no_endpoint_picking_turns_routing_off_and_writes_no_cluster_policy() {
+    let input = golden_dir().join("raw.yaml");
+    let input = input.to_str().unwrap();
+    for format in ["wasmplugin", "envoyfilter"] {
+        let on = yaml_docs(&render::render_ok(&["-f", input, "--format", format]));
+        let off = yaml_docs(&render::render_ok(&[
+            "-f",
+            input,
+            "--format",
+            format,
+            "--no-endpoint-picking",
+        ]));
+        assert_eq!(on.len(), 2, "{format}: the filter and the cluster policy");
+        assert_eq!(on[1]["metadata"]["name"], "inflight-endpoint-picking");
+        assert_eq!(off.len(), 1, "{format}: {off:?}");
+    }
+    let config: serde_json::Value = serde_json::from_str(&render::render_ok(&[
+        "-f",
+        input,
+        "--format",
+        "filter-config",
+        "--no-endpoint-picking",
+    ]))
+    .unwrap();
+    assert_eq!(config["routing"], serde_json::json!({"enabled": false}));
+    inflight_core::Config::parse(config.to_string().as_bytes()).unwrap();
 }

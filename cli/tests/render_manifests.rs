@@ -320,6 +320,21 @@ fn schema_validation_rejects_what_kubectl_would() {
     let mut wp = yaml_docs(&read("istio/wasmplugin/wasmplugin.yaml")).remove(0);
     wp["spec"]["phase"] = Value::from("BEFORE_ROUTER");
     assert!(!validate_object(&wp).is_empty());
+    // The endpoint-picking EnvoyFilter's cluster match and patch are checked too.
+    let picking = yaml_docs(&read("istio/wasmplugin/wasmplugin.yaml")).remove(1);
+    assert_eq!(picking["metadata"]["name"], "inflight-endpoint-picking");
+    assert!(validate_object(&picking).is_empty());
+    let mut misspelt = picking.clone();
+    let cluster = misspelt["spec"]["configPatches"][0]["match"]["cluster"]
+        .as_object_mut()
+        .unwrap();
+    let name = cluster.remove("name").unwrap();
+    cluster.insert("nmae".into(), name);
+    let problems = validate_object(&misspelt);
+    assert!(problems.iter().any(|p| p.contains("nmae")), "{problems:?}");
+    let mut bad_op = picking;
+    bad_op["spec"]["configPatches"][0]["patch"]["operation"] = Value::from("MERGE_ALL");
+    assert!(!validate_object(&bad_op).is_empty());
     let mut so = yaml_docs(&read("autoscaling/keda/scaledobject.yaml")).remove(0);
     so["spec"]["maxReplicaCount"] = Value::from("ten");
     assert!(!validate_object(&so).is_empty());

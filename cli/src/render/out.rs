@@ -1,13 +1,18 @@
 //! From predictors to the three outputs: the filter's plugin configuration, an Istio
-//! `WasmPlugin`, an Istio `EnvoyFilter`.
+//! `WasmPlugin`, an Istio `EnvoyFilter`. Both Istio outputs are followed by the `EnvoyFilter`
+//! that gives each revision's cluster the `override_host` load-balancing policy, so Envoy sends
+//! a request to the endpoint the filter picked for it ([`endpoint_picking`]).
 //!
 //! Outputs are serde structs with their fields in the order a person reads them, so the text is
 //! stable (golden-tested) whatever features `serde_json` is built with.
 
 use super::isvc::{self, Mode, Predictor};
 use super::Args;
-use anyhow::{bail, Result};
-use inflight_core::config::{AutoscalingDoc, ConfigDoc, MembershipDoc, RevisionDoc};
+use anyhow::{bail, Context as _, Result};
+use inflight_core::config::{
+    AutoscalingDoc, ConfigDoc, MembershipDoc, RevisionDoc, RoutingDoc, DEFAULT_ENDPOINT_HEADER,
+};
+use inflight_envoy_control::bootstrap;
 use serde::Serialize;
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
@@ -18,6 +23,8 @@ pub const DEFAULT_WASM_FILE: &str = "/var/local/lib/wasm/inflight/inflight.wasm"
 pub const DEFAULT_MEMBERSHIP_CLUSTER: &str = "inflight-admin";
 /// The filter's root context id and the name of everything it adds to the gateway.
 const PLUGIN: &str = "inflight";
+/// The EnvoyFilter that sets the load-balancing policy of the revisions' clusters.
+const ENDPOINT_PICKING: &str = "inflight-endpoint-picking";
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum Format {
@@ -25,7 +32,8 @@ pub enum Format {
     FilterConfig,
     /// An Istio WasmPlugin for the ingress gateway.
     Wasmplugin,
-    /// An Istio EnvoyFilter inserting the wasm filter before the router.
+    /// An Istio EnvoyFilter inserting the wasm filter before the router (the module mounted
+    /// into the gateway).
     Envoyfilter,
 }
 
@@ -174,6 +182,10 @@ impl Plan {
         let config = FilterConfig {
             revisions,
             membership,
+            routing: args.no_endpoint_picking.then_some(RoutingDoc {
+                enabled: Some(false),
+                endpoint_header: None,
+            }),
             ..FilterConfig::default()
         };
         // The filter's own parser is the judge: never print a config it would refuse.
@@ -232,7 +244,7 @@ struct Metadata {
     labels: BTreeMap<String, String>,
 }
 
-fn metadata(namespace: &str) -> Metadata {
+fn metadata(name: &str, namespace: &str) -> Metadata {
     let mut labels = BTreeMap::new();
     labels.insert("app.kubernetes.io/name".into(), PLUGIN.into());
     labels.insert(
@@ -240,7 +252,7 @@ fn metadata(namespace: &str) -> Metadata {
         "inflight-render".into(),
     );
     Metadata {
-        name: PLUGIN.into(),
+        name: name.into(),
         namespace: namespace.into(),
         labels,
     }
@@ -270,9 +282,9 @@ struct MatchLabels {
 
 #[derive(Serialize)]
 #[serde(rename_all = "camelCase")]
-struct EnvoyFilterSpec {
+struct EnvoyFilterSpec<P> {
     workload_selector: Labels,
-    config_patches: Vec<ConfigPatch>,
+    config_patches: Vec<P>,
 }
 
 #[derive(Serialize)]
@@ -322,6 +334,34 @@ struct Named {
 struct Patch {
     operation: &'static str,
     value: WasmFilter,
+}
+
+/// A `CLUSTER` patch that merges `value` into the gateway's cluster `name`.
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+struct ClusterPatch {
+    apply_to: &'static str,
+    #[serde(rename = "match")]
+    on: ClusterPatchMatch,
+    patch: MergePatch,
+}
+
+#[derive(Serialize)]
+struct ClusterPatchMatch {
+    context: &'static str,
+    cluster: ClusterName,
+}
+
+#[derive(Serialize)]
+struct ClusterName {
+    name: String,
+}
+
+#[derive(Serialize)]
+struct MergePatch {
+    operation: &'static str,
+    /// Envoy's own YAML (a `Cluster` fragment), kept in the order it was written.
+    value: serde_norway::Value,
 }
 
 /// The Envoy HTTP filter (`envoy.extensions.filters.http.wasm.v3.Wasm`), as Envoy reads it.
@@ -400,6 +440,94 @@ pub fn wasm_filter(config: &FilterConfig, wasm_file: &str) -> Result<WasmFilter>
     })
 }
 
+/// The request header the filter names its pick in; `None` when the configuration turns
+/// endpoint picking off.
+fn endpoint_header(config: &FilterConfig) -> Option<&str> {
+    match &config.routing {
+        Some(r) if r.enabled == Some(false) => None,
+        Some(r) => Some(
+            r.endpoint_header
+                .as_deref()
+                .unwrap_or(DEFAULT_ENDPOINT_HEADER),
+        ),
+        None => Some(DEFAULT_ENDPOINT_HEADER),
+    }
+}
+
+/// The clusters whose endpoints the filter picks: each revision's upstream cluster (its only
+/// `clusters` entry unless `upstreamCluster` names one), when membership lets the filter learn
+/// the endpoints. Serverless revisions have none: their pods sit behind Knative's activator,
+/// where the gateway cannot see them.
+fn picked_clusters(config: &FilterConfig) -> Vec<&str> {
+    if config.membership.is_none() {
+        return Vec::new();
+    }
+    let mut clusters: Vec<&str> = Vec::new();
+    for r in &config.revisions {
+        let upstream = match (&r.upstream_cluster, r.clusters.as_slice()) {
+            (Some(c), _) => c.as_str(),
+            (None, [only]) => only.as_str(),
+            (None, _) => continue,
+        };
+        if !clusters.contains(&upstream) {
+            clusters.push(upstream);
+        }
+    }
+    clusters
+}
+
+/// The `EnvoyFilter` that makes Envoy follow the filter's pick: a `CLUSTER` patch per picked
+/// cluster merging in `load_balancing_policy` = `override_host` on the endpoint header, with
+/// least request (full scan) for requests without it. The policy is the YAML the project's own
+/// Envoy configs use (`inflight_envoy_control::bootstrap::override_host_policy`). Istio's
+/// `lb_policy` on the cluster can stay (a MERGE could not clear it): Envoy balances by
+/// `load_balancing_policy` when both are set. What it refuses beside it is locality-weighted
+/// balancing, which Istio adds for a `localityLbSetting` with `distribute` or failover (see
+/// docs/deploy.md). `None` when there is nothing to patch.
+fn endpoint_picking(config: &FilterConfig, gw: &Gateway<'_>) -> Result<Option<String>> {
+    let Some(header) = endpoint_header(config) else {
+        return Ok(None);
+    };
+    let clusters = picked_clusters(config);
+    if clusters.is_empty() {
+        return Ok(None);
+    }
+    let policy: serde_norway::Value =
+        serde_norway::from_str(&bootstrap::override_host_policy(header))
+            .context("the override_host policy is not YAML")?;
+    let patches = clusters
+        .into_iter()
+        .map(|name| ClusterPatch {
+            apply_to: "CLUSTER",
+            on: ClusterPatchMatch {
+                context: "GATEWAY",
+                cluster: ClusterName { name: name.into() },
+            },
+            patch: MergePatch {
+                operation: "MERGE",
+                value: policy.clone(),
+            },
+        })
+        .collect();
+    let doc = serde_norway::to_string(&Object {
+        api_version: "networking.istio.io/v1alpha3",
+        kind: "EnvoyFilter",
+        metadata: metadata(ENDPOINT_PICKING, gw.namespace),
+        spec: EnvoyFilterSpec {
+            workload_selector: Labels {
+                labels: gw.selector.clone(),
+            },
+            config_patches: patches,
+        },
+    })?;
+    Ok(Some(format!(
+        "# Endpoint picking (docs/deploy.md): the filter names the pod it picked for each request\n\
+         # in `{header}`; the override_host policy merged into the revision's\n\
+         # cluster sends the request there (least request without the header). Without it,\n\
+         # inflight_endpoint_mismatch_total grows.\n{doc}"
+    )))
+}
+
 /// Writes the plan in `format`; YAML outputs carry the notes as comments.
 pub fn write(plan: &Plan, format: Format, gw: &Gateway<'_>, notes: &[String]) -> Result<String> {
     let mut header = String::new();
@@ -433,7 +561,7 @@ pub fn write(plan: &Plan, format: Format, gw: &Gateway<'_>, notes: &[String]) ->
         Format::Wasmplugin => serde_norway::to_string(&Object {
             api_version: "extensions.istio.io/v1alpha1",
             kind: "WasmPlugin",
-            metadata: metadata(gw.namespace),
+            metadata: metadata(PLUGIN, gw.namespace),
             spec: WasmPluginSpec {
                 selector: MatchLabels {
                     match_labels: gw.selector.clone(),
@@ -450,7 +578,7 @@ pub fn write(plan: &Plan, format: Format, gw: &Gateway<'_>, notes: &[String]) ->
         Format::Envoyfilter => serde_norway::to_string(&Object {
             api_version: "networking.istio.io/v1alpha3",
             kind: "EnvoyFilter",
-            metadata: metadata(gw.namespace),
+            metadata: metadata(PLUGIN, gw.namespace),
             spec: EnvoyFilterSpec {
                 workload_selector: Labels {
                     labels: gw.selector.clone(),
@@ -478,7 +606,14 @@ pub fn write(plan: &Plan, format: Format, gw: &Gateway<'_>, notes: &[String]) ->
             },
         })?,
     };
-    Ok(header + &body)
+    let picking = match format {
+        Format::FilterConfig => None,
+        Format::Wasmplugin | Format::Envoyfilter => endpoint_picking(&plan.config, gw)?,
+    };
+    Ok(match picking {
+        Some(p) => format!("{header}{body}---\n{p}"),
+        None => header + &body,
+    })
 }
 
 #[cfg(test)]
@@ -507,6 +642,127 @@ mod tests {
         }
         assert!(host("{{ .Nope }}", "a", "b", "c").is_err());
         assert!(host("{{ .Name", "a", "b", "c").is_err());
+    }
+
+    fn revision(name: &str, clusters: &[&str], upstream: Option<&str>) -> RevisionDoc {
+        RevisionDoc {
+            name: name.into(),
+            clusters: clusters.iter().map(|c| c.to_string()).collect(),
+            upstream_cluster: upstream.map(String::from),
+            ..RevisionDoc::default()
+        }
+    }
+
+    #[test]
+    fn endpoint_header_follows_routing() {
+        let routing = |enabled, header: Option<&str>| FilterConfig {
+            routing: Some(RoutingDoc {
+                enabled,
+                endpoint_header: header.map(String::from),
+            }),
+            ..FilterConfig::default()
+        };
+        let cases = [
+            (
+                "unset: on, the default header",
+                FilterConfig::default(),
+                Some(DEFAULT_ENDPOINT_HEADER),
+            ),
+            (
+                "enabled, no header",
+                routing(Some(true), None),
+                Some(DEFAULT_ENDPOINT_HEADER),
+            ),
+            ("own header", routing(None, Some("x-pod")), Some("x-pod")),
+            ("turned off", routing(Some(false), Some("x-pod")), None),
+        ];
+        for (name, config, want) in cases {
+            assert_eq!(endpoint_header(&config), want, "{name}");
+        }
+    }
+
+    #[test]
+    fn picked_clusters_are_the_upstream_clusters_membership_learns() {
+        let raw = "outbound|80||m-predictor.default.svc.cluster.local";
+        let with = |revisions| FilterConfig {
+            revisions,
+            membership: Some(membership("inflight-admin")),
+            ..FilterConfig::default()
+        };
+        let cases: [(&str, FilterConfig, Vec<&str>); 6] = [
+            (
+                "raw: its only cluster",
+                with(vec![revision("m", &[raw], None)]),
+                vec![raw],
+            ),
+            (
+                "serverless: none",
+                with(vec![revision("s", &[], None)]),
+                vec![],
+            ),
+            (
+                "explicit upstreamCluster",
+                with(vec![revision("m", &["a", "b"], Some("b"))]),
+                vec!["b"],
+            ),
+            (
+                "two clusters, no upstreamCluster: none",
+                with(vec![revision("m", &["a", "b"], None)]),
+                vec![],
+            ),
+            (
+                "one cluster behind two revisions: once",
+                with(vec![
+                    revision("a", &[raw], None),
+                    revision("b", &[raw], None),
+                ]),
+                vec![raw],
+            ),
+            (
+                "no membership: the filter cannot learn endpoints",
+                FilterConfig {
+                    revisions: vec![revision("m", &[raw], None)],
+                    ..FilterConfig::default()
+                },
+                vec![],
+            ),
+        ];
+        for (name, config, want) in cases {
+            assert_eq!(picked_clusters(&config), want, "{name}");
+        }
+    }
+
+    #[test]
+    fn endpoint_picking_patches_each_picked_cluster_with_the_shared_policy() {
+        let gw = Gateway {
+            namespace: "istio-system",
+            selector: parse_selector("istio=ingressgateway").unwrap(),
+            wasm_url: DEFAULT_WASM_URL,
+            wasm_file: DEFAULT_WASM_FILE,
+        };
+        let config = FilterConfig {
+            revisions: vec![revision("m", &["outbound|80||m"], None)],
+            membership: Some(membership("inflight-admin")),
+            ..FilterConfig::default()
+        };
+        let text = endpoint_picking(&config, &gw).unwrap().unwrap();
+        let doc: serde_json::Value = serde_norway::from_str(&text).unwrap();
+        let patch = &doc["spec"]["configPatches"][0];
+        assert_eq!(doc["metadata"]["name"], ENDPOINT_PICKING);
+        assert_eq!(patch["applyTo"], "CLUSTER");
+        assert_eq!(patch["match"]["context"], "GATEWAY");
+        assert_eq!(patch["match"]["cluster"]["name"], "outbound|80||m");
+        assert_eq!(patch["patch"]["operation"], "MERGE");
+        let shared: serde_json::Value =
+            serde_norway::from_str(&bootstrap::override_host_policy(DEFAULT_ENDPOINT_HEADER))
+                .unwrap();
+        assert_eq!(patch["patch"]["value"], shared);
+        // Nothing to patch: no document at all.
+        let serverless = FilterConfig {
+            revisions: vec![revision("s", &[], None)],
+            ..config
+        };
+        assert!(endpoint_picking(&serverless, &gw).unwrap().is_none());
     }
 
     #[test]

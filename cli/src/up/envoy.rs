@@ -1,10 +1,11 @@
 //! Envoy for the local stack: the bootstrap (listener with the filter, one EDS cluster per
-//! revision fed from a file the scaler rewrites, and the STATIC admin cluster through which the
-//! filter learns ready replicas), and the process, started in its own process group and stopped
-//! by pid.
+//! revision fed from a file the scaler rewrites and routed by the filter's endpoint pick, and
+//! the STATIC admin cluster through which the filter learns ready replicas), and the process,
+//! started in its own process group and stopped by pid.
 
 use super::config::{StackConfig, ADMIN_CLUSTER};
 use anyhow::{bail, Context as _, Result};
+use inflight_core::config::DEFAULT_ENDPOINT_HEADER;
 use inflight_envoy_control::bootstrap::{self, ROUTER, STATS_TAGS};
 use inflight_envoy_control::Launch;
 use std::fmt::Write as _;
@@ -56,40 +57,27 @@ pub fn bootstrap(
             name = first.name
         );
     }
+    // The filter keeps the revision's total in flight ≤ cc × ready, and each replica ≤ cc by
+    // picking: it sends each request to a replica with a free slot (fewer than cc of its
+    // requests in flight) and names it in the endpoint header, which the cluster's
+    // `override_host` policy follows. So the replica limit holds from the first request a new
+    // replica gets, and follows a new containerConcurrency without a restart (`tune --apply`).
+    // A request without the header (one the filter did not pick for, e.g. with picking off)
+    // or naming a replica the cluster no longer has goes to the least loaded replica instead
+    // (least request, full scan). The circuit breakers are only there to be out of the way: with
+    // Envoy's defaults (1024 requests, 3 retries) Envoy could refuse what the filter admitted.
+    let policy = bootstrap::override_host_policy(DEFAULT_ENDPOINT_HEADER);
     let mut clusters = String::new();
     for r in &config.revisions {
-        // The filter keeps the revision's total in flight ≤ cc × ready; these two keep each
-        // replica ≤ cc. LEAST_REQUEST with a full scan sends a request to the replica with the
-        // fewest active requests, which then always has a free slot. Envoy counts a request as
-        // active only once it has a connection, though: right after a replica joins, a burst
-        // can pick it while its connections are still opening. The per-host connection limit
-        // closes that gap: over HTTP/1.1 a connection carries one request at a time, so at most
-        // cc connections means at most cc requests at the replica; the rest wait in Envoy's
-        // pool for a connection of that replica (still counted by the filter as in flight).
-        let per_host = if r.container_concurrency > 0 {
-            format!(
-                "      per_host_thresholds:\n      - {{ max_connections: {} }}\n",
-                r.container_concurrency
-            )
-        } else {
-            String::new()
-        };
         let _ = write!(
             clusters,
             r#"  - name: {name}
     type: EDS
     connect_timeout: 1s
-    load_balancing_policy:
-      policies:
-      - typed_extension_config:
-          name: envoy.load_balancing_policies.least_request
-          typed_config:
-            "@type": type.googleapis.com/envoy.extensions.load_balancing_policies.least_request.v3.LeastRequest
-            selection_method: FULL_SCAN
-    circuit_breakers:
+{policy}    circuit_breakers:
       thresholds:
       - {{ max_connections: 100000, max_pending_requests: 100000, max_requests: 100000, max_retries: 100000 }}
-{per_host}{eds}"#,
+{eds}"#,
             name = r.name,
             eds = bootstrap::eds_from_file(&eds_path(eds_dir, &r.name)),
         );
@@ -155,21 +143,50 @@ impl std::ops::DerefMut for Envoy {
     }
 }
 
-/// The generated YAML, as it was before the generators shared `inflight_envoy_control::bootstrap`.
+/// The generated YAML against `testdata/bootstrap.yaml` (`UPDATE_GOLDEN=1` rewrites it; review
+/// the diff), and the parts of it that matter, said outright.
 #[cfg(test)]
 mod golden {
     use super::*;
 
-    #[test]
-    fn generated_bootstrap_is_unchanged() {
+    fn demo_bootstrap() -> String {
         let config = StackConfig::parse(super::super::config::DEMO).unwrap();
-        let yaml = bootstrap(
+        bootstrap(
             &config,
             8080,
             9901,
             Path::new("/x/f.wasm"),
             Path::new("/tmp/eds"),
+        )
+    }
+
+    #[test]
+    fn generated_bootstrap_matches_the_golden_file() {
+        let yaml = demo_bootstrap();
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("src/up/testdata/bootstrap.yaml");
+        if std::env::var_os("UPDATE_GOLDEN").is_some() {
+            std::fs::write(&path, &yaml).unwrap();
+        }
+        assert_eq!(yaml, std::fs::read_to_string(&path).unwrap());
+    }
+
+    #[test]
+    fn revision_clusters_follow_the_filters_pick() {
+        let yaml = demo_bootstrap();
+        let cluster = &yaml[yaml.find("  - name: torchserve\n").unwrap()..];
+        let cluster = &cluster[..cluster.find("  - name: inflight_admin").unwrap()];
+        assert!(
+            cluster.contains(&bootstrap::override_host_policy(DEFAULT_ENDPOINT_HEADER)),
+            "{cluster}"
         );
-        assert_eq!(yaml, bootstrap::captured("up-bootstrap.yaml").unwrap());
+        // The filter's pick holds each replica to cc: no per-host connection cap (it would also
+        // hold a raised containerConcurrency at the old value until a restart).
+        assert!(!cluster.contains("per_host_thresholds"), "{cluster}");
+        assert!(cluster.contains("max_requests: 100000"), "{cluster}");
+        // The filter names the endpoint in the header the policy reads: the default one.
+        let plugin = StackConfig::parse(super::super::config::DEMO)
+            .unwrap()
+            .plugin_config();
+        assert!(plugin.get("routing").is_none(), "{plugin}");
     }
 }
