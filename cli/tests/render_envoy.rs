@@ -336,9 +336,9 @@ fn envoyfilter_and_stats_bootstrap_run_in_an_istio_like_envoy() {
         assert_eq!(stats.gauge("inflight_capacity", "torchserve-raw"), 20);
     }
 
-    // Control: the same bootstrap without the override keeps none of the filter's series and
-    // not the membership stat it reads (Istio's stats matcher drops them): the override is
-    // what makes both work.
+    // Control: the same bootstrap without the override keeps none of the filter's series
+    // (Istio's stats matcher drops them): the override is what makes them exist. The filter's
+    // view of the endpoints (`/clusters`) does not depend on it.
     {
         let gw = Proxy::start(&config, None, &dir);
         let r = Request::get(gw.listener, "torchserve-raw-default.example.com")
@@ -354,8 +354,6 @@ fn envoyfilter_and_stats_bootstrap_run_in_an_istio_like_envoy() {
             "{}",
             stats.inflight_lines()
         );
-        let (_, body) = http_get(gw.admin, "/stats?filter=membership_healthy").unwrap();
-        assert!(!body.contains("torchserve-raw"), "{body}");
     }
     let _ = std::fs::remove_dir_all(&dir);
 }

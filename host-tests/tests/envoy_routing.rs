@@ -316,7 +316,10 @@ fn endpoints_follow_eds_and_health_checks_under_load() {
         s.gauge("inflight_ready_replicas", "rev-a") == 1
     }) {
         let (_, clusters) = envoy.admin_get("/clusters?filter=rev-a").unwrap();
-        let flags: Vec<&str> = clusters.lines().filter(|l| l.contains("health_flags")).collect();
+        let flags: Vec<&str> = clusters
+            .lines()
+            .filter(|l| l.contains("health_flags"))
+            .collect();
         panic!("{e}\nEnvoy's view: {flags:#?}");
     }
     // Requests picked just before the poll may still be on their way: one interval more.
