@@ -5,10 +5,12 @@
 //! example; `{"b64": ...}` and `{"data": {"b64": ...}}` are accepted too) or a raw tensor,
 //! a `28×28` or `1×28×28` nested array. Predictions are class ids, as that example returns.
 //!
-//! v2 takes one input: FP32 with shape `[N, 1, 28, 28]` (data flat in row-major order or
-//! nested), or BYTES with shape `[N]` whose elements are base64 PNGs. Outputs: `predict`
-//! (INT64 `[N]`, class ids; the default) and `logits` (FP32 `[N, classes]`), chosen with the
-//! request's `outputs`.
+//! v2 takes one input: FP32 with shape `[N, 1, 28, 28]`, `[N, 28, 28]`, `[1, 28, 28]` (one
+//! image as C×H×W, as TorchServe's KServe v2 MNIST sample sends it) or `[28, 28]`, data flat
+//! in row-major order or nested as the shape; or BYTES with shape `[N]` whose elements are
+//! base64 PNGs. Outputs: `predict` (INT64 `[N]`, class ids; the default) and `logits` (FP32
+//! `[N, classes]`), chosen with the request's `outputs`; one image in, whatever its shape,
+//! is N = 1 out.
 
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
@@ -150,7 +152,7 @@ pub fn parse_v2(body: &[u8]) -> Result<V2Infer, String> {
         [] => return Err("\"inputs\" is empty: send one input tensor".into()),
         more => {
             return Err(format!(
-            "got {} inputs; this model takes one: FP32 [N, 1, 28, 28] or BYTES [N] (base64 PNG)",
+            "got {} inputs; this model takes one: FP32 ({FP32_SHAPES}) or BYTES [N] (base64 PNG)",
             more.len()
         ))
         }
@@ -161,7 +163,7 @@ pub fn parse_v2(body: &[u8]) -> Result<V2Infer, String> {
         "BYTES" => parse_v2_bytes(input, &what)?,
         other => {
             return Err(format!(
-                "{what}: datatype {other} is not supported; send FP32 [N, 1, 28, 28] or BYTES [N] (base64 PNG)"
+                "{what}: datatype {other} is not supported; send FP32 ({FP32_SHAPES}) or BYTES [N] (base64 PNG)"
             ))
         }
     };
@@ -200,40 +202,73 @@ pub fn parse_v2(body: &[u8]) -> Result<V2Infer, String> {
     })
 }
 
+/// The FP32 shapes the model takes, for messages.
+const FP32_SHAPES: &str = "[N, 1, 28, 28] or [N, 28, 28] for N images ([1, 28, 28] is one image as C×H×W), or [28, 28] for one";
+
+/// How many images an FP32 input of `shape` holds: N for `[N, 1, 28, 28]` (the model's own
+/// layout) and `[N, 28, 28]`, one for `[28, 28]`. `[1, 28, 28]` is one image as C×H×W, the
+/// form torchvision's `ToTensor` makes and TorchServe's KServe v2 MNIST sample sends; read as
+/// `[N, 28, 28]` with N = 1 it is the same 784 values. `None` for any other shape; N is not
+/// checked here.
+fn fp32_image_count(shape: &[i64]) -> Option<i64> {
+    match shape {
+        [n, 1, 28, 28] | [n, 28, 28] => Some(*n),
+        [28, 28] => Some(1),
+        _ => None,
+    }
+}
+
 fn parse_v2_fp32(input: &V2Input, what: &str) -> Result<Images, String> {
-    let count = match input.shape.as_slice() {
-        [n, 1, 28, 28] if *n > 0 => *n as usize,
-        [0, 1, 28, 28] => return Err(format!("{what}: shape has N = 0: send at least one image")),
-        other => return Err(format!("{what}: shape {other:?} is not [N, 1, 28, 28]")),
-    };
-    let mut images = Images {
-        values: Vec::with_capacity(count * IMAGE_LEN),
-        count,
-    };
-    match &input.data {
-        Value::Array(items) if items.first().is_some_and(Value::is_array) => flatten_tensor(
-            &input.data,
-            &[count, 1, IMAGE_SIDE, IMAGE_SIDE],
-            what,
-            &mut images.values,
-        )?,
-        Value::Array(items) => {
-            if items.len() != count * IMAGE_LEN {
-                return Err(format!(
-                    "{what}: shape {} needs {} values, data has {}",
-                    shape_text(&[count, 1, IMAGE_SIDE, IMAGE_SIDE]),
-                    count * IMAGE_LEN,
-                    items.len()
-                ));
-            }
-            flatten_flat(items, what, &mut images.values)?
+    let shape = input.shape.as_slice();
+    let count = match fp32_image_count(shape) {
+        Some(n) if n > 0 => {
+            usize::try_from(n).map_err(|_| format!("{what}: N = {n} is too large"))?
         }
-        other => {
+        Some(n) => {
             return Err(format!(
-                "{what}: \"data\" must be an array, got {}",
-                kind(other)
+                "{what}: shape {shape:?} has N = {n}: send at least one image"
             ))
         }
+        None => {
+            return Err(format!(
+                "{what}: FP32 shape {shape:?} is not accepted; send {FP32_SHAPES}"
+            ))
+        }
+    };
+    // Every dimension is positive now: N was checked, the others are 1 or 28.
+    let dims: Vec<usize> = shape.iter().map(|d| *d as usize).collect();
+    let Value::Array(items) = &input.data else {
+        return Err(format!(
+            "{what}: \"data\" must be an array, got {}",
+            kind(&input.data)
+        ));
+    };
+    // Reserve no more than the data can hold, never the N the shape claims: the shape is the
+    // client's word, the data is what arrived (bounded by --max-body-bytes). Nested, the outer
+    // length bounds the images (for `[28, 28]` it counts rows, and N is 1).
+    let nested = items.first().is_some_and(Value::is_array);
+    let arrived = if nested {
+        items.len()
+    } else {
+        items.len() / IMAGE_LEN
+    };
+    let mut images = Images {
+        values: Vec::with_capacity(count.min(arrived) * IMAGE_LEN),
+        count,
+    };
+    if nested {
+        flatten_tensor(&input.data, &dims, what, &mut images.values)?;
+    } else {
+        let needed = count.checked_mul(IMAGE_LEN);
+        if needed != Some(items.len()) {
+            return Err(format!(
+                "{what}: shape {} needs {} values, data has {}",
+                shape_text(&dims),
+                needed.map_or_else(|| format!("{count} × {IMAGE_LEN}"), |n| n.to_string()),
+                items.len()
+            ));
+        }
+        flatten_flat(items, what, &mut images.values)?;
     }
     Ok(images)
 }
@@ -469,10 +504,75 @@ mod tests {
         }
     }
 
+    /// Every FP32 layout the model takes, flat and nested, gives the same images in the same
+    /// order; the image count is the batch the answer reports.
+    #[test]
+    fn v2_fp32_takes_every_image_layout_flat_and_nested() {
+        // Pixel i of image k is distinct, so a transposed or shifted reading would show.
+        let pixel = |k: usize, i: usize| ((k * IMAGE_LEN + i) % 1000) as f32 / 1000.0;
+        let image = |k: usize| -> Vec<Vec<f32>> {
+            (0..IMAGE_SIDE)
+                .map(|y| {
+                    (0..IMAGE_SIDE)
+                        .map(|x| pixel(k, y * IMAGE_SIDE + x))
+                        .collect()
+                })
+                .collect()
+        };
+        let flat = |n: usize| -> Vec<f32> {
+            (0..n)
+                .flat_map(|k| (0..IMAGE_LEN).map(move |i| pixel(k, i)))
+                .collect()
+        };
+        let cases: [(&str, Value, Value, usize); 10] = [
+            ("NCHW flat", json!([2, 1, 28, 28]), json!(flat(2)), 2),
+            (
+                "NCHW nested",
+                json!([2, 1, 28, 28]),
+                json!([[image(0)], [image(1)]]),
+                2,
+            ),
+            ("NHW flat", json!([3, 28, 28]), json!(flat(3)), 3),
+            (
+                "NHW nested",
+                json!([3, 28, 28]),
+                json!([image(0), image(1), image(2)]),
+                3,
+            ),
+            (
+                "CHW flat (TorchServe's ToTensor)",
+                json!([1, 28, 28]),
+                json!(flat(1)),
+                1,
+            ),
+            (
+                "CHW nested (TorchServe's sample)",
+                json!([1, 28, 28]),
+                json!([image(0)]),
+                1,
+            ),
+            ("HW flat", json!([28, 28]), json!(flat(1)), 1),
+            ("HW nested", json!([28, 28]), json!(image(0)), 1),
+            ("one NCHW flat", json!([1, 1, 28, 28]), json!(flat(1)), 1),
+            (
+                "one NCHW nested",
+                json!([1, 1, 28, 28]),
+                json!([[image(0)]]),
+                1,
+            ),
+        ];
+        for (name, shape, data, count) in cases {
+            let request = json!({"inputs": [{"name": "input-0", "shape": shape, "datatype": "FP32", "data": data}]});
+            let parsed = parse_v2(&body(request)).unwrap_or_else(|e| panic!("{name}: {e}"));
+            assert_eq!(parsed.images.count, count, "{name}");
+            assert_eq!(parsed.images.values, flat(count), "{name}");
+        }
+    }
+
     #[test]
     fn v2_errors_say_what_was_wrong() {
         let fp32 = |shape: Value, data: Value| json!({"inputs": [{"name": "x", "shape": shape, "datatype": "FP32", "data": data}]});
-        let cases: [(&str, Value, &str); 12] = [
+        let cases: [(&str, Value, &str); 22] = [
             (
                 "no inputs field",
                 json!({"id": "1"}),
@@ -491,10 +591,56 @@ mod tests {
             ),
             (
                 "shape",
-                fp32(json!([1, 28, 28]), json!(vec![0.0; IMAGE_LEN])),
-                "shape [1, 28, 28] is not [N, 1, 28, 28]",
+                fp32(json!([1, 784]), json!(vec![0.0; IMAGE_LEN])),
+                "FP32 shape [1, 784] is not accepted; send [N, 1, 28, 28] or [N, 28, 28] for N images ([1, 28, 28] is one image as C×H×W), or [28, 28] for one",
+            ),
+            (
+                "channels last",
+                fp32(json!([1, 28, 28, 1]), json!(vec![0.0; IMAGE_LEN])),
+                "FP32 shape [1, 28, 28, 1] is not accepted",
+            ),
+            (
+                "three channels",
+                fp32(json!([3, 1, 28, 28, 1]), json!(vec![0.0; IMAGE_LEN])),
+                "FP32 shape [3, 1, 28, 28, 1] is not accepted",
             ),
             ("zero n", fp32(json!([0, 1, 28, 28]), json!([])), "N = 0"),
+            ("zero n hw", fp32(json!([0, 28, 28]), json!([])), "N = 0"),
+            (
+                "negative n",
+                fp32(json!([-1, 28, 28]), json!(vec![0.0; IMAGE_LEN])),
+                "N = -1: send at least one image",
+            ),
+            (
+                "huge n flat",
+                fp32(json!([i64::MAX, 1, 28, 28]), json!(vec![0.0; IMAGE_LEN])),
+                "needs 9223372036854775807 × 784 values, data has 784",
+            ),
+            (
+                "huge n nested",
+                fp32(json!([i64::MAX, 28, 28]), json!([vec![vec![0.0; 28]; 28]])),
+                "dimension 0 has 1 elements, expected 9223372036854775807",
+            ),
+            (
+                "chw count",
+                fp32(json!([1, 28, 28]), json!(vec![0.0; IMAGE_LEN - 1])),
+                "shape [1, 28, 28] needs 784 values, data has 783",
+            ),
+            (
+                "hw count",
+                fp32(json!([28, 28]), json!(vec![0.0; 2 * IMAGE_LEN])),
+                "shape [28, 28] needs 784 values, data has 1568",
+            ),
+            (
+                "nested not as the shape",
+                fp32(json!([1, 28, 28]), json!([vec![0.0; IMAGE_LEN]])),
+                "dimension 1 has 784 elements, expected 28 (shape [1, 28, 28])",
+            ),
+            (
+                "nested one level short",
+                fp32(json!([1, 1, 28, 28]), json!([vec![vec![0.0; 28]; 28]])),
+                "dimension 1 has 28 elements, expected 1 (shape [1, 1, 28, 28])",
+            ),
             (
                 "count",
                 fp32(json!([2, 1, 28, 28]), json!(vec![0.0; IMAGE_LEN])),

@@ -126,6 +126,192 @@ async fn shipped_sample_requests_are_answered() {
     s.stop().await;
 }
 
+/// The first held-out digit of each label, 0 to 9.
+fn one_digit_per_label() -> Vec<Heldout> {
+    let mut digits: Vec<Heldout> = Vec::new();
+    for d in heldout() {
+        if !digits.iter().any(|seen| seen.label == d.label) {
+            digits.push(d);
+        }
+    }
+    digits.sort_by_key(|d| d.label);
+    assert_eq!(digits.len(), 10);
+    digits
+}
+
+/// TorchServe's KServe v2 MNIST tensor request, as pytorch/serve ships it in
+/// `kubernetes/kserve/kf_request_json/v2/mnist/mnist_v2_tensor.json` (and documents in that
+/// folder's README): pretty-printed, an `id`, one input `input-0` of FP32 shape `[1, 28, 28]`
+/// (C, H, W, as torchvision's `ToTensor` makes it), data nested as the shape with four
+/// decimals. Here with a held-out digit in place of the sample's zero.
+fn torchserve_v2_tensor_request(pixels: &[f32]) -> String {
+    let rows: Vec<String> = pixels
+        .chunks(28)
+        .map(|row| {
+            let values: Vec<String> = row.iter().map(|v| format!("{v:.4}")).collect();
+            format!("        [{}]", values.join(", "))
+        })
+        .collect();
+    format!(
+        "{{\n  \"id\": \"d3b15cad-50a2-4eaf-80ce-8b0a428bd298\",\n  \"inputs\": [{{\n    \"name\": \"input-0\",\n    \"shape\": [1, 28, 28],\n    \"datatype\": \"FP32\",\n    \"data\": [\n      [\n{}\n      ]\n    ]\n  }}]\n}}\n",
+        rows.join(",\n")
+    )
+}
+
+/// KServe's own generator for the same request, `totensor.py` of
+/// `docs/samples/v1beta1/torchserve/v2/tensor_conv` (kserve/kserve): `json.dump` of a
+/// torchvision `ToTensor` `[1, 28, 28]` float32 tensor rounded to four decimals, nested, under
+/// a random input name and without an `id`.
+fn kserve_totensor_request(pixels: &[f32]) -> Value {
+    let rounded = |v: f32| f64::from(((f64::from(v) * 1e4).round() / 1e4) as f32);
+    let rows: Vec<Vec<f64>> = pixels
+        .chunks(28)
+        .map(|row| row.iter().map(|v| rounded(*v)).collect())
+        .collect();
+    json!({"inputs": [{
+        "name": "479cdf23-3a65-48a6-ae16-8ccb96d9f19c",
+        "shape": [1, 28, 28],
+        "datatype": "FP32",
+        "data": [rows]
+    }]})
+}
+
+/// Issue #16: TorchServe's KServe v2 sample sends one image as FP32 `[1, 28, 28]`, nested.
+/// It is answered like TorchServe answers it (`predict`, INT64 `[1]`, the id echoed), with
+/// the class python computed for the same digit with the same model; KServe's `totensor.py`
+/// form of it too.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn torchserve_kserve_v2_tensor_sample_is_answered() {
+    let s = TestServer::start(test_config()).await;
+    for d in one_digit_per_label() {
+        let body = torchserve_v2_tensor_request(&d.pixels);
+        let r = s.post("/v2/models/mnist/infer", body).await;
+        assert_eq!(r.status, StatusCode::OK, "digit {}: {}", d.label, r.text());
+        assert_eq!(
+            r.json(),
+            json!({"model_name": "mnist", "id": "d3b15cad-50a2-4eaf-80ce-8b0a428bd298", "outputs": [
+                {"name": "predict", "shape": [1], "datatype": "INT64", "data": [d.python_prediction]}
+            ]}),
+            "digit {}",
+            d.label
+        );
+
+        let r = s
+            .post_json(
+                "/v2/models/mnist/infer",
+                &kserve_totensor_request(&d.pixels),
+            )
+            .await;
+        assert_eq!(r.status, StatusCode::OK, "digit {}: {}", d.label, r.text());
+        assert_eq!(
+            r.json(),
+            json!({"model_name": "mnist", "outputs": [
+                {"name": "predict", "shape": [1], "datatype": "INT64", "data": [d.python_prediction]}
+            ]}),
+            "digit {}",
+            d.label
+        );
+    }
+    s.stop().await;
+}
+
+/// Every FP32 layout, flat or nested, gets the answer of the model's own `[N, 1, 28, 28]`:
+/// the same logits, `predict` INT64 `[N]` and `logits` FP32 `[N, 10]`, N = 1 for one image.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_fp32_layout_gets_the_answer_of_n_1_28_28() {
+    let s = TestServer::start(test_config()).await;
+    let digits = one_digit_per_label();
+    let images: Vec<&[f32]> = digits.iter().map(|d| d.pixels.as_slice()).collect();
+    let reference = s
+        .post_json("/v2/models/mnist/infer", &v2_fp32_request(&images, "ref"))
+        .await
+        .json();
+    let reference_logits: Vec<f64> = reference["outputs"][1]["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_f64().unwrap())
+        .collect();
+    assert_eq!(reference_logits.len(), 100);
+
+    let rows =
+        |pixels: &[f32]| -> Vec<Vec<f32>> { pixels.chunks(28).map(<[f32]>::to_vec).collect() };
+    let flat_all: Vec<f32> = images.concat();
+    let nested_all: Vec<Vec<Vec<f32>>> = images.iter().map(|i| rows(i)).collect();
+    let mut cases: Vec<(String, Value, Value, std::ops::Range<usize>)> = vec![
+        (
+            "[10, 28, 28] flat".into(),
+            json!([10, 28, 28]),
+            json!(flat_all),
+            0..10,
+        ),
+        (
+            "[10, 28, 28] nested".into(),
+            json!([10, 28, 28]),
+            json!(nested_all),
+            0..10,
+        ),
+    ];
+    for (k, pixels) in images.iter().enumerate() {
+        cases.extend([
+            (
+                format!("digit {k} [1, 28, 28] flat"),
+                json!([1, 28, 28]),
+                json!(pixels),
+                k..k + 1,
+            ),
+            (
+                format!("digit {k} [1, 28, 28] nested"),
+                json!([1, 28, 28]),
+                json!([rows(pixels)]),
+                k..k + 1,
+            ),
+            (
+                format!("digit {k} [28, 28] flat"),
+                json!([28, 28]),
+                json!(pixels),
+                k..k + 1,
+            ),
+            (
+                format!("digit {k} [28, 28] nested"),
+                json!([28, 28]),
+                json!(rows(pixels)),
+                k..k + 1,
+            ),
+        ]);
+    }
+    for (name, shape, data, range) in cases {
+        let request = json!({
+            "id": name,
+            "inputs": [{"name": "input-0", "shape": shape, "datatype": "FP32", "data": data}],
+            "outputs": [{"name": "predict"}, {"name": "logits"}]
+        });
+        let r = s.post_json("/v2/models/mnist/infer", &request).await;
+        assert_eq!(r.status, StatusCode::OK, "{name}: {}", r.text());
+        let body = r.json();
+        let n = range.len();
+        let want_ids: Vec<usize> = digits[range.clone()]
+            .iter()
+            .map(|d| d.python_prediction)
+            .collect();
+        assert_eq!(body["id"], json!(name));
+        assert_eq!(
+            body["outputs"][0],
+            json!({"name": "predict", "shape": [n], "datatype": "INT64", "data": want_ids}),
+            "{name}"
+        );
+        assert_eq!(body["outputs"][1]["shape"], json!([n, 10]), "{name}");
+        let logits = body["outputs"][1]["data"].as_array().unwrap();
+        let want = &reference_logits[range.start * 10..range.end * 10];
+        assert_eq!(logits.len(), want.len(), "{name}");
+        for (got, want) in logits.iter().zip(want) {
+            let got = got.as_f64().unwrap();
+            assert!((got - want).abs() < 1e-4, "{name}: {got} vs {want}");
+        }
+    }
+    s.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_digit_fixture_is_recognised_through_both_protocols() {
     let s = TestServer::start(test_config()).await;
@@ -326,7 +512,40 @@ fn bad_requests() -> Vec<Bad> {
             "/v2/models/mnist/infer",
             v2(json!({"name": "x", "shape": [1, 784], "datatype": "FP32", "data": vec![0.0; 784]})),
             S::BAD_REQUEST,
-            "is not [N, 1, 28, 28]",
+            "FP32 shape [1, 784] is not accepted; send [N, 1, 28, 28] or [N, 28, 28] for N images ([1, 28, 28] is one image as C×H×W), or [28, 28] for one",
+        ),
+        case(
+            "v2 one CHW image, one value short",
+            "POST",
+            "/v2/models/mnist/infer",
+            v2(json!({"name": "x", "shape": [1, 28, 28], "datatype": "FP32", "data": vec![0.0; 783]})),
+            S::BAD_REQUEST,
+            "shape [1, 28, 28] needs 784 values, data has 783",
+        ),
+        case(
+            "v2 one CHW image, nested as HW",
+            "POST",
+            "/v2/models/mnist/infer",
+            v2(json!({"name": "x", "shape": [1, 28, 28], "datatype": "FP32", "data": vec![vec![0.0; 28]; 28]})),
+            S::BAD_REQUEST,
+            "dimension 0 has 28 elements, expected 1 (shape [1, 28, 28])",
+        ),
+        case(
+            // Nothing is allocated for the N the shape claims before the data holds it.
+            "v2 N beyond the data",
+            "POST",
+            "/v2/models/mnist/infer",
+            v2(json!({"name": "x", "shape": [1_000_000_000_000_i64, 1, 28, 28], "datatype": "FP32", "data": vec![0.0; 784]})),
+            S::BAD_REQUEST,
+            "shape [1000000000000, 1, 28, 28] needs 784000000000000 values, data has 784",
+        ),
+        case(
+            "v2 N beyond usize",
+            "POST",
+            "/v2/models/mnist/infer",
+            v2(json!({"name": "x", "shape": [i64::MAX, 1, 28, 28], "datatype": "FP32", "data": vec![0.0; 784]})),
+            S::BAD_REQUEST,
+            "needs 9223372036854775807 × 784 values, data has 784",
         ),
         case(
             "v2 wrong dtype",
