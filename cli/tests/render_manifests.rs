@@ -248,6 +248,7 @@ const METRICS: &[&str] = &[
     "inflight_demand_ms_total",
     "inflight_desired_replicas",
     "inflight_ready_replicas",
+    "inflight_endpoint_mismatch_total",
 ];
 
 /// Every `inflight_*` name in an alert, a dashboard or a scaler query is a series we export.
