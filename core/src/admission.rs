@@ -242,13 +242,8 @@ impl RevisionState {
     /// (`Some(Some(pick))`), else on the revision (`Some(None)`). Takes it.
     fn take_slot(&mut self, limits: Limits) -> Option<Option<Pick>> {
         match self.endpoints.as_mut() {
-            Some(eps) => match eps.take(limits.per_endpoint) {
-                Some(p) => Some(Some(p)),
-                // Unlimited (cc 0) with no ready endpoint: Envoy's balancer decides, as before
-                // endpoints were known.
-                None if limits.capacity.is_none() && eps.ready() == 0 => Some(None),
-                None => None,
-            },
+            // No ready endpoint with room: wait (cc 0 included: no ready endpoint at all).
+            Some(eps) => eps.take(limits.per_endpoint).map(Some),
             None => limits
                 .capacity
                 .is_none_or(|cap| self.active < cap)
@@ -1431,12 +1426,15 @@ mod tests {
             admitted_on(s.try_admit(l, owner(0, i), 0));
         }
         assert_eq!((on(&s, "a:1"), on(&s, "b:1")), (5, 5));
-        // No ready endpoint: Envoy's balancer decides, as before endpoints were known.
+        // No ready endpoint: the request waits for one (scale from zero), then gets it.
         s.set_endpoints([("a:1", false), ("b:1", false)]);
-        assert_eq!(
+        assert!(matches!(
             s.try_admit(l, owner(0, 11), 0),
-            Admission::Admitted { endpoint: None }
-        );
+            Admission::Queued { .. }
+        ));
+        s.set_endpoints([("a:1", false), ("b:1", true)]);
+        let g = s.grant_ready(l, 1);
+        assert_eq!(g[0].endpoint.as_ref().map(|p| p.address.as_str()), Some("b:1"));
     }
 
     #[test]

@@ -19,6 +19,10 @@ pub const DEFAULT_TARGET: f64 = 100.0;
 pub const DEFAULT_UTILIZATION_PERCENT: f64 = 70.0;
 /// Buffer depth per unit of capacity when `bufferDepth` is not set.
 pub const DEFAULT_BUFFER_PER_SLOT: u32 = 10;
+/// Buffer depth of a revision with `containerConcurrency` 0 while it has no ready replica (the
+/// requests that wait for the first one) when `bufferDepth` is not set: cc 0 has no slot count
+/// to multiply, so this is the per-slot rule's floor, 10 × cc 10.
+pub const DEFAULT_COLD_BUFFER: u32 = 100;
 pub const DEFAULT_MAX_WAIT: &str = "30s";
 pub const DEFAULT_TICK: &str = "100ms";
 pub const DEFAULT_RETRY_AFTER: &str = "1s";
@@ -241,14 +245,18 @@ pub struct LimitParams {
 }
 
 impl LimitParams {
-    /// Limits for `ready` replicas: capacity = cc × ready (cc 0 = unlimited); the default buffer
-    /// keeps room while scaling from zero, so it counts at least one replica.
+    /// Limits for `ready` replicas: capacity = cc × ready; the default buffer keeps room while
+    /// scaling from zero, so it counts at least one replica. cc 0 is unlimited once a replica is
+    /// ready; with none ready its capacity is 0 too, and requests wait (up to `bufferDepth`,
+    /// default [`DEFAULT_COLD_BUFFER`]) for the first, as behind Knative's activator.
     pub fn limits(&self, ready: u32) -> Limits {
         let cc = self.container_concurrency;
         if cc == 0 {
             return Limits {
-                capacity: None,
-                buffer: self.buffer_depth.unwrap_or(0),
+                capacity: (ready == 0).then_some(0),
+                buffer: self
+                    .buffer_depth
+                    .unwrap_or(if ready == 0 { DEFAULT_COLD_BUFFER } else { 0 }),
                 per_endpoint: None,
             };
         }
@@ -692,16 +700,29 @@ mod tests {
     }
 
     #[test]
-    fn unlimited_when_cc_zero() {
+    fn unlimited_when_cc_zero_once_a_replica_is_ready() {
         let c = parse(r#"{"revisions":[{"name":"a","hosts":["a"]}]}"#).unwrap();
         assert_eq!(
-            c.revisions[0].limits(0),
+            c.revisions[0].limits(1),
             Limits {
                 capacity: None,
                 buffer: 0,
                 per_endpoint: None
             }
         );
+        // No replica ready: capacity 0, and the first requests wait for one.
+        assert_eq!(
+            c.revisions[0].limits(0),
+            Limits {
+                capacity: Some(0),
+                buffer: DEFAULT_COLD_BUFFER,
+                per_endpoint: None
+            }
+        );
+        let explicit =
+            parse(r#"{"revisions":[{"name":"a","hosts":["a"],"bufferDepth":3}]}"#).unwrap();
+        assert_eq!(explicit.revisions[0].limits(0).buffer, 3);
+        assert_eq!(explicit.revisions[0].limits(2).buffer, 3);
         assert!((c.revisions[0].effective_target() - 70.0).abs() < 1e-9);
     }
 

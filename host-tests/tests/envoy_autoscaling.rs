@@ -133,12 +133,26 @@ fn capacity_follows_ready_replicas_from_eds() {
 
 #[test]
 fn zero_replicas_buffer_then_serve_when_one_appears() {
+    scale_from_zero(2);
+}
+
+/// `containerConcurrency: 0` (KServe's and Knative's default) scales from zero too: with no
+/// replica ready the requests wait (default buffer) instead of meeting an empty cluster.
+#[test]
+fn zero_replicas_buffer_then_serve_when_one_appears_with_cc_zero() {
+    scale_from_zero(0);
+}
+
+fn scale_from_zero(cc: u32) {
     let _g = serial();
     let up = Upstream::start().unwrap();
-    let eds = EdsDir::new("zero");
-    let rev = serde_json::json!({"name": "rev-z", "hosts": ["z.test"], "clusters": ["rev"],
-        "containerConcurrency": 2, "target": 2, "targetUtilizationPercentage": 100, "readyReplicas": 0,
-        "bufferDepth": 50, "maxWait": "30s", "autoscaling": {"minScale": 0, "stableWindow": "6s"}});
+    let eds = EdsDir::new(&format!("zero-{cc}"));
+    let mut rev = serde_json::json!({"name": "rev-z", "hosts": ["z.test"], "clusters": ["rev"],
+        "containerConcurrency": cc, "target": 2, "targetUtilizationPercentage": 100, "readyReplicas": 0,
+        "maxWait": "30s", "autoscaling": {"minScale": 0, "stableWindow": "6s"}});
+    if cc > 0 {
+        rev["bufferDepth"] = 50.into();
+    }
     let envoy = eds_gateway(&eds, &[], rev);
     envoy
         .wait_stats(Duration::from_secs(5), "0 ready", |s| {
@@ -179,10 +193,11 @@ fn zero_replicas_buffer_then_serve_when_one_appears() {
             "every waiter served once a replica is ready"
         );
     }
-    assert_eq!(up.max_concurrency(), 2);
+    let expected_max = if cc == 0 { 6 } else { cc };
+    assert_eq!(up.max_concurrency(), expected_max);
     assert_eq!(up.total(), 6);
     eprintln!(
-        "scale from zero: desired >= 1 after {asked_after:?}; all 6 served in {:?}",
+        "scale from zero (cc {cc}): desired >= 1 after {asked_after:?}; all 6 served in {:?}",
         sent.elapsed()
     );
 }

@@ -708,3 +708,33 @@ fn with_routing_off_no_header_is_touched_and_slots_stay_on_the_revision() {
     assert!(g.routes(0).is_empty());
     assert_eq!(g.request(0, 3, &a, 200), Verdict::Pause);
 }
+
+#[test]
+fn cc_zero_scales_from_zero_requests_wait_for_the_first_replica() {
+    for routing in [json!({}), json!({"enabled": false})] {
+        let mut g = gateway(1, routed_revision(0, routing.clone()));
+        g.poll(0, 100, &[]);
+        assert_eq!(g.state().ready(), Some(0));
+        let a = host("a.test");
+        assert_eq!(g.request(0, 1, &a, 200), Verdict::Pause, "{routing}");
+        assert_eq!(g.request(0, 2, &a, 200), Verdict::Pause);
+        // The next tick asks for a replica.
+        g.effects[0].clear();
+        g.workers[0].on_tick(300);
+        g.collect(0);
+        let desired = g.effects[0].iter().find_map(|e| match e {
+            Effect::Gauge {
+                gauge: Gauge::DesiredReplicas,
+                value,
+                ..
+            } => Some(*value),
+            _ => None,
+        });
+        assert!(desired >= Some(1), "{routing}: desired {desired:?}");
+        // A replica becomes ready: both waiters go, unlimited again.
+        g.poll(0, 1_200, &[("10.0.0.1:80", "healthy")]);
+        g.wake(0, 1_201);
+        assert_eq!(g.resumed(0), vec![1, 2], "{routing}");
+        assert_eq!(g.request(0, 3, &a, 1_300), Verdict::Continue);
+    }
+}
