@@ -1,6 +1,6 @@
 //! `inflight bench`: what the filter costs, measured side by side in one run.
 //!
-//! The same Envoy (version, worker count, listener, route, cluster) in five setups, all
+//! The same Envoy (version, worker count, listener, route, cluster) in six setups, all
 //! forwarding to one upstream (Envoy answering with a `direct_response`):
 //!
 //! 1. `plain` — no filter: the limit;
@@ -8,7 +8,11 @@
 //! 3. `native-cb` — Envoy's circuit breaker (`max_requests = cap`), which sheds the excess,
 //!    against `inflight-cap` — the filter at the same cap, which buffers it;
 //! 4. `empty-wasm` — an empty Rust proxy-wasm filter (`bench/empty-filter`, built here): the
-//!    toll any wasm filter pays in V8, so inflight's own work can be told apart.
+//!    toll any wasm filter pays in V8, so inflight's own work can be told apart;
+//! 5. `inflight-pick` — setup 2 with endpoint picking live (issue 14): the filter learns the
+//!    upstream cluster's endpoint from the gateway's own admin and names it per request in
+//!    `x-gateway-destination-endpoint`, which the cluster's `override_host` policy follows: what
+//!    picking costs over setup 2.
 //!
 //! Runs alternate (every setup once per concurrency level, the order rotated each round), so
 //! drift on a shared machine hits all of them alike; results are ratios paired within a round,
@@ -19,7 +23,7 @@ pub(crate) mod load;
 mod report;
 
 use anyhow::{bail, Context as _, Result};
-use envoy::{Envoy, GatewaySpec, WasmFilter, NO_LIMIT};
+use envoy::{Envoy, GatewaySpec, Picking, WasmFilter, NO_LIMIT};
 use inflight_envoy_control::WasmBuild;
 use load::{Generator, LoadTool};
 use report::{Meta, Report, Sample, Wait};
@@ -29,6 +33,14 @@ use std::time::Duration;
 
 /// The `Host` every request carries; the filter's revision matches it.
 const HOST: &str = "bench.test";
+
+/// Setup 5's membership poll interval: the filter's default and the one `BENCHMARKS.md`'s
+/// admin-poll section recommends.
+const MEMBERSHIP_INTERVAL: &str = "1s";
+
+/// How long setup 5's gateway gets to learn its endpoint before it is declared broken: several
+/// poll intervals, on a machine the other gateways already load.
+const LEARN_TIMEOUT: Duration = Duration::from_secs(15);
 
 #[derive(clap::Args, Debug, Clone, Default)]
 pub struct Args {
@@ -88,6 +100,8 @@ pub enum SetupArg {
     EmptyWasm,
     NativeCb,
     InflightCap,
+    /// Setup 5 (`inflight-pick`): setup 2 with endpoint picking live.
+    Pick,
 }
 
 fn parse_variant(s: &str) -> Result<(String, PathBuf), String> {
@@ -112,18 +126,21 @@ pub enum Setup {
     NativeCb,
     /// 3: inflight at the same cap (buffers).
     InflightCap,
+    /// 5: setup 2 with endpoint picking live (membership, `upstreamCluster`, `override_host`).
+    Pick,
     /// `--variant` number n: another filter build, configured as setup 2 (or as setup 3's
     /// inflight with `--variants-at-cap`).
     Variant(u8),
 }
 
 impl Setup {
-    const ALL: [Setup; 5] = [
+    const ALL: [Setup; 6] = [
         Setup::Plain,
         Setup::Inflight,
         Setup::EmptyWasm,
         Setup::NativeCb,
         Setup::InflightCap,
+        Setup::Pick,
     ];
 
     /// The name in tables; `variants` are the `--variant` labels ([`variant_labels`]).
@@ -134,6 +151,7 @@ impl Setup {
             Setup::EmptyWasm => "4 empty-wasm".into(),
             Setup::NativeCb => "3 native-cb".into(),
             Setup::InflightCap => "3 inflight-cap".into(),
+            Setup::Pick => "5 inflight-pick".into(),
             Setup::Variant(i) => variants
                 .get(usize::from(i))
                 .map_or_else(|| "?".into(), String::clone),
@@ -143,7 +161,7 @@ impl Setup {
     fn uses_inflight(self) -> bool {
         matches!(
             self,
-            Setup::Inflight | Setup::InflightCap | Setup::Variant(_)
+            Setup::Inflight | Setup::InflightCap | Setup::Pick | Setup::Variant(_)
         )
     }
 }
@@ -195,6 +213,7 @@ impl Plan {
                             SetupArg::EmptyWasm => Setup::EmptyWasm,
                             SetupArg::NativeCb => Setup::NativeCb,
                             SetupArg::InflightCap => Setup::InflightCap,
+                            SetupArg::Pick => Setup::Pick,
                         })
                         .collect()
                 };
@@ -290,7 +309,7 @@ fn start_gateways(
     upstream: &Envoy,
 ) -> Result<Vec<(Setup, Envoy)>> {
     let needs = |s: Setup| plan.setups.contains(&s);
-    let filter = if needs(Setup::Inflight) || needs(Setup::InflightCap) {
+    let filter = if needs(Setup::Inflight) || needs(Setup::InflightCap) || needs(Setup::Pick) {
         Some(match &args.wasm {
             Some(p) => p.clone(),
             None => build_filter(root)?,
@@ -309,22 +328,48 @@ fn start_gateways(
     let max_c = plan.concurrency.iter().copied().max().unwrap_or(1);
     let mut gateways = Vec::new();
     for &setup in &plan.setups {
-        let spec = match setup {
-            Setup::Variant(i) => {
-                let wasm = args.variants.get(usize::from(i)).map(|(_, p)| p.as_path());
-                let like = if args.variants_at_cap {
-                    Setup::InflightCap
-                } else {
-                    Setup::Inflight
-                };
-                gateway_spec(like, args.cap, max_c, wasm, None)?
-            }
-            _ => gateway_spec(setup, args.cap, max_c, filter.as_deref(), empty.as_deref())?,
-        };
-        let yaml = envoy::gateway_yaml(&spec, upstream.listener);
         let dir = scratch.join(format!("gateway-{setup:?}").to_lowercase());
-        let gw = Envoy::start(envoy_bin, &dir, &yaml, args.workers)
-            .with_context(|| format!("starting the gateway of setup {}", setup.label(names)))?;
+        let start = |admin_port: u16| -> Result<Envoy> {
+            let spec = match setup {
+                Setup::Variant(i) => {
+                    let wasm = args.variants.get(usize::from(i)).map(|(_, p)| p.as_path());
+                    let like = if args.variants_at_cap {
+                        Setup::InflightCap
+                    } else {
+                        Setup::Inflight
+                    };
+                    gateway_spec(like, args.cap, max_c, wasm, None, 0)?
+                }
+                _ => gateway_spec(
+                    setup,
+                    args.cap,
+                    max_c,
+                    filter.as_deref(),
+                    empty.as_deref(),
+                    admin_port,
+                )?,
+            };
+            let yaml = envoy::gateway_yaml(&spec, upstream.listener);
+            Envoy::start(envoy_bin, &dir, &yaml, args.workers)
+                .with_context(|| format!("starting the gateway of setup {}", setup.label(names)))
+        };
+        let gw = if setup == Setup::Pick {
+            // The admin port is fixed before the start (the membership cluster points at it);
+            // another process may take it in between, so a failed start tries a new port.
+            let mut attempt = 1;
+            loop {
+                match start(envoy::free_port()?) {
+                    Ok(gw) => break gw,
+                    Err(e) if attempt < 3 => {
+                        eprintln!("bench: {e:#}; retrying on another admin port");
+                        attempt += 1;
+                    }
+                    Err(e) => return Err(e),
+                }
+            }
+        } else {
+            start(0)?
+        };
         gateways.push((setup, gw));
     }
     Ok(gateways)
@@ -340,6 +385,9 @@ fn warm_up(
     scratch: &Path,
 ) -> Result<()> {
     let max_c = plan.concurrency.iter().copied().max().unwrap_or(1);
+    if setup == Setup::Pick {
+        wait_learned(gw, setup, names)?;
+    }
     let url = format!("http://{}/", gw.listener);
     let warm = generator.run(&url, HOST, max_c, plan.warmup, scratch)?;
     if warm.requests == 0 || warm.errors > 0 {
@@ -352,7 +400,7 @@ fn warm_up(
         );
     }
     // (A variant may be stripped down to count nothing; it is not checked.)
-    if matches!(setup, Setup::Inflight | Setup::InflightCap) {
+    if matches!(setup, Setup::Inflight | Setup::InflightCap | Setup::Pick) {
         let prom = gw.prometheus()?;
         let admitted =
             envoy::counter_sum(&prom, &["inflight_requests_total", "outcome=\"admitted\""]);
@@ -363,11 +411,60 @@ fn warm_up(
             );
         }
     }
+    if setup == Setup::Pick {
+        check_picking(gw, setup, names)?;
+    }
     eprintln!(
         "bench: warm-up {:<15} {:>8.0} req/s",
         setup.label(names),
         warm.rps()
     );
+    Ok(())
+}
+
+/// Waits until setup 5's filter has learned the upstream's endpoint from the gateway's admin.
+/// Its revision says `readyReplicas: 0`, so the `ready_replicas` gauge reads 1 only once a
+/// membership poll listed the endpoint as ready — and with routing on, a revision whose
+/// endpoints are known takes every slot on an endpoint and names it in the header.
+fn wait_learned(gw: &Envoy, setup: Setup, names: &[String]) -> Result<()> {
+    let started = std::time::Instant::now();
+    loop {
+        let prom = gw.prometheus()?;
+        let ready = envoy::counter_sum(&prom, &["inflight_ready_replicas", "revision=\"bench\""]);
+        if ready == 1 {
+            eprintln!(
+                "bench: {} knows its endpoint (ready replicas 1; waited {:.1}s for it)",
+                setup.label(names),
+                started.elapsed().as_secs_f64()
+            );
+            return Ok(());
+        }
+        if started.elapsed() > LEARN_TIMEOUT {
+            let failures = envoy::counter_sum(&prom, &["inflight_membership_poll_failures_total"]);
+            bail!(
+                "setup {}: the filter did not learn the upstream's endpoint within {:?} (ready replicas {ready}, membership poll failures {failures}):\n{}",
+                setup.label(names),
+                LEARN_TIMEOUT,
+                gw.log_tail(20)
+            );
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+/// Setup 5 still picks: the endpoint is known and Envoy sent every request where the filter
+/// picked (`endpoint_mismatch_total` is 0; it counts any response from another endpoint).
+fn check_picking(gw: &Envoy, setup: Setup, names: &[String]) -> Result<()> {
+    let prom = gw.prometheus()?;
+    let ready = envoy::counter_sum(&prom, &["inflight_ready_replicas", "revision=\"bench\""]);
+    let mismatches = envoy::counter_sum(&prom, &["inflight_endpoint_mismatch_total"]);
+    if ready != 1 || mismatches != 0 {
+        bail!(
+            "setup {}: picking is not live (ready replicas {ready}, expected 1; endpoint mismatches {mismatches}, expected 0):\n{}",
+            setup.label(names),
+            gw.log_tail(20)
+        );
+    }
     Ok(())
 }
 
@@ -457,6 +554,9 @@ fn measure_one(
             load.requests
         );
     }
+    if setup == Setup::Pick {
+        check_picking(gw, setup, names)?;
+    }
     let wait = match waits_before {
         Some(before) => {
             let after = gw.settled_histogram("queue_wait")?;
@@ -476,41 +576,60 @@ fn measure_one(
     })
 }
 
+/// The plugin configuration of the inflight setups: revision `bench` on [`HOST`] with
+/// `containerConcurrency` `cc` and a buffer of `buffer`. `picking`: as setup 5, with the
+/// upstream cluster's endpoints learned from the gateway's own admin and picked per request;
+/// `readyReplicas: 0` until then, so the `ready_replicas` gauge shows when they are learned.
+fn inflight_config(cc: u32, buffer: u32, picking: bool) -> String {
+    let mut config = serde_json::json!({
+        "revisions": [{
+            "name": "bench",
+            "hosts": [HOST],
+            "containerConcurrency": cc,
+            "bufferDepth": buffer,
+            "maxWait": "30s",
+        }],
+        "tick": "100ms",
+    });
+    if picking {
+        config["revisions"][0]["upstreamCluster"] = envoy::UPSTREAM_CLUSTER.into();
+        config["revisions"][0]["readyReplicas"] = 0.into();
+        config["membership"] = serde_json::json!({
+            "cluster": envoy::ADMIN_CLUSTER,
+            "interval": MEMBERSHIP_INTERVAL,
+        });
+        config["routing"] = serde_json::json!({ "enabled": true });
+    }
+    config.to_string()
+}
+
+/// The gateway of `setup`; `admin_port` is setup 5's fixed admin port (the others use 0).
 fn gateway_spec(
     setup: Setup,
     cap: u32,
     max_c: u32,
     filter: Option<&Path>,
     empty: Option<&Path>,
+    admin_port: u16,
 ) -> Result<GatewaySpec> {
-    let inflight = |cc: u32, buffer: u32| -> Result<Option<WasmFilter>> {
+    let inflight = |cc: u32, buffer: u32, picking: bool| -> Result<Option<WasmFilter>> {
         let wasm = filter.context("the inflight filter was not built")?;
         Ok(Some(WasmFilter {
             wasm: wasm.to_path_buf(),
             root_id: "inflight",
-            config: Some(
-                serde_json::json!({
-                    "revisions": [{
-                        "name": "bench",
-                        "hosts": [HOST],
-                        "containerConcurrency": cc,
-                        "bufferDepth": buffer,
-                        "maxWait": "30s",
-                    }],
-                    "tick": "100ms",
-                })
-                .to_string(),
-            ),
+            config: Some(inflight_config(cc, buffer, picking)),
         }))
     };
     Ok(match setup {
         Setup::Plain => GatewaySpec {
             filter: None,
             max_requests: NO_LIMIT,
+            picking: None,
         },
         Setup::Inflight => GatewaySpec {
-            filter: inflight(NO_LIMIT, 0)?,
+            filter: inflight(NO_LIMIT, 0, false)?,
             max_requests: NO_LIMIT,
+            picking: None,
         },
         Setup::EmptyWasm => GatewaySpec {
             filter: Some(WasmFilter {
@@ -521,16 +640,30 @@ fn gateway_spec(
                 config: None,
             }),
             max_requests: NO_LIMIT,
+            picking: None,
         },
         Setup::NativeCb => GatewaySpec {
             filter: None,
             max_requests: cap,
+            picking: None,
         },
         // A buffer as deep as the highest concurrency: the excess waits, nothing is shed.
         Setup::InflightCap => GatewaySpec {
-            filter: inflight(cap, max_c)?,
+            filter: inflight(cap, max_c, false)?,
             max_requests: NO_LIMIT,
+            picking: None,
         },
+        // Setup 2's limit (never reached: one endpoint of 1 000 000 slots), picking live.
+        Setup::Pick => {
+            if admin_port == 0 {
+                bail!("setup 5 needs a fixed admin port: its filter polls the admin through a cluster");
+            }
+            GatewaySpec {
+                filter: inflight(NO_LIMIT, 0, true)?,
+                max_requests: NO_LIMIT,
+                picking: Some(Picking { admin_port }),
+            }
+        }
         Setup::Variant(_) => bail!("a variant is configured as setup 2"),
     })
 }
@@ -676,7 +809,7 @@ mod tests {
         .unwrap();
         assert_eq!(full.concurrency, vec![1, 50, 200]);
         assert_eq!((full.rounds, full.duration), (3, Duration::from_secs(10)));
-        assert_eq!(full.setups.len(), 5);
+        assert_eq!(full.setups.len(), 6);
         let quick = Plan::from(&Args {
             quick: true,
             workers: 2,
@@ -751,7 +884,75 @@ mod tests {
         run_report(&report, &out);
         let md = std::fs::read_to_string(&out).unwrap();
         assert!(md.contains("2/1 inflight / plain, req/s"), "{md}");
+        assert!(
+            md.contains("5−2 inflight-pick − inflight, CPU µs/req"),
+            "{md}"
+        );
         let _ = std::fs::remove_file(&out);
+    }
+
+    #[test]
+    fn setup_2_config_is_unchanged_and_setup_5_adds_picking() {
+        let plain = inflight_config(NO_LIMIT, 0, false);
+        assert_eq!(
+            plain,
+            r#"{"revisions":[{"bufferDepth":0,"containerConcurrency":1000000,"hosts":["bench.test"],"maxWait":"30s","name":"bench"}],"tick":"100ms"}"#,
+            "setup 2's configuration, as earlier runs measured it"
+        );
+        let c = inflight_core::Config::parse(plain.as_bytes()).unwrap();
+        assert_eq!(c.membership, None);
+        assert_eq!(
+            c.revisions[0].upstream_cluster, None,
+            "no endpoints to learn"
+        );
+
+        let pick = inflight_core::Config::parse(inflight_config(NO_LIMIT, 0, true).as_bytes())
+            .unwrap_or_else(|e| panic!("setup 5's config rejected: {e}"));
+        let m = pick.membership.as_ref().unwrap();
+        assert_eq!(
+            (m.cluster.as_str(), m.interval_ms),
+            (envoy::ADMIN_CLUSTER, 1000)
+        );
+        let r = &pick.revisions[0];
+        assert_eq!(r.upstream_cluster.as_deref(), Some(envoy::UPSTREAM_CLUSTER));
+        assert_eq!(
+            r.ready_replicas, 0,
+            "the gauge shows when the endpoint is learned"
+        );
+        assert_eq!(
+            pick.endpoint_header.as_deref(),
+            Some(inflight_core::config::DEFAULT_ENDPOINT_HEADER)
+        );
+        let two = &c.revisions[0];
+        assert_eq!(
+            (r.container_concurrency, r.buffer_depth, r.max_wait_ms),
+            (two.container_concurrency, two.buffer_depth, two.max_wait_ms),
+            "setup 2's limit"
+        );
+        assert!(
+            gateway_spec(Setup::Pick, 10, 50, Some(Path::new("f.wasm")), None, 0).is_err(),
+            "setup 5 without a fixed admin port"
+        );
+    }
+
+    /// Setup 5's bootstrap as Envoy checks it (`envoy --mode validate`, which loads the filter
+    /// and hands it the plugin configuration). Needs Envoy (`make setup`); builds filter.wasm.
+    #[test]
+    fn pick_gateway_validates() {
+        let root = workspace_root();
+        let filter = build_filter(&root).unwrap();
+        let port = envoy::free_port().unwrap();
+        let spec = gateway_spec(Setup::Pick, 10, 50, Some(&filter), None, port).unwrap();
+        let yaml = envoy::gateway_yaml(&spec, std::net::SocketAddr::from(([127, 0, 0, 1], 9000)));
+        assert!(yaml.contains(&format!("port_value: {port}")), "{yaml}");
+        let dir =
+            std::env::temp_dir().join(format!("inflight-bench-validate-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let _cleanup = RemoveOnDrop(dir.clone());
+        let path = dir.join("envoy.yaml");
+        std::fs::write(&path, &yaml).unwrap();
+        inflight_envoy_control::validate(&envoy_binary(&root).unwrap(), &path, None)
+            .unwrap_or_else(|e| panic!("{e}\n{yaml}"));
     }
 
     fn run_report(report: &Report, out: &Path) {

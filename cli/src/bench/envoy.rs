@@ -1,10 +1,13 @@
 //! Envoy processes for the benchmark: the gateway in each setup, and one upstream.
 //!
 //! Every gateway has the same listener, route, cluster and worker count; the setups differ only
-//! in the HTTP filter before the router and in the cluster's `max_requests`. The upstream is
-//! Envoy too, answering with a `direct_response`: fast, steady, and no code of ours in it.
+//! in the HTTP filter before the router and in the cluster's `max_requests` — and, for endpoint
+//! picking alone, in the pieces picking needs ([`Picking`]). The upstream is Envoy too,
+//! answering with a `direct_response`: fast, steady, and no code of ours in it.
 //!
-//! Ports are 0 and read back through the admin API; each process is killed when dropped.
+//! Ports are 0 and read back through the admin API (the admin of a picking gateway excepted: its
+//! filter reaches it through a cluster, so its port is fixed before the start); each process is
+//! killed when dropped.
 
 use anyhow::{bail, Context as _, Result};
 use inflight_envoy_control::bootstrap::{self, ROUTER, STATS_TAGS};
@@ -36,6 +39,31 @@ pub struct GatewaySpec {
     pub filter: Option<WasmFilter>,
     /// The upstream cluster's circuit breaker `max_requests`.
     pub max_requests: u32,
+    /// Endpoint picking live; `None`: the bootstrap of the other setups, unchanged.
+    pub picking: Option<Picking>,
+}
+
+/// What endpoint picking adds to a gateway: its admin on a fixed loopback port with a STATIC
+/// cluster [`ADMIN_CLUSTER`] pointing at it (the filter's `membership` polls go there), and the
+/// upstream cluster routed by the filter's endpoint header (`override_host`, least request
+/// without it).
+#[derive(Debug, Clone, Copy)]
+pub struct Picking {
+    pub admin_port: u16,
+}
+
+/// The name [`gateway_yaml`] gives the cluster of the upstream (a picking revision's
+/// `upstreamCluster`).
+pub const UPSTREAM_CLUSTER: &str = "upstream";
+
+/// The cluster the filter's `membership.cluster` names in a picking gateway.
+pub const ADMIN_CLUSTER: &str = "inflight_admin";
+
+/// A loopback port free right now (bound and released), for an admin address that must be
+/// known before Envoy starts. Another process may take it in between; the caller retries.
+pub fn free_port() -> Result<u16> {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").context("binding 127.0.0.1:0")?;
+    Ok(l.local_addr()?.port())
 }
 
 /// Envoy's own "never trips" value for the other thresholds and for uncapped setups.
@@ -45,6 +73,14 @@ pub fn gateway_yaml(spec: &GatewaySpec, upstream: SocketAddr) -> String {
     let filter = match &spec.filter {
         Some(f) => bootstrap::wasm_filter(f.root_id, &f.wasm, f.config.as_deref()),
         None => String::new(),
+    };
+    let (admin_port, lb_policy, admin_cluster) = match spec.picking {
+        Some(p) => (
+            p.admin_port,
+            bootstrap::override_host_policy(inflight_core::config::DEFAULT_ENDPOINT_HEADER),
+            bootstrap::admin_cluster(ADMIN_CLUSTER, p.admin_port),
+        ),
+        None => (0, String::new(), String::new()),
     };
     format!(
         r#"{admin}stats_flush_interval: {flush}s
@@ -68,12 +104,12 @@ stats_config:
     circuit_breakers:
       thresholds:
       - {{ max_connections: {NO_LIMIT}, max_pending_requests: {NO_LIMIT}, max_requests: {max_requests}, max_retries: {NO_LIMIT} }}
-    load_assignment:
+{lb_policy}    load_assignment:
       cluster_name: upstream
       endpoints:
       - lb_endpoints:
-{endpoint}"#,
-        admin = bootstrap::admin(0),
+{endpoint}{admin_cluster}"#,
+        admin = bootstrap::admin(admin_port),
         listener = bootstrap::http_listener("ingress", 0, "ingress"),
         max_requests = spec.max_requests,
         flush = STATS_FLUSH.as_secs_f64(),
@@ -256,6 +292,7 @@ mod tests {
             &GatewaySpec {
                 filter: None,
                 max_requests: NO_LIMIT,
+                picking: None,
             },
             up,
         );
@@ -263,6 +300,7 @@ mod tests {
             &GatewaySpec {
                 filter: None,
                 max_requests: 10,
+                picking: None,
             },
             up,
         );
@@ -277,11 +315,56 @@ mod tests {
                     config: Some(r#"{"revisions":[]}"#.into()),
                 }),
                 max_requests: NO_LIMIT,
+                picking: None,
             },
             up,
         );
         assert!(wasm.contains(r#"value: "{\"revisions\":[]}""#), "{wasm}");
         assert!(wasm.contains("port_value: 9000"));
+    }
+
+    /// Setup 5's bootstrap is setup 2's plus exactly what picking needs: the admin on its fixed
+    /// port, the `override_host` policy on the upstream cluster, and the admin cluster.
+    #[test]
+    fn picking_adds_only_admin_port_policy_and_admin_cluster() {
+        let up = SocketAddr::from(([127, 0, 0, 1], 9000));
+        let filter = Some(WasmFilter {
+            wasm: PathBuf::from("/x/f.wasm"),
+            root_id: "inflight",
+            config: Some(r#"{"revisions":[]}"#.into()),
+        });
+        let two = gateway_yaml(
+            &GatewaySpec {
+                filter: filter.clone(),
+                max_requests: NO_LIMIT,
+                picking: None,
+            },
+            up,
+        );
+        let five = gateway_yaml(
+            &GatewaySpec {
+                filter,
+                max_requests: NO_LIMIT,
+                picking: Some(Picking { admin_port: 19901 }),
+            },
+            up,
+        );
+        let policy = bootstrap::override_host_policy("x-gateway-destination-endpoint");
+        let cluster = "    load_assignment:\n      cluster_name: upstream\n";
+        let expected = two
+            .replacen(&bootstrap::admin(0), &bootstrap::admin(19901), 1)
+            .replacen(cluster, &format!("{policy}{cluster}"), 1)
+            + &bootstrap::admin_cluster(ADMIN_CLUSTER, 19901);
+        assert_eq!(five, expected);
+        assert!(five.contains("envoy.load_balancing_policies.override_host"));
+        assert!(five.contains("envoy.load_balancing_policies.least_request"));
+        assert!(five.contains(&format!("  - name: {UPSTREAM_CLUSTER}\n")));
+        assert_eq!(
+            five.matches("port_value: 19901").count(),
+            2,
+            "admin and its cluster"
+        );
+        assert!(!two.contains("override_host") && !two.contains(ADMIN_CLUSTER));
     }
 
     #[test]
@@ -328,6 +411,7 @@ mod golden {
                 ),
             }),
             max_requests: 10,
+            picking: None,
         };
         let empty = GatewaySpec {
             filter: Some(WasmFilter {
@@ -336,6 +420,7 @@ mod golden {
                 config: None,
             }),
             max_requests: NO_LIMIT,
+            picking: None,
         };
         assert_eq!(
             gateway_yaml(&inflight, up),

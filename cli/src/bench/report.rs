@@ -293,6 +293,28 @@ impl Report {
                 cpu,
                 true,
             ),
+            // What endpoint picking costs over the filter without it (issue 14).
+            row(
+                "5/2 inflight-pick / inflight, req/s",
+                Pick,
+                Inflight,
+                rps,
+                false,
+            ),
+            row(
+                "5−2 inflight-pick − inflight, p50 µs",
+                Pick,
+                Inflight,
+                p50,
+                true,
+            ),
+            row(
+                "5−2 inflight-pick − inflight, CPU µs/req",
+                Pick,
+                Inflight,
+                cpu,
+                true,
+            ),
         ];
         let (base, base_name, mark) = if self.meta.variants_at_cap {
             (InflightCap, "inflight-cap", "3'")
@@ -438,7 +460,7 @@ impl Report {
         out
     }
 
-    /// Where the run stands against the targets of issue 8 (reported, never asserted).
+    /// Where the run stands against the targets of issues 8 and 14 (reported, never asserted).
     pub fn targets(&self) -> String {
         use Setup::*;
         let c = TARGET_CONCURRENCY;
@@ -448,7 +470,7 @@ impl Report {
             return out;
         }
         let div = |a: f64, b: f64| if b > 0.0 { a / b } else { f64::NAN };
-        let checks: [(&str, Option<Spread>, f64, bool); 4] = [
+        let checks: [(&str, Option<Spread>, f64, bool); 5] = [
             (
                 "inflight ≥ 0.97 × plain Envoy req/s",
                 self.paired(Inflight, Plain, c, |s| s.load.rps(), div),
@@ -472,6 +494,12 @@ impl Report {
                 self.paired(InflightCap, NativeCb, c, |s| s.load.ok_rps(), div),
                 0.9,
                 true,
+            ),
+            (
+                "endpoint picking adds ≤ 10 µs gateway CPU per request over inflight",
+                self.paired(Pick, Inflight, c, |s| s.cpu_us_per_req, |a, b| a - b),
+                10.0,
+                false,
             ),
         ];
         for (what, spread, target, at_least) in checks {
@@ -557,6 +585,45 @@ mod tests {
             "{md}"
         );
         assert!(md.contains("empty wasm filter req/s: not measured"), "{md}");
+        assert!(
+            !md.contains("5−2 inflight-pick"),
+            "no rows for setups not run: {md}"
+        );
+    }
+
+    #[test]
+    fn picking_is_compared_with_setup_2_round_by_round() {
+        let cpu = |mut s: Sample, us: f64| {
+            s.cpu_us_per_req = us;
+            s
+        };
+        let r = Report {
+            meta: Meta::default(),
+            samples: vec![
+                cpu(sample(Setup::Inflight, 50, 0, 1000.0, 100.0), 190.0),
+                cpu(sample(Setup::Pick, 50, 0, 980.0, 104.0), 196.0),
+                cpu(sample(Setup::Inflight, 50, 1, 900.0, 110.0), 200.0),
+                cpu(sample(Setup::Pick, 50, 1, 850.0, 111.0), 212.0),
+                cpu(sample(Setup::Inflight, 50, 2, 950.0, 100.0), 180.0),
+                cpu(sample(Setup::Pick, 50, 2, 950.0, 106.0), 188.0),
+            ],
+        };
+        let md = r.markdown();
+        assert!(
+            md.contains("| 5−2 inflight-pick − inflight, CPU µs/req | +8.0 [+6.0…+12.0] |"),
+            "{md}"
+        );
+        assert!(
+            md.contains("| 5−2 inflight-pick − inflight, p50 µs | +4.0 [+1.0…+6.0] |"),
+            "{md}"
+        );
+        assert!(md.contains("| 5 inflight-pick |"), "{md}");
+        assert!(
+            md.contains(
+                "endpoint picking adds ≤ 10 µs gateway CPU per request over inflight: 8.000 → met"
+            ),
+            "{md}"
+        );
     }
 
     #[test]
