@@ -1434,7 +1434,10 @@ mod tests {
         ));
         s.set_endpoints([("a:1", false), ("b:1", true)]);
         let g = s.grant_ready(l, 1);
-        assert_eq!(g[0].endpoint.as_ref().map(|p| p.address.as_str()), Some("b:1"));
+        assert_eq!(
+            g[0].endpoint.as_ref().map(|p| p.address.as_str()),
+            Some("b:1")
+        );
     }
 
     #[test]
