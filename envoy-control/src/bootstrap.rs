@@ -164,6 +164,47 @@ pub fn listener_from_file(
     Some((bootstrap, lds))
 }
 
+/// Moves the `http_filters` entry `name` of a bootstrap (as [`wasm_filter`] writes it: ten
+/// spaces, then `- name: {name}`, up to the next entry) into a file-based ECDS resource for
+/// `ecds_path` — the way Istio delivers a WasmPlugin: the entry left in the listener only
+/// names the filter and where its configuration comes from (`config_discovery`), and the file
+/// holds a `TypedExtensionConfig` of that name. Returns the bootstrap and the file's contents.
+/// Envoy watches the file's directory and applies a new file (replaced by a rename) to the
+/// filter chains it creates from then on; the listener stays. The filter is warmed: the
+/// listener serves only once the file gave a valid configuration. None if there is no entry
+/// `name` followed by another entry.
+pub fn filter_from_file(yaml: &str, name: &str, ecds_path: &Path) -> Option<(String, String)> {
+    const INDENT: &str = "          ";
+    // `needle` at the start of a line of `text` (a deeper entry also contains the indent).
+    let line_at = |text: &str, needle: &str| {
+        text.match_indices(needle)
+            .map(|(i, _)| i)
+            .find(|&i| i == 0 || text.as_bytes().get(i - 1) == Some(&b'\n'))
+    };
+    let head = format!("{INDENT}- name: {name}\n");
+    let start = line_at(yaml, &head)?;
+    let len = line_at(yaml.get(start + head.len()..)?, &format!("{INDENT}- "))?;
+    let block = yaml.get(start..start + head.len() + len)?;
+    let resource: String = block
+        .lines()
+        .map(|l| l.strip_prefix(INDENT).unwrap_or(l))
+        .collect::<Vec<_>>()
+        .join("\n")
+        .replacen(
+            "- name: ",
+            "- \"@type\": type.googleapis.com/envoy.config.core.v3.TypedExtensionConfig\n  name: ",
+            1,
+        );
+    let ecds = format!("resources:\n{resource}\n");
+    let entry = format!(
+        "{head}{INDENT}  config_discovery:\n{INDENT}    config_source:\n{INDENT}      resource_api_version: V3\n{INDENT}      path_config_source:\n{INDENT}        path: \"{}\"\n{INDENT}        watched_directory: {{ path: \"{}\" }}\n{INDENT}    type_urls: [\"type.googleapis.com/envoy.extensions.filters.http.wasm.v3.Wasm\"]\n",
+        ecds_path.display(),
+        ecds_path.parent().unwrap_or(Path::new(".")).display(),
+    );
+    let bootstrap = format!("{}{entry}{}", &yaml[..start], &yaml[start + block.len()..]);
+    Some((bootstrap, ecds))
+}
+
 /// What a generator wrote for a representative input before the generators shared these
 /// fragments (`envoy-control/testdata/<name>`), for its tests to compare with.
 pub fn captured(name: &str) -> std::io::Result<String> {
@@ -203,6 +244,53 @@ mod tests {
             listener_from_file("admin: {}\n", Path::new("/x"), None),
             None
         );
+    }
+
+    #[test]
+    fn the_wasm_filter_moves_to_its_ecds_file() {
+        let yaml = format!(
+            "{}          http_filters:\n{}{ROUTER}  clusters:\n  - name: c\n",
+            http_listener("ingress", 0, "ingress"),
+            wasm_filter("inflight", Path::new("/x/f.wasm"), Some("{}"))
+        );
+        let (boot, ecds) =
+            filter_from_file(&yaml, "inflight", Path::new("/tmp/ecds/inflight.yaml")).unwrap();
+        assert!(
+            ecds.starts_with("resources:\n- \"@type\": type.googleapis.com/envoy.config.core.v3.TypedExtensionConfig\n  name: inflight\n  typed_config:\n    \"@type\": type.googleapis.com/envoy.extensions.filters.http.wasm.v3.Wasm\n"),
+            "{ecds}"
+        );
+        assert!(
+            ecds.contains("\n      root_id: inflight\n") && !ecds.contains("router"),
+            "{ecds}"
+        );
+        assert!(
+            boot.contains("          - name: inflight\n            config_discovery:\n")
+                && boot.contains("path: \"/tmp/ecds/inflight.yaml\"")
+                && boot.contains("watched_directory: { path: \"/tmp/ecds\" }"),
+            "{boot}"
+        );
+        assert!(
+            !boot.contains("wasm.v3.Wasm\n"),
+            "no inline filter left: {boot}"
+        );
+        assert!(
+            boot.ends_with(&format!("{ROUTER}  clusters:\n  - name: c\n")),
+            "{boot}"
+        );
+        let cases = [
+            ("no such filter", "other"),
+            (
+                "the last entry (nothing after it)",
+                "envoy.filters.http.router",
+            ),
+        ];
+        for (what, name) in cases {
+            assert_eq!(
+                filter_from_file(&yaml, name, Path::new("/x")),
+                None,
+                "{what}"
+            );
+        }
     }
 
     #[test]
