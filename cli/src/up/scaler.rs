@@ -3,6 +3,15 @@
 //! processes and EDS file. It does not recompute the decision: the gateway owns it, the scaler
 //! only clamps it to min/max scale and acts.
 //!
+//! One rule is the scaler's own, from Knative's KPA reconciler: **initial scale**. A revision
+//! starts with its `initialReplicas` and is not scaled below them until they have all been ready
+//! once. The gateway cannot apply it: a replica joins EDS only once ready, so while the first
+//! ones start the gateway sees 0 ready and no demand, and with `minScale: 0` Knative's rule says
+//! 0 (the scale-to-zero grace period protects ready replicas only). Followed blindly, that
+//! stopped a `minScale: 0` revision's replicas before they ever served. After that the scaler
+//! follows the gateway down to 0 (once the stable window has seen no demand and the grace period
+//! has passed) and back up on the next request, which waits in the gateway meanwhile.
+//!
 //! Scale-up starts processes and publishes each in EDS only once its readiness probe answers.
 //! Scale-down drains: the replica leaves EDS first, then gets SIGTERM once its own in-flight is
 //! 0 (bounded by the drain timeout). A replica that dies is restarted in place.
@@ -59,6 +68,13 @@ pub fn plan(target: u32, phases: &[Phase]) -> Plan {
     }
 }
 
+/// The scale to apply: the gateway's `desired` within [min, max], and at least `initial` while
+/// the revision has not yet had its initial replicas ready (`None` once it has).
+pub fn scale_target(desired: f64, min: u32, max: u32, initial: Option<u32>) -> u32 {
+    let target = clamp(desired, min, max);
+    initial.map_or(target, |i| target.max(i))
+}
+
 /// `desired` from the gateway clamped to [min, max] (max 0 = unbounded).
 pub fn clamp(desired: f64, min: u32, max: u32) -> u32 {
     let d = if desired.is_finite() && desired > 0.0 {
@@ -87,12 +103,16 @@ pub struct Pool {
     published: Option<Vec<SocketAddr>>,
     /// The scale the scaler is applying.
     pub target: u32,
+    /// The revision has had its initial replicas ready at once (Knative's initial scale): from
+    /// then on the gateway's decision may take it below them.
+    initial_scale_reached: bool,
     drain_timeout: Duration,
 }
 
 impl Pool {
     pub fn new(spec: RevisionSpec, launch: Launch, eds_path: PathBuf) -> Pool {
         let drain_timeout = spec.drain_timeout();
+        let initial_scale_reached = spec.initial_replicas == 0;
         Pool {
             target: spec.initial_replicas,
             spec,
@@ -103,6 +123,7 @@ impl Pool {
             next_name: 0,
             eds_version: 0,
             published: None,
+            initial_scale_reached,
             drain_timeout,
         }
     }
@@ -213,6 +234,13 @@ impl Pool {
                 let _ = r.read_metrics();
             }
         }
+        let initial = self.spec.initial_replicas;
+        if !self.initial_scale_reached && self.ready() >= initial as usize {
+            self.initial_scale_reached = true;
+            log.push(format!(
+                "{name}: initial scale reached ({initial} ready); the gateway's decision may go below it now"
+            ));
+        }
         Ok(())
     }
 
@@ -225,7 +253,13 @@ impl Pool {
         log: &mut Vec<String>,
     ) -> Result<()> {
         let name = self.spec.name.clone();
-        let target = clamp(desired, self.spec.min_scale(), self.spec.max_scale());
+        let initial = (!self.initial_scale_reached).then_some(self.spec.initial_replicas);
+        let target = scale_target(
+            desired,
+            self.spec.min_scale(),
+            self.spec.max_scale(),
+            initial,
+        );
         let phases: Vec<Phase> = self.replicas.iter().map(|r| r.phase).collect();
         let p = plan(target, &phases);
         if target != self.target || p.start > 0 || !p.retire.is_empty() {
@@ -239,10 +273,11 @@ impl Pool {
                 "nothing to do".into()
             };
             log.push(format!(
-                "{name}: scale {} → {target} (gateway desired {desired}, min {}, max {}; ready {} [gateway {}], starting {}, in-flight {}, queued {}, capacity {}, stable avg {}, panic avg {}) → {action}",
+                "{name}: scale {} → {target} (gateway desired {desired}, min {}, max {}{}; ready {} [gateway {}], starting {}, in-flight {}, queued {}, capacity {}, stable avg {}, panic avg {}) → {action}",
                 self.target,
                 self.spec.min_scale(),
                 self.spec.max_scale(),
+                initial.map_or(String::new(), |i| format!(", initial {i} until ready once")),
                 self.ready(),
                 fmt(s.ready),
                 self.count(|p| p == Phase::Starting),
@@ -418,6 +453,37 @@ mod tests {
         ];
         for (name, target, phases, want) in cases {
             assert_eq!(plan(target, &phases), want, "{name}");
+        }
+    }
+
+    #[test]
+    fn scale_targets() {
+        // (case, desired, min, max, initial not yet reached) → target
+        let cases = [
+            ("follows the gateway", 3.0, 0, 5, None, 3),
+            ("down to zero with minScale 0", 0.0, 0, 5, None, 0),
+            (
+                "a starting revision is not taken to zero",
+                0.0,
+                0,
+                5,
+                Some(1),
+                1,
+            ),
+            ("initial scale is a floor, not a cap", 4.0, 0, 5, Some(2), 4),
+            (
+                "initial scale above the gateway's count",
+                1.0,
+                0,
+                5,
+                Some(3),
+                3,
+            ),
+            ("min scale still applies", 0.0, 2, 5, Some(1), 2),
+            ("no initial replicas: nothing held", 0.0, 0, 5, Some(0), 0),
+        ];
+        for (name, desired, min, max, initial, want) in cases {
+            assert_eq!(scale_target(desired, min, max, initial), want, "{name}");
         }
     }
 
