@@ -2,8 +2,8 @@
 //! `cli/tests/crds/` (core kinds: apiVersion, kind and required fields), the kustomizations
 //! reference files that exist and leave nothing out, the WasmPlugin and EnvoyFilter are exactly
 //! what `inflight render` writes for the InferenceServices beside them, every metric a query
-//! names is one the filter exports, and the KEDA ScaledObject's scale to zero rests on what the
-//! gateway does at zero.
+//! names is one the filter exports, serverless revisions carry no gateway cap, and the KEDA
+//! ScaledObject's scale to zero rests on what the gateway does at zero.
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)] // test code (clippy.toml allows it in #[test] fns only)
 
@@ -369,6 +369,50 @@ fn shipped_filter_configs() -> Vec<(&'static str, inflight_core::Config)> {
     .into_iter()
     .map(|(file, text)| (file, inflight_core::Config::parse(text.as_bytes()).unwrap()))
     .collect()
+}
+
+/// A serverless revision's pods sit behind Knative's activator, out of the gateway's sight, so
+/// the gateway must not cap it: under the seed's load (50 clients, target 10, cc 10) a cap below
+/// 50 would keep Knative's autoscaler from seeing the demand for 5 pods. Whatever number of
+/// ready replicas the filter assumes, nothing is capped and nothing queues; the gateway's own
+/// desired-replicas gauge still reads Knative's decision on the demand it sees.
+#[test]
+fn serverless_revisions_have_no_gateway_cap() {
+    for (file, config) in shipped_filter_configs() {
+        let serverless: Vec<_> = config
+            .revisions
+            .iter()
+            .filter(|r| r.clusters.is_empty() && r.upstream_cluster.is_none())
+            .collect();
+        assert_eq!(
+            serverless
+                .iter()
+                .map(|r| r.name.as_str())
+                .collect::<Vec<_>>(),
+            vec!["torchserve"],
+            "{file}"
+        );
+        for r in serverless {
+            assert!(
+                r.ready_replicas >= 1,
+                "{file}: {}: never learned, never 0",
+                r.name
+            );
+            for ready in [r.ready_replicas, 1, 5, 10] {
+                let limits = r.limits(ready);
+                assert_eq!(limits.capacity, None, "{file}: {} at {ready} ready", r.name);
+                assert_eq!(limits.buffer, 0, "{file}: {}: nothing queues", r.name);
+                assert_eq!(limits.per_endpoint, None, "{file}: {}", r.name);
+            }
+            // Knative's effective target for the seed: min(target 10, cc 10) × 70 % = 7.
+            assert_eq!(r.effective_target(), 7.0, "{file}: {}", r.name);
+            assert!(
+                inflight_core::kpa::desired_for_concurrency(50.0, &r.autoscaling) >= 5,
+                "{file}: {}",
+                r.name
+            );
+        }
+    }
 }
 
 /// KEDA takes the raw revision to zero and back: minReplicaCount 0, active on any demand, the
