@@ -8,7 +8,10 @@
 //! once. The gateway cannot apply it: a replica joins EDS only once ready, so while the first
 //! ones start the gateway sees 0 ready and no demand, and with `minScale: 0` Knative's rule says
 //! 0 (the scale-to-zero grace period protects ready replicas only). Followed blindly, that
-//! stopped a `minScale: 0` revision's replicas before they ever served. After that the scaler
+//! stopped a `minScale: 0` revision's replicas before they ever served. The hold ends once the
+//! gateway has counted the initial replicas as ready for a whole decision period, so that the
+//! desired count the scaler reads comes from a decision that saw them (the gauge does not say
+//! which ready count its decision used; this waits for one instead). After that the scaler
 //! follows the gateway down to 0 (once the stable window has seen no demand and the grace period
 //! has passed) and back up on the next request, which waits in the gateway meanwhile.
 //!
@@ -23,13 +26,18 @@ use super::stats::RevisionStats;
 use anyhow::Result;
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 /// How long a replica removed from EDS keeps its slot before its in-flight is trusted: Envoy
 /// applies the file within milliseconds, this covers requests already on their way.
 const EDS_GRACE: Duration = Duration::from_millis(1000);
 /// SIGTERM'd replicas get this long to exit before SIGKILL.
 const TERMINATE_GRACE: Duration = Duration::from_secs(35);
+/// How long the gateway must have counted the initial replicas as ready before its desired count
+/// is trusted to include them: one decision period, plus a second for the filter's tick (100 ms
+/// by default) and the scrape.
+const INITIAL_SCALE_SEEN: Duration =
+    Duration::from_millis(inflight_core::autoscaler::DEFAULT_DECISION_PERIOD_MS + 1_000);
 
 /// What to do this tick, from the target scale and the replicas' phases (oldest first).
 #[derive(Debug, Default, PartialEq, Eq)]
@@ -103,9 +111,12 @@ pub struct Pool {
     published: Option<Vec<SocketAddr>>,
     /// The scale the scaler is applying.
     pub target: u32,
-    /// The revision has had its initial replicas ready at once (Knative's initial scale): from
-    /// then on the gateway's decision may take it below them.
+    /// The revision has had its initial replicas ready at once, and the gateway has counted
+    /// them (Knative's initial scale): from then on the gateway's decision may take it below
+    /// them.
     initial_scale_reached: bool,
+    /// Since when the gateway has counted the initial replicas as ready (while not yet reached).
+    initial_seen_since: Option<Instant>,
     drain_timeout: Duration,
 }
 
@@ -124,6 +135,7 @@ impl Pool {
             eds_version: 0,
             published: None,
             initial_scale_reached,
+            initial_seen_since: None,
             drain_timeout,
         }
     }
@@ -190,6 +202,7 @@ impl Pool {
     pub fn tick(&mut self, stats: Option<&RevisionStats>) -> Result<Vec<String>> {
         let mut log = Vec::new();
         self.observe(&mut log)?;
+        self.track_initial_scale(stats.and_then(|s| s.ready), &mut log);
         if let Some(desired) = stats.and_then(|s| s.desired) {
             self.follow(desired, stats, &mut log)?;
         }
@@ -234,14 +247,33 @@ impl Pool {
                 let _ = r.read_metrics();
             }
         }
+        Ok(())
+    }
+
+    /// Ends the initial-scale hold once the initial replicas are ready here and the gateway has
+    /// counted them for [`INITIAL_SCALE_SEEN`].
+    fn track_initial_scale(&mut self, gateway_ready: Option<f64>, log: &mut Vec<String>) {
+        if self.initial_scale_reached {
+            return;
+        }
         let initial = self.spec.initial_replicas;
-        if !self.initial_scale_reached && self.ready() >= initial as usize {
+        let seen = self.ready() >= initial as usize
+            && gateway_ready.is_some_and(|g| g >= f64::from(initial));
+        let since = match (seen, self.initial_seen_since) {
+            (false, _) => {
+                self.initial_seen_since = None;
+                return;
+            }
+            (true, Some(since)) => since,
+            (true, None) => *self.initial_seen_since.insert(Instant::now()),
+        };
+        if since.elapsed() >= INITIAL_SCALE_SEEN {
             self.initial_scale_reached = true;
             log.push(format!(
-                "{name}: initial scale reached ({initial} ready); the gateway's decision may go below it now"
+                "{}: initial scale reached ({initial} ready, counted by the gateway); its decision may go below it now",
+                self.spec.name
             ));
         }
-        Ok(())
     }
 
     /// Follows the gateway's desired count (within min and max scale): starts replicas, or
