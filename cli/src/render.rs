@@ -10,6 +10,10 @@
 //! the clusters of revisions whose endpoints the filter picks (raw deployments), so Envoy sends
 //! each request to the pod the filter named in its endpoint header.
 //!
+//! Serverless (Knative) revisions get no limit at the gateway (`containerConcurrency: 0` in the
+//! filter): their pods sit behind Knative's activator, out of the gateway's sight, and queue-proxy
+//! already holds each to its `containerConcurrency`; the gateway observes and exports demand.
+//!
 //! The filter configuration is checked with the filter's own parser (`inflight_core::Config`)
 //! before anything is printed, so a config that render writes is one the filter accepts.
 //! Notes (values KServe overrides, settings that fight the gateway) go to stderr, and into the
@@ -52,8 +56,9 @@ pub struct Args {
     /// Name revisions `<namespace>-<name>` (needed when two namespaces use the same name).
     #[arg(long)]
     pub namespaced_names: bool,
-    /// Ready replicas the filter assumes per revision (default: max scale when bounded, else
-    /// min scale, at least 1).
+    /// Ready replicas the filter assumes for raw-deployment revisions until it learns them
+    /// (default: min scale; without membership at least 1). Serverless revisions get no
+    /// gateway limit, so they need none.
     #[arg(long)]
     pub ready_replicas: Option<u32>,
     /// Envoy cluster that reaches the gateway's own admin, for learning ready replicas (the

@@ -82,11 +82,12 @@ fn rendered_filter_config_runs_in_envoy() {
             "one admitted request, gauges",
             |s| {
                 s.outcome("torchserve", "admitted") == 1
-                    && s.gauge("inflight_capacity", "torchserve") > 0
+                    && s.gauge("inflight_ready_replicas", "torchserve") > 0
             },
         )
         .unwrap();
-    assert_eq!(stats.gauge("inflight_capacity", "torchserve"), 10);
+    // Serverless: no limit at the gateway (capacity 0 on the gauge is unlimited).
+    assert_eq!(stats.gauge("inflight_capacity", "torchserve"), 0);
     assert_eq!(stats.gauge("inflight_active", "torchserve"), 0);
     let _ = std::fs::remove_dir_all(&dir);
 }
@@ -332,7 +333,8 @@ fn envoyfilter_and_stats_bootstrap_run_in_an_istio_like_envoy() {
             std::thread::sleep(Duration::from_millis(50));
         };
         assert!(done(&stats), "{}", stats.inflight_lines());
-        assert_eq!(stats.gauge("inflight_capacity", "torchserve"), 10);
+        // Serverless: no limit at the gateway (the gauge's 0 is unlimited); raw: cc × learned.
+        assert_eq!(stats.gauge("inflight_capacity", "torchserve"), 0);
         assert_eq!(stats.gauge("inflight_capacity", "torchserve-raw"), 20);
     }
 
@@ -580,4 +582,199 @@ fn shipped_envoy_configs_route_by_the_endpoint_header() {
             assert!(!body.contains("per_host_thresholds"), "{file}: {body}");
         }
     }
+}
+
+/// The cluster Istio's ingress gateway routes a serverless InferenceService's host to: Knative's
+/// local gateway, which hands requests to the activator or the revision's pods.
+const KNATIVE_LOCAL_GATEWAY: &str =
+    "outbound|80||knative-local-gateway.istio-system.svc.cluster.local";
+/// The serverless seed: KServe's TorchServe autoscaling example.
+const SEED_HOST: &str = "torchserve.default.example.com";
+/// The seed's load (`hey -c 50`) and how long each request holds its pod.
+const SEED_CLIENTS: usize = 50;
+const HOLD_MS: u64 = 200;
+
+/// What Knative's side of the topology saw under the seed's load, and the gateway's stats.
+struct SeedLoad {
+    /// Requests in flight at the pods, sampled every 20 ms after a 1 s warm-up: average, most.
+    average: f64,
+    most: u32,
+    statuses: std::collections::BTreeMap<u16, u64>,
+    gateway: Stats,
+}
+
+/// The seed's load (50 closed-loop clients, each request held 200 ms by its pod) through an
+/// ingress gateway running the filter with `plugin_config`, in front of `local_gateway` (the
+/// Envoy standing in for knative-local-gateway and the activator) and its `pods`.
+fn seed_load(plugin_config: &Value, local_gateway: SocketAddr, pods: &[Upstream]) -> SeedLoad {
+    let mut plugin_config = plugin_config.clone();
+    // The shipped configuration names Istio's admin cluster; here the test gateway's.
+    plugin_config["membership"]["cluster"] = Value::from(envoy::ADMIN_CLUSTER);
+    let yaml = Gateway {
+        plugin_config: plugin_config.to_string(),
+        routes: vec![(SEED_HOST.into(), KNATIVE_LOCAL_GATEWAY.into())],
+        clusters: vec![Cluster {
+            lb: envoy::Lb::LeastRequest,
+            ..Cluster::fixed(KNATIVE_LOCAL_GATEWAY, vec![local_gateway.port()])
+        }],
+        wasm: envoy::filter_wasm(),
+        admin_port: Some(free_port()),
+    }
+    .yaml();
+    let dir = scratch("serverless-gw");
+    std::fs::write(dir.join("envoy.yaml"), &yaml).unwrap();
+    envoy::validate(&dir.join("envoy.yaml")).unwrap();
+    let gw = Envoy::start(&yaml, 2).unwrap();
+
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let clients: Vec<_> = (0..SEED_CLIENTS)
+        .map(|_| {
+            let (stop, listener) = (stop.clone(), gw.listener);
+            std::thread::spawn(move || {
+                let mut statuses = Vec::new();
+                while !stop.load(std::sync::atomic::Ordering::SeqCst) {
+                    let r = Request::get(listener, SEED_HOST)
+                        .header("x-hold-ms", HOLD_MS)
+                        .send();
+                    statuses.push(r.map_or(0, |r| r.status));
+                }
+                statuses
+            })
+        })
+        .collect();
+    std::thread::sleep(Duration::from_secs(1));
+    let (mut sum, mut n, mut most) = (0u64, 0u64, 0u32);
+    let until = Instant::now() + Duration::from_secs(3);
+    while Instant::now() < until {
+        let now: u32 = pods.iter().map(Upstream::current).sum();
+        sum += u64::from(now);
+        n += 1;
+        most = most.max(now);
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let gateway = gw.stats().unwrap();
+    stop.store(true, std::sync::atomic::Ordering::SeqCst);
+    let mut statuses = std::collections::BTreeMap::new();
+    for c in clients {
+        for s in c.join().unwrap() {
+            *statuses.entry(s).or_insert(0) += 1;
+        }
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+    SeedLoad {
+        average: sum as f64 / n.max(1) as f64,
+        most,
+        statuses,
+        gateway,
+    }
+}
+
+/// Replicas Knative's autoscaler asks for at `concurrency`, with the seed's settings (target 10,
+/// containerConcurrency 10, Knative's default utilization 70 %): the KPA's stable rule, core's
+/// copy of Knative's.
+fn knative_desired(concurrency: f64) -> u32 {
+    let seed = inflight_core::kpa::KpaConfig {
+        target: 10.0,
+        container_concurrency: 10,
+        ..inflight_core::kpa::KpaConfig::default()
+    };
+    inflight_core::kpa::desired_for_concurrency(concurrency, &seed)
+}
+
+/// KServe serverless as Istio wires it, with what we ship: the ingress gateway (Envoy with the
+/// filter and the plugin configuration of `manifests/istio/wasmplugin/wasmplugin.yaml`) routes
+/// the seed's host to knative-local-gateway, which sends requests on to the revision's pods
+/// (here one Envoy stands in for the local gateway and the activator, in front of 5 pods).
+/// Knative's autoscaler sees the requests that reach that side. Under the seed's load (50
+/// clients, target 10, containerConcurrency 10) the gateway must let all of them through, so
+/// Knative sees about 50 in flight and asks for at least 5 pods.
+///
+/// The same topology with the configuration render wrote before (the revision capped at
+/// containerConcurrency × readyReplicas 1 = 10) shows what the test guards against: Knative saw
+/// 10 and would have stayed at 2 pods while 40 requests waited at the gateway.
+#[test]
+fn serverless_seed_reaches_knative_unthrottled_through_the_shipped_gateway_config() {
+    let _s = serial();
+    let shipped = yaml_docs(
+        &std::fs::read_to_string(manifests_dir().join("istio/wasmplugin/wasmplugin.yaml")).unwrap(),
+    )
+    .remove(0)["spec"]["pluginConfig"]
+        .clone();
+    let pods: Vec<Upstream> = (0..5).map(|_| Upstream::start().unwrap()).collect();
+    let ports: Vec<u16> = pods.iter().map(Upstream::port).collect();
+    let dir = scratch("serverless-local");
+    let config = dir.join("bootstrap.json");
+    let pods_cluster = istio_service_cluster(
+        "outbound|80||torchserve-predictor-00001-private.default.svc.cluster.local",
+        &ports,
+    );
+    std::fs::write(
+        &config,
+        serde_json::to_string_pretty(&router_bootstrap(&pods_cluster)).unwrap(),
+    )
+    .unwrap();
+    envoy::validate(&config).unwrap();
+    let local_gateway = Proxy::start(&config, None, &dir);
+
+    let now = seed_load(&shipped, local_gateway.listener, &pods);
+    let before = {
+        let mut capped = shipped.clone();
+        let rev = capped["revisions"]
+            .as_array_mut()
+            .unwrap()
+            .iter_mut()
+            .find(|r| r["name"] == "torchserve")
+            .unwrap();
+        rev["containerConcurrency"] = Value::from(10);
+        rev["readyReplicas"] = Value::from(1);
+        seed_load(&capped, local_gateway.listener, &pods)
+    };
+    eprintln!(
+        "serverless seed, at Knative's side: shipped config avg {:.1} in flight (most {}) → Knative asks for {}; \
+         capped config (cc 10 × readyReplicas 1) avg {:.1} (most {}) → {}; gateway desired {}",
+        now.average,
+        now.most,
+        knative_desired(now.average),
+        before.average,
+        before.most,
+        knative_desired(before.average),
+        now.gateway.gauge("inflight_desired_replicas", "torchserve"),
+    );
+
+    assert_eq!(
+        now.statuses.keys().copied().collect::<Vec<_>>(),
+        vec![200],
+        "{:?}",
+        now.statuses
+    );
+    let g = &now.gateway;
+    for outcome in ["shed_full", "shed_timeout", "state_unavailable"] {
+        assert_eq!(g.outcome("torchserve", outcome), 0, "{outcome}");
+    }
+    assert_eq!(
+        g.get(
+            "inflight_queue_wait_ms_count",
+            &[("revision", "torchserve")]
+        ),
+        0.0,
+        "no request waited at the gateway"
+    );
+    assert!(
+        now.most > 40,
+        "at most {} in flight at the pods: the gateway held the seed to 4 pods' worth or less",
+        now.most
+    );
+    assert!(
+        knative_desired(now.average) >= 5,
+        "Knative would see {:.1} in flight and ask for {}",
+        now.average,
+        knative_desired(now.average)
+    );
+    // The gateway's own gauge (the KPA on everything it saw) agrees.
+    assert!(g.gauge("inflight_desired_replicas", "torchserve") >= 5);
+
+    // The control: a cap of one pod's worth keeps Knative's view at 10.
+    assert!(before.most <= 10, "{}", before.most);
+    assert!(knative_desired(before.average) <= 2);
+    let _ = std::fs::remove_dir_all(&dir);
 }

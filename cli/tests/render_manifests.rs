@@ -1,8 +1,9 @@
 //! Everything under `manifests/`: each Kubernetes object validates against its CRD schema from
 //! `cli/tests/crds/` (core kinds: apiVersion, kind and required fields), the kustomizations
 //! reference files that exist and leave nothing out, the WasmPlugin and EnvoyFilter are exactly
-//! what `inflight render` writes for the InferenceServices beside them, and every metric a
-//! query names is one the filter exports.
+//! what `inflight render` writes for the InferenceServices beside them, every metric a query
+//! names is one the filter exports, serverless revisions carry no gateway cap, and the KEDA
+//! ScaledObject's scale to zero rests on what the gateway does at zero.
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)] // test code (clippy.toml allows it in #[test] fns only)
 
@@ -346,4 +347,102 @@ fn schema_validation_rejects_what_kubectl_would() {
     assert!(!validate_object(&hpa).is_empty());
     let unknown = serde_json::json!({"apiVersion": "example.com/v1", "kind": "Thing", "metadata": {"name": "x"}});
     assert!(!validate_object(&unknown).is_empty());
+}
+
+/// The gateway configurations we ship (the WasmPlugin's `pluginConfig`, and the same text inside
+/// the EnvoyFilter), as the filter reads them.
+fn shipped_filter_configs() -> Vec<(&'static str, inflight_core::Config)> {
+    let wasmplugin = yaml_docs(&read("istio/wasmplugin/wasmplugin.yaml")).remove(0);
+    let envoyfilter = yaml_docs(&read("istio/envoyfilter/envoyfilter.yaml")).remove(0);
+    let embedded = envoyfilter["spec"]["configPatches"][0]["patch"]["value"]["typed_config"]
+        ["config"]["configuration"]["value"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    [
+        (
+            "istio/wasmplugin/wasmplugin.yaml",
+            wasmplugin["spec"]["pluginConfig"].to_string(),
+        ),
+        ("istio/envoyfilter/envoyfilter.yaml", embedded),
+    ]
+    .into_iter()
+    .map(|(file, text)| (file, inflight_core::Config::parse(text.as_bytes()).unwrap()))
+    .collect()
+}
+
+/// A serverless revision's pods sit behind Knative's activator, out of the gateway's sight, so
+/// the gateway must not cap it: under the seed's load (50 clients, target 10, cc 10) a cap below
+/// 50 would keep Knative's autoscaler from seeing the demand for 5 pods. Whatever number of
+/// ready replicas the filter assumes, nothing is capped and nothing queues; the gateway's own
+/// desired-replicas gauge still reads Knative's decision on the demand it sees.
+#[test]
+fn serverless_revisions_have_no_gateway_cap() {
+    for (file, config) in shipped_filter_configs() {
+        let serverless: Vec<_> = config
+            .revisions
+            .iter()
+            .filter(|r| r.clusters.is_empty() && r.upstream_cluster.is_none())
+            .collect();
+        assert_eq!(
+            serverless
+                .iter()
+                .map(|r| r.name.as_str())
+                .collect::<Vec<_>>(),
+            vec!["torchserve"],
+            "{file}"
+        );
+        for r in serverless {
+            assert!(
+                r.ready_replicas >= 1,
+                "{file}: {}: never learned, never 0",
+                r.name
+            );
+            for ready in [r.ready_replicas, 1, 5, 10] {
+                let limits = r.limits(ready);
+                assert_eq!(limits.capacity, None, "{file}: {} at {ready} ready", r.name);
+                assert_eq!(limits.buffer, 0, "{file}: {}: nothing queues", r.name);
+                assert_eq!(limits.per_endpoint, None, "{file}: {}", r.name);
+            }
+            // Knative's effective target for the seed: min(target 10, cc 10) × 70 % = 7.
+            assert_eq!(r.effective_target(), 7.0, "{file}: {}", r.name);
+            assert!(
+                inflight_core::kpa::desired_for_concurrency(50.0, &r.autoscaling) >= 5,
+                "{file}: {}",
+                r.name
+            );
+        }
+    }
+}
+
+/// KEDA takes the raw revision to zero and back: minReplicaCount 0, active on any demand, the
+/// grace period Knative's. That only works because the gateway holds the revision's requests
+/// while no pod is ready (capacity 0, a buffer, a wait long enough for a pod to start), and
+/// counts them in `inflight_demand_ms_total`, the series the trigger reads.
+#[test]
+fn keda_scales_the_raw_revision_to_zero_and_the_gateway_holds_requests_meanwhile() {
+    let so = yaml_docs(&read("autoscaling/keda/scaledobject.yaml")).remove(0);
+    assert_eq!(so["spec"]["minReplicaCount"], 0);
+    assert_eq!(
+        so["spec"]["cooldownPeriod"], 30,
+        "Knative's scale-to-zero grace period"
+    );
+    let trigger = &so["spec"]["triggers"][0];
+    assert_eq!(trigger["metadata"]["activationThreshold"], "0");
+    let query = trigger["metadata"]["query"].as_str().unwrap();
+    assert!(
+        query.contains("rate(inflight_demand_ms_total{revision=\"torchserve-raw\"}[1m])"),
+        "{query}"
+    );
+    for (file, config) in shipped_filter_configs() {
+        let raw = config
+            .revisions
+            .iter()
+            .find(|r| r.name == "torchserve-raw")
+            .unwrap();
+        let at_zero = raw.limits(0);
+        assert_eq!(at_zero.capacity, Some(0), "{file}");
+        assert!(at_zero.buffer >= raw.container_concurrency, "{file}");
+        assert!(raw.max_wait_ms >= 30_000, "{file}");
+    }
 }

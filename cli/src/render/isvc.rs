@@ -47,8 +47,8 @@ const KNATIVE_TARGET_MIN: f64 = 0.01;
 /// How KServe runs the predictor, which decides its host names and who else limits it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum Mode {
-    /// Knative (KServe "Serverless"/"Knative"): the activator and queue-proxy also enforce
-    /// containerConcurrency; the gateway adds the edge view and bounds the queue.
+    /// Knative (KServe "Serverless"/"Knative"): the activator and queue-proxy enforce
+    /// containerConcurrency and buffer at zero; the gateway only observes and exports demand.
     Serverless,
     /// Raw deployment (KServe "RawDeployment"/"Standard"): a Deployment behind a Service; the
     /// gateway is the only concurrency limit.

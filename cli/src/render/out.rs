@@ -124,47 +124,21 @@ impl Plan {
                 )],
                 Mode::Serverless => Vec::new(),
             };
-            // Raw mode with membership: the filter counts the healthy members of the predictor
-            // Service's cluster, so the static value only covers the first poll.
-            let learned = membership.is_some() && !clusters.is_empty();
-            // Otherwise capacity stays cc × this guess. Serverless: Knative's activator already
-            // holds each pod to cc, so the gateway may assume the most the revision can run
-            // (max scale) and never starve the autoscaler. Raw: the gateway is the only limit,
-            // so it assumes the least (min scale) and never overloads a pod.
-            let ready = match args.ready_replicas {
-                Some(r) => r,
-                None if learned => p.min_scale,
-                None if p.mode == Mode::Serverless && p.max_scale > 0 => p.max_scale,
-                None => p.min_scale.max(1),
+            let enforced = match p.mode {
+                Mode::Serverless => serverless_limits(p, &name, &mut notes),
+                Mode::Raw => raw_limits(p, &name, membership.is_some(), args, &mut notes),
             };
-            let guessed = match p.mode {
-                _ if learned => false,
-                Mode::Serverless => p.max_scale == 0,
-                Mode::Raw => p.max_scale == 0 || p.max_scale > p.min_scale.max(1),
-            };
-            if p.container_concurrency > 0 && args.ready_replicas.is_none() && guessed {
-                notes.push(format!(
-                    "{name}: the filter assumes {ready} ready replica{} (capacity {} in flight){}; {}",
-                    if ready == 1 { "" } else { "s" },
-                    u64::from(p.container_concurrency) * u64::from(ready),
-                    if p.mode == Mode::Raw { ": without membership it cannot learn more" } else { ": Knative's pods are behind the activator, where Envoy cannot count them" },
-                    match p.mode {
-                        Mode::Serverless => "set spec.predictor.maxReplicas so the gateway caps the revision at containerConcurrency × maxReplicas (the activator still limits each pod), or pass --ready-replicas",
-                        Mode::Raw => "keep membership on, or pass --ready-replicas for a fixed replica count",
-                    }
-                ));
-            }
             revisions.push(RevisionDoc {
                 name,
                 hosts,
                 clusters,
-                container_concurrency: p.container_concurrency,
-                target: Some(p.target.unwrap_or(inflight_core::config::DEFAULT_TARGET)),
+                container_concurrency: enforced.container_concurrency,
+                target: Some(enforced.target),
                 target_utilization_percentage: Some(
                     p.target_utilization_percentage
                         .unwrap_or(inflight_core::config::DEFAULT_UTILIZATION_PERCENT),
                 ),
-                ready_replicas: Some(ready),
+                ready_replicas: enforced.ready_replicas,
                 max_wait: args.max_wait.clone(),
                 autoscaling: Some(AutoscalingDoc {
                     min_scale: Some(p.min_scale),
@@ -194,6 +168,72 @@ impl Plan {
             bail!("the rendered filter configuration is invalid: {e}");
         }
         Ok(Plan { config, notes })
+    }
+}
+
+/// What the gateway enforces for one revision (its limit and soft target), and the ready
+/// replicas it starts from.
+struct Enforced {
+    container_concurrency: u32,
+    target: f64,
+    /// `None`: the filter's default (1).
+    ready_replicas: Option<u32>,
+}
+
+/// Serverless (Knative): the gateway enforces no limit and only observes. Knative's pods sit
+/// behind the activator, where the gateway cannot count them, so any cap it held would be a
+/// guess at `containerConcurrency × ready pods`; too low (the activator's view of one pod), it
+/// would hold Knative's autoscaler below the demand it needs to see to scale up (the seed, 50
+/// clients at target 10, would stay at 2 pods instead of 5 or more). queue-proxy holds each pod
+/// to `containerConcurrency` and the activator buffers while the revision has no pod, as
+/// without the gateway. So the filter gets `containerConcurrency: 0` (no limit, no queue: one
+/// assumed ready replica makes it unlimited) and the soft target capped by the hard limit, as
+/// Knative caps it, so `inflight_desired_replicas` stays Knative's decision on the demand the
+/// gateway sees.
+fn serverless_limits(p: &Predictor, name: &str, notes: &mut Vec<String>) -> Enforced {
+    let mut target = p.target.unwrap_or(inflight_core::config::DEFAULT_TARGET);
+    if p.container_concurrency > 0 {
+        target = target.min(f64::from(p.container_concurrency));
+        notes.push(format!(
+            "{name}: serverless: the gateway enforces no limit (filter containerConcurrency 0) and exports the demand it sees; Knative's queue-proxy holds each pod to containerConcurrency {} and its activator buffers while no pod is ready",
+            p.container_concurrency
+        ));
+    }
+    Enforced {
+        container_concurrency: 0,
+        target,
+        ready_replicas: None,
+    }
+}
+
+/// Raw deployment: the gateway is the only limit, `containerConcurrency` per ready pod. With
+/// membership the filter counts the healthy members of the predictor Service's cluster, so
+/// the static value only covers the first poll; otherwise capacity stays cc × this guess, the
+/// least the revision runs (min scale), so that no pod is overloaded.
+fn raw_limits(
+    p: &Predictor,
+    name: &str,
+    membership: bool,
+    args: &Args,
+    notes: &mut Vec<String>,
+) -> Enforced {
+    let ready = args.ready_replicas.unwrap_or(if membership {
+        p.min_scale
+    } else {
+        p.min_scale.max(1)
+    });
+    let guessed = !membership && (p.max_scale == 0 || p.max_scale > p.min_scale.max(1));
+    if p.container_concurrency > 0 && args.ready_replicas.is_none() && guessed {
+        notes.push(format!(
+            "{name}: the filter assumes {ready} ready replica{} (capacity {} in flight): without membership it cannot learn more; keep membership on, or pass --ready-replicas for a fixed replica count",
+            if ready == 1 { "" } else { "s" },
+            u64::from(p.container_concurrency) * u64::from(ready),
+        ));
+    }
+    Enforced {
+        container_concurrency: p.container_concurrency,
+        target: p.target.unwrap_or(inflight_core::config::DEFAULT_TARGET),
+        ready_replicas: Some(ready),
     }
 }
 
@@ -763,6 +803,179 @@ mod tests {
             ..config
         };
         assert!(endpoint_picking(&serverless, &gw).unwrap().is_none());
+    }
+
+    fn predictor(mode: Mode, cc: u32, target: Option<f64>, min: u32, max: u32) -> Predictor {
+        Predictor {
+            name: "m".into(),
+            namespace: "default".into(),
+            mode,
+            container_concurrency: cc,
+            target,
+            target_utilization_percentage: None,
+            min_scale: min,
+            max_scale: max,
+            stable_window: None,
+            panic_window_percentage: None,
+            panic_threshold_percentage: None,
+            initial_scale: None,
+            activation_scale: None,
+            notes: Vec::new(),
+        }
+    }
+
+    /// `inflight render -f x` plus `extra`, as clap reads it.
+    fn args(extra: &[&str]) -> Args {
+        #[derive(clap::Parser)]
+        struct Cli {
+            #[command(flatten)]
+            args: Args,
+        }
+        let argv = ["render", "-f", "x.yaml"].iter().chain(extra);
+        <Cli as clap::Parser>::try_parse_from(argv).unwrap().args
+    }
+
+    #[test]
+    fn serverless_revisions_get_no_gateway_limit() {
+        // (case, cc, target, max scale) → (filter target, a note)
+        let cases = [
+            ("the seed: cc 10, target 10", 10, Some(10.0), 0, 10.0, true),
+            (
+                "target above cc: capped as Knative caps it",
+                10,
+                Some(100.0),
+                0,
+                10.0,
+                true,
+            ),
+            (
+                "no target: Knative's default, capped by cc",
+                4,
+                None,
+                0,
+                4.0,
+                true,
+            ),
+            (
+                "bounded max scale changes nothing",
+                10,
+                Some(10.0),
+                5,
+                10.0,
+                true,
+            ),
+            (
+                "cc 0: nothing to hand to Knative",
+                0,
+                Some(3.0),
+                0,
+                3.0,
+                false,
+            ),
+        ];
+        for (name, cc, target, max, want_target, want_note) in cases {
+            let mut notes = Vec::new();
+            let l = serverless_limits(
+                &predictor(Mode::Serverless, cc, target, 1, max),
+                "m",
+                &mut notes,
+            );
+            assert_eq!(l.container_concurrency, 0, "{name}");
+            assert_eq!(l.target, want_target, "{name}");
+            assert_eq!(l.ready_replicas, None, "{name}: the filter's default, 1");
+            assert_eq!(notes.len(), usize::from(want_note), "{name}: {notes:?}");
+        }
+    }
+
+    #[test]
+    fn raw_revisions_keep_the_hard_limit_and_start_at_min_scale() {
+        struct Case {
+            name: &'static str,
+            min: u32,
+            max: u32,
+            membership: bool,
+            flags: &'static [&'static str],
+            ready: u32,
+            note: bool,
+        }
+        let case = |name, min, max, membership, flags, ready, note| Case {
+            name,
+            min,
+            max,
+            membership,
+            flags,
+            ready,
+            note,
+        };
+        let cases = [
+            case(
+                "membership: min scale until the first poll",
+                2,
+                10,
+                true,
+                &[],
+                2,
+                false,
+            ),
+            case(
+                "membership, min 0: starts at zero",
+                0,
+                10,
+                true,
+                &[],
+                0,
+                false,
+            ),
+            case(
+                "no membership: min scale, at least 1, said",
+                0,
+                10,
+                false,
+                &[],
+                1,
+                true,
+            ),
+            case(
+                "no membership, fixed size: nothing to say",
+                3,
+                3,
+                false,
+                &[],
+                3,
+                false,
+            ),
+            case(
+                "--ready-replicas wins",
+                1,
+                10,
+                false,
+                &["--ready-replicas", "4"],
+                4,
+                false,
+            ),
+        ];
+        for Case {
+            name,
+            min,
+            max,
+            membership,
+            flags,
+            ready: want_ready,
+            note: want_note,
+        } in cases
+        {
+            let mut notes = Vec::new();
+            let l = raw_limits(
+                &predictor(Mode::Raw, 10, Some(10.0), min, max),
+                "m",
+                membership,
+                &args(flags),
+                &mut notes,
+            );
+            assert_eq!(l.container_concurrency, 10, "{name}");
+            assert_eq!(l.ready_replicas, Some(want_ready), "{name}");
+            assert_eq!(notes.len(), usize::from(want_note), "{name}: {notes:?}");
+        }
     }
 
     #[test]

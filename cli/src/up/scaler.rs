@@ -3,6 +3,18 @@
 //! processes and EDS file. It does not recompute the decision: the gateway owns it, the scaler
 //! only clamps it to min/max scale and acts.
 //!
+//! One rule is the scaler's own, from Knative's KPA reconciler: **initial scale**. A revision
+//! starts with its `initialReplicas` and is not scaled below them until they have all been ready
+//! once. The gateway cannot apply it: a replica joins EDS only once ready, so while the first
+//! ones start the gateway sees 0 ready and no demand, and with `minScale: 0` Knative's rule says
+//! 0 (the scale-to-zero grace period protects ready replicas only). Followed blindly, that
+//! stopped a `minScale: 0` revision's replicas before they ever served. The hold ends once the
+//! gateway has counted the initial replicas as ready for a whole decision period, so that the
+//! desired count the scaler reads comes from a decision that saw them (the gauge does not say
+//! which ready count its decision used; this waits for one instead). After that the scaler
+//! follows the gateway down to 0 (once the stable window has seen no demand and the grace period
+//! has passed) and back up on the next request, which waits in the gateway meanwhile.
+//!
 //! Scale-up starts processes and publishes each in EDS only once its readiness probe answers.
 //! Scale-down drains: the replica leaves EDS first, then gets SIGTERM once its own in-flight is
 //! 0 (bounded by the drain timeout). A replica that dies is restarted in place.
@@ -14,13 +26,18 @@ use super::stats::RevisionStats;
 use anyhow::Result;
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 /// How long a replica removed from EDS keeps its slot before its in-flight is trusted: Envoy
 /// applies the file within milliseconds, this covers requests already on their way.
 const EDS_GRACE: Duration = Duration::from_millis(1000);
 /// SIGTERM'd replicas get this long to exit before SIGKILL.
 const TERMINATE_GRACE: Duration = Duration::from_secs(35);
+/// How long the gateway must have counted the initial replicas as ready before its desired count
+/// is trusted to include them: one decision period, plus a second for the filter's tick (100 ms
+/// by default) and the scrape.
+const INITIAL_SCALE_SEEN: Duration =
+    Duration::from_millis(inflight_core::autoscaler::DEFAULT_DECISION_PERIOD_MS + 1_000);
 
 /// What to do this tick, from the target scale and the replicas' phases (oldest first).
 #[derive(Debug, Default, PartialEq, Eq)]
@@ -59,6 +76,13 @@ pub fn plan(target: u32, phases: &[Phase]) -> Plan {
     }
 }
 
+/// The scale to apply: the gateway's `desired` within [min, max], and at least `initial` while
+/// the revision has not yet had its initial replicas ready (`None` once it has).
+pub fn scale_target(desired: f64, min: u32, max: u32, initial: Option<u32>) -> u32 {
+    let target = clamp(desired, min, max);
+    initial.map_or(target, |i| target.max(i))
+}
+
 /// `desired` from the gateway clamped to [min, max] (max 0 = unbounded).
 pub fn clamp(desired: f64, min: u32, max: u32) -> u32 {
     let d = if desired.is_finite() && desired > 0.0 {
@@ -87,12 +111,19 @@ pub struct Pool {
     published: Option<Vec<SocketAddr>>,
     /// The scale the scaler is applying.
     pub target: u32,
+    /// The revision has had its initial replicas ready at once, and the gateway has counted
+    /// them (Knative's initial scale): from then on the gateway's decision may take it below
+    /// them.
+    initial_scale_reached: bool,
+    /// Since when the gateway has counted the initial replicas as ready (while not yet reached).
+    initial_seen_since: Option<Instant>,
     drain_timeout: Duration,
 }
 
 impl Pool {
     pub fn new(spec: RevisionSpec, launch: Launch, eds_path: PathBuf) -> Pool {
         let drain_timeout = spec.drain_timeout();
+        let initial_scale_reached = spec.initial_replicas == 0;
         Pool {
             target: spec.initial_replicas,
             spec,
@@ -103,6 +134,8 @@ impl Pool {
             next_name: 0,
             eds_version: 0,
             published: None,
+            initial_scale_reached,
+            initial_seen_since: None,
             drain_timeout,
         }
     }
@@ -169,6 +202,7 @@ impl Pool {
     pub fn tick(&mut self, stats: Option<&RevisionStats>) -> Result<Vec<String>> {
         let mut log = Vec::new();
         self.observe(&mut log)?;
+        self.track_initial_scale(stats.and_then(|s| s.ready), &mut log);
         if let Some(desired) = stats.and_then(|s| s.desired) {
             self.follow(desired, stats, &mut log)?;
         }
@@ -216,6 +250,32 @@ impl Pool {
         Ok(())
     }
 
+    /// Ends the initial-scale hold once the initial replicas are ready here and the gateway has
+    /// counted them for [`INITIAL_SCALE_SEEN`].
+    fn track_initial_scale(&mut self, gateway_ready: Option<f64>, log: &mut Vec<String>) {
+        if self.initial_scale_reached {
+            return;
+        }
+        let initial = self.spec.initial_replicas;
+        let seen = self.ready() >= initial as usize
+            && gateway_ready.is_some_and(|g| g >= f64::from(initial));
+        let since = match (seen, self.initial_seen_since) {
+            (false, _) => {
+                self.initial_seen_since = None;
+                return;
+            }
+            (true, Some(since)) => since,
+            (true, None) => *self.initial_seen_since.insert(Instant::now()),
+        };
+        if since.elapsed() >= INITIAL_SCALE_SEEN {
+            self.initial_scale_reached = true;
+            log.push(format!(
+                "{}: initial scale reached ({initial} ready, counted by the gateway); its decision may go below it now",
+                self.spec.name
+            ));
+        }
+    }
+
     /// Follows the gateway's desired count (within min and max scale): starts replicas, or
     /// retires the newest (SIGTERM if not ready yet, else out of EDS and draining).
     fn follow(
@@ -225,7 +285,13 @@ impl Pool {
         log: &mut Vec<String>,
     ) -> Result<()> {
         let name = self.spec.name.clone();
-        let target = clamp(desired, self.spec.min_scale(), self.spec.max_scale());
+        let initial = (!self.initial_scale_reached).then_some(self.spec.initial_replicas);
+        let target = scale_target(
+            desired,
+            self.spec.min_scale(),
+            self.spec.max_scale(),
+            initial,
+        );
         let phases: Vec<Phase> = self.replicas.iter().map(|r| r.phase).collect();
         let p = plan(target, &phases);
         if target != self.target || p.start > 0 || !p.retire.is_empty() {
@@ -239,10 +305,11 @@ impl Pool {
                 "nothing to do".into()
             };
             log.push(format!(
-                "{name}: scale {} → {target} (gateway desired {desired}, min {}, max {}; ready {} [gateway {}], starting {}, in-flight {}, queued {}, capacity {}, stable avg {}, panic avg {}) → {action}",
+                "{name}: scale {} → {target} (gateway desired {desired}, min {}, max {}{}; ready {} [gateway {}], starting {}, in-flight {}, queued {}, capacity {}, stable avg {}, panic avg {}) → {action}",
                 self.target,
                 self.spec.min_scale(),
                 self.spec.max_scale(),
+                initial.map_or(String::new(), |i| format!(", initial {i} until ready once")),
                 self.ready(),
                 fmt(s.ready),
                 self.count(|p| p == Phase::Starting),
@@ -418,6 +485,37 @@ mod tests {
         ];
         for (name, target, phases, want) in cases {
             assert_eq!(plan(target, &phases), want, "{name}");
+        }
+    }
+
+    #[test]
+    fn scale_targets() {
+        // (case, desired, min, max, initial not yet reached) → target
+        let cases = [
+            ("follows the gateway", 3.0, 0, 5, None, 3),
+            ("down to zero with minScale 0", 0.0, 0, 5, None, 0),
+            (
+                "a starting revision is not taken to zero",
+                0.0,
+                0,
+                5,
+                Some(1),
+                1,
+            ),
+            ("initial scale is a floor, not a cap", 4.0, 0, 5, Some(2), 4),
+            (
+                "initial scale above the gateway's count",
+                1.0,
+                0,
+                5,
+                Some(3),
+                3,
+            ),
+            ("min scale still applies", 0.0, 2, 5, Some(1), 2),
+            ("no initial replicas: nothing held", 0.0, 0, 5, Some(0), 0),
+        ];
+        for (name, desired, min, max, initial, want) in cases {
+            assert_eq!(scale_target(desired, min, max, initial), want, "{name}");
         }
     }
 
