@@ -160,8 +160,10 @@ fn scale_from_zero(cc: u32) {
         })
         .unwrap();
     let addr = envoy.listener;
+    // cc 0 (the case): 20 requests; cc 2: 6 (three rounds through the one replica).
+    let n: u64 = if cc == 0 { 20 } else { 6 };
     let sent = Instant::now();
-    let handles: Vec<_> = (0..6)
+    let handles: Vec<_> = (0..n)
         .map(|i| {
             thread::spawn(move || {
                 Request::get(addr, "z.test")
@@ -177,7 +179,7 @@ fn scale_from_zero(cc: u32) {
             Duration::from_secs(3),
             "demand on zero replicas asks for >= 1",
             |s| {
-                s.gauge("inflight_queued", "rev-z") == 6
+                s.gauge("inflight_queued", "rev-z") == n
                     && s.gauge("inflight_desired_replicas", "rev-z") >= 1
             },
         )
@@ -185,6 +187,7 @@ fn scale_from_zero(cc: u32) {
     let asked_after = sent.elapsed();
     assert_eq!(up.total(), 0);
     assert_eq!(s.outcome("rev-z", "shed_full"), 0);
+    let appeared = Instant::now();
     write_eds(&eds.file(), "rev", &[up.port()]).unwrap();
     for h in handles {
         assert_eq!(
@@ -193,12 +196,20 @@ fn scale_from_zero(cc: u32) {
             "every waiter served once a replica is ready"
         );
     }
-    let expected_max = if cc == 0 { 6 } else { cc };
+    let served_after = appeared.elapsed();
+    let expected_max = if cc == 0 { n as u32 } else { cc };
     assert_eq!(up.max_concurrency(), expected_max);
-    assert_eq!(up.total(), 6);
+    assert_eq!(up.total(), n);
+    if cc == 0 {
+        // Unlimited once the replica is there: all at once, one hold (200 ms) after Envoy's EDS
+        // update and the next poll (200 ms).
+        assert!(
+            served_after < Duration::from_millis(1_500),
+            "all {n} served {served_after:?} after the replica appeared"
+        );
+    }
     eprintln!(
-        "scale from zero (cc {cc}): desired >= 1 after {asked_after:?}; all 6 served in {:?}",
-        sent.elapsed()
+        "scale from zero (cc {cc}): desired >= 1 after {asked_after:?}; all {n} served {served_after:?} after the replica appeared"
     );
 }
 
