@@ -20,27 +20,31 @@ pub enum Outcome {
     Cancelled,
     /// Shed because the shared state could not be read or written (a host failure).
     StateUnavailable,
+    /// Shed because the gateway drains (shutting down): it would have waited, or it was waiting.
+    ShedDraining,
     /// Matched no revision, under `unknownRevision: reject` (counted once, not per revision).
     UnknownRevision,
 }
 
 impl Outcome {
-    pub const ALL: [Outcome; 6] = [
+    pub const ALL: [Outcome; 7] = [
         Outcome::Admitted,
         Outcome::ShedFull,
         Outcome::ShedTimeout,
         Outcome::Cancelled,
         Outcome::StateUnavailable,
+        Outcome::ShedDraining,
         Outcome::UnknownRevision,
     ];
 
     /// Outcomes counted per revision, in metric order.
-    pub const PER_REVISION: [Outcome; 5] = [
+    pub const PER_REVISION: [Outcome; 6] = [
         Outcome::Admitted,
         Outcome::ShedFull,
         Outcome::ShedTimeout,
         Outcome::Cancelled,
         Outcome::StateUnavailable,
+        Outcome::ShedDraining,
     ];
 
     /// The `outcome` label of `inflight_requests_total`.
@@ -51,6 +55,7 @@ impl Outcome {
             Outcome::ShedTimeout => "shed_timeout",
             Outcome::Cancelled => "cancelled",
             Outcome::StateUnavailable => "state_unavailable",
+            Outcome::ShedDraining => "shed_draining",
             Outcome::UnknownRevision => "unknown_revision",
         }
     }
@@ -62,6 +67,7 @@ impl Outcome {
             Outcome::ShedFull => Some("buffer-full"),
             Outcome::ShedTimeout => Some("wait-timeout"),
             Outcome::StateUnavailable => Some("state-unavailable"),
+            Outcome::ShedDraining => Some("gateway-draining"),
             Outcome::UnknownRevision => Some("unknown-revision"),
         }
     }

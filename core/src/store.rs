@@ -150,6 +150,8 @@ pub fn cluster_key(cluster: &str) -> String {
 
 pub const VM_SEQ_KEY: &str = "inflight.v1.vm-seq";
 pub const POLL_CLAIM_KEY: &str = "inflight.v1.membership-poll";
+/// Whether the gateway drains (Envoy's server state is DRAINING): one byte, 1 or 0.
+pub const DRAINING_KEY: &str = "inflight.v1.draining";
 pub const CONFIG_GENERATION_KEY: &str = "inflight.v1.config-generation";
 
 // Record codecs: fixed-width little-endian integers; a wrong length is corrupt, absent is

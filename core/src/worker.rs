@@ -18,6 +18,9 @@
 //!   [`orphan_age_ms`] after its maximum wait is orphaned and removed;
 //! - **the abandoned hold**: a stream that ends before its response keeps its slot
 //!   [`ABANDONED_HOLD_MS`] (Envoy resets the upstream request only after the filter hears the end);
+//! - **drain**: the same poll asks Envoy's `/ready`; once the server drains (`/healthcheck/fail`,
+//!   as a Kubernetes preStop hook does it) every worker answers its waiters `503
+//!   gateway-draining` with `retry-after` and sheds what would wait, so a shutdown resets none;
 //! - **membership**: one worker at a time polls Envoy's admin for each revision's endpoints and
 //!   their health; the ready ones are the revision's ready replicas, and capacity follows;
 //! - **endpoint picking** (routing on): a request is admitted on an endpoint with a free slot
@@ -109,11 +112,25 @@ pub enum Verdict {
 /// The membership request to send to Envoy's admin.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PollRequest {
+    pub kind: PollKind,
     pub cluster: String,
     pub authority: String,
     pub path: String,
     pub timeout_ms: u64,
 }
+
+/// What an admin poll asks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PollKind {
+    /// `/clusters?filter=…`: the revisions' endpoints and their health.
+    Endpoints,
+    /// `/ready`: whether the server drains.
+    Ready,
+}
+
+/// Envoy's admin path answering 200 `LIVE`, or 503 with the server state (`DRAINING` after
+/// `/healthcheck/fail`).
+pub const READY_PATH: &str = "/ready";
 
 /// What the adapter does for the worker after a call.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -216,6 +233,9 @@ pub struct Worker<H: Host> {
     /// ambiguous (so each is written to shared data once).
     learned_clusters: HashMap<String, Option<RevisionId>>,
     poll: Poll,
+    ready_poll: Poll,
+    /// The gateway drains: waiters were answered, and nothing new waits.
+    draining: bool,
     effects: Vec<Effect>,
 }
 
@@ -247,6 +267,8 @@ impl<H: Host> Worker<H> {
             wake_tokens: HashMap::new(),
             learned_clusters: HashMap::new(),
             poll: Poll::Idle,
+            ready_poll: Poll::Idle,
+            draining: false,
             effects: Vec::new(),
         })
     }
@@ -342,8 +364,13 @@ impl<H: Host> Worker<H> {
             vm: self.id,
             context,
         };
+        let draining = self.draining;
         let admission = store::update_revision(&self.host, &r.key, |s| {
-            let limits = r.limits(rc, s);
+            let mut limits = r.limits(rc, s);
+            if draining {
+                // Admitted if a slot is free; nothing new waits on a gateway that goes away.
+                limits.buffer = 0;
+            }
             (s.try_admit(limits, owner, now), limits)
         });
         match admission {
@@ -367,6 +394,11 @@ impl<H: Host> Worker<H> {
                     },
                 );
                 Verdict::Pause
+            }
+            Ok((Admission::Shed(_), _)) if draining => {
+                let outcome = Outcome::ShedDraining;
+                self.effects.push(Effect::Count { rev, outcome });
+                Verdict::Reply(draining_reply(&config, &rc.name))
             }
             Ok((Admission::Shed(reason), limits)) => {
                 let outcome = Outcome::from(reason);
@@ -768,6 +800,7 @@ impl<H: Host> Worker<H> {
         };
         self.release_abandoned(now);
         self.beat(now);
+        self.follow_drain(&config, now);
         self.expire_waiters(&config, now);
         for i in 0..self.revisions.len() {
             self.tick_revision(&config, RevisionId(i), now);
@@ -845,6 +878,56 @@ impl<H: Host> Worker<H> {
                 // A grant is on its way; on_wake resumes the stream.
                 Ok(_) => {}
                 Err(e) => log::error!("expiring ticket {ticket} failed: {e}"),
+            }
+        }
+    }
+
+    /// Follows the gateway's drain state (shared, written by whichever worker polled `/ready`):
+    /// when it starts, answers this VM's waiters `503 gateway-draining` (their clients retry on
+    /// another gateway replica; a grant already on its way still resumes its stream).
+    fn follow_drain(&mut self, config: &Config, now: u64) {
+        let draining = store::read(&self.host, store::DRAINING_KEY)
+            .ok()
+            .flatten()
+            .is_some_and(|v| v.first() == Some(&1));
+        if draining == self.draining {
+            return;
+        }
+        self.draining = draining;
+        if !draining {
+            log::info!("the gateway is live again: requests may wait for a slot again");
+            return;
+        }
+        let mut waiting: Vec<(u32, RevisionId, u64)> = self
+            .streams
+            .iter()
+            .filter_map(|(ctx, s)| match *s {
+                StreamState::Waiting { rev, ticket, .. } => Some((*ctx, rev, ticket)),
+                StreamState::Admitted { .. } => None,
+            })
+            .collect();
+        waiting.sort_unstable_by_key(|w| (w.1 .0, w.2));
+        log::warn!(
+            "the gateway drains: answering {} waiter(s) of this worker 503 gateway-draining; requests that would wait are shed until it is live again",
+            waiting.len()
+        );
+        for (context, rev, ticket) in waiting {
+            let (Some(rc), Some(r)) = (config.revision(rev), self.revisions.get(rev.0)) else {
+                continue;
+            };
+            match store::update_revision(&self.host, &r.key, |s| s.cancel(ticket, now)) {
+                Ok(Some(_)) => {
+                    self.streams.remove(&context);
+                    let outcome = Outcome::ShedDraining;
+                    self.effects.push(Effect::Count { rev, outcome });
+                    self.effects.push(Effect::Reply {
+                        context,
+                        reply: draining_reply(config, &rc.name),
+                    });
+                }
+                // A grant is on its way: the stream goes upstream.
+                Ok(None) => {}
+                Err(e) => log::error!("shedding ticket {ticket} at drain failed: {e}"),
             }
         }
     }
@@ -1002,7 +1085,7 @@ impl<H: Host> Worker<H> {
         let Some(m) = &config.membership else {
             return;
         };
-        if self.poll != Poll::Idle {
+        if self.poll != Poll::Idle || self.ready_poll != Poll::Idle {
             return;
         }
         match claim_poll(&self.host, now, m.interval_ms) {
@@ -1014,23 +1097,48 @@ impl<H: Host> Worker<H> {
             }
         }
         self.poll = Poll::Dispatching;
+        self.ready_poll = Poll::Dispatching;
         self.effects.push(Effect::Poll(poll_request(m, config)));
+        self.effects.push(Effect::Poll(PollRequest {
+            kind: PollKind::Ready,
+            cluster: m.cluster.clone(),
+            authority: m.authority.clone(),
+            path: READY_PATH.to_string(),
+            timeout_ms: m.timeout_ms,
+        }));
     }
 
-    /// The adapter sent (`Ok(token)`) or could not send the poll of [`Effect::Poll`].
-    pub fn on_poll_dispatched(&mut self, sent: Result<u32, String>) {
+    /// The adapter sent (`Ok(token)`) or could not send the poll of [`Effect::Poll`] of `kind`.
+    pub fn on_poll_dispatched(&mut self, kind: PollKind, sent: Result<u32, String>) {
+        let poll = match kind {
+            PollKind::Endpoints => &mut self.poll,
+            PollKind::Ready => &mut self.ready_poll,
+        };
         match sent {
-            Ok(token) => self.poll = Poll::InFlight(token),
+            Ok(token) => *poll = Poll::InFlight(token),
             Err(why) => {
-                self.poll = Poll::Idle;
+                *poll = Poll::Idle;
                 self.poll_failed(&why);
             }
         }
     }
 
-    /// Whether `token` is this VM's membership poll (the answer to read).
+    /// Whether `token` is one of this VM's admin polls (the answer to read).
     pub fn awaits_poll(&self, token: u32) -> bool {
-        self.poll == Poll::InFlight(token)
+        self.poll == Poll::InFlight(token) || self.ready_poll == Poll::InFlight(token)
+    }
+
+    /// The answer to the `/ready` poll: 503 `DRAINING` starts the drain for every worker (a
+    /// shared flag, followed at each worker's tick), 200 ends it; anything else keeps it.
+    fn on_ready_answer(&mut self, status: &str, body: Result<Vec<u8>, String>) {
+        let draining = match (status, &body) {
+            ("200", _) => false,
+            ("503", Ok(b)) if b.trim_ascii() == b"DRAINING" => true,
+            _ => return,
+        };
+        if let Err(e) = store::write(&self.host, store::DRAINING_KEY, &[u8::from(draining)]) {
+            log::warn!("recording the drain state failed: {e}");
+        }
     }
 
     /// The admin's answer to poll `token`: its `:status` (empty: none came, a timeout or
@@ -1044,7 +1152,11 @@ impl<H: Host> Worker<H> {
         body: Result<Vec<u8>, String>,
         now: u64,
     ) {
-        if !self.awaits_poll(token) {
+        if self.ready_poll == Poll::InFlight(token) {
+            self.ready_poll = Poll::Idle;
+            return self.on_ready_answer(status, body);
+        }
+        if self.poll != Poll::InFlight(token) {
             return;
         }
         self.poll = Poll::Idle;
@@ -1158,10 +1270,22 @@ fn poll_request(m: &Membership, config: &Config) -> PollRequest {
         .filter_map(|r| r.upstream_cluster.as_deref())
         .collect();
     PollRequest {
+        kind: PollKind::Endpoints,
         cluster: m.cluster.clone(),
         authority: m.authority.clone(),
         path: membership::clusters_path(&clusters),
         timeout_ms: m.timeout_ms,
+    }
+}
+
+/// The reply to a request shed because the gateway drains.
+fn draining_reply(config: &Config, revision: &str) -> Reply {
+    Reply {
+        outcome: Outcome::ShedDraining,
+        retry_after_s: Some(config.retry_after_s),
+        body: format!(
+            "inflight: this gateway is draining and revision {revision} has no free slot here; retry (another gateway replica serves it)\n"
+        ),
     }
 }
 

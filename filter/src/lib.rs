@@ -284,7 +284,7 @@ fn apply(vm: &SharedVm, effects: &mut Vec<Effect>) {
             }
             Effect::Poll(request) => {
                 let sent = dispatch(&request);
-                with_worker(vm, |w| w.on_poll_dispatched(sent));
+                with_worker(vm, |w| w.on_poll_dispatched(request.kind, sent));
             }
             other => {
                 if let Ok(v) = vm.try_borrow() {

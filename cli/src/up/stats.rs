@@ -19,6 +19,8 @@ pub struct RevisionStats {
     pub shed_timeout: f64,
     /// Shed because the gateway's shared state failed (a host error).
     pub state_unavailable: f64,
+    /// Shed because the gateway drains.
+    pub shed_draining: f64,
     pub cancelled: f64,
     pub active: f64,
     pub queued: f64,
@@ -42,7 +44,7 @@ pub struct RevisionStats {
 
 impl RevisionStats {
     pub fn shed(&self) -> f64 {
-        self.shed_full + self.shed_timeout + self.state_unavailable
+        self.shed_full + self.shed_timeout + self.state_unavailable + self.shed_draining
     }
 
     /// Every request the gateway decided on (admitted or shed).
@@ -103,6 +105,7 @@ pub fn parse(text: &str) -> Result<Snapshot> {
                     Some(Outcome::ShedFull) => r.shed_full = v,
                     Some(Outcome::ShedTimeout) => r.shed_timeout = v,
                     Some(Outcome::StateUnavailable) => r.state_unavailable = v,
+                    Some(Outcome::ShedDraining) => r.shed_draining = v,
                     Some(Outcome::Cancelled) => r.cancelled = v,
                     Some(Outcome::UnknownRevision) | None => {}
                 }

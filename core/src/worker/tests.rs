@@ -356,12 +356,18 @@ fn membership_sets_ready_replicas_and_grants_what_now_fits() {
         .iter()
         .filter(|e| matches!(e, Effect::Poll(p) if p.cluster == "admin"))
         .collect();
-    assert_eq!(polls.len(), 1);
+    assert_eq!(polls.len(), 2, "endpoints and /ready");
     assert!(
-        matches!(polls[0], Effect::Poll(p) if p.path == "/clusters?filter=%5E%28rev%5C-a%29%24"),
+        matches!(polls[0], Effect::Poll(p) if p.kind == PollKind::Endpoints && p.path == "/clusters?filter=%5E%28rev%5C-a%29%24"),
         "{polls:?}"
     );
-    g.workers[0].on_poll_dispatched(Ok(7));
+    assert!(
+        matches!(polls[1], Effect::Poll(p) if p.kind == PollKind::Ready && p.path == "/ready"),
+        "{polls:?}"
+    );
+    g.workers[0].on_poll_dispatched(PollKind::Endpoints, Ok(7));
+    g.workers[0].on_poll_dispatched(PollKind::Ready, Ok(6));
+    g.workers[0].on_poll_answer(6, "200", Ok(b"LIVE\n".to_vec()), 150);
     // Another tick in the interval does not poll again.
     g.effects[0].clear();
     g.workers[0].on_tick(200);
@@ -375,7 +381,9 @@ fn membership_sets_ready_replicas_and_grants_what_now_fits() {
     assert_eq!(g.resumed(0), vec![2], "capacity grew to 2");
     // A failed answer keeps the count and is counted.
     g.workers[0].on_tick(1_300);
-    g.workers[0].on_poll_dispatched(Ok(9));
+    g.workers[0].on_poll_dispatched(PollKind::Endpoints, Ok(9));
+    g.workers[0].on_poll_dispatched(PollKind::Ready, Ok(10));
+    g.workers[0].on_poll_answer(10, "200", Ok(b"LIVE\n".to_vec()), 1_305);
     g.effects[0].clear();
     g.workers[0].on_poll_answer(9, "503", Ok(Vec::new()), 1_310);
     g.collect(0);
@@ -529,7 +537,9 @@ impl Gateway {
             "worker {w} polls at {now}"
         );
         self.effects[w].retain(|e| !matches!(e, Effect::Poll(_)));
-        self.workers[w].on_poll_dispatched(Ok(99));
+        self.workers[w].on_poll_dispatched(PollKind::Endpoints, Ok(99));
+        self.workers[w].on_poll_dispatched(PollKind::Ready, Ok(98));
+        self.workers[w].on_poll_answer(98, "200", Ok(b"LIVE\n".to_vec()), now);
         let mut body = String::from("rev-a::added_via_api::false\n");
         for (address, flags) in hosts {
             body.push_str(&format!("rev-a::{address}::health_flags::{flags}\n"));
@@ -737,4 +747,51 @@ fn cc_zero_scales_from_zero_requests_wait_for_the_first_replica() {
         assert_eq!(g.resumed(0), vec![1, 2], "{routing}");
         assert_eq!(g.request(0, 3, &a, 1_300), Verdict::Continue);
     }
+}
+
+// ---- drain ---------------------------------------------------------------------------------
+
+#[test]
+fn a_drain_answers_every_waiter_503_and_sheds_what_would_wait() {
+    let mut g = gateway(2, routed_revision(1, json!({})));
+    g.poll(0, 100, &[("10.0.0.1:80", "healthy")]);
+    let a = host("a.test");
+    assert_eq!(g.request(0, 1, &a, 200), Verdict::Continue);
+    assert_eq!(g.request(0, 2, &a, 200), Verdict::Pause);
+    assert_eq!(g.request(1, 3, &a, 200), Verdict::Pause);
+    // The next poll finds the server draining (`/healthcheck/fail`).
+    g.workers[0].on_tick(1_200);
+    g.collect(0);
+    g.effects[0].retain(|e| !matches!(e, Effect::Poll(_)));
+    g.workers[0].on_poll_dispatched(PollKind::Endpoints, Ok(11));
+    g.workers[0].on_poll_dispatched(PollKind::Ready, Ok(12));
+    g.workers[0].on_poll_answer(12, "503", Ok(b"DRAINING\n".to_vec()), 1_210);
+    // Each worker answers its own waiters at its next tick.
+    for w in 0..2 {
+        g.workers[w].on_tick(1_300);
+        g.collect(w);
+    }
+    assert_eq!(g.replies(0), vec![(2, Outcome::ShedDraining)]);
+    assert_eq!(g.replies(1), vec![(3, Outcome::ShedDraining)]);
+    assert_eq!(g.state().queued(), 0);
+    assert_eq!(g.state().active, 1, "what is in flight completes");
+    // Nothing new waits: no slot means 503 at once, with retry-after and the reason.
+    let Verdict::Reply(r) = g.request(1, 4, &a, 1_350) else {
+        panic!("shed expected");
+    };
+    assert_eq!(r.outcome, Outcome::ShedDraining);
+    assert_eq!(r.outcome.shed_header(), Some("gateway-draining"));
+    assert_eq!(r.retry_after_s, Some(1));
+    // A free slot still serves.
+    g.workers[0].on_done(1, true, 1_400);
+    assert_eq!(g.request(1, 5, &a, 1_410), Verdict::Continue);
+    // Live again (`/healthcheck/ok`): requests wait again.
+    g.workers[0].on_tick(2_300);
+    g.collect(0);
+    g.effects[0].retain(|e| !matches!(e, Effect::Poll(_)));
+    g.workers[0].on_poll_dispatched(PollKind::Endpoints, Ok(13));
+    g.workers[0].on_poll_dispatched(PollKind::Ready, Ok(14));
+    g.workers[0].on_poll_answer(14, "200", Ok(b"LIVE\n".to_vec()), 2_310);
+    g.workers[1].on_tick(2_400);
+    assert_eq!(g.request(1, 6, &a, 2_410), Verdict::Pause);
 }
