@@ -87,6 +87,14 @@ fn sent_to(h: &Host, r: Req) -> Option<Option<String>> {
 
 /// `before_known`: requests that went upstream before the first poll answer (`None` until
 /// then): they carry no endpoint; every other one that went upstream must.
+/// The requests that went upstream so far.
+fn went_upstream(h: &Host) -> HashSet<Req> {
+    h.requests()
+        .into_iter()
+        .filter(|r| sent_to(h, *r).is_some())
+        .collect()
+}
+
 fn check(
     h: &Host,
     cc: u32,
@@ -183,11 +191,7 @@ fn run_case(case: &Case) -> Result<(), TestCaseError> {
             Op::View { hosts } => {
                 // A poll goes out at most every 100 ms: let one be due, then answer it.
                 h.advance(100);
-                let upstream_now: HashSet<Req> = h
-                    .requests()
-                    .into_iter()
-                    .filter(|r| sent_to(&h, *r).is_some())
-                    .collect();
+                let upstream_now = went_upstream(&h);
                 if answer_polls(&mut h, hosts, &mut listed) && before_known.is_none() {
                     before_known = Some(upstream_now);
                 }
@@ -208,11 +212,7 @@ fn run_case(case: &Case) -> Result<(), TestCaseError> {
             h.finish(r, 200);
         }
         h.advance(100);
-        let upstream_now: HashSet<Req> = h
-            .requests()
-            .into_iter()
-            .filter(|r| sent_to(&h, *r).is_some())
-            .collect();
+        let upstream_now = went_upstream(&h);
         if answer_polls(&mut h, &[1, 1, 1, 1], &mut listed) && before_known.is_none() {
             before_known = Some(upstream_now);
         }
