@@ -254,9 +254,11 @@ impl LimitParams {
         if cc == 0 {
             return Limits {
                 capacity: (ready == 0).then_some(0),
-                buffer: self
-                    .buffer_depth
-                    .unwrap_or(if ready == 0 { DEFAULT_COLD_BUFFER } else { 0 }),
+                buffer: self.buffer_depth.unwrap_or(if ready == 0 {
+                    DEFAULT_COLD_BUFFER
+                } else {
+                    0
+                }),
                 per_endpoint: None,
             };
         }
