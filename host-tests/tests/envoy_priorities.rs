@@ -4,7 +4,9 @@
 //!
 //! Needs `.venv/bin/envoy` (`make setup`); builds filter.wasm itself. Scenarios run one at a
 //! time (a lock), since each starts its own Envoy with four workers on a two-core machine.
-//! The numbers are printed (`--nocapture`) as well as asserted.
+//! The numbers are printed (`--nocapture`) as well as asserted. The queue wait asserted is the
+//! gateway's own measure (`inflight_class_queue_wait_ms`, pause to grant); the client-side
+//! figure beside it adds connecting and the proxy's work, and gets 50 ms of slack for that.
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
@@ -111,15 +113,23 @@ fn percentile(mut v: Vec<u64>, p: f64) -> u64 {
 fn class_outcome(s: &Stats, class: &str, outcome: &str) -> u64 {
     s.get(
         "inflight_class_requests_total",
-        &[("revision", "rev-a"), ("class", class), ("outcome", outcome)],
+        &[
+            ("revision", "rev-a"),
+            ("class", class),
+            ("outcome", outcome),
+        ],
     ) as u64
 }
 
 fn assert_drained(envoy: &Envoy) -> Stats {
     envoy
-        .wait_stats(Duration::from_secs(10), "active and queued back to 0", |s| {
-            s.gauge("inflight_active", "rev-a") == 0 && s.gauge("inflight_queued", "rev-a") == 0
-        })
+        .wait_stats(
+            Duration::from_secs(10),
+            "active and queued back to 0",
+            |s| {
+                s.gauge("inflight_active", "rev-a") == 0 && s.gauge("inflight_queued", "rev-a") == 0
+            },
+        )
         .expect("no leaked slot or waiter")
 }
 
@@ -148,9 +158,11 @@ fn critical_requests_wait_at_most_one_service_time_behind_a_sheddable_flood() {
     );
     // The flood fills the buffer before the interactive clients come.
     envoy
-        .wait_stats(Duration::from_secs(20), "the buffer full of sheddable", |s| {
-            s.gauge("inflight_queued", "rev-a") >= u64::from(10 * CC)
-        })
+        .wait_stats(
+            Duration::from_secs(20),
+            "the buffer full of sheddable",
+            |s| s.gauge("inflight_queued", "rev-a") >= u64::from(10 * CC),
+        )
         .expect("flood");
     let critical_from = started.elapsed();
     handles.extend(clients(
@@ -189,7 +201,10 @@ fn critical_requests_wait_at_most_one_service_time_behind_a_sheddable_flood() {
         percentile(waits.clone(), 1.0),
     );
     let critical_ok = critical.iter().filter(|d| d.response.status == 200).count();
-    let sheddable_ok = sheddable.iter().filter(|d| d.response.status == 200).count();
+    let sheddable_ok = sheddable
+        .iter()
+        .filter(|d| d.response.status == 200)
+        .count();
     let in_bucket = s.get(
         "inflight_class_queue_wait_ms_bucket",
         &[("revision", "rev-a"), ("class", "critical"), ("le", "100")],
@@ -208,13 +223,26 @@ fn critical_requests_wait_at_most_one_service_time_behind_a_sheddable_flood() {
         class_outcome(&s, "sheddable", "shed_full"),
         class_outcome(&s, "sheddable", "shed_timeout"),
     );
-    assert!(critical.len() >= 100, "enough critical samples: {}", critical.len());
+    assert!(
+        critical.len() >= 100,
+        "enough critical samples: {}",
+        critical.len()
+    );
     assert_eq!(critical_ok, critical.len(), "no critical request is shed");
     assert_eq!(class_outcome(&s, "critical", "shed_full"), 0);
     assert_eq!(class_outcome(&s, "critical", "shed_timeout"), 0);
+    // The queue wait as the gateway measures it (pause to grant), over every critical request
+    // (those admitted at once waited 0): at most 1 % above one service time.
+    let admitted = class_outcome(&s, "critical", "admitted") as f64;
+    let over = waited - in_bucket;
     assert!(
-        p99 <= SERVICE_MS,
-        "critical queue wait p99 {p99} ms > one service time ({SERVICE_MS} ms)"
+        over <= admitted * 0.01,
+        "critical queue wait p99 > one service time ({SERVICE_MS} ms): {over} of {admitted} waited longer"
+    );
+    // The client sees that plus connecting and the proxy's own work on two loaded cores.
+    assert!(
+        p99 <= SERVICE_MS + 50,
+        "critical client-side wait p99 {p99} ms > one service time + 50 ms"
     );
     assert!(
         class_outcome(&s, "sheddable", "shed_full") > 0,
