@@ -178,6 +178,8 @@ pub enum DecodeError {
     Demand(String),
     #[error("revision state has an endpoint address that is not UTF-8")]
     Address,
+    #[error("revision state has {0} round-robin cursors; at most 8 classes exist")]
+    Cursors(usize),
 }
 
 const VERSION: u8 = 6;
@@ -665,6 +667,7 @@ impl RevisionState {
                 }
             }
         }
+        // At most MAX_CLASSES by construction (`pop_next`, `decode`).
         let cursors = self.cursors.get(..MAX_CLASSES).unwrap_or(&self.cursors);
         out.push(cursors.len() as u8);
         for c in cursors {
@@ -751,7 +754,10 @@ impl RevisionState {
                 })
             }
         };
-        let classes = usize::from(r.u8()?).min(MAX_CLASSES);
+        let classes = usize::from(r.u8()?);
+        if classes > MAX_CLASSES {
+            return Err(DecodeError::Cursors(classes));
+        }
         let mut cursors = Vec::with_capacity(classes);
         for _ in 0..classes {
             cursors.push(r.u32()?);
