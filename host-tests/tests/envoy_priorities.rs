@@ -321,3 +321,95 @@ fn a_tenant_with_5_clients_gets_half_the_slots_against_one_with_100() {
     assert_eq!(up.max_concurrency(), CC, "the limit holds");
     assert_eq!(s.outcome("rev-a", "shed_full"), 0);
 }
+
+/// The class header as docs/deploy.md sets it: a `header_mutation` filter before inflight strips
+/// every client copy, a second one sets the class on the routes that have one (per-route
+/// config). Two filters, so the order (strip, then set) is the filter chain's, not a rule of
+/// how one filter merges its levels.
+const CLASS_FILTERS: &str = r#"          - name: strip-class
+            typed_config:
+              "@type": type.googleapis.com/envoy.extensions.filters.http.header_mutation.v3.HeaderMutation
+              mutations:
+                request_mutations:
+                - remove: x-class
+          - name: set-class
+            typed_config:
+              "@type": type.googleapis.com/envoy.extensions.filters.http.header_mutation.v3.HeaderMutation
+              mutations: {}
+"#;
+
+const CLASS_ROUTES: &str = r#"              routes:
+              - match: { prefix: "/critical" }
+                route: { cluster: a, timeout: 0s }
+                typed_per_filter_config:
+                  set-class:
+                    "@type": type.googleapis.com/envoy.extensions.filters.http.header_mutation.v3.HeaderMutationPerRoute
+                    mutations:
+                      request_mutations:
+                      - append:
+                          header: { key: x-class, value: critical }
+                          append_action: OVERWRITE_IF_EXISTS_OR_ADD
+              - match: { prefix: "/" }
+                route: { cluster: a, timeout: 0s }
+"#;
+
+#[test]
+fn a_client_copy_of_the_class_header_is_stripped_and_the_request_is_standard() {
+    let _g = serial();
+    let up = Upstream::start().unwrap();
+    let g = Gateway {
+        plugin_config: config(serde_json::json!({})).to_string(),
+        routes: Vec::new(),
+        clusters: vec![Cluster::fixed("a", vec![up.port()])],
+        wasm: envoy::filter_wasm(),
+        admin_port: None,
+    };
+    let default_route = "              routes:\n              - match: { prefix: \"/\" }\n                route: { cluster: a, timeout: 0s }\n";
+    let yaml = g.yaml();
+    assert!(yaml.contains(default_route) && yaml.contains("          http_filters:\n"));
+    let yaml = yaml.replace(default_route, CLASS_ROUTES).replace(
+        "          http_filters:\n",
+        &format!("          http_filters:\n{CLASS_FILTERS}"),
+    );
+    let envoy = Envoy::start(&yaml, WORKERS).expect("start envoy");
+    let addr = envoy.listener;
+    let send = |path: &str, class: Option<&str>| {
+        let mut r = Request::post(addr, "a.test", path, Vec::new());
+        if let Some(c) = class {
+            r = r.header("x-class", c);
+        }
+        r.send().expect("answered").status
+    };
+    for _ in 0..3 {
+        assert_eq!(send("/", Some("critical")), 200, "client claims critical");
+        assert_eq!(send("/", None), 200);
+        assert_eq!(
+            send("/critical", Some("sheddable")),
+            200,
+            "route says critical"
+        );
+    }
+    let s = envoy
+        .wait_stats(Duration::from_secs(5), "9 admitted", |s| {
+            s.outcome("rev-a", "admitted") == 9
+        })
+        .expect("counted");
+    let admitted = |c| class_outcome(&s, c, "admitted");
+    eprintln!(
+        "class header: admitted critical {}, standard {}, sheddable {}",
+        admitted("critical"),
+        admitted("standard"),
+        admitted("sheddable")
+    );
+    assert_eq!(
+        admitted("standard"),
+        6,
+        "client copies were stripped: default class"
+    );
+    assert_eq!(
+        admitted("critical"),
+        3,
+        "only the route's own class is critical"
+    );
+    assert_eq!(admitted("sheddable"), 0);
+}
