@@ -1,8 +1,8 @@
 //! Admission: who may go upstream now, who waits, who is shed — for one revision.
 //!
 //! [`RevisionState`] is the part of a revision's state that every Envoy worker must agree on:
-//! requests in flight, the next ticket number, and the FIFO of waiters (each remembering which
-//! worker VM and stream holds it, so a freed slot can be handed to exactly that stream). The
+//! requests in flight, the next ticket number, and the waiters in ticket order (each remembering
+//! which worker VM and stream holds it, so a freed slot can be handed to exactly that stream). The
 //! filter keeps it in Envoy shared data and applies these methods inside a compare-and-swap
 //! loop, so each method is a pure state transition: decode, apply, encode, swap.
 //!
@@ -349,7 +349,8 @@ impl RevisionState {
     }
 
     /// One slot held by worker VM `vm` on endpoint `endpoint` (0: none) frees (a stream ended,
-    /// or a granted waiter was gone); returns the grants that follow, oldest ticket first.
+    /// or a granted waiter was gone); returns the grants that follow, in the order of
+    /// [`grant_ready`](Self::grant_ready).
     pub fn release(&mut self, vm: u32, endpoint: u32, limits: Limits, now_ms: u64) -> Vec<Grant> {
         self.active = self.active.saturating_sub(1);
         self.hold(vm, endpoint, false);

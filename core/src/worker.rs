@@ -674,7 +674,7 @@ impl<H: Host> Worker<H> {
     // ---- slots and grants ------------------------------------------------------------------
 
     /// A slot of `rev` on endpoint `endpoint` (0: none) frees: release it and hand what follows
-    /// to the oldest waiters.
+    /// to the next waiters (highest class, tenants in turn, oldest first).
     fn release(&mut self, rev: RevisionId, endpoint: u32, now: u64) {
         let (Some(config), Some(r)) = (self.config.clone(), self.revisions.get(rev.0)) else {
             return;
