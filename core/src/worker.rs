@@ -16,8 +16,8 @@
 //! - **grant delivery**: a freed slot goes to the next ticket through its owner's wake queue; a
 //!   wake that cannot be delivered (owner VM gone) releases the slot in the owner's name, which
 //!   grants the next ticket, up to [`MAX_HANDOVERS`] times;
-//! - **expiry**: a waiter is shed at its class's maximum wait; one whose ticket is gone (a grant was
-//!   sent) but whose grant did not arrive by one tick later lost it and is shed too;
+//! - **expiry**: a waiter is shed at its class's maximum wait; one whose ticket is gone (a grant
+//!   was sent) but whose grant did not arrive by one tick later lost it and is shed too;
 //! - **reaping**: another VM that held slots or waiters and stopped beating for
 //!   [`dead_after_ms`] is dead, and what it held is given back; a waiter still queued
 //!   [`orphan_age_ms`] after its maximum wait is orphaned and removed;
