@@ -406,17 +406,32 @@ impl RevisionState {
 
     /// Requests waiting per class, by class index (up to the highest class waiting).
     pub fn queued_by_class(&self) -> Vec<u32> {
-        let mut out: Vec<u32> = Vec::new();
+        self.waiting_by_class().0
+    }
+
+    /// Per class index: requests waiting, and fairness groups with requests waiting.
+    pub fn waiting_by_class(&self) -> (Vec<u32>, Vec<u32>) {
+        let mut queued: Vec<u32> = Vec::new();
+        let mut lanes: Vec<(u8, u32)> = Vec::new();
         for w in self.waiters.iter() {
             let c = usize::from(w.class);
-            if out.len() <= c {
-                out.resize(c + 1, 0);
+            if queued.len() <= c {
+                queued.resize(c + 1, 0);
             }
-            if let Some(n) = out.get_mut(c) {
+            if let Some(n) = queued.get_mut(c) {
+                *n = n.saturating_add(1);
+            }
+            lanes.push((w.class, w.group));
+        }
+        lanes.sort_unstable();
+        lanes.dedup();
+        let mut groups = vec![0u32; queued.len()];
+        for (c, _) in lanes {
+            if let Some(n) = groups.get_mut(usize::from(c)) {
                 *n = n.saturating_add(1);
             }
         }
-        out
+        (queued, groups)
     }
 
     /// Removes a waiter (its client left, or it timed out). `None` means it is no longer
@@ -1278,6 +1293,8 @@ mod tests {
             Admission::Queued { .. }
         ));
         assert_eq!(s.queued_by_class(), vec![0, 1, 2]);
+        s.try_admit_as(l, arrival(0, 5, 1, 77), 0);
+        assert_eq!(s.waiting_by_class(), (vec![0, 2, 2], vec![0, 2, 1]));
     }
 
     #[test]

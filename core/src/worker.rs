@@ -35,7 +35,7 @@ use crate::autoscaler::{Autoscaler, Observation, DEFAULT_DECISION_PERIOD_MS};
 use crate::config::{Config, ConfigError, Limits, Membership, RevisionConfig, UnknownRevision};
 use crate::kpa::Reason;
 use crate::membership;
-use crate::outcome::{Gauge, Outcome};
+use crate::outcome::{ClassGauge, Gauge, Outcome};
 use crate::store::{self, Change, ClusterOwner, Host, StoreError};
 use crate::table::RevisionId;
 use crate::wake::Wake;
@@ -151,10 +151,11 @@ pub enum Effect {
     },
     /// Record how long a request of a class waited (only with a `classHeader`).
     ClassQueueWait { rev: RevisionId, class: u8, ms: u64 },
-    /// Requests of a class waiting (only with a `classHeader`).
-    ClassQueued {
+    /// A per-class gauge (only with a `classHeader`).
+    ClassGauge {
         rev: RevisionId,
         class: u8,
+        gauge: ClassGauge,
         value: u64,
     },
     Gauge {
@@ -1066,13 +1067,20 @@ impl<H: Host> Worker<H> {
             self.effects.push(Effect::Gauge { rev, gauge, value });
         }
         if self.reports_classes() {
-            let by_class = h.state.queued_by_class();
+            let (queued, groups) = h.state.waiting_by_class();
             for (i, _) in rc.classes.iter().enumerate() {
                 let Ok(class) = u8::try_from(i) else {
                     break;
                 };
-                let value = u64::from(by_class.get(i).copied().unwrap_or(0));
-                self.effects.push(Effect::ClassQueued { rev, class, value });
+                for (gauge, of) in [(ClassGauge::Queued, &queued), (ClassGauge::Groups, &groups)] {
+                    let value = u64::from(of.get(i).copied().unwrap_or(0));
+                    self.effects.push(Effect::ClassGauge {
+                        rev,
+                        class,
+                        gauge,
+                        value,
+                    });
+                }
             }
         }
     }

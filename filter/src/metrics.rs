@@ -6,10 +6,12 @@
 //! With a `classHeader`, each revision also gets per-class series under their own names, so the
 //! revision-level ones stay exactly as they were (dashboards and autoscaler queries keep
 //! working; the per-class series add up to them): `…outcome.<o>.class.<c>.class_requests_total`,
-//! `…class.<c>.class_queue_wait_ms` and `…class.<c>.class_queued`, labelled `class` by the
-//! `stats_tags` entry for `class.<name>`. Without a `classHeader` every request is of the default
-//! class and nothing per class is defined or recorded.
+//! `…class.<c>.class_queue_wait_ms`, `…class.<c>.class_queued` and `…class.<c>.class_groups`
+//! (tenants waiting), labelled `class` by the `stats_tags` entry for `class.<name>`. Without a
+//! `classHeader` every request is of the default class and nothing per class is defined or
+//! recorded.
 
+use inflight_core::outcome::ClassGauge;
 use inflight_core::worker::Effect;
 use inflight_core::{Config, Gauge, Outcome, RevisionId};
 use proxy_wasm::hostcalls;
@@ -38,7 +40,8 @@ struct ClassMetrics {
     /// By [`Outcome::index`].
     outcomes: Vec<u32>,
     queue_wait_ms: u32,
-    queued: u32,
+    /// By [`ClassGauge::index`].
+    gauges: Vec<u32>,
 }
 
 /// This VM's metric ids, per revision by [`RevisionId`].
@@ -91,10 +94,15 @@ impl Metrics {
                             MetricType::Histogram,
                             &format!("{prefix}.class.{}.class_queue_wait_ms", c.name),
                         )?,
-                        queued: hostcalls::define_metric(
-                            MetricType::Gauge,
-                            &format!("{prefix}.class.{}.class_queued", c.name),
-                        )?,
+                        gauges: ClassGauge::ALL
+                            .iter()
+                            .map(|g| {
+                                hostcalls::define_metric(
+                                    MetricType::Gauge,
+                                    &format!("{prefix}.class.{}.{}", c.name, g.name()),
+                                )
+                            })
+                            .collect::<Result<_, _>>()?,
                     });
                 }
             }
@@ -169,9 +177,17 @@ impl Metrics {
                     record(m.queue_wait_ms, ms);
                 }
             }
-            Effect::ClassQueued { rev, class, value } => {
-                if let Some(m) = self.class(rev, class) {
-                    record(m.queued, value);
+            Effect::ClassGauge {
+                rev,
+                class,
+                gauge,
+                value,
+            } => {
+                if let Some(id) = self
+                    .class(rev, class)
+                    .and_then(|m| m.gauges.get(gauge.index()))
+                {
+                    record(*id, value);
                 }
             }
             Effect::CountUnknown => {

@@ -509,9 +509,11 @@ fn a_critical_request_evicts_a_sheddable_waiter_held_by_another_worker() {
         h.histogram("inflight.revision.rev-a.class.critical.class_queue_wait_ms"),
         vec![10]
     );
-    assert_eq!(
-        h.gauge("inflight.revision.rev-a.class.sheddable.class_queued"),
-        0
-    );
+    for gauge in ["class_queued", "class_groups"] {
+        assert_eq!(
+            h.gauge(&format!("inflight.revision.rev-a.class.sheddable.{gauge}")),
+            0
+        );
+    }
     assert_clean(&h);
 }

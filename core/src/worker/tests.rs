@@ -822,7 +822,7 @@ fn without_a_class_header_every_request_is_standard_and_no_class_series_are_repo
     g.collect(0);
     assert!(!g.effects[0].iter().any(|e| matches!(
         e,
-        Effect::CountClass { .. } | Effect::ClassQueueWait { .. } | Effect::ClassQueued { .. }
+        Effect::CountClass { .. } | Effect::ClassQueueWait { .. } | Effect::ClassGauge { .. }
     )));
 }
 
@@ -933,6 +933,19 @@ fn tenants_take_turns_whatever_their_number_of_requests() {
     let groups: Vec<u32> = g.state().waiters().map(|w| w.group).collect();
     assert_eq!(groups[0], fairness_group("big"));
     assert_eq!(groups[6], fairness_group("small"));
+    g.workers[1].on_tick(3);
+    g.collect(1);
+    for (gauge, value) in [(ClassGauge::Queued, 8), (ClassGauge::Groups, 2)] {
+        assert!(
+            g.effects[1].contains(&Effect::ClassGauge {
+                rev: RevisionId(0),
+                class: 1,
+                gauge,
+                value
+            }),
+            "{gauge:?} {value}"
+        );
+    }
     let mut served = Vec::new();
     let (mut holder_w, mut holder) = (0, 1);
     for t in 0..4 {
