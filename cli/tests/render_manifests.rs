@@ -207,7 +207,7 @@ fn stats_bootstrap_tags_match_the_tested_ones() {
     let boot: Value =
         serde_json::from_str(cm["data"]["custom_bootstrap.json"].as_str().unwrap()).unwrap();
     let tags = boot["stats_config"]["stats_tags"].as_array().unwrap();
-    assert_eq!(tags.len(), 2);
+    assert_eq!(tags.len(), 3);
     for t in tags {
         let regex = t["regex"].as_str().unwrap();
         // STATS_TAGS is YAML with single-quoted regexes: same text.

@@ -1,13 +1,23 @@
 //! Admission: who may go upstream now, who waits, who is shed — for one revision.
 //!
 //! [`RevisionState`] is the part of a revision's state that every Envoy worker must agree on:
-//! requests in flight, the next ticket number, and the FIFO of waiters (each remembering which
-//! worker VM and stream holds it, so a freed slot can be handed to exactly that stream). The
+//! requests in flight, the next ticket number, and the waiters in ticket order (each remembering
+//! which worker VM and stream holds it, so a freed slot can be handed to exactly that stream). The
 //! filter keeps it in Envoy shared data and applies these methods inside a compare-and-swap
 //! loop, so each method is a pure state transition: decode, apply, encode, swap.
 //!
-//! Strict FIFO: a new arrival is admitted only if nobody waits, so tickets are granted in the
-//! order they were taken (Knative's breaker lets a new arrival barge past waiters; we don't).
+//! No barging: a new arrival is admitted only if nobody waits (Knative's breaker lets a new
+//! arrival barge past waiters; we don't).
+//!
+//! **Classes and fairness groups.** Every waiter has a class (0 is the highest priority) and a
+//! fairness group (a hash of a tenant key; 0: none). A freed slot goes to the highest class with
+//! waiters; within it, round-robin across the groups with waiters (the state keeps, per class,
+//! the group served last; the next is the smallest group above it, else the smallest); within a
+//! group, the oldest ticket. With one class and one group this is exactly FIFO. A full buffer
+//! makes room for an arrival of a higher class than the lowest class waiting by evicting the
+//! newest waiter of that lowest class (its owner answers it `buffer-full`). Plain version of a
+//! grant, for reading: `let c = min class of waiters; let gs = groups of class c; let g =
+//! gs.filter(> cursor[c]).min().or(gs.min()); cursor[c] = g; pop the oldest waiter of (c, g)`.
 //!
 //! A granted slot belongs to the waiter from the moment it is granted (`active` counts it). If
 //! the waiter turns out to be gone, whoever notices calls [`RevisionState::release`], which
@@ -47,6 +57,35 @@ pub struct Waiter {
     pub ticket: u64,
     pub owner: Owner,
     pub since_ms: u64,
+    /// Its priority class, 0 the highest (the index in the revision's `classes`).
+    pub class: u8,
+    /// Its fairness group: a stable hash of the fairness key; 0 when there is none.
+    pub group: u32,
+}
+
+/// A request asking for a slot, with where it queues if it has to wait.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Arrival {
+    pub owner: Owner,
+    /// Priority class, 0 the highest.
+    pub class: u8,
+    /// Fairness group (0: none).
+    pub group: u32,
+    /// Waiters of its class the buffer may hold (the class's `bufferShare` of the buffer);
+    /// `u32::MAX`: only the buffer bounds it.
+    pub class_buffer: u32,
+}
+
+impl Arrival {
+    /// An arrival of class 0, group 0, bounded only by the buffer: plain FIFO.
+    pub fn fifo(owner: Owner) -> Arrival {
+        Arrival {
+            owner,
+            class: 0,
+            group: 0,
+            class_buffer: u32::MAX,
+        }
+    }
 }
 
 /// A slot handed to a waiter; `active` already counts it.
@@ -139,12 +178,16 @@ pub enum DecodeError {
     Demand(String),
     #[error("revision state has an endpoint address that is not UTF-8")]
     Address,
+    #[error("revision state has {0} round-robin cursors; at most 8 classes exist")]
+    Cursors(usize),
 }
 
-const VERSION: u8 = 5;
+const VERSION: u8 = 6;
 /// `ready` when the filter has not learned it (static configuration applies).
 const READY_UNKNOWN: u32 = u32::MAX;
-const WAITER_BYTES: usize = 8 + 4 + 4 + 8;
+const WAITER_BYTES: usize = 8 + 4 + 4 + 8 + 4 + 1 + 3;
+/// Classes a revision may have (the round-robin cursors kept in the state).
+pub const MAX_CLASSES: usize = 8;
 
 /// A revision's state shared by all workers.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -168,6 +211,9 @@ pub struct RevisionState {
     /// The limit parameters of the newest configuration generation that configured this
     /// revision, `(generation, params)`.
     published: Option<(u64, LimitParams)>,
+    /// Per class (by index), the fairness group served last: round-robin goes on after it.
+    /// Empty until a class with groups is served; at most [`MAX_CLASSES`].
+    cursors: Vec<u32>,
 }
 
 /// A revision's endpoints and the cursor that spreads ties.
@@ -251,32 +297,60 @@ impl RevisionState {
         }
     }
 
-    /// Admit, queue or shed one arriving request.
+    /// Admit, queue or shed one arriving request (one class, one group: FIFO).
     pub fn try_admit(&mut self, limits: Limits, owner: Owner, now_ms: u64) -> Admission {
+        self.try_admit_as(limits, Arrival::fifo(owner), now_ms).0
+    }
+
+    /// Admit, queue or shed one arriving request of a class and fairness group. With the
+    /// buffer full, an arrival of a higher class than the lowest class waiting takes the place
+    /// of that class's newest waiter, which is returned: its owner must answer it `buffer-full`.
+    pub fn try_admit_as(
+        &mut self,
+        limits: Limits,
+        arrival: Arrival,
+        now_ms: u64,
+    ) -> (Admission, Option<Waiter>) {
+        let owner = arrival.owner;
         if self.waiters.is_empty() {
             if let Some(endpoint) = self.take_slot(limits) {
                 self.active = self.active.saturating_add(1);
                 self.hold(owner.vm, endpoint.as_ref().map_or(0, |p| p.id), true);
                 self.observe(now_ms);
-                return Admission::Admitted { endpoint };
+                return (Admission::Admitted { endpoint }, None);
             }
         }
-        if (self.waiters.len() as u64) < u64::from(limits.buffer) {
-            let ticket = self.next_ticket;
-            self.next_ticket = self.next_ticket.wrapping_add(1);
-            self.waiters.push_back(Waiter {
-                ticket,
-                owner,
-                since_ms: now_ms,
-            });
-            self.observe(now_ms);
-            return Admission::Queued { ticket };
+        // The class's share binds before the buffer does only when it is below the buffer.
+        if arrival.class_buffer < limits.buffer
+            && self.waiters.count_class(arrival.class) >= arrival.class_buffer as usize
+        {
+            return (Admission::Shed(ShedReason::BufferFull), None);
         }
-        Admission::Shed(ShedReason::BufferFull)
+        let mut evicted = None;
+        if (self.waiters.len() as u64) >= u64::from(limits.buffer) {
+            match self.waiters.newest_of_lowest_class() {
+                Some((i, w)) if w.class > arrival.class && limits.buffer > 0 => {
+                    evicted = self.waiters.remove_index(i);
+                }
+                _ => return (Admission::Shed(ShedReason::BufferFull), None),
+            }
+        }
+        let ticket = self.next_ticket;
+        self.next_ticket = self.next_ticket.wrapping_add(1);
+        self.waiters.push_back(Waiter {
+            ticket,
+            owner,
+            since_ms: now_ms,
+            class: arrival.class,
+            group: arrival.group,
+        });
+        self.observe(now_ms);
+        (Admission::Queued { ticket }, evicted)
     }
 
     /// One slot held by worker VM `vm` on endpoint `endpoint` (0: none) frees (a stream ended,
-    /// or a granted waiter was gone); returns the grants that follow, oldest ticket first.
+    /// or a granted waiter was gone); returns the grants that follow, in the order of
+    /// [`grant_ready`](Self::grant_ready).
     pub fn release(&mut self, vm: u32, endpoint: u32, limits: Limits, now_ms: u64) -> Vec<Grant> {
         self.active = self.active.saturating_sub(1);
         self.hold(vm, endpoint, false);
@@ -287,8 +361,9 @@ impl RevisionState {
         self.grant_ready(limits, now_ms)
     }
 
-    /// Grants slots to the oldest waiters while capacity allows — after a release, or when the
-    /// capacity grew (more ready replicas).
+    /// Grants slots to waiters while capacity allows — after a release, or when the capacity
+    /// grew (more ready replicas): highest class first, round-robin across its fairness
+    /// groups, oldest first within a group (see the module docs).
     pub fn grant_ready(&mut self, limits: Limits, now_ms: u64) -> Vec<Grant> {
         // A grant moves a request from queued to in-flight: demand does not change.
         let mut grants = Vec::new();
@@ -296,7 +371,7 @@ impl RevisionState {
             let Some(endpoint) = self.take_slot(limits) else {
                 break;
             };
-            let Some(w) = self.waiters.pop_front() else {
+            let Some(w) = self.pop_next() else {
                 break;
             };
             self.active = self.active.saturating_add(1);
@@ -309,6 +384,54 @@ impl RevisionState {
             });
         }
         grants
+    }
+
+    /// Takes the waiter the next grant goes to, and moves its class's round-robin cursor.
+    fn pop_next(&mut self) -> Option<Waiter> {
+        let i = self.waiters.next_grant(&self.cursors)?;
+        let w = self.waiters.remove_index(i)?;
+        let class = usize::from(w.class);
+        // A cursor is only worth keeping for a class that has groups.
+        if class < MAX_CLASSES && (w.group != 0 || self.cursors.get(class).is_some_and(|c| *c != 0))
+        {
+            if self.cursors.len() <= class {
+                self.cursors.resize(class + 1, 0);
+            }
+            if let Some(c) = self.cursors.get_mut(class) {
+                *c = w.group;
+            }
+        }
+        Some(w)
+    }
+
+    /// Requests waiting per class, by class index (up to the highest class waiting).
+    pub fn queued_by_class(&self) -> Vec<u32> {
+        self.waiting_by_class().0
+    }
+
+    /// Per class index: requests waiting, and fairness groups with requests waiting.
+    pub fn waiting_by_class(&self) -> (Vec<u32>, Vec<u32>) {
+        let mut queued: Vec<u32> = Vec::new();
+        let mut lanes: Vec<(u8, u32)> = Vec::new();
+        for w in self.waiters.iter() {
+            let c = usize::from(w.class);
+            if queued.len() <= c {
+                queued.resize(c + 1, 0);
+            }
+            if let Some(n) = queued.get_mut(c) {
+                *n = n.saturating_add(1);
+            }
+            lanes.push((w.class, w.group));
+        }
+        lanes.sort_unstable();
+        lanes.dedup();
+        let mut groups = vec![0u32; queued.len()];
+        for (c, _) in lanes {
+            if let Some(n) = groups.get_mut(usize::from(c)) {
+                *n = n.saturating_add(1);
+            }
+        }
+        (queued, groups)
     }
 
     /// Removes a waiter (its client left, or it timed out). `None` means it is no longer
@@ -510,6 +633,8 @@ impl RevisionState {
             + self.endpoints.as_ref().map_or(1, |e| {
                 13 + e.list.iter().map(|x| 10 + x.address.len()).sum::<usize>()
             })
+            + 1
+            + 4 * self.cursors.len()
             + 4
             + self.waiters.records().len();
         let mut out = Vec::with_capacity(len);
@@ -557,6 +682,12 @@ impl RevisionState {
                     out.extend_from_slice(addr.get(..len).unwrap_or_default());
                 }
             }
+        }
+        // At most MAX_CLASSES by construction (`pop_next`, `decode`).
+        let cursors = self.cursors.get(..MAX_CLASSES).unwrap_or(&self.cursors);
+        out.push(cursors.len() as u8);
+        for c in cursors {
+            out.extend_from_slice(&c.to_le_bytes());
         }
         out.extend_from_slice(&self.queued().to_le_bytes());
         out.extend_from_slice(self.waiters.records());
@@ -639,6 +770,14 @@ impl RevisionState {
                 })
             }
         };
+        let classes = usize::from(r.u8()?);
+        if classes > MAX_CLASSES {
+            return Err(DecodeError::Cursors(classes));
+        }
+        let mut cursors = Vec::with_capacity(classes);
+        for _ in 0..classes {
+            cursors.push(r.u32()?);
+        }
         let n = r.u32()? as usize;
         let waiters = WaiterQueue::from_records(r.slice(n.saturating_mul(WAITER_BYTES))?);
         if r.at != bytes.len() {
@@ -654,13 +793,16 @@ impl RevisionState {
             holders,
             endpoints,
             published,
+            cursors,
         })
     }
 }
 
-/// The FIFO of waiters, kept as their shared-data records (24 bytes each, little-endian:
-/// ticket u64, vm u32, context u32, since_ms u64) so that a CAS round copies the queue in and
-/// out in one slice copy instead of parsing and re-encoding every waiter.
+/// The waiters in ticket order, kept as their shared-data records (32 bytes each,
+/// little-endian: ticket u64, vm u32, context u32, since_ms u64, group u32, class u8, 3 zero
+/// bytes) so that a CAS round copies the queue in and out in one slice copy instead of parsing
+/// and re-encoding every waiter. Grants scan the class and group fields (O(bytes), as the copy
+/// is) rather than keep one queue per class and group.
 ///
 /// `bytes[head..]` are the live records, oldest first; `bytes[..head]` are popped records not
 /// yet reclaimed, so `pop_front` is O(1). Invariant: `head <= bytes.len()` and both are
@@ -710,6 +852,8 @@ impl WaiterQueue {
         self.bytes.extend_from_slice(&w.owner.vm.to_le_bytes());
         self.bytes.extend_from_slice(&w.owner.context.to_le_bytes());
         self.bytes.extend_from_slice(&w.since_ms.to_le_bytes());
+        self.bytes.extend_from_slice(&w.group.to_le_bytes());
+        self.bytes.extend_from_slice(&[w.class, 0, 0, 0]);
     }
 
     fn pop_front(&mut self) -> Option<Waiter> {
@@ -725,10 +869,77 @@ impl WaiterQueue {
     /// Removes and returns the waiter holding `ticket` (scanning only the ticket fields).
     fn remove_ticket(&mut self, ticket: u64) -> Option<Waiter> {
         let (records, _) = self.records().as_chunks::<WAITER_BYTES>();
-        let n = records.len();
         let i = records
             .iter()
             .position(|r| r.first_chunk() == Some(&ticket.to_le_bytes()))?;
+        self.remove_index(i)
+    }
+
+    /// Waiters of class `class`.
+    fn count_class(&self, class: u8) -> usize {
+        let (records, _) = self.records().as_chunks::<WAITER_BYTES>();
+        records.iter().filter(|r| record_class(r) == class).count()
+    }
+
+    /// Index of the next waiter to grant (see the module docs), given each class's last
+    /// served group. One pass over the class and group fields.
+    fn next_grant(&self, cursors: &[u32]) -> Option<usize> {
+        let (records, _) = self.records().as_chunks::<WAITER_BYTES>();
+        let head = records.first()?;
+        // FIFO (one class, one group: no class or fairness header) is the common case: a tight
+        // comparison of the group and class bytes finds it, and the head is the answer.
+        let lane = |r: &[u8; WAITER_BYTES]| -> [u8; 5] { field(r, 24) };
+        let head_lane = lane(head);
+        if records.iter().all(|r| lane(r) == head_lane) {
+            return Some(0);
+        }
+        // The best class so far, its cursor, the smallest group above the cursor and the
+        // smallest group overall, each with its oldest waiter.
+        let mut class = record_class(head);
+        let mut cursor = cursors.get(usize::from(class)).copied().unwrap_or(0);
+        let mut above: Option<(u32, usize)> = None;
+        let mut lowest: Option<(u32, usize)> = None;
+        for (i, r) in records.iter().enumerate() {
+            let c = record_class(r);
+            if c > class {
+                continue;
+            }
+            if c < class {
+                class = c;
+                cursor = cursors.get(usize::from(c)).copied().unwrap_or(0);
+                above = None;
+                lowest = None;
+            }
+            let g = record_group(r);
+            if g > cursor && above.is_none_or(|(a, _)| g < a) {
+                above = Some((g, i));
+            }
+            if lowest.is_none_or(|(l, _)| g < l) {
+                lowest = Some((g, i));
+            }
+        }
+        above.or(lowest).map(|(_, i)| i)
+    }
+
+    /// The newest waiter of the lowest class waiting (the last record of the highest index),
+    /// with its index.
+    fn newest_of_lowest_class(&self) -> Option<(usize, Waiter)> {
+        let (records, _) = self.records().as_chunks::<WAITER_BYTES>();
+        let mut best: Option<(usize, u8)> = None;
+        for (i, r) in records.iter().enumerate() {
+            let c = record_class(r);
+            if best.is_none_or(|(_, b)| c >= b) {
+                best = Some((i, c));
+            }
+        }
+        let (i, _) = best?;
+        Some((i, records.get(i).map(parse_waiter)?))
+    }
+
+    /// Removes and returns the waiter at index `i` (0: the oldest).
+    fn remove_index(&mut self, i: usize) -> Option<Waiter> {
+        let (records, _) = self.records().as_chunks::<WAITER_BYTES>();
+        let n = records.len();
         let w = records.get(i).map(parse_waiter)?;
         if i == 0 {
             return self.pop_front();
@@ -785,14 +996,25 @@ impl fmt::Debug for WaiterQueue {
     }
 }
 
+/// `N` bytes of a record at `at` (constant offsets inside the array: the fallback is never
+/// taken, and keeps this free of panicking paths).
+fn field<const N: usize>(r: &[u8; WAITER_BYTES], at: usize) -> [u8; N] {
+    r.get(at..at + N)
+        .and_then(|b| b.try_into().ok())
+        .unwrap_or([0; N])
+}
+
+fn record_class(r: &[u8; WAITER_BYTES]) -> u8 {
+    r.get(28).copied().unwrap_or(0)
+}
+
+fn record_group(r: &[u8; WAITER_BYTES]) -> u32 {
+    r.get(24..28)
+        .and_then(|b| b.try_into().ok())
+        .map_or(0, u32::from_le_bytes)
+}
+
 fn parse_waiter(r: &[u8; WAITER_BYTES]) -> Waiter {
-    // The ranges are constant and inside the array, so the fallbacks are never taken (and the
-    // optimiser removes them); they keep this free of panicking paths.
-    fn field<const N: usize>(r: &[u8; WAITER_BYTES], at: usize) -> [u8; N] {
-        r.get(at..at + N)
-            .and_then(|b| b.try_into().ok())
-            .unwrap_or([0; N])
-    }
     Waiter {
         ticket: u64::from_le_bytes(field(r, 0)),
         owner: Owner {
@@ -800,6 +1022,8 @@ fn parse_waiter(r: &[u8; WAITER_BYTES]) -> Waiter {
             context: u32::from_le_bytes(field(r, 12)),
         },
         since_ms: u64::from_le_bytes(field(r, 16)),
+        class: record_class(r),
+        group: record_group(r),
     }
 }
 
@@ -917,6 +1141,173 @@ mod tests {
         assert_eq!(
             s2.try_admit(lim(1, 5), owner(0, 2), 0),
             Admission::Queued { ticket: 1 }
+        );
+    }
+
+    fn arrival(vm: u32, context: u32, class: u8, group: u32) -> Arrival {
+        Arrival {
+            owner: owner(vm, context),
+            class,
+            group,
+            class_buffer: u32::MAX,
+        }
+    }
+
+    /// Releases one slot at a time until nobody waits; the tickets granted, in order.
+    fn drain_one_by_one(s: &mut RevisionState, l: Limits) -> Vec<u64> {
+        let mut order = Vec::new();
+        while s.queued() > 0 {
+            let g = s.release(0, 0, l, 0);
+            assert_eq!(g.len(), 1, "one slot, one grant");
+            order.extend(g.iter().map(|g| g.ticket));
+        }
+        order
+    }
+
+    #[test]
+    fn a_freed_slot_goes_to_the_highest_class_waiting() {
+        let mut s = RevisionState::default();
+        let l = lim(1, 10);
+        assert_eq!(
+            s.try_admit(l, owner(0, 0), 0),
+            Admission::Admitted { endpoint: None }
+        );
+        for (ctx, class) in [(1, 1), (2, 2), (3, 0), (4, 1), (5, 0)] {
+            assert!(matches!(
+                s.try_admit_as(l, arrival(0, ctx, class, 0), 0),
+                (Admission::Queued { .. }, None)
+            ));
+        }
+        // Tickets 0..5 were taken by classes 1, 2, 0, 1, 0.
+        assert_eq!(drain_one_by_one(&mut s, l), vec![2, 4, 0, 3, 1]);
+    }
+
+    #[test]
+    fn groups_take_turns_within_a_class_and_each_group_is_fifo() {
+        struct Case {
+            name: &'static str,
+            /// (class, group) per ticket, in arrival order.
+            arrivals: &'static [(u8, u32)],
+            granted: &'static [u64],
+        }
+        let cases = [
+            Case {
+                name: "one class, one group: FIFO",
+                arrivals: &[(1, 0), (1, 0), (1, 0)],
+                granted: &[0, 1, 2],
+            },
+            Case {
+                name: "a big group and a small one alternate while both wait",
+                arrivals: &[(1, 5), (1, 5), (1, 5), (1, 5), (1, 9), (1, 9)],
+                granted: &[0, 4, 1, 5, 2, 3],
+            },
+            Case {
+                name: "three groups go round in group order, wrapping",
+                arrivals: &[(0, 30), (0, 20), (0, 10), (0, 30), (0, 10)],
+                granted: &[2, 1, 0, 4, 3],
+            },
+            Case {
+                name: "class beats group: the turn of a lower class waits",
+                arrivals: &[(2, 1), (2, 2), (0, 7), (2, 1), (0, 7)],
+                granted: &[2, 4, 0, 1, 3],
+            },
+            Case {
+                name: "no group (0) is a group like any other",
+                arrivals: &[(1, 0), (1, 0), (1, 4)],
+                granted: &[2, 0, 1],
+            },
+        ];
+        for c in cases {
+            let mut s = RevisionState::default();
+            let l = lim(1, 10);
+            s.try_admit(l, owner(0, 0), 0);
+            for (i, (class, group)) in c.arrivals.iter().enumerate() {
+                s.try_admit_as(l, arrival(0, i as u32 + 1, *class, *group), 0);
+            }
+            assert_eq!(drain_one_by_one(&mut s, l), c.granted, "{}", c.name);
+        }
+    }
+
+    #[test]
+    fn a_full_buffer_evicts_the_newest_of_the_lowest_class_for_a_higher_class() {
+        let mut s = RevisionState::default();
+        let l = lim(0, 3);
+        s.try_admit_as(l, arrival(1, 1, 2, 0), 0); // ticket 0, sheddable
+        s.try_admit_as(l, arrival(2, 2, 2, 0), 0); // ticket 1, sheddable
+        s.try_admit_as(l, arrival(3, 3, 1, 0), 0); // ticket 2, standard
+        let (a, evicted) = s.try_admit_as(l, arrival(4, 4, 0, 0), 5);
+        assert_eq!(a, Admission::Queued { ticket: 3 });
+        assert_eq!(
+            evicted.map(|w| (w.ticket, w.owner)),
+            Some((1, owner(2, 2))),
+            "the newest sheddable"
+        );
+        let (a, evicted) = s.try_admit_as(l, arrival(5, 5, 1, 0), 6);
+        assert_eq!(a, Admission::Queued { ticket: 4 });
+        assert_eq!(
+            evicted.map(|w| w.ticket),
+            Some(0),
+            "then the other sheddable"
+        );
+        // Nothing lower than standard waits: a standard or sheddable arrival is shed.
+        for class in [1, 2] {
+            assert_eq!(
+                s.try_admit_as(l, arrival(6, 6, class, 0), 7),
+                (Admission::Shed(ShedReason::BufferFull), None)
+            );
+        }
+        assert_eq!(
+            s.waiters().map(|w| w.ticket).collect::<Vec<_>>(),
+            vec![2, 3, 4]
+        );
+        // No buffer at all: nothing to evict, everyone is shed.
+        let mut none = RevisionState::default();
+        assert_eq!(
+            none.try_admit_as(lim(0, 0), arrival(1, 1, 0, 0), 0),
+            (Admission::Shed(ShedReason::BufferFull), None)
+        );
+    }
+
+    #[test]
+    fn a_class_at_its_share_of_the_buffer_is_shed_while_others_still_queue() {
+        let mut s = RevisionState::default();
+        let l = lim(0, 10);
+        let capped = |ctx| Arrival {
+            class_buffer: 2,
+            ..arrival(0, ctx, 2, 0)
+        };
+        assert!(matches!(
+            s.try_admit_as(l, capped(1), 0).0,
+            Admission::Queued { .. }
+        ));
+        assert!(matches!(
+            s.try_admit_as(l, capped(2), 0).0,
+            Admission::Queued { .. }
+        ));
+        assert_eq!(
+            s.try_admit_as(l, capped(3), 0),
+            (Admission::Shed(ShedReason::BufferFull), None)
+        );
+        assert!(matches!(
+            s.try_admit_as(l, arrival(0, 4, 1, 0), 0).0,
+            Admission::Queued { .. }
+        ));
+        assert_eq!(s.queued_by_class(), vec![0, 1, 2]);
+        s.try_admit_as(l, arrival(0, 5, 1, 77), 0);
+        assert_eq!(s.waiting_by_class(), (vec![0, 2, 2], vec![0, 2, 1]));
+    }
+
+    #[test]
+    fn fifo_keeps_no_cursor() {
+        let mut s = RevisionState::default();
+        let l = lim(1, 10);
+        for c in 0..5 {
+            s.try_admit(l, owner(0, c), 0);
+        }
+        drain_one_by_one(&mut s, l);
+        assert!(
+            s.cursors.is_empty(),
+            "one group: the wire carries no cursor"
         );
     }
 
@@ -1090,13 +1481,24 @@ mod tests {
         let l = lim(2, 8);
         s.try_admit(l, owner(1, 10), 1_000); // admitted
         s.try_admit(l, owner(2, 20), 1_010); // admitted
-        s.try_admit(l, owner(3, 30), 1_020); // ticket 0
+                                             // Ticket 0, of fairness group 9: its grant leaves class 0's round-robin cursor at 9.
+        let grouped = Arrival {
+            group: 9,
+            ..Arrival::fifo(owner(3, 30))
+        };
+        s.try_admit_as(l, grouped, 1_020);
         s.try_admit(l, owner(1, 11), 1_030); // ticket 1
         s.try_admit(l, owner(4, 40), 1_040); // ticket 2
         s.try_admit(l, owner(2, 21), 1_050); // ticket 3
         s.cancel(1, 1_060);
         s.release(1, 0, l, 1_070); // grants ticket 0 to VM 3
         s.try_admit(l, owner(0xABCD_EF01, 0x1234_5678), 1_075); // ticket 4
+        let sheddable = Arrival {
+            class: 2,
+            group: 0xDEAD_BEEF,
+            ..Arrival::fifo(owner(5, 50))
+        };
+        s.try_admit_as(l, sheddable, 1_077); // ticket 5
         s.publish(
             7,
             LimitParams {
@@ -1111,27 +1513,42 @@ mod tests {
         s
     }
 
-    /// The encoding of [`golden_state`] (VERSION 5: version 4, which the `VecDeque`
+    /// The encoding of [`golden_state`] (VERSION 6: version 5 — version 4, which the `VecDeque`
     /// implementation wrote and the byte queue kept, plus per-endpoint holders and the endpoint
-    /// list). Pinned so that a change of shared data is deliberate (and bumps VERSION): VMs of
+    /// list — plus the per-class round-robin cursors and 32-byte waiter records with fairness
+    /// group and class; regenerated deliberately for issue 19). Pinned so that a change of shared data is deliberate (and bumps VERSION): VMs of
     /// two builds sharing an Envoy must never misread each other.
     const GOLDEN_BYTES: &[u8] = &[
-        0x05, 0x02, 0x00, 0x00, 0x00, 0x05, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x31, 0x01,
-        0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x01, 0x00, 0x00, 0x00, 0x07, 0x01, 0x01, 0x05, 0xb3,
-        0x08, 0x98, 0x02, 0x01, 0x07, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x04, 0x00, 0x00,
+        0x06, 0x02, 0x00, 0x00, 0x00, 0x06, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x34, 0x01,
+        0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x01, 0x00, 0x00, 0x00, 0x07, 0x01, 0x01, 0x06, 0xb5,
+        0x08, 0xa2, 0x02, 0x01, 0x07, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x04, 0x00, 0x00,
         0x00, 0x08, 0x00, 0x00, 0x00, 0x02, 0x00, 0x00, 0x00, 0x02, 0x00, 0x00, 0x00, 0x02, 0x00,
         0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x01, 0x00, 0x00, 0x00, 0x03, 0x00, 0x00, 0x00, 0x00,
         0x00, 0x00, 0x00, 0x01, 0x00, 0x00, 0x00, 0x01, 0x02, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00,
         0x00, 0x02, 0x00, 0x00, 0x00, 0x01, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x0d,
         0x31, 0x30, 0x2e, 0x30, 0x2e, 0x30, 0x2e, 0x31, 0x3a, 0x38, 0x30, 0x38, 0x30, 0x02, 0x00,
         0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x01, 0x08, 0x5b, 0x3a, 0x3a, 0x31, 0x5d, 0x3a, 0x38,
-        0x30, 0x03, 0x00, 0x00, 0x00, 0x02, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x04, 0x00,
-        0x00, 0x00, 0x28, 0x00, 0x00, 0x00, 0x10, 0x04, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x03,
-        0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x02, 0x00, 0x00, 0x00, 0x15, 0x00, 0x00, 0x00,
-        0x1a, 0x04, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x04, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00,
-        0x00, 0x01, 0xef, 0xcd, 0xab, 0x78, 0x56, 0x34, 0x12, 0x33, 0x04, 0x00, 0x00, 0x00, 0x00,
-        0x00, 0x00,
+        0x30, 0x01, 0x09, 0x00, 0x00, 0x00, 0x04, 0x00, 0x00, 0x00, 0x02, 0x00, 0x00, 0x00, 0x00,
+        0x00, 0x00, 0x00, 0x04, 0x00, 0x00, 0x00, 0x28, 0x00, 0x00, 0x00, 0x10, 0x04, 0x00, 0x00,
+        0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x03, 0x00, 0x00,
+        0x00, 0x00, 0x00, 0x00, 0x00, 0x02, 0x00, 0x00, 0x00, 0x15, 0x00, 0x00, 0x00, 0x1a, 0x04,
+        0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x04,
+        0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x01, 0xef, 0xcd, 0xab, 0x78, 0x56, 0x34, 0x12,
+        0x33, 0x04, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00,
+        0x00, 0x05, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x05, 0x00, 0x00, 0x00, 0x32, 0x00,
+        0x00, 0x00, 0x35, 0x04, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0xef, 0xbe, 0xad, 0xde, 0x02,
+        0x00, 0x00, 0x00,
     ];
+
+    #[test]
+    #[ignore = "prints the golden bytes; run with --ignored --nocapture when VERSION changes"]
+    fn print_golden_bytes() {
+        let b = golden_state().encode();
+        for chunk in b.chunks(15) {
+            let line: Vec<String> = chunk.iter().map(|x| format!("0x{x:02x},")).collect();
+            println!("        {}", line.join(" "));
+        }
+    }
 
     #[test]
     fn encoding_is_unchanged() {
@@ -1140,14 +1557,25 @@ mod tests {
         assert_eq!(RevisionState::decode(GOLDEN_BYTES), Ok(s.clone()));
         assert_eq!(
             s.waiters().map(|w| w.ticket).collect::<Vec<_>>(),
-            vec![2, 3, 4]
+            vec![2, 3, 4, 5]
         );
-        // The last record, field by field: ticket, vm, context, since_ms.
+        // Class 0's cursor (one class, group 9), the count, then the records; the last one
+        // field by field: ticket, vm, context, since_ms, group, class, padding.
+        let tail: Vec<u8> = [&[1u8][..], &9u32.to_le_bytes(), &4u32.to_le_bytes()].concat();
+        assert!(GOLDEN_BYTES.ends_with(
+            &[
+                &tail[..],
+                &GOLDEN_BYTES[GOLDEN_BYTES.len() - 4 * WAITER_BYTES..]
+            ]
+            .concat()
+        ));
         let tail: Vec<u8> = [
-            &4u64.to_le_bytes()[..],
-            &0xABCD_EF01u32.to_le_bytes(),
-            &0x1234_5678u32.to_le_bytes(),
-            &1_075u64.to_le_bytes(),
+            &5u64.to_le_bytes()[..],
+            &5u32.to_le_bytes(),
+            &50u32.to_le_bytes(),
+            &1_077u64.to_le_bytes(),
+            &0xDEAD_BEEFu32.to_le_bytes(),
+            &[2, 0, 0, 0],
         ]
         .concat();
         assert!(GOLDEN_BYTES.ends_with(&tail));
@@ -1176,6 +1604,8 @@ mod tests {
             ticket: 3,
             owner: owner(1, 99),
             since_ms: 0,
+            class: 0,
+            group: 0,
         });
         assert_ne!(other, popped.waiters);
     }
@@ -1186,6 +1616,8 @@ mod tests {
             ticket,
             owner: owner(ticket as u32, 1),
             since_ms: ticket * 10,
+            class: (ticket % 3) as u8,
+            group: ticket as u32 * 7,
         };
         struct Case {
             name: &'static str,
@@ -1248,6 +1680,8 @@ mod tests {
                 ticket: t,
                 owner: owner(0, 0),
                 since_ms: 0,
+                class: 0,
+                group: 0,
             });
             if t >= 3 {
                 assert_eq!(q.pop_front().map(|w| w.ticket), Some(t - 3));
@@ -1588,43 +2022,87 @@ mod tests {
         ]
     }
 
-    /// The reference: `RevisionState`'s transitions written over a `VecDeque<Waiter>` and a map
-    /// of holders, the plain way.
+    /// The reference: `RevisionState`'s transitions written over a `VecDeque<Waiter>`, a map
+    /// of holders and a map of round-robin cursors, the plain way.
     #[derive(Debug, Default)]
     struct Model {
         active: u32,
         next_ticket: u64,
         waiters: std::collections::VecDeque<Waiter>,
         holders: std::collections::BTreeMap<u32, u32>,
+        /// Per class, the group served last.
+        cursors: std::collections::BTreeMap<u8, u32>,
     }
 
     impl Model {
         fn hold(&mut self, vm: u32) {
             *self.holders.entry(vm).or_default() += 1;
         }
-        fn try_admit(&mut self, limits: Limits, owner: Owner, now_ms: u64) -> Admission {
+        fn try_admit(
+            &mut self,
+            limits: Limits,
+            a: Arrival,
+            now_ms: u64,
+        ) -> (Admission, Option<Waiter>) {
             let room = limits.capacity.is_none_or(|c| self.active < c);
             if room && self.waiters.is_empty() {
                 self.active += 1;
-                self.hold(owner.vm);
-                Admission::Admitted { endpoint: None }
-            } else if self.waiters.len() < limits.buffer as usize {
-                let ticket = self.next_ticket;
-                self.next_ticket += 1;
-                self.waiters.push_back(Waiter {
-                    ticket,
-                    owner,
-                    since_ms: now_ms,
-                });
-                Admission::Queued { ticket }
-            } else {
-                Admission::Shed(ShedReason::BufferFull)
+                self.hold(a.owner.vm);
+                return (Admission::Admitted { endpoint: None }, None);
             }
+            let of_class = self.waiters.iter().filter(|w| w.class == a.class).count();
+            if a.class_buffer < limits.buffer && of_class >= a.class_buffer as usize {
+                return (Admission::Shed(ShedReason::BufferFull), None);
+            }
+            let mut evicted = None;
+            if self.waiters.len() >= limits.buffer as usize {
+                let lowest = self.waiters.iter().map(|w| w.class).max();
+                match lowest {
+                    Some(l) if l > a.class => {
+                        let i = self.waiters.iter().rposition(|w| w.class == l).unwrap();
+                        evicted = self.waiters.remove(i);
+                    }
+                    _ => return (Admission::Shed(ShedReason::BufferFull), None),
+                }
+            }
+            let ticket = self.next_ticket;
+            self.next_ticket += 1;
+            self.waiters.push_back(Waiter {
+                ticket,
+                owner: a.owner,
+                since_ms: now_ms,
+                class: a.class,
+                group: a.group,
+            });
+            (Admission::Queued { ticket }, evicted)
+        }
+        /// Highest class; in it the next group after the cursor (wrapping); its oldest.
+        fn pop_next(&mut self) -> Option<Waiter> {
+            let class = self.waiters.iter().map(|w| w.class).min()?;
+            let groups: std::collections::BTreeSet<u32> = self
+                .waiters
+                .iter()
+                .filter(|w| w.class == class)
+                .map(|w| w.group)
+                .collect();
+            let cursor = self.cursors.get(&class).copied().unwrap_or(0);
+            let group = groups
+                .range(cursor.saturating_add(1)..)
+                .next()
+                .filter(|_| cursor < u32::MAX)
+                .or(groups.iter().next())
+                .copied()?;
+            let i = self
+                .waiters
+                .iter()
+                .position(|w| w.class == class && w.group == group)?;
+            self.cursors.insert(class, group);
+            self.waiters.remove(i)
         }
         fn grant_ready(&mut self, limits: Limits, now_ms: u64) -> Vec<Grant> {
             let mut grants = Vec::new();
             while limits.capacity.is_none_or(|c| self.active < c) {
-                let Some(w) = self.waiters.pop_front() else {
+                let Some(w) = self.pop_next() else {
                     break;
                 };
                 self.active += 1;
@@ -1672,7 +2150,8 @@ mod tests {
 
     #[derive(Debug, Clone)]
     enum ModelOp {
-        Arrive(u32),
+        /// vm, class, group, class buffer (12: unbounded).
+        Arrive(u32, u8, u32, u32),
         Release(u32),
         CancelWaiting(usize),
         CancelAny(u64),
@@ -1686,7 +2165,7 @@ mod tests {
 
     fn model_op() -> impl Strategy<Value = ModelOp> {
         prop_oneof![
-            6 => (0u32..5).prop_map(ModelOp::Arrive),
+            6 => (0u32..5, 0u8..3, 0u32..4, 0u32..13).prop_map(|(v, c, g, b)| ModelOp::Arrive(v, c, g, b)),
             3 => (0u32..5).prop_map(ModelOp::Release),
             2 => (0usize..64).prop_map(ModelOp::CancelWaiting),
             1 => (0u64..40).prop_map(ModelOp::CancelAny),
@@ -1699,8 +2178,10 @@ mod tests {
     }
 
     proptest! {
-        /// The byte-backed waiter queue behaves exactly like a `VecDeque<Waiter>`: same
-        /// answers to every operation, same waiters, and the same bytes on the wire.
+        /// The byte-backed waiter queue behaves exactly like a `VecDeque<Waiter>` with classes,
+        /// groups and round-robin cursors written the plain way: same answers to every
+        /// operation (admissions, evictions, grants in the same order), same waiters, and the
+        /// same bytes on the wire.
         #[test]
         fn behaves_like_the_vecdeque_model(
             ops in proptest::collection::vec(model_op(), 1..300),
@@ -1714,10 +2195,15 @@ mod tests {
             let mut ctx = 0u32;
             for o in ops {
                 match o {
-                    ModelOp::Arrive(vm) => {
+                    ModelOp::Arrive(vm, class, group, b) => {
                         ctx += 1;
-                        let who = owner(vm, ctx);
-                        prop_assert_eq!(s.try_admit(limits, who, now), m.try_admit(limits, who, now));
+                        let a = Arrival {
+                            owner: owner(vm, ctx),
+                            class,
+                            group: group * 0x3000_0001, // groups are hashes: spread them
+                            class_buffer: if b >= 12 { u32::MAX } else { b },
+                        };
+                        prop_assert_eq!(s.try_admit_as(limits, a, now), m.try_admit(limits, a, now));
                     }
                     ModelOp::Release(vm) => {
                         prop_assert_eq!(s.release(vm, 0, limits, now), m.release(vm, limits, now));
@@ -1754,6 +2240,8 @@ mod tests {
                     tail.extend_from_slice(&w.owner.vm.to_le_bytes());
                     tail.extend_from_slice(&w.owner.context.to_le_bytes());
                     tail.extend_from_slice(&w.since_ms.to_le_bytes());
+                    tail.extend_from_slice(&w.group.to_le_bytes());
+                    tail.extend_from_slice(&[w.class, 0, 0, 0]);
                 }
                 prop_assert!(bytes.ends_with(&tail));
                 prop_assert_eq!(RevisionState::decode(&bytes), Ok(s.clone()));
@@ -1819,6 +2307,90 @@ mod tests {
             while let Some((_, vm)) = running.pop() { prop_assert!(s.release(vm, 0, limits, now).is_empty()); }
             prop_assert_eq!((s.active, s.queued()), (0, 0));
             prop_assert_eq!(s.holders().count(), 0);
+        }
+
+        /// Grants never come out of order: each goes to the highest class waiting at that
+        /// moment; within it, to the group after the class's last served one (wrapping); within
+        /// the group, to its oldest ticket. Evictions take the newest of the lowest class, for
+        /// a higher class only. Admitted + queued + shed = arrivals, and every waiter leaves
+        /// exactly once (granted, evicted or cancelled).
+        #[test]
+        fn grants_follow_class_then_round_robin_then_fifo(
+            ops in proptest::collection::vec((0u8..4, 0u8..3, 0u32..4, 0usize..64), 1..300),
+            cap in 1u32..4,
+            buffer in 1u32..10,
+        ) {
+            let mut s = RevisionState::default();
+            let l = lim(cap, buffer);
+            let mut running = 0u32;
+            let mut last_group: std::collections::BTreeMap<u8, u32> = Default::default();
+            let (mut arrivals, mut admitted, mut shed, mut queued, mut left) = (0u64, 0u64, 0u64, 0u64, 0u64);
+            let mut check = |s: &RevisionState, grants: Vec<Grant>, before: Vec<Waiter>| -> Result<u32, TestCaseError> {
+                let mut waiting = before;
+                let n = grants.len() as u32;
+                for g in grants {
+                    let w = *waiting.iter().find(|w| w.ticket == g.ticket).ok_or_else(|| TestCaseError::fail("granted a ticket that was not waiting"))?;
+                    let top = waiting.iter().map(|w| w.class).min().unwrap_or(0);
+                    prop_assert_eq!(w.class, top, "highest class first");
+                    let groups: std::collections::BTreeSet<u32> = waiting.iter().filter(|x| x.class == top).map(|x| x.group).collect();
+                    // No group served yet: the cursor is 0.
+                    let c = last_group.get(&top).copied().unwrap_or(0);
+                    let expected = groups.range(c.saturating_add(1)..).next().filter(|_| c < u32::MAX)
+                        .or(groups.iter().next())
+                        .copied();
+                    prop_assert_eq!(Some(w.group), expected, "round-robin across groups");
+                    let oldest = waiting.iter().filter(|x| x.class == w.class && x.group == w.group).map(|x| x.ticket).min();
+                    prop_assert_eq!(Some(w.ticket), oldest, "FIFO within a group");
+                    last_group.insert(top, w.group);
+                    waiting.retain(|x| x.ticket != w.ticket);
+                }
+                prop_assert_eq!(s.waiters().collect::<Vec<_>>(), waiting);
+                Ok(n)
+            };
+            for (kind, class, group, i) in ops {
+                let before: Vec<Waiter> = s.waiters().collect();
+                match kind {
+                    0 | 1 => {
+                        arrivals += 1;
+                        let full = before.len() as u32 >= buffer;
+                        match s.try_admit_as(l, arrival(0, arrivals as u32, class, group), 0) {
+                            (Admission::Admitted { .. }, _) => { admitted += 1; running += 1; }
+                            (Admission::Queued { .. }, evicted) => {
+                                queued += 1;
+                                prop_assert_eq!(evicted.is_some(), full);
+                                if let Some(e) = evicted {
+                                    left += 1;
+                                    let lowest = before.iter().map(|w| w.class).max().unwrap_or(0);
+                                    prop_assert!(e.class == lowest && e.class > class, "evicts the lowest class, for a higher one");
+                                    let newest = before.iter().filter(|w| w.class == lowest).map(|w| w.ticket).max();
+                                    prop_assert_eq!(Some(e.ticket), newest, "the newest of it");
+                                }
+                            }
+                            (Admission::Shed(_), _) => shed += 1,
+                        }
+                    }
+                    2 => {
+                        if running > 0 {
+                            running -= 1;
+                            let g = s.release(0, 0, l, 0);
+                            let n = check(&s, g, before)?;
+                            running += n;
+                            left += u64::from(n);
+                        }
+                    }
+                    _ => {
+                        if !before.is_empty() {
+                            let t = before[i % before.len()].ticket;
+                            prop_assert!(s.cancel(t, 0).is_some());
+                            left += 1;
+                        }
+                    }
+                }
+                prop_assert_eq!(s.active, running);
+                prop_assert!(s.queued() <= buffer);
+                prop_assert_eq!(arrivals, admitted + queued + shed, "every arrival decided once");
+                prop_assert_eq!(queued, left + u64::from(s.queued()), "every waiter leaves once");
+            }
         }
 
         #[test]

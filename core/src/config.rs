@@ -6,6 +6,7 @@
 //! revision when there is one, and what was expected, because an operator reads it in Envoy's
 //! log with nothing else to go on.
 
+use crate::admission::MAX_CLASSES;
 use crate::duration::{self, DurationError};
 use crate::kpa::{KpaConfig, KpaConfigError};
 use crate::table::{RevisionId, RevisionTable, TableError};
@@ -29,6 +30,18 @@ pub const DEFAULT_RETRY_AFTER: &str = "1s";
 /// The request header that names the picked endpoint for Envoy's `override_host` policy (the
 /// name Gateway API Inference Extension's endpoint picker uses).
 pub const DEFAULT_ENDPOINT_HEADER: &str = "x-gateway-destination-endpoint";
+/// The classes of a revision that configures none, highest priority first: Gateway API
+/// Inference Extension's criticalities.
+pub const DEFAULT_CLASSES: [&str; 3] = ["critical", "standard", "sheddable"];
+/// The class of a request whose class header is missing or names no class (when the revision
+/// has it; otherwise its lowest class). Never the highest: a client cannot jump the queue by
+/// sending a made-up value.
+pub const DEFAULT_CLASS: &str = "standard";
+/// The class whose maximum wait defaults to at most [`SHEDDABLE_MAX_WAIT`].
+pub const SHEDDABLE_CLASS: &str = "sheddable";
+/// Default `maxWait` cap of the `sheddable` class: batch traffic that is shed first should
+/// learn it is not served soon, not hold a buffer place for the revision's full wait.
+pub const SHEDDABLE_MAX_WAIT: &str = "5s";
 
 /// A configuration that could not be used. The filter logs it and refuses the configuration.
 #[derive(Debug, Clone, PartialEq, Error)]
@@ -88,6 +101,26 @@ pub struct ConfigDoc {
     pub membership: Option<MembershipDoc>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub routing: Option<RoutingDoc>,
+    /// A request header naming the request's priority class (set by the gateway, not clients).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub class_header: Option<String>,
+    /// A request header whose value is the request's fairness key (a tenant or API key set by
+    /// an auth filter); none: one group.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fairness_header: Option<String>,
+}
+
+/// One priority class of a revision's buffer.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct ClassDoc {
+    pub name: String,
+    /// Default: the revision's `maxWait` (`sheddable`: at most 5s).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_wait: Option<String>,
+    /// Share of the revision's buffer its waiters may take, in (0, 1]; default 1.
+    #[serde(default, skip_serializing_if = "Option::is_none", with = "number")]
+    pub buffer_share: Option<f64>,
 }
 
 /// Endpoint picking: the filter chooses each request's pod (an endpoint of the revision's
@@ -170,6 +203,9 @@ pub struct RevisionDoc {
     pub upstream_cluster: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub autoscaling: Option<AutoscalingDoc>,
+    /// Priority classes, highest first; default `critical`, `standard`, `sheddable`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub classes: Option<Vec<ClassDoc>>,
 }
 
 /// Numbers written as people write them: `10`, not `10.0`.
@@ -211,6 +247,20 @@ pub struct RevisionConfig {
     pub upstream_cluster: Option<String>,
     /// The KPA settings, with `target`, `containerConcurrency` and utilization filled in.
     pub autoscaling: KpaConfig,
+    /// Priority classes, highest first (at most [`MAX_CLASSES`]); a waiter's class is its index.
+    pub classes: Vec<ClassConfig>,
+    /// Index of the class of requests that name none (or an unknown one).
+    pub default_class: u8,
+}
+
+/// One validated priority class.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ClassConfig {
+    /// Lower-case; the `class` label of the per-class metrics.
+    pub name: String,
+    pub max_wait_ms: u64,
+    /// Share of the buffer, in (0, 1].
+    pub buffer_share: f64,
 }
 
 /// Where the filter learns ready replicas: Envoy's own admin `/stats`, reached through
@@ -290,6 +340,43 @@ impl RevisionConfig {
         }
     }
 
+    /// The class named `name` (trimmed, case-insensitive), else the default class.
+    pub fn class_of(&self, name: Option<&str>) -> u8 {
+        name.map(str::trim)
+            .and_then(|n| {
+                self.classes
+                    .iter()
+                    .position(|c| c.name.eq_ignore_ascii_case(n))
+            })
+            .and_then(|i| u8::try_from(i).ok())
+            .unwrap_or(self.default_class)
+    }
+
+    /// The maximum wait of class `class` (the revision's for an unknown index).
+    pub fn class_max_wait_ms(&self, class: u8) -> u64 {
+        self.classes
+            .get(usize::from(class))
+            .map_or(self.max_wait_ms, |c| c.max_wait_ms)
+    }
+
+    /// The longest maximum wait of any class: after it, a waiter has no owner left.
+    pub fn longest_wait_ms(&self) -> u64 {
+        self.classes
+            .iter()
+            .map(|c| c.max_wait_ms)
+            .fold(self.max_wait_ms, u64::max)
+    }
+
+    /// Waiters of class `class` a buffer of `buffer` may hold (its share, rounded up).
+    pub fn class_buffer(&self, class: u8, buffer: u32) -> u32 {
+        match self.classes.get(usize::from(class)) {
+            Some(c) if c.buffer_share < 1.0 => (c.buffer_share * f64::from(buffer))
+                .ceil()
+                .min(f64::from(u32::MAX)) as u32,
+            _ => u32::MAX,
+        }
+    }
+
     /// Knative's effective soft target: min(target, cc when cc > 0) × utilization (the
     /// autoscaler's own rule, on the values this revision filled in).
     pub fn effective_target(&self) -> f64 {
@@ -313,6 +400,11 @@ pub struct Config {
     /// Picking applies to revisions with an `upstreamCluster` whose endpoints `membership`
     /// learns.
     pub endpoint_header: Option<Rc<str>>,
+    /// Lower-case header naming a request's class (set by the gateway, not clients); none:
+    /// every request is of its revision's default class.
+    pub class_header: Option<String>,
+    /// Lower-case header holding a request's fairness key; none: one group.
+    pub fairness_header: Option<String>,
     pub table: RevisionTable,
 }
 
@@ -392,6 +484,14 @@ impl Config {
                 })
             }
         };
+        let class_header = match raw.class_header {
+            None => None,
+            Some(h) => Some(header_name("classHeader", &h)?),
+        };
+        let fairness_header = match raw.fairness_header {
+            None => None,
+            Some(h) => Some(header_name("fairnessHeader", &h)?),
+        };
         let routing = raw.routing.unwrap_or_default();
         let endpoint_header = match (routing.enabled.unwrap_or(true), routing.endpoint_header) {
             (false, _) => None,
@@ -434,6 +534,8 @@ impl Config {
             retry_after_s: retry_after_ms / 1000,
             membership,
             endpoint_header,
+            class_header,
+            fairness_header,
             table,
         })
     }
@@ -562,6 +664,7 @@ fn validate_revision(
         None if clusters.len() == 1 => clusters.first().cloned(),
         None => None,
     };
+    let (classes, default_class) = validate_classes(i, &r.name, r.classes, max_wait_ms)?;
     let a = r.autoscaling.unwrap_or_default();
     let defaults = KpaConfig::default();
     let autoscaling_key =
@@ -625,7 +728,83 @@ fn validate_revision(
         max_wait_ms,
         upstream_cluster,
         autoscaling,
+        classes,
+        default_class,
     })
+}
+
+/// A revision's classes (the defaults when `None`) and the index of its default class.
+fn validate_classes(
+    i: usize,
+    revision: &str,
+    classes: Option<Vec<ClassDoc>>,
+    max_wait_ms: u64,
+) -> Result<(Vec<ClassConfig>, u8), ConfigError> {
+    let docs = classes.unwrap_or_else(|| {
+        DEFAULT_CLASSES
+            .iter()
+            .map(|n| ClassDoc {
+                name: (*n).to_string(),
+                ..ClassDoc::default()
+            })
+            .collect()
+    });
+    let at =
+        |j: usize, key: &str| format!("revisions[{i}].classes[{j}].{key} (revision `{revision}`)");
+    if docs.is_empty() || docs.len() > MAX_CLASSES {
+        return Err(ConfigError::invalid(
+            format!("revisions[{i}].classes (revision `{revision}`)"),
+            format!(
+                "{} classes; expected 1 to {MAX_CLASSES}, highest priority first (or leave it out for critical, standard, sheddable)",
+                docs.len()
+            ),
+        ));
+    }
+    let sheddable_cap = duration::parse_ms(SHEDDABLE_MAX_WAIT).unwrap_or(5_000);
+    let mut out: Vec<ClassConfig> = Vec::with_capacity(docs.len());
+    for (j, c) in docs.into_iter().enumerate() {
+        let name = c.name.trim().to_ascii_lowercase();
+        if !is_dns_label(&name) {
+            return Err(ConfigError::invalid(
+                at(j, "name"),
+                format!("`{name}` is not a valid class name; expected lower-case letters, digits and '-' (it becomes a metric label)"),
+            ));
+        }
+        if out.iter().any(|o| o.name == name) {
+            return Err(ConfigError::invalid(
+                at(j, "name"),
+                format!("class `{name}` is listed twice"),
+            ));
+        }
+        let class_wait_ms = match c.max_wait.as_deref() {
+            Some(w) => duration_key(&at(j, "maxWait"), w)?,
+            None if name == SHEDDABLE_CLASS => max_wait_ms.min(sheddable_cap),
+            None => max_wait_ms,
+        };
+        if class_wait_ms == 0 && max_wait_ms > 0 {
+            return Err(ConfigError::invalid(
+                at(j, "maxWait"),
+                "0 would shed every buffered request of the class at once; use e.g. \"1s\", or a bufferShare near 0",
+            ));
+        }
+        let buffer_share = c.buffer_share.unwrap_or(1.0);
+        if !(buffer_share.is_finite() && buffer_share > 0.0 && buffer_share <= 1.0) {
+            return Err(ConfigError::invalid(
+                at(j, "bufferShare"),
+                format!("{buffer_share} is out of range; expected a fraction in (0, 1] of the revision's buffer"),
+            ));
+        }
+        out.push(ClassConfig {
+            name,
+            max_wait_ms: class_wait_ms,
+            buffer_share,
+        });
+    }
+    let default_class = out
+        .iter()
+        .position(|c| c.name == DEFAULT_CLASS)
+        .unwrap_or(out.len() - 1);
+    Ok((out, u8::try_from(default_class).unwrap_or(0)))
 }
 
 #[cfg(test)]
@@ -978,6 +1157,163 @@ mod tests {
         }
         let err = parse(r#"{"revisions":[{"name":"a","hosts":["a"]}],"membership":{"cluster":"x","interval":"10ms"}}"#).unwrap_err();
         assert_eq!(err.path(), "membership.interval");
+    }
+
+    #[test]
+    fn classes_default_to_the_inference_extension_criticalities() {
+        let c = parse(MINIMAL).unwrap();
+        let r = &c.revisions[0];
+        let names: Vec<&str> = r.classes.iter().map(|c| c.name.as_str()).collect();
+        assert_eq!(names, ["critical", "standard", "sheddable"]);
+        assert_eq!(
+            r.classes.iter().map(|c| c.max_wait_ms).collect::<Vec<_>>(),
+            [30_000, 30_000, 5_000],
+            "sheddable waits at most 5s by default"
+        );
+        assert!(r.classes.iter().all(|c| c.buffer_share == 1.0));
+        assert_eq!(
+            (c.class_header.as_deref(), c.fairness_header.as_deref()),
+            (None, None)
+        );
+        struct Case {
+            name: &'static str,
+            header: Option<&'static str>,
+            class: u8,
+        }
+        let cases = [
+            Case {
+                name: "missing: standard",
+                header: None,
+                class: 1,
+            },
+            Case {
+                name: "critical",
+                header: Some("critical"),
+                class: 0,
+            },
+            Case {
+                name: "case and spaces",
+                header: Some(" Sheddable "),
+                class: 2,
+            },
+            Case {
+                name: "unknown: standard, never the highest",
+                header: Some("vip"),
+                class: 1,
+            },
+            Case {
+                name: "empty: standard",
+                header: Some(""),
+                class: 1,
+            },
+        ];
+        for case in cases {
+            assert_eq!(r.class_of(case.header), case.class, "{}", case.name);
+        }
+        assert_eq!(r.longest_wait_ms(), 30_000);
+        assert_eq!(
+            r.class_buffer(2, 100),
+            u32::MAX,
+            "share 1: only the buffer bounds it"
+        );
+    }
+
+    #[test]
+    fn classes_can_be_configured_and_their_errors_name_the_key() {
+        let c = parse(
+            r#"{"revisions":[{"name":"a","hosts":["a"],"containerConcurrency":1,"maxWait":"10s","classes":[
+                {"name":"interactive","maxWait":"20s"},{"name":"batch","bufferShare":0.25}]}],
+                "classHeader":"X-Class","fairnessHeader":"x-tenant"}"#,
+        )
+        .unwrap();
+        let r = &c.revisions[0];
+        assert_eq!(r.classes.len(), 2);
+        assert_eq!(r.default_class, 1, "no `standard`: the lowest class");
+        assert_eq!(r.class_max_wait_ms(0), 20_000);
+        assert_eq!(r.class_max_wait_ms(1), 10_000);
+        assert_eq!(r.longest_wait_ms(), 20_000);
+        assert_eq!(r.class_buffer(1, 10), 3, "a quarter of 10, rounded up");
+        assert_eq!(r.class_buffer(0, 10), u32::MAX);
+        assert_eq!(c.class_header.as_deref(), Some("x-class"));
+        assert_eq!(c.fairness_header.as_deref(), Some("x-tenant"));
+        let rev = |classes: &str| {
+            format!(
+                r#"{{"revisions":[{{"name":"a","hosts":["a"],"containerConcurrency":1,"classes":{classes}}}]}}"#
+            )
+        };
+        let cases: &[(&str, String, &str, &str)] = &[
+            (
+                "none",
+                rev("[]"),
+                "revisions[0].classes (revision `a`)",
+                "expected 1 to 8",
+            ),
+            (
+                "nine",
+                rev(&format!(
+                    "[{}]",
+                    (0..9)
+                        .map(|i| format!(r#"{{"name":"c{i}"}}"#))
+                        .collect::<Vec<_>>()
+                        .join(",")
+                )),
+                "revisions[0].classes (revision `a`)",
+                "9 classes",
+            ),
+            (
+                "bad name",
+                rev(r#"[{"name":"a b"}]"#),
+                "revisions[0].classes[0].name (revision `a`)",
+                "not a valid class name",
+            ),
+            (
+                "twice",
+                rev(r#"[{"name":"x"},{"name":"X"}]"#),
+                "revisions[0].classes[1].name (revision `a`)",
+                "listed twice",
+            ),
+            (
+                "share 0",
+                rev(r#"[{"name":"x","bufferShare":0}]"#),
+                "revisions[0].classes[0].bufferShare (revision `a`)",
+                "(0, 1]",
+            ),
+            (
+                "share 2",
+                rev(r#"[{"name":"x","bufferShare":2}]"#),
+                "revisions[0].classes[0].bufferShare (revision `a`)",
+                "(0, 1]",
+            ),
+            (
+                "wait 0",
+                rev(r#"[{"name":"x","maxWait":"0s"}]"#),
+                "revisions[0].classes[0].maxWait (revision `a`)",
+                "shed every",
+            ),
+            (
+                "bad wait",
+                rev(r#"[{"name":"x","maxWait":"soon"}]"#),
+                "revisions[0].classes[0].maxWait (revision `a`)",
+                "",
+            ),
+            (
+                "unknown key",
+                rev(r#"[{"name":"x","priority":1}]"#),
+                "revisions[0].classes[0].priority",
+                "unknown field",
+            ),
+            (
+                "bad header",
+                r#"{"revisions":[{"name":"a","hosts":["a"]}],"classHeader":":path"}"#.to_string(),
+                "classHeader",
+                "not a valid request header",
+            ),
+        ];
+        for (name, json, path, message) in cases {
+            let e = parse(json).expect_err(name);
+            assert_eq!(e.path(), *path, "{name}: {e}");
+            assert!(e.to_string().contains(message), "{name}: {e}");
+        }
     }
 
     #[test]

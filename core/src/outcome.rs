@@ -136,6 +136,31 @@ impl Gauge {
     }
 }
 
+/// Per-class gauges of a revision, exported as `inflight_<name>{revision, class}` (only with a
+/// `classHeader`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum ClassGauge {
+    /// Requests of the class waiting.
+    Queued,
+    /// Fairness groups (tenants) with requests of the class waiting.
+    Groups,
+}
+
+impl ClassGauge {
+    pub const ALL: [ClassGauge; 2] = [ClassGauge::Queued, ClassGauge::Groups];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            ClassGauge::Queued => "class_queued",
+            ClassGauge::Groups => "class_groups",
+        }
+    }
+
+    pub fn index(self) -> usize {
+        ClassGauge::ALL.iter().position(|g| *g == self).unwrap_or(0)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -4,6 +4,10 @@
 //! the slot on if it is gone)", sent by whichever worker freed the slot. (Kind 2, a deferred
 //! release of unreleased builds, is gone; it decodes as malformed.)
 //!
+//! [`Wake::Shed`]: "this waiting ticket was evicted from the full buffer to make room for a
+//! higher class; answer that stream `buffer-full`", sent by the worker that admitted the
+//! higher-class request. It carries no slot, so a Shed that finds no stream needs nothing done.
+//!
 //! Revisions travel by name, not index, so a message stays meaningful across a configuration
 //! reload (old and new VMs run side by side and share revision state by name).
 
@@ -19,6 +23,11 @@ pub enum Wake {
         /// The endpoint the slot is on (its id and address), when endpoints are known.
         endpoint: Option<Pick>,
     },
+    Shed {
+        revision: String,
+        ticket: u64,
+        context: u32,
+    },
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Error)]
@@ -26,25 +35,40 @@ pub enum Wake {
 pub struct WakeDecodeError(pub usize);
 
 const GRANT: u8 = 1;
+const SHED: u8 = 3;
 
 impl Wake {
     pub fn revision(&self) -> &str {
         match self {
-            Wake::Grant { revision, .. } => revision,
+            Wake::Grant { revision, .. } | Wake::Shed { revision, .. } => revision,
         }
     }
 
     /// `kind, name length, name, [ticket, context]`, then for a slot on an endpoint
-    /// `[endpoint id, address length, address]`.
+    /// `[endpoint id, address length, address]`. A Shed is `3, name length, name, ticket,
+    /// context`.
     pub fn encode(&self) -> Vec<u8> {
         let name = self.revision().as_bytes();
         let len = name.len().min(255);
-        let Wake::Grant {
-            ticket,
-            context,
-            endpoint,
-            ..
-        } = self;
+        let (ticket, context, endpoint) = match self {
+            Wake::Grant {
+                ticket,
+                context,
+                endpoint,
+                ..
+            } => (ticket, context, endpoint),
+            Wake::Shed {
+                ticket, context, ..
+            } => {
+                let mut out = Vec::with_capacity(2 + len + 12);
+                out.push(SHED);
+                out.push(len as u8);
+                out.extend_from_slice(name.get(..len).unwrap_or_default());
+                out.extend_from_slice(&ticket.to_le_bytes());
+                out.extend_from_slice(&context.to_le_bytes());
+                return out;
+            }
+        };
         let address = endpoint.as_ref().map_or(&[][..], |p| p.address.as_bytes());
         let alen = address.len().min(255);
         let mut out = Vec::with_capacity(2 + len + 12 + 5 + alen);
@@ -69,11 +93,21 @@ impl Wake {
         let name = rest.get(..len).ok_or_else(err)?;
         let rest = rest.get(len..).ok_or_else(err)?;
         let revision = std::str::from_utf8(name).map_err(|_| err())?.to_string();
-        if kind != GRANT {
+        if kind != GRANT && kind != SHED {
             return Err(err());
         }
         let ticket = rest.get(..8).ok_or_else(err)?;
         let context = rest.get(8..12).ok_or_else(err)?;
+        if kind == SHED {
+            if rest.len() != 12 {
+                return Err(err());
+            }
+            return Ok(Wake::Shed {
+                revision,
+                ticket: u64::from_le_bytes(ticket.try_into().map_err(|_| err())?),
+                context: u32::from_le_bytes(context.try_into().map_err(|_| err())?),
+            });
+        }
         let endpoint = match rest.get(12..) {
             Some([]) => None,
             Some([a, b, c, d, len, address @ ..]) if address.len() == usize::from(*len) => {
@@ -129,6 +163,17 @@ mod tests {
         assert!(Wake::decode(&[]).is_err());
         assert!(Wake::decode(&[9, 0]).is_err(), "unknown kind");
         assert!(Wake::decode(&[2, 1, b'a']).is_err(), "the old release kind");
+        let shed = Wake::Shed {
+            revision: "torchserve".into(),
+            ticket: 9,
+            context: 4,
+        };
+        let s = shed.encode();
+        assert_eq!(Wake::decode(&s).as_ref(), Ok(&shed));
+        assert!(Wake::decode(&s[..s.len() - 1]).is_err(), "truncated shed");
+        let mut long = s.clone();
+        long.push(0);
+        assert!(Wake::decode(&long).is_err(), "trailing shed");
         let mut bad = g.encode();
         bad[2] = 0xff;
         assert!(Wake::decode(&bad).is_err(), "not utf-8");

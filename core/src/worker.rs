@@ -8,11 +8,16 @@
 //!
 //! - **which revision** a request belongs to ([`Worker::on_request`]): host, cluster (listed or
 //!   learned from host matches; a cluster seen behind two revisions is never used), header;
-//! - **grant delivery**: a freed slot goes to the oldest ticket through its owner's wake queue; a
+//! - **classes and fairness**: a request's priority class comes from the class header (missing
+//!   or unknown: the revision's default class, never the highest), its fairness group from a
+//!   hash of the fairness header; admission queues it there ([`RevisionState::try_admit_as`]),
+//!   and a waiter evicted from a full buffer for a higher class is answered `buffer-full` by its
+//!   owner, reached through its wake queue ([`Wake::Shed`]);
+//! - **grant delivery**: a freed slot goes to the next ticket through its owner's wake queue; a
 //!   wake that cannot be delivered (owner VM gone) releases the slot in the owner's name, which
 //!   grants the next ticket, up to [`MAX_HANDOVERS`] times;
-//! - **expiry**: a waiter is shed at its maximum wait; one whose ticket is gone (a grant was
-//!   sent) but whose grant did not arrive by one tick later lost it and is shed too;
+//! - **expiry**: a waiter is shed at its class's maximum wait; one whose ticket is gone (a grant
+//!   was sent) but whose grant did not arrive by one tick later lost it and is shed too;
 //! - **reaping**: another VM that held slots or waiters and stopped beating for
 //!   [`dead_after_ms`] is dead, and what it held is given back; a waiter still queued
 //!   [`orphan_age_ms`] after its maximum wait is orphaned and removed;
@@ -28,12 +33,12 @@
 //!   `override_host` policy; every other request passing the filter has a client's copy of that
 //!   header removed; the response is checked against the pick ([`Worker::on_response`]).
 
-use crate::admission::{Admission, Grant, Owner, Pick, RevisionState};
+use crate::admission::{Admission, Arrival, Grant, Owner, Pick, RevisionState, Waiter};
 use crate::autoscaler::{Autoscaler, Observation, DEFAULT_DECISION_PERIOD_MS};
 use crate::config::{Config, ConfigError, Limits, Membership, RevisionConfig, UnknownRevision};
 use crate::kpa::Reason;
 use crate::membership;
-use crate::outcome::{Gauge, Outcome};
+use crate::outcome::{ClassGauge, Gauge, Outcome};
 use crate::store::{self, Change, ClusterOwner, Host, StoreError};
 use crate::table::RevisionId;
 use crate::wake::Wake;
@@ -154,6 +159,22 @@ pub enum Effect {
     AddDemand { rev: RevisionId, ms: u64 },
     /// Record how long a request waited.
     QueueWait { rev: RevisionId, ms: u64 },
+    /// Count a request's outcome for its class too (only with a `classHeader`: without one every
+    /// request is of the default class and the revision's series say it all).
+    CountClass {
+        rev: RevisionId,
+        class: u8,
+        outcome: Outcome,
+    },
+    /// Record how long a request of a class waited (only with a `classHeader`).
+    ClassQueueWait { rev: RevisionId, class: u8, ms: u64 },
+    /// A per-class gauge (only with a `classHeader`).
+    ClassGauge {
+        rev: RevisionId,
+        class: u8,
+        gauge: ClassGauge,
+        value: u64,
+    },
     Gauge {
         rev: RevisionId,
         gauge: Gauge,
@@ -187,6 +208,8 @@ enum StreamState {
         rev: RevisionId,
         ticket: u64,
         since_ms: u64,
+        /// Its priority class (its maximum wait is the class's).
+        class: u8,
     },
     Admitted {
         rev: RevisionId,
@@ -365,44 +388,61 @@ impl<H: Host> Worker<H> {
             context,
         };
         let draining = self.draining;
+        let class = match &config.class_header {
+            Some(h) => rc.class_of(facts.header(h).as_deref()),
+            None => rc.default_class,
+        };
+        let group = config
+            .fairness_header
+            .as_deref()
+            .and_then(|h| facts.header(h))
+            .map_or(0, |key| fairness_group(&key));
         let admission = store::update_revision(&self.host, &r.key, |s| {
             let mut limits = r.limits(rc, s);
             if draining {
-                // Admitted if a slot is free; nothing new waits on a gateway that goes away.
+                // Admitted if a slot is free; nothing new waits (or evicts) on a gateway that
+                // goes away.
                 limits.buffer = 0;
             }
-            (s.try_admit(limits, owner, now), limits)
+            let arrival = Arrival {
+                owner,
+                class,
+                group,
+                class_buffer: rc.class_buffer(class, limits.buffer),
+            };
+            let (admission, evicted) = s.try_admit_as(limits, arrival, now);
+            (admission, evicted, limits)
         });
         match admission {
-            Ok((Admission::Admitted { endpoint }, _)) => {
+            Ok((Admission::Admitted { endpoint }, _, _)) => {
                 self.route(&config, context, endpoint.as_ref());
                 self.streams
                     .insert(context, StreamState::Admitted { rev, endpoint });
-                self.effects.push(Effect::Count {
-                    rev,
-                    outcome: Outcome::Admitted,
-                });
+                self.count(rev, class, Outcome::Admitted);
                 Verdict::Continue
             }
-            Ok((Admission::Queued { ticket }, _)) => {
+            Ok((Admission::Queued { ticket }, evicted, _)) => {
                 self.streams.insert(
                     context,
                     StreamState::Waiting {
                         rev,
                         ticket,
                         since_ms: now,
+                        class,
                     },
                 );
+                if let Some(w) = evicted {
+                    self.send_shed(&rc.name, w);
+                }
                 Verdict::Pause
             }
-            Ok((Admission::Shed(_), _)) if draining => {
-                let outcome = Outcome::ShedDraining;
-                self.effects.push(Effect::Count { rev, outcome });
+            Ok((Admission::Shed(_), _, _)) if draining => {
+                self.count(rev, class, Outcome::ShedDraining);
                 Verdict::Reply(draining_reply(&config, &rc.name))
             }
-            Ok((Admission::Shed(reason), limits)) => {
+            Ok((Admission::Shed(reason), _, limits)) => {
                 let outcome = Outcome::from(reason);
-                self.effects.push(Effect::Count { rev, outcome });
+                self.count(rev, class, outcome);
                 Verdict::Reply(Reply {
                     outcome,
                     retry_after_s: Some(config.retry_after_s),
@@ -417,13 +457,56 @@ impl<H: Host> Worker<H> {
             Err(e) => {
                 log::error!("admission for revision `{}` failed: {e}", rc.name);
                 let outcome = Outcome::StateUnavailable;
-                self.effects.push(Effect::Count { rev, outcome });
+                self.count(rev, class, outcome);
                 Verdict::Reply(Reply {
                     outcome,
                     retry_after_s: Some(config.retry_after_s),
                     body: "inflight: gateway state unavailable; retry later\n".into(),
                 })
             }
+        }
+    }
+
+    /// Counts a request's outcome for its revision, and for its class when classes are
+    /// reported (a `classHeader` is configured).
+    fn count(&mut self, rev: RevisionId, class: u8, outcome: Outcome) {
+        self.effects.push(Effect::Count { rev, outcome });
+        if self.reports_classes() {
+            self.effects.push(Effect::CountClass {
+                rev,
+                class,
+                outcome,
+            });
+        }
+    }
+
+    /// Whether per-class series are reported: only with a `classHeader` (without one every
+    /// request is of the default class, and the extra series would only cost).
+    fn reports_classes(&self) -> bool {
+        self.config
+            .as_ref()
+            .is_some_and(|c| c.class_header.is_some())
+    }
+
+    /// Tells the owner of waiter `w`, evicted from the full buffer, to answer it `buffer-full`.
+    /// An owner that cannot be reached is gone, and its stream with it: nothing to do.
+    fn send_shed(&mut self, revision: &str, w: Waiter) {
+        let message = Wake::Shed {
+            revision: revision.to_string(),
+            ticket: w.ticket,
+            context: w.owner.context,
+        }
+        .encode();
+        let sent = match self.wake_token(w.owner.vm) {
+            Some(t) => self.host.enqueue(t, &message),
+            None => Err(store::HostError::NotFound),
+        };
+        if let Err(e) = sent {
+            log::debug!(
+                "worker VM {} unreachable ({e}); evicted ticket {} needs no answer",
+                w.owner.vm,
+                w.ticket
+            );
         }
     }
 
@@ -498,14 +581,13 @@ impl<H: Host> Worker<H> {
             Some(StreamState::Admitted { rev, endpoint }) => {
                 self.release(rev, pick_id(endpoint.as_ref()), now);
             }
-            Some(StreamState::Waiting { rev, ticket, .. }) => {
+            Some(StreamState::Waiting {
+                rev, ticket, class, ..
+            }) => {
+                self.count(rev, class, Outcome::Cancelled);
                 let Some(r) = self.revisions.get(rev.0) else {
                     return;
                 };
-                self.effects.push(Effect::Count {
-                    rev,
-                    outcome: Outcome::Cancelled,
-                });
                 // Not found means a grant is on its way here; on_wake will pass it on.
                 if let Err(e) =
                     store::update_revision(&self.host, &r.key, |s| s.cancel(ticket, now))
@@ -625,7 +707,7 @@ impl<H: Host> Worker<H> {
     // ---- slots and grants ------------------------------------------------------------------
 
     /// A slot of `rev` on endpoint `endpoint` (0: none) frees: release it and hand what follows
-    /// to the oldest waiters.
+    /// to the next waiters (highest class, tenants in turn, oldest first).
     fn release(&mut self, rev: RevisionId, endpoint: u32, now: u64) {
         let (Some(config), Some(r)) = (self.config.clone(), self.revisions.get(rev.0)) else {
             return;
@@ -739,6 +821,11 @@ impl<H: Host> Worker<H> {
                 context,
                 endpoint,
             }) => self.on_grant(&revision, ticket, context, endpoint, now),
+            Ok(Wake::Shed {
+                revision,
+                ticket,
+                context,
+            }) => self.on_evicted(&revision, ticket, context),
             Err(e) => log::warn!("{e}"),
         }
     }
@@ -764,22 +851,55 @@ impl<H: Host> Worker<H> {
                 rev: wr,
                 ticket: t,
                 since_ms,
+                class,
             }) if wr == rev && t == ticket => {
                 self.route(&config, context, endpoint.as_ref());
                 self.streams
                     .insert(context, StreamState::Admitted { rev, endpoint });
-                self.effects.push(Effect::Count {
-                    rev,
-                    outcome: Outcome::Admitted,
-                });
-                self.effects.push(Effect::QueueWait {
-                    rev,
-                    ms: now.saturating_sub(since_ms),
-                });
+                self.count(rev, class, Outcome::Admitted);
+                let ms = now.saturating_sub(since_ms);
+                self.effects.push(Effect::QueueWait { rev, ms });
+                if self.reports_classes() {
+                    self.effects.push(Effect::ClassQueueWait { rev, class, ms });
+                }
                 self.effects.push(Effect::Resume { context });
             }
             _ => self.release(rev, pick_id(endpoint.as_ref()), now),
         }
+    }
+
+    /// A waiter of this VM was evicted from the full buffer for a higher class: answer it
+    /// `buffer-full`. A stream that is no longer waiting on that ticket (it left, or expired)
+    /// was already answered and counted.
+    fn on_evicted(&mut self, revision: &str, ticket: u64, context: u32) {
+        let Some(config) = self.config.clone() else {
+            return;
+        };
+        let Some(rev) = config.table.match_name(revision) else {
+            return;
+        };
+        let class = match self.streams.get(&context) {
+            Some(StreamState::Waiting {
+                rev: wr,
+                ticket: t,
+                class,
+                ..
+            }) if *wr == rev && *t == ticket => *class,
+            _ => return,
+        };
+        self.streams.remove(&context);
+        let outcome = Outcome::ShedFull;
+        self.count(rev, class, outcome);
+        self.effects.push(Effect::Reply {
+            context,
+            reply: Reply {
+                outcome,
+                retry_after_s: Some(config.retry_after_s),
+                body: format!(
+                    "inflight: revision {revision}'s buffer is full and a request of a higher class took this one's place; retry later\n"
+                ),
+            },
+        });
     }
 
     /// Resuming stream `context` failed: it ended without its end reaching us yet. Its slot
@@ -828,7 +948,7 @@ impl<H: Host> Worker<H> {
     /// Sheds this VM's waiters that reached their maximum wait, and those whose grant was lost.
     fn expire_waiters(&mut self, config: &Config, now: u64) {
         let lost_after = lost_grant_after_ms(config.tick_ms);
-        let mut expired: Vec<(u32, RevisionId, u64, bool)> = self
+        let mut expired: Vec<(u32, RevisionId, u64, bool, u8)> = self
             .streams
             .iter()
             .filter_map(|(ctx, s)| match *s {
@@ -836,18 +956,19 @@ impl<H: Host> Worker<H> {
                     rev,
                     ticket,
                     since_ms,
+                    class,
                 } => {
-                    let max_wait = config.revision(rev)?.max_wait_ms;
+                    let max_wait = config.revision(rev)?.class_max_wait_ms(class);
                     let age = now.saturating_sub(since_ms);
                     let overdue = age >= max_wait.saturating_add(lost_after);
-                    (age >= max_wait).then_some((*ctx, rev, ticket, overdue))
+                    (age >= max_wait).then_some((*ctx, rev, ticket, overdue, class))
                 }
                 StreamState::Admitted { .. } => None,
             })
             .collect();
         // Oldest ticket first, so replies go out in a stable order.
         expired.sort_unstable_by_key(|e| (e.1 .0, e.2));
-        for (context, rev, ticket, overdue) in expired {
+        for (context, rev, ticket, overdue, class) in expired {
             let (Some(rc), Some(r)) = (config.revision(rev), self.revisions.get(rev.0)) else {
                 continue;
             };
@@ -861,7 +982,7 @@ impl<H: Host> Worker<H> {
                     }
                     self.streams.remove(&context);
                     let outcome = Outcome::ShedTimeout;
-                    self.effects.push(Effect::Count { rev, outcome });
+                    self.count(rev, class, outcome);
                     self.effects.push(Effect::Reply {
                         context,
                         reply: Reply {
@@ -870,7 +991,7 @@ impl<H: Host> Worker<H> {
                             body: format!(
                                 "inflight: revision {} had no free slot within the maximum wait ({}); retry later\n",
                                 rc.name,
-                                crate::duration::format_ms(rc.max_wait_ms)
+                                crate::duration::format_ms(rc.class_max_wait_ms(class))
                             ),
                         },
                     });
@@ -898,11 +1019,13 @@ impl<H: Host> Worker<H> {
             log::info!("the gateway is live again: requests may wait for a slot again");
             return;
         }
-        let mut waiting: Vec<(u32, RevisionId, u64)> = self
+        let mut waiting: Vec<(u32, RevisionId, u64, u8)> = self
             .streams
             .iter()
             .filter_map(|(ctx, s)| match *s {
-                StreamState::Waiting { rev, ticket, .. } => Some((*ctx, rev, ticket)),
+                StreamState::Waiting {
+                    rev, ticket, class, ..
+                } => Some((*ctx, rev, ticket, class)),
                 StreamState::Admitted { .. } => None,
             })
             .collect();
@@ -911,15 +1034,14 @@ impl<H: Host> Worker<H> {
             "the gateway drains: answering {} waiter(s) of this worker 503 gateway-draining; requests that would wait are shed until it is live again",
             waiting.len()
         );
-        for (context, rev, ticket) in waiting {
+        for (context, rev, ticket, class) in waiting {
             let (Some(rc), Some(r)) = (config.revision(rev), self.revisions.get(rev.0)) else {
                 continue;
             };
             match store::update_revision(&self.host, &r.key, |s| s.cancel(ticket, now)) {
                 Ok(Some(_)) => {
                     self.streams.remove(&context);
-                    let outcome = Outcome::ShedDraining;
-                    self.effects.push(Effect::Count { rev, outcome });
+                    self.count(rev, class, Outcome::ShedDraining);
                     self.effects.push(Effect::Reply {
                         context,
                         reply: draining_reply(config, &rc.name),
@@ -954,7 +1076,7 @@ impl<H: Host> Worker<H> {
             return;
         };
         let dead = self.dead_vms(rev, config.tick_ms, now);
-        let orphan_age = orphan_age_ms(rc.max_wait_ms, config.tick_ms);
+        let orphan_age = orphan_age_ms(rc.longest_wait_ms(), config.tick_ms);
         let Some(r) = self.revisions.get(rev.0) else {
             return;
         };
@@ -1027,6 +1149,23 @@ impl<H: Host> Worker<H> {
             (Gauge::ReadyReplicas, u64::from(ready)),
         ] {
             self.effects.push(Effect::Gauge { rev, gauge, value });
+        }
+        if self.reports_classes() {
+            let (queued, groups) = h.state.waiting_by_class();
+            for (i, _) in rc.classes.iter().enumerate() {
+                let Ok(class) = u8::try_from(i) else {
+                    break;
+                };
+                for (gauge, of) in [(ClassGauge::Queued, &queued), (ClassGauge::Groups, &groups)] {
+                    let value = u64::from(of.get(i).copied().unwrap_or(0));
+                    self.effects.push(Effect::ClassGauge {
+                        rev,
+                        class,
+                        gauge,
+                        value,
+                    });
+                }
+            }
         }
     }
 
@@ -1287,6 +1426,15 @@ fn draining_reply(config: &Config, revision: &str) -> Reply {
             "inflight: this gateway is draining and revision {revision} has no free slot here; retry (another gateway replica serves it)\n"
         ),
     }
+}
+
+/// The fairness group of a fairness key: its 32-bit FNV-1a hash, stable across VMs and builds
+/// (0 is kept for "no key", so a key hashing to 0 takes 1).
+pub fn fairness_group(key: &str) -> u32 {
+    let h = key.bytes().fold(0x811c_9dc5u32, |h, b| {
+        (h ^ u32::from(b)).wrapping_mul(0x0100_0193)
+    });
+    h.max(1)
 }
 
 /// The id a slot is released under: its endpoint's, or 0 (none).

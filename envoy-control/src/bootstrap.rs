@@ -6,13 +6,16 @@
 use std::net::SocketAddr;
 use std::path::Path;
 
-/// `stats_tags` as shipped (`envoy/envoy.yaml`): the filter's `revision.<name>` and
-/// `outcome.<o>` name segments become Prometheus labels. Goes under `stats_config:`.
+/// `stats_tags` as shipped (`envoy/envoy.yaml`): the filter's `revision.<name>`,
+/// `outcome.<o>` and `class.<c>` name segments become Prometheus labels. Goes under
+/// `stats_config:`.
 pub const STATS_TAGS: &str = r#"  stats_tags:
   - tag_name: revision
     regex: '^wasmcustom\.inflight\.(revision\.([a-z0-9-]+)\.)'
   - tag_name: outcome
     regex: '^wasmcustom\.inflight\.revision\.[a-z0-9-]+\.(outcome\.([a-z_]+)\.)'
+  - tag_name: class
+    regex: '^wasmcustom\.inflight\.revision\.[a-z0-9-]+\.(?:outcome\.[a-z_]+\.)?(class\.([a-z0-9-]+)\.)'
 "#;
 
 /// Envoy's router, the last entry of `http_filters`.

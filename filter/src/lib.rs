@@ -7,8 +7,8 @@
 //! worker call returned, because applying one (resuming a stream) can re-enter this VM.
 //!
 //! Follow one request: `Stream::on_http_request_headers` → `Worker::on_request` (core: find
-//! the revision, `try_admit` in shared data) → `Verdict` → continue, pause or reply here; later
-//! `Stream::on_done` → `Worker::on_done` (release, grants to the oldest waiters on their VMs'
+//! the revision, `try_admit_as` in shared data) → `Verdict` → continue, pause or reply here; later
+//! `Stream::on_done` → `Worker::on_done` (release, grants to the next waiters on their VMs'
 //! wake queues) → `Root::on_queue_ready` on the waiter's VM → `Worker::on_wake` →
 //! `Effect::Resume` applied in [`apply`]. This file and `core/src/worker.rs` hold the whole path.
 

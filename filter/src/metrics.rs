@@ -2,7 +2,16 @@
 //! segments become Prometheus labels through the `stats_tags` shipped in `envoy/envoy.yaml`,
 //! giving e.g. `envoy_wasmcustom_inflight_requests_total{revision,outcome}`. The names come from
 //! core's [`Outcome`] and [`Gauge`]: one vocabulary for replies, metrics and docs.
+//!
+//! With a `classHeader`, each revision also gets per-class series under their own names, so the
+//! revision-level ones stay exactly as they were (dashboards and autoscaler queries keep
+//! working; the per-class series add up to them): `…outcome.<o>.class.<c>.class_requests_total`,
+//! `…class.<c>.class_queue_wait_ms`, `…class.<c>.class_queued` and `…class.<c>.class_groups`
+//! (tenants waiting), labelled `class` by the `stats_tags` entry for `class.<name>`. Without a
+//! `classHeader` every request is of the default class and nothing per class is defined or
+//! recorded.
 
+use inflight_core::outcome::ClassGauge;
 use inflight_core::worker::Effect;
 use inflight_core::{Config, Gauge, Outcome, RevisionId};
 use proxy_wasm::hostcalls;
@@ -21,6 +30,18 @@ struct RevisionMetrics {
     queue_aware_scale_ups: u32,
     /// Requests Envoy sent to another endpoint than picked.
     endpoint_mismatch: u32,
+    /// Per class (by index), when classes are reported.
+    classes: Vec<ClassMetrics>,
+}
+
+/// Metric ids of one class of a revision.
+#[derive(Debug, Clone)]
+struct ClassMetrics {
+    /// By [`Outcome::index`].
+    outcomes: Vec<u32>,
+    queue_wait_ms: u32,
+    /// By [`ClassGauge::index`].
+    gauges: Vec<u32>,
 }
 
 /// This VM's metric ids, per revision by [`RevisionId`].
@@ -51,7 +72,42 @@ impl Metrics {
                     hostcalls::define_metric(MetricType::Gauge, &format!("{prefix}.{}", g.name()))
                 })
                 .collect::<Result<_, _>>()?;
+            let mut classes = Vec::new();
+            if config.class_header.is_some() {
+                for c in &r.classes {
+                    let outcomes = Outcome::PER_REVISION
+                        .iter()
+                        .map(|o| {
+                            hostcalls::define_metric(
+                                MetricType::Counter,
+                                &format!(
+                                    "{prefix}.outcome.{}.class.{}.class_requests_total",
+                                    o.label(),
+                                    c.name
+                                ),
+                            )
+                        })
+                        .collect::<Result<_, _>>()?;
+                    classes.push(ClassMetrics {
+                        outcomes,
+                        queue_wait_ms: hostcalls::define_metric(
+                            MetricType::Histogram,
+                            &format!("{prefix}.class.{}.class_queue_wait_ms", c.name),
+                        )?,
+                        gauges: ClassGauge::ALL
+                            .iter()
+                            .map(|g| {
+                                hostcalls::define_metric(
+                                    MetricType::Gauge,
+                                    &format!("{prefix}.class.{}.{}", c.name, g.name()),
+                                )
+                            })
+                            .collect::<Result<_, _>>()?,
+                    });
+                }
+            }
             revisions.push(RevisionMetrics {
+                classes,
                 outcomes,
                 gauges,
                 queue_wait_ms: hostcalls::define_metric(
@@ -89,6 +145,10 @@ impl Metrics {
         self.revisions.get(rev.0)
     }
 
+    fn class(&self, rev: RevisionId, class: u8) -> Option<&ClassMetrics> {
+        self.revision(rev)?.classes.get(usize::from(class))
+    }
+
     /// Applies a metric effect; other effects are not metrics and are ignored here.
     pub fn apply(&self, effect: &Effect) {
         match *effect {
@@ -98,6 +158,36 @@ impl Metrics {
                     .and_then(|i| self.revision(rev)?.outcomes.get(i))
                 {
                     add(*id, 1);
+                }
+            }
+            Effect::CountClass {
+                rev,
+                class,
+                outcome,
+            } => {
+                if let Some(id) = outcome
+                    .index()
+                    .and_then(|i| self.class(rev, class)?.outcomes.get(i))
+                {
+                    add(*id, 1);
+                }
+            }
+            Effect::ClassQueueWait { rev, class, ms } => {
+                if let Some(m) = self.class(rev, class) {
+                    record(m.queue_wait_ms, ms);
+                }
+            }
+            Effect::ClassGauge {
+                rev,
+                class,
+                gauge,
+                value,
+            } => {
+                if let Some(id) = self
+                    .class(rev, class)
+                    .and_then(|m| m.gauges.get(gauge.index()))
+                {
+                    record(*id, value);
                 }
             }
             Effect::CountUnknown => {

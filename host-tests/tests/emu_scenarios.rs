@@ -458,3 +458,62 @@ fn unmatched_host_counts_by_the_cluster_learned_on_another_worker() {
     assert_eq!(h.gauge(&m("rev-b", "active")), 0);
     assert_clean(&h);
 }
+
+/// Classes through the real filter.wasm: a critical request on worker 0 takes the place of the
+/// newest sheddable waiter, held by worker 2, which answers it `buffer-full` from its wake
+/// queue; the freed slot then goes to the critical request before the older sheddable one, and
+/// the per-class series count it all.
+#[test]
+fn a_critical_request_evicts_a_sheddable_waiter_held_by_another_worker() {
+    let config = json!({
+        "revisions": [{
+            "name": "rev-a", "hosts": [A], "containerConcurrency": 1, "readyReplicas": 1,
+            "bufferDepth": 2, "maxWait": "1s"
+        }],
+        "tick": "50ms", "retryAfter": "1s", "classHeader": "x-class"
+    })
+    .to_string();
+    let mut h = Host::new(Filter::built(), 4, &config);
+    let holder = h.request(0, A).send();
+    let older = h.request(1, A).header("x-class", "sheddable").send();
+    let newer = h.request(2, A).header("x-class", "sheddable").send();
+    let critical = h.request(0, A).header("x-class", "critical").send();
+    assert_eq!(h.state(critical), State::Paused);
+    assert_shed(&h, newer, "buffer-full", "rev-a");
+    assert_eq!(h.state(older), State::Paused);
+    h.advance(10);
+    h.finish(holder, 200);
+    assert_eq!(
+        h.upstream(),
+        vec![critical],
+        "the critical request goes first"
+    );
+    h.advance(10);
+    h.finish(critical, 200);
+    assert_eq!(h.upstream(), vec![older]);
+    h.advance(10);
+    h.finish(older, 200);
+    h.advance(50);
+    let class = |c: &str, o: &str| {
+        h.counter(&format!(
+            "inflight.revision.rev-a.outcome.{o}.class.{c}.class_requests_total"
+        ))
+    };
+    assert_eq!(class("sheddable", "shed_full"), 1);
+    assert_eq!(class("sheddable", "admitted"), 1);
+    assert_eq!(class("critical", "admitted"), 1);
+    assert_eq!(class("standard", "admitted"), 1);
+    assert_eq!(h.counter(&m("rev-a", "shed_full")), 1);
+    assert_eq!(h.counter(&m("rev-a", "admitted")), 3);
+    assert_eq!(
+        h.histogram("inflight.revision.rev-a.class.critical.class_queue_wait_ms"),
+        vec![10]
+    );
+    for gauge in ["class_queued", "class_groups"] {
+        assert_eq!(
+            h.gauge(&format!("inflight.revision.rev-a.class.sheddable.{gauge}")),
+            0
+        );
+    }
+    assert_clean(&h);
+}

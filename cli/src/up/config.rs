@@ -186,6 +186,7 @@ impl StackConfig {
                 max_wait: r.max_wait.clone(),
                 upstream_cluster: Some(r.name.clone()),
                 autoscaling: Some(r.autoscaling.clone()),
+                classes: None,
             })
             .collect();
         let doc = ConfigDoc {

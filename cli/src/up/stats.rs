@@ -40,6 +40,9 @@ pub struct RevisionStats {
     pub queue_wait: Vec<(f64, f64)>,
     /// Responses by class from the revision's cluster (`2`, `5`, …).
     pub upstream_rq_xx: BTreeMap<String, f64>,
+    /// Requests waiting per priority class (`inflight_class_queued`; exported only with a
+    /// `classHeader`), by class name.
+    pub queued_by_class: BTreeMap<String, f64>,
 }
 
 impl RevisionStats {
@@ -120,6 +123,11 @@ pub fn parse(text: &str) -> Result<Snapshot> {
             "inflight_panic_concurrency_milli" => r.panic_concurrency = Some(v / 1000.0),
             "inflight_queue_aware_scale_ups_total" => r.queue_aware_scale_ups = v,
             "inflight_queue_wait_ms" => r.queue_wait = buckets,
+            "inflight_class_queued" => {
+                if let Some(class) = s.labels.get("class") {
+                    r.queued_by_class.insert(class.to_string(), v);
+                }
+            }
             _ => {}
         }
     }
@@ -210,6 +218,10 @@ envoy_cluster_upstream_rq_time_bucket{envoy_cluster_name="torchserve",le="5"} 90
 envoy_cluster_upstream_rq_time_bucket{envoy_cluster_name="torchserve",le="+Inf"} 100
 envoy_cluster_upstream_rq_time_sum{envoy_cluster_name="torchserve"} 300
 envoy_cluster_upstream_rq_time_count{envoy_cluster_name="torchserve"} 100
+# TYPE inflight_class_queued gauge
+inflight_class_queued{revision="torchserve",class="critical"} 0
+inflight_class_queued{revision="torchserve",class="sheddable"} 38
+inflight_class_queued{revision="torchserve",class="standard"} 2
 # TYPE envoy_server_live gauge
 envoy_server_live{} 1
 "#;
@@ -226,6 +238,8 @@ envoy_server_live{} 1
         assert_eq!(r.queue_aware_scale_ups, 1.0);
         assert_eq!(r.upstream_rq_xx.get("2"), Some(&117.0));
         assert_eq!(r.upstream_time.len(), 3);
+        assert_eq!(r.queued_by_class.get("sheddable"), Some(&38.0));
+        assert_eq!(r.queued_by_class.len(), 3);
     }
 
     #[test]

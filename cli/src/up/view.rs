@@ -25,6 +25,9 @@ pub struct Row {
     pub p50_ms: Option<f64>,
     pub p99_ms: Option<f64>,
     pub wait_p99_ms: Option<f64>,
+    /// Requests waiting per priority class, highest first as far as the default classes go
+    /// (empty without a `classHeader`).
+    pub queued_by_class: Vec<(String, f64)>,
 }
 
 /// A row from the stats `secs` apart.
@@ -48,7 +51,22 @@ pub fn row(revision: &str, before: &RevisionStats, now: &RevisionStats, secs: f6
         p50_ms: quantile(&before.upstream_time, &now.upstream_time, 0.5),
         p99_ms: quantile(&before.upstream_time, &now.upstream_time, 0.99),
         wait_p99_ms: quantile(&before.queue_wait, &now.queue_wait, 0.99),
+        queued_by_class: by_priority(&now.queued_by_class),
     }
+}
+
+/// Classes in priority order as far as the defaults (`critical`, `standard`, `sheddable`) go,
+/// other names after them by name: the gateway's series carry names, not ranks.
+fn by_priority(queued: &std::collections::BTreeMap<String, f64>) -> Vec<(String, f64)> {
+    let rank = |name: &str| {
+        inflight_core::config::DEFAULT_CLASSES
+            .iter()
+            .position(|c| *c == name)
+            .unwrap_or(usize::MAX)
+    };
+    let mut v: Vec<(String, f64)> = queued.iter().map(|(k, n)| (k.clone(), *n)).collect();
+    v.sort_by(|a, b| rank(&a.0).cmp(&rank(&b.0)).then_with(|| a.0.cmp(&b.0)));
+    v
 }
 
 /// Rows for every revision in `now`, in name order.
@@ -107,6 +125,14 @@ pub fn render(rows: &[Row]) -> String {
             opt(r.p99_ms, 1),
             opt(r.wait_p99_ms, 1),
         );
+        if !r.queued_by_class.is_empty() {
+            let classes: Vec<String> = r
+                .queued_by_class
+                .iter()
+                .map(|(c, n)| format!("{c} {n:.0}"))
+                .collect();
+            let _ = writeln!(out, "  queued by class: {}", classes.join(", "));
+        }
     }
     out
 }
@@ -211,6 +237,29 @@ mod tests {
         let text = render(&[r]);
         assert!(text.contains("torchserve"), "{text}");
         assert!(text.contains("-/5"), "{text}");
+        assert!(!text.contains("by class"), "no classes, no line: {text}");
+    }
+
+    #[test]
+    fn queues_by_class_are_listed_in_priority_order() {
+        let now = RevisionStats {
+            queued: 40.0,
+            queued_by_class: [
+                ("sheddable", 38.0),
+                ("standard", 2.0),
+                ("critical", 0.0),
+                ("batch", 0.0),
+            ]
+            .into_iter()
+            .map(|(k, v)| (k.to_string(), v))
+            .collect(),
+            ..Default::default()
+        };
+        let text = render(&[row("torchserve", &RevisionStats::default(), &now, 1.0)]);
+        assert!(
+            text.contains("  queued by class: critical 0, standard 2, sheddable 38, batch 0\n"),
+            "{text}"
+        );
     }
 
     #[test]

@@ -795,3 +795,374 @@ fn a_drain_answers_every_waiter_503_and_sheds_what_would_wait() {
     g.workers[1].on_tick(2_400);
     assert_eq!(g.request(1, 6, &a, 2_410), Verdict::Pause);
 }
+
+// ---- classes and fairness -------------------------------------------------------------------
+
+/// `one_revision` with the class header `x-class` and the fairness header `x-tenant`.
+fn classed(cc: u32, buffer: u32) -> serde_json::Value {
+    let mut c = one_revision(cc, buffer);
+    c["classHeader"] = json!("x-class");
+    c["fairnessHeader"] = json!("x-tenant");
+    c
+}
+
+fn as_class(class: &str) -> Req {
+    let mut r = host("a.test");
+    r.headers.push(("x-class".into(), class.into()));
+    r
+}
+
+fn of_tenant(class: &str, tenant: &str) -> Req {
+    let mut r = as_class(class);
+    r.headers.push(("x-tenant".into(), tenant.into()));
+    r
+}
+
+impl Gateway {
+    fn class_counts(&self, w: usize, outcome: Outcome) -> Vec<u8> {
+        self.effects[w]
+            .iter()
+            .filter_map(|e| match e {
+                Effect::CountClass {
+                    class, outcome: o, ..
+                } if *o == outcome => Some(*class),
+                _ => None,
+            })
+            .collect()
+    }
+}
+
+#[test]
+fn the_class_comes_from_the_header_and_a_missing_or_unknown_one_is_standard() {
+    let mut g = gateway(1, classed(1, 10));
+    g.request(0, 1, &host("a.test"), 0);
+    g.request(0, 2, &host("a.test"), 1); // no header: standard
+    g.request(0, 3, &as_class("vip"), 2); // unknown: standard, not critical
+    g.request(0, 4, &as_class("sheddable"), 3);
+    g.request(0, 5, &as_class("Critical"), 4);
+    let classes: Vec<u8> = g.state().waiters().map(|w| w.class).collect();
+    assert_eq!(classes, vec![1, 1, 2, 0]);
+    assert_eq!(
+        g.class_counts(0, Outcome::Admitted),
+        vec![1],
+        "admitted as standard"
+    );
+    // The slot goes to the critical request, then standard in order, then sheddable.
+    let mut order = Vec::new();
+    let mut holder = 1;
+    for t in 0..4 {
+        g.workers[0].on_done(holder, true, 10 + t);
+        g.wake(0, 10 + t);
+        let r = g.resumed(0);
+        assert_eq!(r.len(), 1);
+        holder = r[0];
+        order.push(holder);
+    }
+    assert_eq!(order, vec![5, 2, 3, 4]);
+    assert!(g.effects[0].contains(&Effect::ClassQueueWait {
+        rev: RevisionId(0),
+        class: 0,
+        ms: 10 - 4
+    }));
+}
+
+#[test]
+fn without_a_class_header_every_request_is_standard_and_no_class_series_are_reported() {
+    let mut g = gateway(1, one_revision(1, 10));
+    g.request(0, 1, &host("a.test"), 0);
+    g.request(0, 2, &as_class("critical"), 0);
+    assert_eq!(
+        g.state().waiters().map(|w| w.class).collect::<Vec<_>>(),
+        vec![1]
+    );
+    g.workers[0].on_tick(100);
+    g.collect(0);
+    assert!(!g.effects[0].iter().any(|e| matches!(
+        e,
+        Effect::CountClass { .. } | Effect::ClassQueueWait { .. } | Effect::ClassGauge { .. }
+    )));
+}
+
+#[test]
+fn a_higher_class_evicts_the_newest_sheddable_and_its_owner_on_another_worker_answers_it() {
+    let mut g = gateway(2, classed(1, 2));
+    g.request(0, 1, &host("a.test"), 0);
+    assert_eq!(g.request(1, 2, &as_class("sheddable"), 1), Verdict::Pause);
+    assert_eq!(g.request(1, 3, &as_class("sheddable"), 2), Verdict::Pause);
+    // Full. A critical request on worker 0 takes the newest sheddable's place.
+    assert_eq!(g.request(0, 4, &as_class("critical"), 3), Verdict::Pause);
+    assert_eq!(
+        g.state()
+            .waiters()
+            .map(|w| w.owner.context)
+            .collect::<Vec<_>>(),
+        vec![2, 4]
+    );
+    assert!(
+        g.workers[1].is_waiting(3),
+        "answered by its owner, on its wake"
+    );
+    g.wake(1, 4);
+    assert_eq!(g.replies(1), vec![(3, Outcome::ShedFull)]);
+    assert_eq!(g.count(1, Outcome::ShedFull), 1);
+    assert_eq!(g.class_counts(1, Outcome::ShedFull), vec![2]);
+    assert!(!g.workers[1].is_waiting(3));
+    assert!(g.workers[1].is_waiting(2));
+    // A standard request finds the buffer full of higher or equal classes... except the
+    // remaining sheddable: it takes that place too.
+    assert_eq!(g.request(0, 5, &host("a.test"), 5), Verdict::Pause);
+    g.wake(1, 6);
+    assert_eq!(g.replies(1), vec![(2, Outcome::ShedFull)]);
+    // Now only critical and standard wait: a sheddable or standard arrival is shed at once.
+    for (ctx, class) in [(6, "sheddable"), (7, "standard")] {
+        let Verdict::Reply(r) = g.request(0, ctx, &as_class(class), 7) else {
+            panic!("{class}: shed expected");
+        };
+        assert_eq!(r.outcome, Outcome::ShedFull);
+    }
+    // An evicted waiter whose client already left needs nothing: counted once, as cancelled.
+    let mut g = gateway(2, classed(1, 1));
+    g.request(0, 1, &host("a.test"), 0);
+    g.request(1, 2, &as_class("sheddable"), 1);
+    g.request(0, 3, &as_class("critical"), 2);
+    g.workers[1].on_done(2, true, 3);
+    g.wake(1, 4);
+    assert_eq!(g.replies(1), Vec::<(u32, Outcome)>::new());
+    assert_eq!(
+        (
+            g.count(1, Outcome::Cancelled),
+            g.count(1, Outcome::ShedFull)
+        ),
+        (1, 0)
+    );
+}
+
+#[test]
+fn an_eviction_for_a_gone_worker_needs_no_answer() {
+    let mut g = gateway(2, classed(1, 1));
+    g.request(0, 1, &host("a.test"), 0);
+    g.request(1, 2, &as_class("sheddable"), 1);
+    let gone = g.token(1);
+    g.world.borrow_mut().unreachable.push(gone);
+    assert_eq!(g.request(0, 3, &as_class("critical"), 2), Verdict::Pause);
+    assert_eq!(g.state().queued(), 1);
+}
+
+#[test]
+fn each_class_waits_its_own_maximum() {
+    let mut config = classed(1, 10);
+    config["revisions"][0]["maxWait"] = json!("10s");
+    let mut g = gateway(1, config);
+    g.request(0, 1, &host("a.test"), 0);
+    g.request(0, 2, &as_class("sheddable"), 0);
+    g.request(0, 3, &as_class("standard"), 0);
+    g.request(0, 4, &as_class("critical"), 0);
+    g.workers[0].on_tick(4_999);
+    g.collect(0);
+    assert_eq!(g.replies(0), Vec::<(u32, Outcome)>::new());
+    g.workers[0].on_tick(5_000);
+    g.collect(0);
+    assert_eq!(
+        g.replies(0),
+        vec![(2, Outcome::ShedTimeout)],
+        "sheddable: 5s by default"
+    );
+    g.workers[0].on_tick(10_000);
+    g.collect(0);
+    assert_eq!(
+        g.replies(0),
+        vec![(3, Outcome::ShedTimeout), (4, Outcome::ShedTimeout)]
+    );
+    assert_eq!(g.class_counts(0, Outcome::ShedTimeout), vec![2, 1, 0]);
+}
+
+#[test]
+fn tenants_take_turns_whatever_their_number_of_requests() {
+    let mut g = gateway(2, classed(1, 20));
+    g.request(0, 1, &host("a.test"), 0);
+    // Tenant "big" queues 6 requests on worker 0 before "small" queues 2 on worker 1.
+    for c in 10..16 {
+        g.request(0, c, &of_tenant("standard", "big"), 1);
+    }
+    for c in 20..22 {
+        g.request(1, c, &of_tenant("standard", "small"), 2);
+    }
+    let groups: Vec<u32> = g.state().waiters().map(|w| w.group).collect();
+    assert_eq!(groups[0], fairness_group("big"));
+    assert_eq!(groups[6], fairness_group("small"));
+    g.workers[1].on_tick(3);
+    g.collect(1);
+    for (gauge, value) in [(ClassGauge::Queued, 8), (ClassGauge::Groups, 2)] {
+        assert!(
+            g.effects[1].contains(&Effect::ClassGauge {
+                rev: RevisionId(0),
+                class: 1,
+                gauge,
+                value
+            }),
+            "{gauge:?} {value}"
+        );
+    }
+    let mut served = Vec::new();
+    let (mut holder_w, mut holder) = (0, 1);
+    for t in 0..4 {
+        g.workers[holder_w].on_done(holder, true, 10 + t);
+        g.collect(holder_w);
+        g.wake(0, 10 + t);
+        g.wake(1, 10 + t);
+        let (w, r) = match (g.resumed(0).as_slice(), g.resumed(1).as_slice()) {
+            ([r], []) => (0, *r),
+            ([], [r]) => (1, *r),
+            other => panic!("one resume expected, got {other:?}"),
+        };
+        (holder_w, holder) = (w, r);
+        served.push(w);
+    }
+    assert_eq!(
+        served.iter().filter(|w| **w == 1).count(),
+        2,
+        "small got every other slot: {served:?}"
+    );
+    assert_ne!(served[0], served[1]);
+}
+
+#[derive(Debug, Clone)]
+enum ClassOp {
+    Arrive(usize, u8),
+    Finish(usize),
+    Leave(usize),
+    Tick(u64),
+    Wake(usize),
+}
+
+fn class_op() -> impl Strategy<Value = ClassOp> {
+    prop_oneof![
+        5 => (0usize..2, 0u8..4).prop_map(|(w, c)| ClassOp::Arrive(w, c)),
+        3 => (0usize..64).prop_map(ClassOp::Finish),
+        1 => (0usize..64).prop_map(ClassOp::Leave),
+        2 => (1u64..400).prop_map(ClassOp::Tick),
+        3 => (0usize..2).prop_map(ClassOp::Wake),
+    ]
+}
+
+proptest! {
+    /// Two workers, three classes (sheddable waits 0.5s, the others 1s), random arrivals,
+    /// completions, leavers, ticks and wake deliveries: after a worker's tick none of its
+    /// streams waits at or past its class's maximum wait (a lost grant aside: none is lost
+    /// here); the limit holds; every request ends with exactly one outcome, counted once for
+    /// the revision and once for its class.
+    #[test]
+    fn no_class_waits_past_its_maximum_and_counts_are_conserved(
+        ops in proptest::collection::vec(class_op(), 1..150),
+    ) {
+        let mut config = classed(2, 4);
+        config["revisions"][0]["classes"] = json!([
+            {"name": "critical"}, {"name": "standard"}, {"name": "sheddable", "maxWait": "500ms"}
+        ]);
+        let mut g = gateway(2, config);
+        let names = ["critical", "standard", "sheddable", "bogus"];
+        let wait_of = |class: u8| if class == 2 { 500 } else { 1_000 };
+        let mut now = 0u64;
+        let mut ctx = 0u32;
+        // Streams the test has: (worker, context, class as the gateway sees it, since).
+        let mut waiting: Vec<(usize, u32, u8, u64)> = Vec::new();
+        let mut running: Vec<(usize, u32)> = Vec::new();
+        let mut arrivals = 0usize;
+        let settle = |g: &mut Gateway, w: usize, waiting: &mut Vec<(usize, u32, u8, u64)>, running: &mut Vec<(usize, u32)>| {
+            for c in g.resumed(w) {
+                waiting.retain(|s| !(s.0 == w && s.1 == c));
+                running.push((w, c));
+            }
+            for (c, _) in g.replies(w) {
+                waiting.retain(|s| !(s.0 == w && s.1 == c));
+            }
+        };
+        for op in ops {
+            match op {
+                ClassOp::Arrive(w, c) => {
+                    ctx += 1;
+                    arrivals += 1;
+                    let class = if c == 3 { 1 } else { c };
+                    match g.request(w, ctx, &as_class(names[usize::from(c)]), now) {
+                        Verdict::Continue => running.push((w, ctx)),
+                        Verdict::Pause => waiting.push((w, ctx, class, now)),
+                        Verdict::Reply(_) => {}
+                    }
+                }
+                ClassOp::Finish(i) => {
+                    if !running.is_empty() {
+                        let (w, c) = running.remove(i % running.len());
+                        g.workers[w].on_done(c, true, now);
+                        g.collect(w);
+                    }
+                }
+                ClassOp::Leave(i) => {
+                    if !waiting.is_empty() {
+                        let (w, c, _, _) = waiting.remove(i % waiting.len());
+                        g.workers[w].on_done(c, true, now);
+                        g.collect(w);
+                    }
+                }
+                ClassOp::Tick(d) => {
+                    now += d;
+                    for w in 0..2 {
+                        g.workers[w].on_tick(now);
+                        g.collect(w);
+                        settle(&mut g, w, &mut waiting, &mut running);
+                        // A stream whose grant is on its way (its ticket left the queue) may
+                        // wait one tick more; every stream still queued is within its wait.
+                        let me = g.workers[w].id();
+                        let queued: Vec<u32> = g.state().waiters().filter(|x| x.owner.vm == me).map(|x| x.owner.context).collect();
+                        for s in waiting.iter().filter(|s| s.0 == w && queued.contains(&s.1)) {
+                            prop_assert!(now - s.3 < wait_of(s.2), "stream {} of class {} waited {} ms", s.1, s.2, now - s.3);
+                        }
+                    }
+                }
+                ClassOp::Wake(w) => {
+                    g.wake(w, now);
+                    settle(&mut g, w, &mut waiting, &mut running);
+                }
+            }
+            for w in 0..2 {
+                settle(&mut g, w, &mut waiting, &mut running);
+            }
+            prop_assert!(g.state().active <= 2);
+            prop_assert_eq!(g.state().active as usize, running.len() + pending_grants(&g));
+        }
+        // Drain: finish everything, deliver every wake, expire the rest.
+        for _ in 0..20 {
+            while let Some((w, c)) = running.pop() {
+                g.workers[w].on_done(c, true, now);
+                g.collect(w);
+            }
+            now += 1_000;
+            for w in 0..2 {
+                g.wake(w, now);
+                g.workers[w].on_tick(now);
+                g.collect(w);
+                settle(&mut g, w, &mut waiting, &mut running);
+            }
+        }
+        prop_assert!(waiting.is_empty() && running.is_empty());
+        let decided: usize = [Outcome::Admitted, Outcome::ShedFull, Outcome::ShedTimeout, Outcome::Cancelled]
+            .iter()
+            .map(|o| g.count(0, *o) + g.count(1, *o))
+            .sum();
+        // Admitted counts each request that went upstream once; the others end it.
+        prop_assert_eq!(decided, arrivals, "one outcome per request");
+        let by_class = g.effects.iter().flatten().filter(|e| matches!(e, Effect::CountClass { .. })).count();
+        prop_assert_eq!(by_class, arrivals, "and once per class");
+        prop_assert_eq!((g.state().active, g.state().queued()), (0, 0));
+    }
+}
+
+/// Grants sent but not yet delivered (slots counted as active, stream not resumed yet).
+fn pending_grants(g: &Gateway) -> usize {
+    g.world
+        .borrow()
+        .queues
+        .values()
+        .flatten()
+        .filter(|m| matches!(Wake::decode(m), Ok(Wake::Grant { .. })))
+        .count()
+}
