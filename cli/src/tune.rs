@@ -405,16 +405,17 @@ pub fn run(args: Args) -> Result<()> {
         }
     }
     let swept = sweep(&args, through.as_ref(), &interrupted);
-    // --apply writes over the gateway's file as it was before the sweep.
     let (mut applied, mut apply_error) = (None, None);
     if let (Ok(t), Some((file, base)), Some(admin), Some(revision)) =
         (&swept, &apply_to, args.admin, &args.revision)
     {
         match &t.recommendation {
+            // Through the gateway, over the file as it was before the sweep's caps; directly,
+            // over the file as it is now.
             Some(rec) => match through
                 .as_ref()
-                .map_or(Ok(()), gateway::Gateway::idle)
-                .and_then(|()| apply::apply(admin, revision, file, base, rec))
+                .map_or_else(|| file.read(), |g| g.idle().map(|()| base.clone()))
+                .and_then(|base| apply::apply(admin, revision, file, &base, rec))
             {
                 Ok(done) => applied = Some(Applied::of(revision, file, &done)),
                 Err(e) => apply_error = Some(e),

@@ -278,12 +278,14 @@ impl Stack {
         let envoy =
             envoy::Envoy::start(&envoy_bin, &bootstrap_path, config.envoy_concurrency, &dir)?;
         console.log(&[format!(
-            "envoy {} (pid {}): listener http://{}, admin http://{}, config {}",
+            "envoy {} (pid {}): listener http://{}, admin http://{}, config {}, filter configuration {} (ECDS; `inflight tune --admin {}` finds it)",
             envoy_bin.display(),
             envoy.pid(),
             envoy.listener,
             envoy.admin,
-            bootstrap_path.display()
+            bootstrap_path.display(),
+            ecds_file.display(),
+            envoy.admin
         )]);
         let mut stack = Stack {
             config: config.clone(),

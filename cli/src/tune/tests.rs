@@ -286,6 +286,28 @@ fn the_report_explains_the_recommendation() {
         "{}",
         report::text(&none)
     );
+    // Through a gateway the table says what CONC is, and the JSON names the gateway.
+    let through = Tuning {
+        gateway: Some(gateway::Through {
+            admin: "127.0.0.1:9901".into(),
+            revision: "mnist".into(),
+            file: "/s/ecds/inflight.yaml (ECDS, filter inflight)".into(),
+            ready_replicas: 1,
+            clients_per_limit: 2,
+        }),
+        ..tuning()
+    };
+    let text = report::text(&through);
+    assert!(
+        text.contains("(knee threshold 5 %)\nthrough the gateway at 127.0.0.1:9901: CONC is revision mnist's containerConcurrency")
+            && text.contains("2 clients per unit of capacity (1 ready replica(s))\n\n"),
+        "{text}"
+    );
+    assert_eq!(
+        serde_json::to_value(&through).unwrap()["gateway"]["revision"],
+        "mnist"
+    );
+    assert!(json.get("gateway").is_none(), "directly: no gateway");
 }
 
 /// The snippet is a valid InferenceService fragment: `inflight render`'s own parser reads the
