@@ -637,3 +637,50 @@ fn apply_changes_the_limit_within_a_tick_under_load() {
     }
     drop(server);
 }
+
+/// Ctrl-C during a sweep through the gateway ends it after the window at hand and puts the
+/// gateway's configuration back as it was: its limit is 16 again, nothing left active or queued.
+#[test]
+fn an_interrupted_sweep_puts_the_gateway_back() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let server = Synthetic::start(4, SERVICE);
+    let gateway = Gateway::start(server.addr, 16);
+    let png = std::env::temp_dir().join(format!("inflight-tune-int-{}.png", std::process::id()));
+    let child = Command::new(env!("CARGO_BIN_EXE_inflight"))
+        .args(["tune", "--admin"])
+        .arg(gateway.envoy.admin.to_string())
+        .args(["--revision", REVISION, "--window", "1s", "--min-hold", "2s"])
+        .args(["--max-hold", "3s", "--load", "wrk", "--json", "--plot"])
+        .arg(&png)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    gateway
+        .envoy
+        .wait_stats(Duration::from_secs(20), "the sweep's first cap", |s| {
+            s.gauge("inflight_capacity", REVISION) == 1
+        })
+        .unwrap();
+    thread::sleep(Duration::from_millis(500));
+    let pid = i32::try_from(child.id()).unwrap();
+    // SAFETY: a signal to the child this test started (and has not yet waited for).
+    assert_eq!(unsafe { libc::kill(pid, libc::SIGINT) }, 0);
+    let out = child.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    eprintln!("interrupted sweep:\n{stderr}");
+    assert!(!out.status.success(), "an interrupted sweep fails");
+    assert!(stderr.contains("interrupted at concurrency"), "{stderr}");
+    assert!(
+        stderr.contains("back as it was: containerConcurrency 16"),
+        "{stderr}"
+    );
+    let s = gateway.drained();
+    assert_eq!(
+        s.gauge("inflight_capacity", REVISION),
+        16,
+        "the limit as it was"
+    );
+    let _ = std::fs::remove_file(&png);
+    drop(server);
+}
