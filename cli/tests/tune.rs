@@ -14,8 +14,8 @@
 //! The gateway tests run the real filter in real Envoy as `inflight up` configures it (the
 //! bootstrap `inflight up --print-config` prints, the plugin configuration in its ECDS file), with
 //! the synthetic server as the revision's one replica: the sweep through the gateway
-//! (`--admin`, `--revision`), and `--apply` under load, where the capacity gauge must follow
-//! within the filter's tick. Need Envoy (`make setup`); build the filter if needed.
+//! (`--admin`, `--revision`), Ctrl-C in the middle of it, and `--apply` under load, where the
+//! capacity gauge must follow within the filter's tick. Need Envoy (`make setup`); build the filter if needed.
 
 // Test helpers and tests: failing loudly is the point.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
