@@ -9,8 +9,14 @@
 //! `--max-p99`, or once `--past-knee` steps beyond a knee are measured. The knee and the
 //! recommendation are pure arithmetic over the steps ([`knee`]); the output is a table, a PNG,
 //! the InferenceService snippet, or `--json`.
+//!
+//! Two ways to reach the server: `--url`, one replica directly, at concurrency k; or
+//! `--admin` and `--revision`, through a running gateway that caps the revision at k itself
+//! ([`gateway`]). `--apply` writes the recommendation into the gateway's plugin configuration
+//! file without a restart ([`apply`]).
 
 mod apply;
+mod gateway;
 mod knee;
 mod report;
 
@@ -18,18 +24,24 @@ use crate::bench::load::{Generator, Load, LoadTool, Target};
 use anyhow::{bail, Context as _, Result};
 use serde::Serialize;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 #[derive(clap::Args, Debug, Clone)]
 pub struct Args {
     /// The model server to load, e.g. http://127.0.0.1:8080/v1/models/mnist:predict: one
-    /// replica, directly (not through a gateway that limits it).
-    #[arg(long)]
-    pub url: String,
+    /// replica, directly (not through a gateway that limits it). Without it, give --admin and
+    /// --revision: the sweep goes through that gateway, which caps the revision at each step.
+    #[arg(long, required_unless_present_all = ["admin", "revision"])]
+    pub url: Option<String>,
+    /// Through a gateway (no --url): the request path, e.g. /v1/models/mnist:predict.
+    #[arg(long, default_value = "/", conflicts_with = "url")]
+    pub path: String,
     /// POST this file's bytes as `application/json` (as hey's and curl's `-D`); without it, GET.
     #[arg(short = 'D', long = "data", value_name = "FILE")]
     pub data: Option<PathBuf>,
-    /// `Host` header [default: the URL's].
+    /// `Host` header [default: the URL's; through a gateway, the revision's first exact host].
     #[arg(long)]
     pub host: Option<String>,
     /// Highest concurrency to try.
@@ -82,15 +94,21 @@ pub struct Args {
     #[arg(long, value_enum, default_value_t = LoadTool::Auto)]
     pub load: LoadTool,
     /// Write the recommendation (containerConcurrency, target, utilization) into the running
-    /// gateway at --admin for --revision: its listener file (file-based LDS, as `inflight up`
-    /// runs Envoy), which Envoy reloads without a restart; waits for the capacity gauge.
+    /// gateway at --admin for --revision: its plugin configuration file (file-based ECDS, as
+    /// `inflight up` runs Envoy; or file-based LDS), replaced atomically, which Envoy applies
+    /// without a restart; waits for the capacity gauge.
     #[arg(long, requires_all = ["admin", "revision"])]
     pub apply: bool,
-    /// Admin address (HOST:PORT) of the gateway for --apply (`inflight up` prints it).
-    #[arg(long)]
+    /// With --apply: apply this containerConcurrency (target the same, at --utilization)
+    /// instead of measuring one: no sweep.
+    #[arg(long, requires = "apply", value_parser = clap::value_parser!(u32).range(1..))]
+    pub limit: Option<u32>,
+    /// Admin address (HOST:PORT) of the gateway to sweep through (without --url) or to
+    /// --apply to (`inflight up` prints it).
+    #[arg(long, requires = "revision")]
     pub admin: Option<std::net::SocketAddr>,
-    /// The gateway's revision to --apply to.
-    #[arg(long)]
+    /// The gateway's revision to sweep or to --apply to.
+    #[arg(long, requires = "admin")]
     pub revision: Option<String>,
 }
 
@@ -173,7 +191,10 @@ fn levels(max: u32) -> Vec<u32> {
 #[derive(Debug, Clone, Copy, PartialEq, Serialize)]
 #[serde(rename_all = "camelCase")]
 pub struct Step {
+    /// The concurrency at the server: the clients' directly, the gateway's cap through it.
     pub concurrency: u32,
+    /// Closed-loop clients of the load generator.
+    pub clients: u32,
     pub requests: u64,
     /// Non-2xx answers and socket errors.
     pub errors: u64,
@@ -189,6 +210,9 @@ pub struct Step {
     pub p50_ms: f64,
     pub p90_ms: f64,
     pub p99_ms: f64,
+    /// Through a gateway: ms from writing the step's cap to the capacity gauge showing it.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cap_ms: Option<f64>,
 }
 
 impl Step {
@@ -206,7 +230,7 @@ impl Step {
     }
 
     /// Folds the windows of one step.
-    fn of(concurrency: u32, windows: &[Load]) -> Step {
+    fn of(concurrency: u32, clients: u32, windows: &[Load]) -> Step {
         let requests: u64 = windows.iter().map(|l| l.requests).sum();
         let ok: u64 = windows
             .iter()
@@ -225,6 +249,7 @@ impl Step {
         };
         Step {
             concurrency,
+            clients,
             requests,
             errors,
             seconds,
@@ -238,6 +263,7 @@ impl Step {
             p50_ms: weighted(|l| l.p50_us),
             p90_ms: weighted(|l| l.p90_us),
             p99_ms: weighted(|l| l.p99_us),
+            cap_ms: None,
         }
     }
 }
@@ -263,11 +289,62 @@ pub enum Stop {
 #[serde(rename_all = "camelCase")]
 pub struct Tuning {
     pub url: String,
+    /// The gateway the sweep went through (its cap set the concurrency), if any.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub gateway: Option<gateway::Through>,
     pub steps: Vec<Step>,
     pub stop: Stop,
     pub threshold_percent: f64,
     pub knee: Option<knee::Knee>,
     pub recommendation: Option<Recommendation>,
+    /// What `--apply` changed.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub applied: Option<Applied>,
+}
+
+/// What `--apply` changed, as printed.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Applied {
+    pub revision: String,
+    pub file: String,
+    pub from: u64,
+    pub to: u32,
+    /// The capacity gauge (limit × ready replicas) once it showed the new limit.
+    pub capacity: f64,
+    /// From the file's replacement to the capacity gauge showing the new limit.
+    pub after_ms: f64,
+    /// From the file's replacement to Envoy counting the update, when seen first.
+    pub accepted_ms: Option<f64>,
+}
+
+impl Applied {
+    fn of(revision: &str, file: &apply::ConfigFile, a: &apply::Applied) -> Applied {
+        Applied {
+            revision: revision.to_string(),
+            file: file.describe(),
+            from: a.from,
+            to: a.to,
+            capacity: a.capacity,
+            after_ms: a.after.as_secs_f64() * 1e3,
+            accepted_ms: a.accepted.map(|d| d.as_secs_f64() * 1e3),
+        }
+    }
+
+    fn line(&self) -> String {
+        format!(
+            "applied to {}: containerConcurrency {} → {} in {}; capacity gauge {} {:.0} ms after the write{}\n",
+            self.revision,
+            self.from,
+            self.to,
+            self.file,
+            self.capacity,
+            self.after_ms,
+            self.accepted_ms
+                .map(|a| format!(" (Envoy counted the update after {a:.0} ms)"))
+                .unwrap_or_default()
+        )
+    }
 }
 
 /// What to set on the InferenceService.
@@ -286,42 +363,134 @@ pub struct Recommendation {
 }
 
 pub fn run(args: Args) -> Result<()> {
-    if let (true, Some(admin), Some(revision)) = (args.apply, args.admin, &args.revision) {
-        let lds = apply::preflight(admin, revision)?;
-        eprintln!("tune: will apply to {revision} in {}", lds.display());
+    if let Some(limit) = args.limit {
+        return apply_limit(&args, limit);
     }
-    let tuning = sweep(&args)?;
+    let through = match (&args.url, args.admin, &args.revision) {
+        (None, Some(admin), Some(revision)) => {
+            let g = gateway::Gateway::open(admin, revision, args.host.as_deref())?;
+            eprintln!(
+                "tune: through the gateway at {admin}: {} (Host {}), revision {revision} capped at each step in {} ({} ready replica(s), pinned for the sweep; containerConcurrency {} restored after)",
+                g.url(&args.path),
+                g.host,
+                g.file.describe(),
+                g.ready,
+                g.original_cc,
+            );
+            Some(g)
+        }
+        (None, _, _) => bail!(
+            "give --url (one replica, directly) or --admin and --revision (through a running gateway)"
+        ),
+        _ => None,
+    };
+    // Where --apply writes, checked before the sweep: the gateway's file as it is now.
+    let apply_to = match (args.apply, &through, args.admin, &args.revision) {
+        (true, Some(g), _, _) => Some((g.file.clone(), g.original.clone())),
+        (true, None, Some(admin), Some(revision)) => {
+            let (file, text) = apply::preflight(admin, revision)?;
+            eprintln!("tune: will apply to {revision} in {}", file.describe());
+            Some((file, text))
+        }
+        _ => None,
+    };
+    // Through a gateway the sweep changes its configuration: Ctrl-C ends the sweep and puts
+    // the file back (a second Ctrl-C exits at once).
+    let interrupted = Arc::new(AtomicBool::new(false));
+    if through.is_some() {
+        for sig in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
+            signal_hook::flag::register_conditional_shutdown(sig, 1, Arc::clone(&interrupted))
+                .and_then(|_| signal_hook::flag::register(sig, Arc::clone(&interrupted)))
+                .context("installing signal handler")?;
+        }
+    }
+    let swept = sweep(&args, through.as_ref(), &interrupted);
+    let (mut applied, mut apply_error) = (None, None);
+    if let (Ok(t), Some((file, base)), Some(admin), Some(revision)) =
+        (&swept, &apply_to, args.admin, &args.revision)
+    {
+        match &t.recommendation {
+            // Through the gateway, over the file as it was before the sweep's caps; directly,
+            // over the file as it is now.
+            Some(rec) => match through
+                .as_ref()
+                .map_or_else(|| file.read(), |g| g.idle().map(|()| base.clone()))
+                .and_then(|base| apply::apply(admin, revision, file, &base, rec))
+            {
+                Ok(done) => applied = Some(Applied::of(revision, file, &done)),
+                Err(e) => apply_error = Some(e),
+            },
+            None => {
+                apply_error = Some(anyhow::anyhow!(
+                    "--apply: no knee, so nothing to apply (the gateway is as it was)"
+                ))
+            }
+        }
+    }
+    if let (Some(g), None) = (&through, &applied) {
+        let restored = g
+            .restore()
+            .with_context(|| format!("putting {} back as it was", g.file.describe()))?;
+        eprintln!(
+            "tune: {} back as it was: containerConcurrency {} (capacity gauge {} after {} ms)",
+            g.file.describe(),
+            restored.to,
+            restored.capacity,
+            restored.after.as_millis()
+        );
+    }
+    let mut tuning = swept?;
+    tuning.applied = applied;
     if args.json {
         println!("{}", serde_json::to_string_pretty(&tuning)?);
     } else {
         print!("{}", report::text(&tuning));
+        if let Some(a) = &tuning.applied {
+            print!("{}", a.line());
+        }
     }
     match report::plot(&args.plot, &tuning) {
         Ok(()) => eprintln!("tune: plot written to {}", args.plot.display()),
         Err(e) => eprintln!("tune: no plot ({}): {e:#}", args.plot.display()),
     }
-    if let (true, Some(admin), Some(revision)) = (args.apply, args.admin, &args.revision) {
-        let Some(rec) = &tuning.recommendation else {
-            bail!("--apply: no knee, so nothing to apply (the gateway is unchanged)");
-        };
-        let done = apply::apply(admin, revision, rec)?;
-        eprintln!(
-            "tune: applied to {revision}: containerConcurrency {} → {} in {}; capacity gauge {} after {} ms ({} ms after Envoy took the listener)",
-            done.from,
-            done.to,
-            done.lds.display(),
-            done.capacity,
-            done.after.as_millis(),
-            done.after_accepted.as_millis()
+    match apply_error {
+        Some(e) => Err(e),
+        None => Ok(()),
+    }
+}
+
+/// `--apply --limit N`: the given limit into the gateway, no sweep.
+fn apply_limit(args: &Args, limit: u32) -> Result<()> {
+    let (Some(admin), Some(revision)) = (args.admin, &args.revision) else {
+        bail!("--apply needs --admin and --revision");
+    };
+    if !(args.utilization > 0.0 && args.utilization <= 100.0) {
+        bail!(
+            "--utilization {}: a percentage in (0, 100], Knative's default is 70",
+            args.utilization
         );
+    }
+    let (file, base) = apply::preflight(admin, revision)?;
+    let rec = recommend_limit(limit, args.utilization, &args.name);
+    let done = apply::apply(admin, revision, &file, &base, &rec)?;
+    let applied = Applied::of(revision, &file, &done);
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&applied)?);
+    } else {
+        print!("{}", applied.line());
     }
     Ok(())
 }
 
-/// Runs the sweep and finds the knee.
-fn sweep(args: &Args) -> Result<Tuning> {
+/// Runs the sweep and finds the knee: directly at `--url`, or `through` a gateway that caps
+/// the revision at each step.
+fn sweep(
+    args: &Args,
+    through: Option<&gateway::Gateway>,
+    interrupted: &AtomicBool,
+) -> Result<Tuning> {
     let plan = Plan::from(args)?;
-    let target = target(args)?;
+    let target = target(args, through)?;
     let generator = Generator::find(args.load)?;
     let window = plan.window.max(generator.min_duration());
     let scratch = std::env::temp_dir().join(format!("inflight-tune-{}", std::process::id()));
@@ -329,15 +498,27 @@ fn sweep(args: &Args) -> Result<Tuning> {
     let started = Instant::now();
     let mut steps: Vec<Step> = Vec::new();
     let mut stop = Stop::MaxConcurrency;
+    let steady = Steady {
+        generator: &generator,
+        target: &target,
+        through,
+        window,
+        plan: &plan,
+        scratch: &scratch,
+        interrupted,
+    };
     for &c in &plan.levels {
-        let step = hold(&generator, &target, c, window, &plan, &scratch);
-        let step = match step {
+        let step = match steady.measure(c) {
             Ok(s) => s,
             Err(e) => {
                 let _ = std::fs::remove_dir_all(&scratch);
                 return Err(e.context(format!("measuring concurrency {c} on {}", target.url)));
             }
         };
+        if interrupted.load(Ordering::SeqCst) {
+            let _ = std::fs::remove_dir_all(&scratch);
+            bail!("interrupted at concurrency {c}");
+        }
         steps.push(step);
         if step.error_rate() > plan.max_errors {
             stop = Stop::Errors {
@@ -373,11 +554,13 @@ fn sweep(args: &Args) -> Result<Tuning> {
     let recommendation = knee.map(|k| recommend(k, args.utilization, &args.name));
     Ok(Tuning {
         url: target.url,
+        gateway: through.map(gateway::Gateway::through),
         steps,
         stop,
         threshold_percent: args.threshold,
         knee,
         recommendation,
+        applied: None,
     })
 }
 
@@ -393,7 +576,10 @@ fn find_knee(steps: &[Step], plan: &Plan) -> Option<knee::Knee> {
 }
 
 fn recommend(k: knee::Knee, utilization: f64, name: &str) -> Recommendation {
-    let cc = k.container_concurrency;
+    recommend_limit(k.container_concurrency, utilization, name)
+}
+
+fn recommend_limit(cc: u32, utilization: f64, name: &str) -> Recommendation {
     Recommendation {
         container_concurrency: cc,
         target: cc,
@@ -403,48 +589,93 @@ fn recommend(k: knee::Knee, utilization: f64, name: &str) -> Recommendation {
     }
 }
 
-fn target(args: &Args) -> Result<Target> {
-    let rest = args
-        .url
-        .strip_prefix("http://")
-        .with_context(|| format!("--url {}: expected http://HOST:PORT/PATH", args.url))?;
-    let authority = rest.split('/').next().unwrap_or("");
-    if authority.is_empty() {
-        bail!("--url {}: no host", args.url);
-    }
+fn target(args: &Args, through: Option<&gateway::Gateway>) -> Result<Target> {
     if let Some(d) = &args.data {
         if !d.is_file() {
             bail!("-D {}: no such file", d.display());
         }
     }
+    if let Some(g) = through {
+        return Ok(Target {
+            url: g.url(&args.path),
+            host: g.host.clone(),
+            body: args.data.clone(),
+        });
+    }
+    let url = args.url.as_deref().unwrap_or_default();
+    let rest = url
+        .strip_prefix("http://")
+        .with_context(|| format!("--url {url}: expected http://HOST:PORT/PATH"))?;
+    let authority = rest.split('/').next().unwrap_or("");
+    if authority.is_empty() {
+        bail!("--url {url}: no host");
+    }
     Ok(Target {
-        url: args.url.clone(),
+        url: url.to_string(),
         host: args.host.clone().unwrap_or_else(|| authority.to_string()),
         body: args.data.clone(),
     })
 }
 
-/// Holds concurrency `c` in windows until the throughput interval is narrow enough.
-fn hold(
-    generator: &Generator,
-    target: &Target,
-    c: u32,
+/// How each step is held: the load generator and its target, the gateway if the sweep goes
+/// through one, and the plan's limits.
+struct Steady<'a> {
+    generator: &'a Generator,
+    target: &'a Target,
+    through: Option<&'a gateway::Gateway>,
     window: Duration,
-    plan: &Plan,
-    scratch: &Path,
-) -> Result<Step> {
-    let started = Instant::now();
-    let mut windows = Vec::new();
-    loop {
-        windows.push(generator.run_target(target, c, window, scratch)?);
-        let step = Step::of(c, &windows);
-        let held = started.elapsed();
-        let relative = step.ci95 / step.throughput.max(f64::MIN_POSITIVE);
-        eprint!("\r{}", report::progress(&step, held));
-        let steady = held >= plan.min_hold && relative <= plan.precision;
-        if steady || held >= plan.max_hold || step.error_rate() > plan.max_errors {
-            eprintln!();
-            return Ok(step);
+    plan: &'a Plan,
+    scratch: &'a Path,
+    interrupted: &'a AtomicBool,
+}
+
+impl Steady<'_> {
+    /// One step at concurrency `c`: directly, `c` clients; through a gateway, the revision
+    /// capped at `c` first, and twice its capacity in clients.
+    fn measure(&self, c: u32) -> Result<Step> {
+        let mut cap_ms = None;
+        let clients = match self.through {
+            Some(g) => {
+                let capped = g.cap(c)?;
+                cap_ms = Some(capped.after.as_secs_f64() * 1e3);
+                let want = f64::from(c) * f64::from(g.ready);
+                if capped.capacity != want {
+                    eprintln!(
+                        "tune: revision {} has capacity {} at cap {c}, not {want}: its ready replicas changed during the sweep",
+                        g.revision, capped.capacity
+                    );
+                }
+                g.clients(c)
+            }
+            None => c,
+        };
+        let step = self.hold(c, clients)?;
+        Ok(Step { cap_ms, ..step })
+    }
+
+    /// Holds concurrency `c` (`clients` closed-loop clients) in windows until the throughput
+    /// interval is narrow enough.
+    fn hold(&self, c: u32, clients: u32) -> Result<Step> {
+        let plan = self.plan;
+        let started = Instant::now();
+        let mut windows = Vec::new();
+        loop {
+            windows.push(self.generator.run_target(
+                self.target,
+                clients,
+                self.window,
+                self.scratch,
+            )?);
+            let step = Step::of(c, clients, &windows);
+            let held = started.elapsed();
+            let relative = step.ci95 / step.throughput.max(f64::MIN_POSITIVE);
+            eprint!("\r{}", report::progress(&step, held));
+            let steady = held >= plan.min_hold && relative <= plan.precision;
+            let ended = steady || held >= plan.max_hold || step.error_rate() > plan.max_errors;
+            if ended || self.interrupted.load(Ordering::SeqCst) {
+                eprintln!();
+                return Ok(step);
+            }
         }
     }
 }

@@ -1,6 +1,6 @@
-//! `inflight up`: the local stack from one config file — Envoy with the filter (its listener
-//! read from a file, file-based LDS, so `inflight tune --apply` can change a limit live), predictor
-//! replicas on loopback ports published to Envoy through file-based EDS, the local scaler that
+//! `inflight up`: the local stack from one config file — Envoy with the filter (its
+//! configuration read from a file, file-based ECDS, so `inflight tune` can change a limit live),
+//! predictor replicas on loopback ports published to Envoy through file-based EDS, the local scaler that
 //! follows the gateway's `inflight_desired_replicas`, and a live view. `--demo` plays the KServe
 //! autoscaling page (50 clients against target 10 → 5 replicas) and ends with the `hey` summary,
 //! a `kubectl get pods`-style table, totals and a plot.
@@ -74,7 +74,8 @@ pub struct Args {
     /// looked up next to this binary, in <repo>/target/release, then on PATH).
     #[arg(long)]
     predictor: Option<PathBuf>,
-    /// Print the Envoy bootstrap and the plugin config instead of starting anything.
+    /// Print the Envoy bootstrap instead of starting anything (it is valid as it stands: the
+    /// EDS files and the filter's ECDS file with the plugin config it names are written).
     #[arg(long)]
     print_config: bool,
 }
@@ -233,7 +234,23 @@ impl Stack {
             .with_context(|| format!("creating {}", eds_dir.display()))?;
         let listener_port = envoy::pick_port(config.port)?;
         let admin_port = envoy::pick_port(config.admin_port)?;
-        let bootstrap = envoy::bootstrap(config, listener_port, admin_port, &wasm, &eds_dir);
+        // The filter's configuration in its own file (file-based ECDS), so that a new one
+        // (`inflight tune --apply`) reaches the running Envoy within a tick, without a restart.
+        let ecds_file = envoy::ecds_path(&dir);
+        let generated = envoy::bootstrap(
+            config,
+            listener_port,
+            admin_port,
+            &wasm,
+            &eds_dir,
+            &ecds_file,
+        )?;
+        if let Some(ecds_dir) = ecds_file.parent() {
+            std::fs::create_dir_all(ecds_dir)
+                .with_context(|| format!("creating {}", ecds_dir.display()))?;
+        }
+        envoy::replace_file(&ecds_file, &generated.filter)?;
+        let bootstrap = generated.yaml;
         if args.print_config {
             // Empty assignments, so the printed bootstrap is valid as it stands.
             for r in &config.revisions {
@@ -241,22 +258,11 @@ impl Stack {
             }
             println!("{bootstrap}");
             bail!(
-                "--print-config: nothing started (EDS files in {})",
-                eds_dir.display()
+                "--print-config: nothing started (EDS files in {}, the filter's configuration in {})",
+                eds_dir.display(),
+                ecds_file.display()
             );
         }
-        // The listener (with the plugin configuration) from its own file, so that a new
-        // configuration (`inflight tune --apply`) reaches the running Envoy without a restart.
-        let lds_dir = dir.join("lds");
-        std::fs::create_dir_all(&lds_dir)
-            .with_context(|| format!("creating {}", lds_dir.display()))?;
-        let (bootstrap, lds) = inflight_envoy_control::bootstrap::listener_from_file(
-            &bootstrap,
-            &lds_dir.join("listener.yaml"),
-            None,
-        )
-        .context("the generated bootstrap has no listener to move into its LDS file")?;
-        std::fs::write(lds_dir.join("listener.yaml"), lds)?;
         let bootstrap_path = dir.join("envoy.yaml");
         std::fs::write(&bootstrap_path, &bootstrap)?;
         let mut pools = Vec::new();
@@ -272,12 +278,14 @@ impl Stack {
         let envoy =
             envoy::Envoy::start(&envoy_bin, &bootstrap_path, config.envoy_concurrency, &dir)?;
         console.log(&[format!(
-            "envoy {} (pid {}): listener http://{}, admin http://{}, config {}",
+            "envoy {} (pid {}): listener http://{}, admin http://{}, config {}, filter configuration {} (ECDS; `inflight tune --admin {}` finds it)",
             envoy_bin.display(),
             envoy.pid(),
             envoy.listener,
             envoy.admin,
-            bootstrap_path.display()
+            bootstrap_path.display(),
+            ecds_file.display(),
+            envoy.admin
         )]);
         let mut stack = Stack {
             config: config.clone(),

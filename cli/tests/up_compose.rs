@@ -88,6 +88,27 @@ fn generated_bootstrap_validates() {
     std::fs::write(&path, yaml.as_bytes()).unwrap();
     validate(&path);
     let _ = std::fs::remove_dir_all(&dir);
+    // The filter's configuration is in the ECDS file the bootstrap names (which validation
+    // does not read): the filter under the entry's name, with a plugin config it accepts.
+    let ecds = yaml
+        .lines()
+        .filter_map(|l| l.trim().strip_prefix("path: \""))
+        .filter_map(|rest| rest.strip_suffix('"'))
+        .find(|p| p.ends_with("/ecds/inflight.yaml"))
+        .unwrap_or_else(|| panic!("no ECDS file in the bootstrap:\n{yaml}"));
+    assert!(
+        yaml.contains("          - name: inflight\n            config_discovery:\n"),
+        "{yaml}"
+    );
+    let filter: serde_json::Value =
+        serde_norway::from_str(&std::fs::read_to_string(ecds).unwrap()).unwrap();
+    let resource = &filter["resources"][0];
+    assert_eq!(resource["name"], "inflight", "{filter}");
+    let plugin = resource["typed_config"]["config"]["configuration"]["value"]
+        .as_str()
+        .unwrap();
+    inflight_core::Config::parse(plugin.as_bytes())
+        .unwrap_or_else(|e| panic!("the ECDS file's plugin config rejected: {e}\n{plugin}"));
     // --print-config leaves the (empty) EDS files its bootstrap points at: remove them.
     if let Some(eds_dir) = yaml
         .lines()

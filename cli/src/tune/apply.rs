@@ -1,129 +1,242 @@
-//! `inflight tune --apply`: the recommended limit into a running gateway, without a restart.
+//! A revision's limit in a running gateway, without a restart: `inflight tune --apply`, and the
+//! caps of a sweep through the gateway (`--admin` without `--url`).
 //!
-//! The gateway must read its listener from a file (file-based LDS), as `inflight up` runs
-//! Envoy: the file is found from the admin endpoint (`/server_info` gives the bootstrap's path,
-//! the bootstrap gives `dynamic_resources.lds_config.path_config_source.path`), the revision's
-//! `containerConcurrency` and `target` are rewritten inside the filter's plugin configuration,
-//! and the file is replaced by a rename, which Envoy watches for. Envoy then builds the new
-//! listener configuration while streams already admitted finish on the old one; both share the
-//! revision's state, so nothing in flight is lost (`host-tests/tests/reload_envoy.rs`).
+//! The gateway must read the filter's plugin configuration from a file. Preferably its ECDS file
+//! (`config_discovery` on the `http_filters` entry with a file config source: how `inflight up`
+//! runs Envoy, and how Istio delivers a WasmPlugin), else its listener file (file-based LDS).
+//! The file is found from the admin endpoint (`/server_info` gives the bootstrap's path; the
+//! bootstrap, or the LDS file it names, gives the ECDS file), the revision's fields are
+//! rewritten inside the plugin configuration (and checked with the filter's own parser), and
+//! the file is replaced by a rename, which Envoy watches for.
+//!
+//! Through ECDS, Envoy hands the new configuration to the filter in the VMs it already runs
+//! within milliseconds, and the capacity gauge shows the new limit at the filter's next tick;
+//! streams already admitted finish on the old configuration, which shares the revision's state,
+//! so nothing in flight is lost (`host-tests/tests/ecds_envoy.rs`). Through LDS, Envoy first
+//! builds a new listener and its VMs (hundreds of milliseconds; `reload_envoy.rs`).
 
 use super::Recommendation;
-use crate::up::{http, stats};
+use crate::up::{envoy::replace_file, http};
 use anyhow::{bail, Context as _, Result};
-use inflight_core::config::ConfigDoc;
+use inflight_core::config::{ConfigDoc, RevisionDoc};
 use serde_json::Value;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-/// What `--apply` changed.
+/// The file a gateway reads the plugin configuration from, and how Envoy counts its updates.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ConfigFile {
+    pub path: PathBuf,
+    pub kind: FileKind,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum FileKind {
+    /// File-based ECDS for the `http_filters` entry of this name.
+    Ecds { filter: String },
+    /// File-based LDS (the listener, with the filter in it).
+    Lds,
+}
+
+impl ConfigFile {
+    /// Envoy's counter of the file's accepted updates.
+    fn updates_stat(&self) -> String {
+        match &self.kind {
+            FileKind::Ecds { filter } => {
+                format!("extension_config_discovery.http_filter.{filter}.config_reload")
+            }
+            FileKind::Lds => "listener_manager.lds.update_success".to_string(),
+        }
+    }
+
+    pub fn describe(&self) -> String {
+        match &self.kind {
+            FileKind::Ecds { filter } => {
+                format!("{} (ECDS, filter {filter})", self.path.display())
+            }
+            FileKind::Lds => format!("{} (LDS listener)", self.path.display()),
+        }
+    }
+
+    pub fn read(&self) -> Result<String> {
+        std::fs::read_to_string(&self.path)
+            .with_context(|| format!("reading {}", self.path.display()))
+    }
+}
+
+/// What a change of the limit did.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Applied {
-    pub lds: PathBuf,
+    pub file: PathBuf,
     pub from: u64,
     pub to: u32,
     /// The capacity gauge (cc × ready) after the change.
     pub capacity: f64,
     /// From the file's replacement to the gauge showing the new limit.
     pub after: Duration,
-    /// From Envoy counting the listener update (`lds.update_success`) to the gauge showing the
-    /// new limit (the new configuration's VMs start, then tick).
-    pub after_accepted: Duration,
+    /// From the file's replacement to Envoy counting the update (None if the gauge showed the
+    /// new limit first, as when it did not change).
+    pub accepted: Option<Duration>,
 }
 
-/// Sets `revision`'s limit, soft target and utilization to `rec`'s in the gateway behind
-/// `admin`, then waits until its capacity gauge shows the new limit.
-pub fn apply(admin: SocketAddr, revision: &str, rec: &Recommendation) -> Result<Applied> {
-    let cc = rec.container_concurrency;
-    let lds = lds_file(admin)?;
-    let text =
-        std::fs::read_to_string(&lds).with_context(|| format!("reading {}", lds.display()))?;
-    let (new, from) = set_limit(&text, revision, rec)
-        .with_context(|| format!("in the listener file {}", lds.display()))?;
-    let ready = stats::scrape(admin)?
-        .revisions
-        .get(revision)
-        .and_then(|r| r.ready)
-        .unwrap_or(1.0);
-    let before = lds_updates(admin)?;
-    replace(&lds, &new)?;
+/// Sets `revision`'s limit, soft target and utilization to `rec`'s in the plugin configuration
+/// `base` (the text of `file`) and writes it; returns once the capacity gauge shows the limit.
+pub fn apply(
+    admin: SocketAddr,
+    revision: &str,
+    file: &ConfigFile,
+    base: &str,
+    rec: &Recommendation,
+) -> Result<Applied> {
+    let (new, from) =
+        set_limit(base, revision, rec).with_context(|| format!("in {}", file.describe()))?;
+    write_and_wait(admin, revision, file, &new, rec.container_concurrency, from)
+}
+
+/// Replaces `file` with `text`, in which `revision`'s limit is `cc` (it was `from`), and waits
+/// until the revision's capacity gauge is `cc` × its ready replicas (at most 10 s).
+pub fn write_and_wait(
+    admin: SocketAddr,
+    revision: &str,
+    file: &ConfigFile,
+    text: &str,
+    cc: u32,
+    from: u64,
+) -> Result<Applied> {
+    let stat = file.updates_stat();
+    let before = counter(admin, &stat)?;
+    replace_file(&file.path, text)?;
     let written = Instant::now();
-    let want = f64::from(cc) * ready;
     let mut accepted = None;
     loop {
-        if accepted.is_none() && lds_updates(admin)? > before {
-            accepted = Some(Instant::now());
+        if accepted.is_none() && counter(admin, &stat)? > before {
+            accepted = Some(written.elapsed());
         }
-        let now = stats::scrape(admin)?;
-        let capacity = now.revisions.get(revision).map_or(0.0, |r| r.capacity);
-        if let (true, Some(at)) = (capacity == want, accepted) {
+        let Gauges {
+            capacity, ready, ..
+        } = gauges(admin, revision)?;
+        let want = f64::from(cc) * ready.unwrap_or(1.0);
+        if capacity == want {
             return Ok(Applied {
-                lds,
+                file: file.path.clone(),
                 from,
                 to: cc,
                 capacity,
                 after: written.elapsed(),
-                after_accepted: at.elapsed(),
+                accepted,
             });
         }
         if written.elapsed() > Duration::from_secs(10) {
             bail!(
-                "wrote {} but after 10 s the gateway's capacity for {revision} is {capacity}, not {want} (listener updates: {} → {}); see Envoy's log",
-                lds.display(),
-                before,
-                lds_updates(admin)?
+                "wrote {} but after 10 s the gateway's capacity for {revision} is {capacity}, not {want} ({stat}: {before} → {}); see Envoy's log",
+                file.describe(),
+                counter(admin, &stat)?
             );
         }
-        std::thread::sleep(Duration::from_millis(10));
+        std::thread::sleep(Duration::from_millis(2));
     }
 }
 
-/// Checks before the sweep that `--apply` will be able to write: the gateway answers, its
-/// listener comes from a file, and the file's plugin configuration has `revision`.
-pub fn preflight(admin: SocketAddr, revision: &str) -> Result<PathBuf> {
-    let lds = lds_file(admin)?;
-    let text =
-        std::fs::read_to_string(&lds).with_context(|| format!("reading {}", lds.display()))?;
-    let probe = Recommendation {
-        container_concurrency: 1,
-        target: 1,
-        target_utilization_percentage: 100.0,
-        effective_target: 1.0,
-        snippet: String::new(),
-    };
-    set_limit(&text, revision, &probe)
-        .with_context(|| format!("--apply: in the listener file {}", lds.display()))?;
-    Ok(lds)
+/// Checks before the sweep that the limit can be changed: the gateway answers, reads the plugin
+/// configuration from a file, and the file's configuration has `revision`. Returns the file and
+/// its text.
+pub fn preflight(admin: SocketAddr, revision: &str) -> Result<(ConfigFile, String)> {
+    let file = config_file(admin)?;
+    let text = file.read()?;
+    edit_revision(&text, revision, |_| {}).with_context(|| format!("in {}", file.describe()))?;
+    Ok((file, text))
 }
 
-/// The LDS file of the Envoy whose admin endpoint is `admin`.
-fn lds_file(admin: SocketAddr) -> Result<PathBuf> {
+/// The file the gateway behind `admin` reads the plugin configuration from: the first ECDS file
+/// named in its bootstrap or its LDS file that holds an inflight plugin configuration, else
+/// the LDS file.
+pub fn config_file(admin: SocketAddr) -> Result<ConfigFile> {
     let (_, info) = http::get(admin, "/server_info", Duration::from_secs(5))?;
     let info: Value = serde_json::from_str(&info).context("/server_info is not JSON")?;
     let bootstrap = info["command_line_options"]["config_path"]
         .as_str()
         .filter(|p| !p.is_empty())
-        .context("the gateway was started without a config file (-c); --apply needs its listener in a file")?;
-    let text = std::fs::read_to_string(bootstrap)
-        .with_context(|| format!("reading the gateway's bootstrap {bootstrap}"))?;
-    let doc: Value = serde_norway::from_str(&text)
-        .with_context(|| format!("parsing the gateway's bootstrap {bootstrap}"))?;
-    let path = doc["dynamic_resources"]["lds_config"]["path_config_source"]["path"]
+        .context("the gateway was started without a config file (-c); changing a limit needs its plugin configuration in a file")?;
+    let doc = read_yaml(Path::new(bootstrap))
+        .with_context(|| format!("the gateway's bootstrap {bootstrap}"))?;
+    let lds = doc["dynamic_resources"]["lds_config"]["path_config_source"]["path"]
         .as_str()
-        .with_context(|| {
-            format!(
-                "{bootstrap} has no file-based LDS (dynamic_resources.lds_config.path_config_source): its listener is static, and a change would need a restart"
-            )
-        })?;
-    Ok(PathBuf::from(path))
+        .map(PathBuf::from);
+    let mut ecds = Vec::new();
+    ecds_files(&doc, &mut ecds);
+    if let Some(lds) = &lds {
+        let listeners = read_yaml(lds)
+            .with_context(|| format!("the gateway's listener file {}", lds.display()))?;
+        ecds_files(&listeners, &mut ecds);
+    }
+    for (filter, path) in ecds {
+        if std::fs::read_to_string(&path).is_ok_and(|text| has_plugin(&text)) {
+            return Ok(ConfigFile {
+                path,
+                kind: FileKind::Ecds { filter },
+            });
+        }
+    }
+    match lds {
+        Some(path) => Ok(ConfigFile {
+            path,
+            kind: FileKind::Lds,
+        }),
+        None => bail!(
+            "{bootstrap} names no file with the plugin configuration (an ECDS file through `config_discovery` with a `path_config_source`, or file-based LDS): a change would need a restart"
+        ),
+    }
 }
 
-/// Envoy's count of successful listener updates.
-fn lds_updates(admin: SocketAddr) -> Result<u64> {
+fn read_yaml(path: &Path) -> Result<Value> {
+    let text =
+        std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    serde_norway::from_str(&text).with_context(|| format!("parsing {}", path.display()))
+}
+
+/// Whether `yaml` holds an inflight plugin configuration.
+fn has_plugin(yaml: &str) -> bool {
+    let Ok(mut doc) = serde_norway::from_str::<Value>(yaml) else {
+        return false;
+    };
+    let mut found = false;
+    let _ = edit_configs(&mut doc, &mut |_| {
+        found = true;
+        Ok(())
+    });
+    found
+}
+
+/// `(filter name, file)` of every `http_filters` entry under `v` whose configuration comes from
+/// a file (`config_discovery.config_source.path_config_source.path`).
+fn ecds_files(v: &Value, out: &mut Vec<(String, PathBuf)>) {
+    match v {
+        Value::Object(map) => {
+            let path = map
+                .get("config_discovery")
+                .and_then(|d| d["config_source"]["path_config_source"]["path"].as_str());
+            if let (Some(path), Some(name)) = (path, map.get("name").and_then(Value::as_str)) {
+                out.push((name.to_string(), PathBuf::from(path)));
+            }
+            for child in map.values() {
+                ecds_files(child, out);
+            }
+        }
+        Value::Array(items) => {
+            for child in items {
+                ecds_files(child, out);
+            }
+        }
+        _ => {}
+    }
+}
+
+/// An Envoy counter by its exact name (0 when absent).
+fn counter(admin: SocketAddr, name: &str) -> Result<u64> {
     let (_, body) = http::get(
         admin,
-        "/stats?filter=^listener_manager.lds.update_success$",
+        &format!("/stats?filter=^{}$", name.replace('.', "\\.")),
         Duration::from_secs(2),
     )?;
     Ok(body
@@ -133,29 +246,66 @@ fn lds_updates(admin: SocketAddr) -> Result<u64> {
         .unwrap_or(0))
 }
 
-/// Writes `text` beside `path` and renames it into place (Envoy reacts to the move).
-fn replace(path: &Path, text: &str) -> Result<()> {
-    let tmp = path.with_extension("tune.tmp");
-    std::fs::write(&tmp, text).with_context(|| format!("writing {}", tmp.display()))?;
-    std::fs::rename(&tmp, path).with_context(|| format!("replacing {}", path.display()))?;
-    Ok(())
+/// A revision's gauges, as the filter last published them (at its tick).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Gauges {
+    /// cc × ready replicas.
+    pub capacity: f64,
+    /// None before the filter exports it.
+    pub ready: Option<f64>,
+    pub active: f64,
+    pub queued: f64,
 }
 
-/// The LDS YAML with `revision`'s `containerConcurrency`, `target` and
+/// The revision's gauges.
+pub fn gauges(admin: SocketAddr, revision: &str) -> Result<Gauges> {
+    let prefix = format!("wasmcustom.inflight.revision.{revision}.");
+    let (_, body) = http::get(
+        admin,
+        &format!("/stats?filter=^{}", prefix.replace('.', "\\.")),
+        Duration::from_secs(2),
+    )?;
+    let value = |gauge: &str| {
+        body.lines().find_map(|l| {
+            let (name, v) = l.split_once(':')?;
+            (name.strip_prefix(&prefix)? == gauge).then(|| v.trim().parse::<f64>().ok())?
+        })
+    };
+    Ok(Gauges {
+        capacity: value("capacity").unwrap_or(0.0),
+        ready: value("ready_replicas"),
+        active: value("active").unwrap_or(0.0),
+        queued: value("queued").unwrap_or(0.0),
+    })
+}
+
+/// The YAML with `revision`'s `containerConcurrency`, `target` and
 /// `targetUtilizationPercentage` set to `rec`'s in every inflight plugin configuration it holds;
-/// also returns the old limit. The configuration is the JSON string of a
-/// `google.protobuf.StringValue` whose JSON has `revisions`.
-pub fn set_limit(lds_yaml: &str, revision: &str, rec: &Recommendation) -> Result<(String, u64)> {
-    let mut doc: Value = serde_norway::from_str(lds_yaml).context("not YAML")?;
+/// also returns the old limit.
+pub fn set_limit(yaml: &str, revision: &str, rec: &Recommendation) -> Result<(String, u64)> {
+    edit_revision(yaml, revision, |r| {
+        r.container_concurrency = rec.container_concurrency;
+        r.target = Some(f64::from(rec.target));
+        r.target_utilization_percentage = Some(rec.target_utilization_percentage);
+    })
+}
+
+/// The YAML with `edit` applied to `revision` in every inflight plugin configuration it holds
+/// (the JSON string of a `google.protobuf.StringValue` whose JSON has `revisions`), each checked
+/// with the filter's own parser; also returns the revision's old limit.
+pub fn edit_revision(
+    yaml: &str,
+    revision: &str,
+    mut edit: impl FnMut(&mut RevisionDoc),
+) -> Result<(String, u64)> {
+    let mut doc: Value = serde_norway::from_str(yaml).context("not YAML")?;
     let mut old = None;
     let mut configs = 0;
     edit_configs(&mut doc, &mut |config: &mut ConfigDoc| -> Result<()> {
         configs += 1;
         for r in config.revisions.iter_mut().filter(|r| r.name == revision) {
             old = Some(u64::from(r.container_concurrency));
-            r.container_concurrency = rec.container_concurrency;
-            r.target = Some(f64::from(rec.target));
-            r.target_utilization_percentage = Some(rec.target_utilization_percentage);
+            edit(r);
         }
         // The filter's own validation, so a change it would refuse is never written.
         inflight_core::config::Config::parse(serde_json::to_string(config)?.as_bytes())
@@ -169,6 +319,23 @@ pub fn set_limit(lds_yaml: &str, revision: &str, rec: &Recommendation) -> Result
         bail!("no revision named {revision:?} in the plugin configuration");
     };
     Ok((serde_norway::to_string(&doc)?, old))
+}
+
+/// The revision's entry in the first inflight plugin configuration of `yaml`.
+pub fn revision_doc(yaml: &str, revision: &str) -> Result<RevisionDoc> {
+    let mut doc: Value = serde_norway::from_str(yaml).context("not YAML")?;
+    let mut found = None;
+    edit_configs(&mut doc, &mut |config: &mut ConfigDoc| -> Result<()> {
+        if found.is_none() {
+            found = config
+                .revisions
+                .iter()
+                .find(|r| r.name == revision)
+                .cloned();
+        }
+        Ok(())
+    })?;
+    found.with_context(|| format!("no revision named {revision:?} in the plugin configuration"))
 }
 
 /// Calls `f` on every plugin configuration (parsed as core's schema) under `v` and writes it
@@ -280,120 +447,45 @@ mod tests {
         assert!(e.contains("the filter would reject"), "{e}");
     }
 
-    /// `--apply` against a running gateway made as `inflight up` makes it (its bootstrap, its
-    /// listener file, the real filter in real Envoy; a test upstream instead of predictor
-    /// replicas): under load, the capacity gauge goes from 4 to 2 without a restart and every
-    /// request is answered 200. Needs Envoy (`make setup`); builds filter.wasm if needed.
+    /// The file is found where `inflight up` puts it: the ECDS file its bootstrap names for the
+    /// `inflight` filter (the one against a running Envoy, and `--apply` under load, are in
+    /// `cli/tests/tune.rs`).
     #[test]
-    fn apply_changes_the_running_gateways_limit() {
-        use crate::up::{config::StackConfig, eds, envoy as up_envoy};
-        use inflight_host_tests::client::Request;
-        use inflight_host_tests::envoy::{filter_wasm, Envoy};
-        use inflight_host_tests::upstream::Upstream;
-        use std::sync::atomic::{AtomicBool, Ordering};
-        use std::sync::{Arc, Mutex};
-
-        let upstream = Upstream::start().unwrap();
-        let dir = std::env::temp_dir().join(format!("inflight-tune-apply-{}", std::process::id()));
-        let eds_dir = dir.join("eds");
-        std::fs::create_dir_all(&eds_dir).unwrap();
-        let config = StackConfig::parse(
-            &serde_json::json!({
-                "port": 0,
-                "revisions": [{
-                    "name": "tuned", "hosts": ["tuned.test"], "containerConcurrency": 4,
-                    "target": 4, "predictor": {"command": "unused"}
-                }]
-            })
-            .to_string(),
+    fn the_ecds_file_is_found_in_the_bootstrap() {
+        use crate::up::{config::StackConfig, envoy as up_envoy};
+        let config = StackConfig::parse(crate::up::config::DEMO).unwrap();
+        let generated = up_envoy::bootstrap(
+            &config,
+            8080,
+            9901,
+            Path::new("/x/f.wasm"),
+            Path::new("/s/eds"),
+            &up_envoy::ecds_path(Path::new("/s")),
         )
         .unwrap();
-        eds::write(
-            &up_envoy::eds_path(&eds_dir, "tuned"),
-            "tuned",
-            1,
-            &[upstream.addr()],
-        )
-        .unwrap();
-        let (listener_port, admin_port) = (
-            up_envoy::pick_port(0).unwrap(),
-            up_envoy::pick_port(0).unwrap(),
+        let doc: Value = serde_norway::from_str(&generated.yaml).unwrap();
+        let mut found = Vec::new();
+        ecds_files(&doc, &mut found);
+        assert_eq!(
+            found,
+            [(
+                "inflight".to_string(),
+                PathBuf::from("/s/ecds/inflight.yaml")
+            )]
         );
-        let yaml =
-            up_envoy::bootstrap(&config, listener_port, admin_port, &filter_wasm(), &eds_dir);
-        let lds = dir.join("lds/listener.yaml");
-        std::fs::create_dir_all(lds.parent().unwrap()).unwrap();
-        let (bootstrap, listener) =
-            inflight_envoy_control::bootstrap::listener_from_file(&yaml, &lds, None).unwrap();
-        std::fs::write(&lds, listener).unwrap();
-        let envoy = Envoy::start(&bootstrap, 2).unwrap();
-        let admin = envoy.admin;
-        let capacity = || {
-            stats::scrape(admin)
-                .unwrap()
-                .revisions
-                .get("tuned")
-                .map_or(0.0, |r| r.capacity)
+        assert!(has_plugin(&generated.filter));
+        assert!(!has_plugin(&generated.yaml), "the bootstrap holds none");
+        let (_, old) = set_limit(&generated.filter, "torchserve", &rec(3, 70.0)).unwrap();
+        assert_eq!(old, 10);
+        let file = ConfigFile {
+            path: PathBuf::from("/s/ecds/inflight.yaml"),
+            kind: FileKind::Ecds {
+                filter: "inflight".into(),
+            },
         };
-        let t0 = Instant::now();
-        while capacity() != 4.0 {
-            assert!(
-                t0.elapsed() < Duration::from_secs(20),
-                "capacity 4 at the start"
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
-
-        assert_eq!(preflight(admin, "tuned").unwrap(), lds);
-        let e = format!("{:#}", preflight(admin, "nope").unwrap_err());
-        assert!(e.contains("no revision named \"nope\""), "{e}");
-
-        // Load across the change: 6 clients, 20 ms upstream hold.
-        let stop = Arc::new(AtomicBool::new(false));
-        let statuses: Arc<Mutex<Vec<u16>>> = Arc::default();
-        let listener = envoy.listener;
-        let clients: Vec<_> = (0..6)
-            .map(|_| {
-                let (stop, statuses) = (Arc::clone(&stop), Arc::clone(&statuses));
-                std::thread::spawn(move || {
-                    while !stop.load(Ordering::SeqCst) {
-                        let status = Request::get(listener, "tuned.test")
-                            .header("x-hold-ms", 20)
-                            .timeout(Duration::from_secs(30))
-                            .send()
-                            .map_or(0, |r| r.status);
-                        statuses.lock().unwrap().push(status);
-                    }
-                })
-            })
-            .collect();
-        std::thread::sleep(Duration::from_millis(300));
-        let done = apply(admin, "tuned", &rec(2, 100.0)).unwrap();
-        std::thread::sleep(Duration::from_millis(300));
-        stop.store(true, Ordering::SeqCst);
-        for c in clients {
-            c.join().unwrap();
-        }
-        eprintln!("apply: {done:?}");
-        assert_eq!((done.from, done.to, done.capacity), (4, 2, 2.0));
-        // Not within one 100 ms tick of Envoy taking the listener: the new configuration's VMs
-        // start first (measured 130–410 ms at a load average of 11 on 2 cores). Promptly, then,
-        // not at once.
-        assert!(
-            done.after_accepted < Duration::from_secs(2),
-            "gauge {:?} after Envoy took the listener",
-            done.after_accepted
+        assert_eq!(
+            file.updates_stat(),
+            "extension_config_discovery.http_filter.inflight.config_reload"
         );
-        assert_eq!(done.lds, lds);
-        assert_eq!(capacity(), 2.0, "the new limit stays");
-        let statuses = statuses.lock().unwrap().clone();
-        assert!(statuses.len() > 20, "load ran: {} requests", statuses.len());
-        assert!(
-            statuses.iter().all(|&s| s == 200),
-            "every request answered 200 across the change: {:?}",
-            statuses.iter().filter(|&&s| s != 200).collect::<Vec<_>>()
-        );
-        drop(envoy);
-        let _ = std::fs::remove_dir_all(&dir);
     }
 }

@@ -49,6 +49,15 @@ pub fn text(t: &Tuning) -> String {
         "ERRORS",
         "HELD(s)"
     );
+    if let Some(g) = &t.gateway {
+        out.insert_str(
+            out.find("\n\n").unwrap_or(0),
+            &format!(
+                "\nthrough the gateway at {}: CONC is revision {}'s containerConcurrency, set per step in {}; {} clients per unit of capacity ({} ready replica(s))",
+                g.admin, g.revision, g.file, g.clients_per_limit, g.ready_replicas
+            ),
+        );
+    }
     let knee_c = t.knee.map(|k| k.concurrency);
     for s in &t.steps {
         let _ = writeln!(

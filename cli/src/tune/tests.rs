@@ -6,7 +6,8 @@ use super::*;
 
 fn args(url: String) -> Args {
     Args {
-        url,
+        url: Some(url),
+        path: "/".into(),
         data: None,
         host: None,
         max_concurrency: 64,
@@ -25,6 +26,7 @@ fn args(url: String) -> Args {
         json: false,
         load: LoadTool::Auto,
         apply: false,
+        limit: None,
         admin: None,
         revision: None,
     }
@@ -112,19 +114,75 @@ fn bad_arguments_say_which() {
         assert!(e.contains(want), "{name}: {e}");
     }
     assert!(Plan::from(&base()).is_ok());
-    let e = format!("{:#}", target(&args("127.0.0.1:8080/".into())).unwrap_err());
+    let e = format!(
+        "{:#}",
+        target(&args("127.0.0.1:8080/".into()), None).unwrap_err()
+    );
     assert!(e.contains("http://"), "{e}");
-    let t = target(&args("http://127.0.0.1:8080/v1/models/m:predict".into())).unwrap();
+    let t = target(
+        &args("http://127.0.0.1:8080/v1/models/m:predict".into()),
+        None,
+    )
+    .unwrap();
     assert_eq!(t.host, "127.0.0.1:8080");
     let e = format!(
         "{:#}",
-        target(&Args {
-            data: Some("/nonexistent.json".into()),
-            ..base()
-        })
+        target(
+            &Args {
+                data: Some("/nonexistent.json".into()),
+                ..base()
+            },
+            None
+        )
         .unwrap_err()
     );
     assert!(e.contains("-D /nonexistent.json"), "{e}");
+}
+
+/// The command line picks the mode: `--url` (directly), or `--admin` and `--revision` (through
+/// the gateway); `--path` only through the gateway, `--apply` only with a gateway to apply to.
+#[test]
+fn the_command_line_names_one_way_to_the_server() {
+    use clap::Parser;
+    #[derive(Parser)]
+    struct Cli {
+        #[command(flatten)]
+        args: Args,
+    }
+    let parse = |line: &str| Cli::try_parse_from(line.split_whitespace()).map(|c| c.args);
+    let direct = parse("tune --url http://127.0.0.1:1/").unwrap();
+    assert_eq!(
+        (direct.url.as_deref(), direct.admin),
+        (Some("http://127.0.0.1:1/"), None)
+    );
+    let through = parse("tune --admin 127.0.0.1:9901 --revision r --path /v1/m").unwrap();
+    assert_eq!(
+        (
+            through.url,
+            through.revision.as_deref(),
+            through.path.as_str()
+        ),
+        (None, Some("r"), "/v1/m")
+    );
+    assert!(
+        parse("tune --url http://127.0.0.1:1/ --admin 127.0.0.1:9901 --revision r --apply").is_ok()
+    );
+    let refused = [
+        ("neither", "tune"),
+        ("admin without revision", "tune --admin 127.0.0.1:9901"),
+        (
+            "revision without admin",
+            "tune --url http://x/ --revision r",
+        ),
+        ("path with url", "tune --url http://127.0.0.1:1/ --path /v1"),
+        (
+            "apply without a gateway",
+            "tune --url http://127.0.0.1:1/ --apply",
+        ),
+    ];
+    for (name, line) in refused {
+        assert!(parse(line).is_err(), "{name}: {line}");
+    }
 }
 
 fn load(requests: u64, non_2xx: u64, seconds: f64, p50_ms: f64) -> Load {
@@ -142,7 +200,7 @@ fn load(requests: u64, non_2xx: u64, seconds: f64, p50_ms: f64) -> Load {
 
 #[test]
 fn a_step_folds_its_windows() {
-    let s = Step::of(4, &[load(100, 0, 1.0, 10.0), load(300, 10, 2.0, 20.0)]);
+    let s = Step::of(4, 4, &[load(100, 0, 1.0, 10.0), load(300, 10, 2.0, 20.0)]);
     assert_eq!((s.requests, s.errors, s.windows), (400, 10, 2));
     assert!(
         (s.throughput - 390.0 / 3.0).abs() < 1e-9,
@@ -154,15 +212,16 @@ fn a_step_folds_its_windows() {
     // Window rates 100 and 145: mean 122.5, s = 31.8, t(1) = 12.706.
     assert!((s.ci95 - 12.706 * 22.5).abs() < 1e-6, "{}", s.ci95);
     assert!((s.error_rate() - 0.025).abs() < 1e-12);
-    let one = Step::of(1, &[load(10, 0, 1.0, 5.0)]);
+    let one = Step::of(1, 1, &[load(10, 0, 1.0, 5.0)]);
     assert!(one.ci95.is_infinite(), "one window has no interval");
-    let none = Step::of(1, &[]);
+    let none = Step::of(1, 1, &[]);
     assert_eq!((none.throughput, none.requests), (0.0, 0));
 }
 
 fn tuning() -> Tuning {
     let step = |c: u32, x: f64, l: f64| Step {
         concurrency: c,
+        clients: c,
         requests: (x * 2.0) as u64,
         errors: 0,
         seconds: 2.0,
@@ -172,6 +231,7 @@ fn tuning() -> Tuning {
         p50_ms: l,
         p90_ms: l * 1.2,
         p99_ms: l * 1.5,
+        cap_ms: None,
     };
     let steps = vec![
         step(1, 50.0, 20.0),
@@ -184,11 +244,13 @@ fn tuning() -> Tuning {
     let k = knee::find(&points, 0.05);
     Tuning {
         url: "http://127.0.0.1:1/".into(),
+        gateway: None,
         steps,
         stop: Stop::KneeConfirmed,
         threshold_percent: 5.0,
         knee: k,
         recommendation: k.map(|k| recommend(k, 70.0, "mnist")),
+        applied: None,
     }
 }
 
@@ -224,6 +286,28 @@ fn the_report_explains_the_recommendation() {
         "{}",
         report::text(&none)
     );
+    // Through a gateway the table says what CONC is, and the JSON names the gateway.
+    let through = Tuning {
+        gateway: Some(gateway::Through {
+            admin: "127.0.0.1:9901".into(),
+            revision: "mnist".into(),
+            file: "/s/ecds/inflight.yaml (ECDS, filter inflight)".into(),
+            ready_replicas: 1,
+            clients_per_limit: 2,
+        }),
+        ..tuning()
+    };
+    let text = report::text(&through);
+    assert!(
+        text.contains("(knee threshold 5 %)\nthrough the gateway at 127.0.0.1:9901: CONC is revision mnist's containerConcurrency")
+            && text.contains("2 clients per unit of capacity (1 ready replica(s))\n\n"),
+        "{text}"
+    );
+    assert_eq!(
+        serde_json::to_value(&through).unwrap()["gateway"]["revision"],
+        "mnist"
+    );
+    assert!(json.get("gateway").is_none(), "directly: no gateway");
 }
 
 /// The snippet is a valid InferenceService fragment: `inflight render`'s own parser reads the
