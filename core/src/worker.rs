@@ -913,6 +913,23 @@ impl<H: Host> Worker<H> {
 
     // ---- tick --------------------------------------------------------------------------------
 
+    /// The root context of this worker is being torn down (Envoy ends an old configuration's
+    /// root when its last stream ends, e.g. after an ECDS or LDS update). Slots of streams that
+    /// ended before their response are still held for [`ABANDONED_HOLD_MS`]; only this
+    /// worker's ticks release them, so it must live until then. Returns whether it may end now;
+    /// if not, the adapter keeps it ticking and ends it once [`Worker::may_end`] says so.
+    /// (Without this, those slots stayed held until the dead-VM reaper, ≈ 5 s, under a limit
+    /// that had just been lowered.)
+    pub fn on_root_done(&mut self, now: u64) -> bool {
+        self.release_abandoned(now);
+        self.may_end()
+    }
+
+    /// Whether nothing of this worker still needs its ticks (no held slot of an ended stream).
+    pub fn may_end(&self) -> bool {
+        self.abandoned.is_empty()
+    }
+
     /// The VM's periodic work.
     pub fn on_tick(&mut self, now: u64) {
         let Some(config) = self.config.clone() else {

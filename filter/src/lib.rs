@@ -71,9 +71,18 @@ fn with_worker<T>(vm: &SharedVm, f: impl FnOnce(&mut Worker<EnvoyHost>) -> T) ->
 #[derive(Default)]
 struct Root {
     vm: SharedVm,
+    /// Envoy asked this root to end while slots of ended streams were still held: it keeps
+    /// ticking until they are released, then tells Envoy it is done.
+    ending: bool,
 }
 
 impl Context for Root {
+    fn on_done(&mut self) -> bool {
+        let done = with_worker(&self.vm, |w| w.on_root_done(clock::now_ms())).unwrap_or(true);
+        self.ending = !done;
+        done
+    }
+
     fn on_http_call_response(&mut self, token: u32, _headers: usize, body_size: usize, _: usize) {
         let now = clock::now_ms();
         let ours = self
@@ -132,7 +141,16 @@ impl RootContext for Root {
     }
 
     fn on_tick(&mut self) {
-        with_worker(&self.vm, |w| w.on_tick(clock::now_ms()));
+        let may_end = with_worker(&self.vm, |w| {
+            w.on_tick(clock::now_ms());
+            w.may_end()
+        });
+        if self.ending && may_end.unwrap_or(true) {
+            self.ending = false;
+            if let Err(e) = hostcalls::done() {
+                log::warn!("telling Envoy this root context is done failed: {e:?}");
+            }
+        }
     }
 
     fn create_http_context(&self, context_id: u32) -> Option<Box<dyn HttpContext>> {

@@ -428,3 +428,66 @@ fn ecds_update_ends_the_old_root_context_with_its_last_stream() {
     );
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// Clients that leave just before an update: their slots are held `ABANDONED_HOLD_MS` (20 ms)
+/// and released by their own (old) root context's tick. Envoy ends that root as soon as its
+/// last stream ends — here at the update — so the root must stay until the hold is over
+/// (`on_done` answers "not yet", and the filter says done after the release); otherwise the
+/// slots stayed held until the dead-VM reaper, ≈ 5 s, under the new limit.
+#[test]
+fn slots_of_clients_that_left_just_before_an_update_are_released_at_once() {
+    const TICK: u64 = 100;
+    let up = inflight_host_tests::upstream::Upstream::start().unwrap();
+    let dir = std::env::temp_dir().join(format!("inflight-ecds-hold-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let file = dir.join("inflight-filter.yaml");
+    let gateway = |cc: u32| Gateway {
+        plugin_config: plugin_config(cc, TICK),
+        routes: vec![("a.test".into(), "rev-a".into())],
+        clusters: vec![Cluster::fixed("rev-a", vec![up.port()])],
+        wasm: envoy::filter_wasm(),
+        admin_port: None,
+    };
+    let (bootstrap, ecds) = ecds_configs(&gateway(2), &file);
+    write_atomically(&file, &ecds);
+    let envoy = Envoy::start(&bootstrap, 2).unwrap();
+    let clients: Vec<_> = (0..2)
+        .map(|_| {
+            Request::get(envoy.listener, "a.test")
+                .header("x-gate", 1)
+                .start()
+                .unwrap()
+        })
+        .collect();
+    envoy
+        .wait_stats(Duration::from_secs(10), "two active", |s| {
+            s.gauge("inflight_active", "rev-a") == 2
+        })
+        .unwrap();
+    let updates = ecds_reloads(&envoy);
+    // Both clients leave, and the update follows at once (it lands within the 20 ms hold).
+    drop(clients);
+    let left = Instant::now();
+    write_atomically(&file, &ecds_configs(&gateway(3), &file).1);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while ecds_reloads(&envoy) == updates {
+        assert!(Instant::now() < deadline, "ECDS update applied");
+        thread::sleep(Duration::from_millis(2));
+    }
+    let applied = left.elapsed();
+    envoy
+        .wait_stats(Duration::from_secs(2), "the held slots released", |s| {
+            s.gauge("inflight_active", "rev-a") == 0
+        })
+        .unwrap();
+    let released = left.elapsed();
+    eprintln!(
+        "clients left; update applied after {applied:?}; their slots released after {released:?} (tick {TICK} ms)"
+    );
+    assert!(
+        released < Duration::from_millis(1_000),
+        "released by the old root's tick, not the 5 s reaper: {released:?}"
+    );
+    up.open_gate();
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -113,11 +113,10 @@ impl Gateway {
     /// Waits until the revision has nothing active or queued (at most 10 s). The load generator
     /// ends each step by dropping its connections: those requests end without their response,
     /// and the filter holds their slots a little longer (`ABANDONED_HOLD_MS`). A configuration
-    /// change in that moment was seen to leave the slots held for about 5 s (a cap of 3 with
-    /// 8 active, so the next step ran at a fraction of its cap): the old configuration's root
-    /// context ends with its last stream and never ticks again to release them, and only the
-    /// dead-worker reaping frees them. So no change is written before the revision is idle.
-    /// The gauges are published at the filter's tick.
+    /// change in that moment once left the slots held for about 5 s (fixed in the filter: an
+    /// ending root context now ticks until it has released them, ≈ one tick). Each step still
+    /// starts on an idle revision, so that its measurement starts clean. The gauges are
+    /// published at the filter's tick.
     pub fn idle(&self) -> Result<()> {
         let started = std::time::Instant::now();
         loop {

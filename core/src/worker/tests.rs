@@ -1166,3 +1166,19 @@ fn pending_grants(g: &Gateway) -> usize {
         .filter(|m| matches!(Wake::decode(m), Ok(Wake::Grant { .. })))
         .count()
 }
+
+#[test]
+fn a_root_that_ends_with_held_slots_lives_until_they_are_released() {
+    let mut g = gateway(1, one_revision(1, 5));
+    let a = host("a.test");
+    assert_eq!(g.request(0, 1, &a, 0), Verdict::Continue);
+    // The client leaves before the response: the slot is held ABANDONED_HOLD_MS.
+    g.workers[0].on_done(1, false, 10);
+    assert!(!g.workers[0].on_root_done(12), "a held slot: not yet");
+    assert_eq!(g.state().active, 1);
+    g.workers[0].on_tick(10 + ABANDONED_HOLD_MS);
+    assert!(g.workers[0].may_end());
+    assert_eq!(g.state().active, 0, "released by the root's own tick");
+    // With nothing held a root ends at once.
+    assert!(g.workers[0].on_root_done(100));
+}
