@@ -887,19 +887,26 @@ impl<H: Host> Worker<H> {
             }) if *wr == rev && *t == ticket => *class,
             _ => return,
         };
-        self.streams.remove(&context);
-        let outcome = Outcome::ShedFull;
-        self.count(rev, class, outcome);
-        self.effects.push(Effect::Reply {
+        self.shed_waiter(
             context,
-            reply: Reply {
-                outcome,
+            rev,
+            class,
+            Reply {
+                outcome: Outcome::ShedFull,
                 retry_after_s: Some(config.retry_after_s),
                 body: format!(
                     "inflight: revision {revision}'s buffer is full and a request of a higher class took this one's place; retry later\n"
                 ),
             },
-        });
+        );
+    }
+
+    /// Answers waiting stream `context` (its ticket already gone from the queue) with `reply`,
+    /// and counts it.
+    fn shed_waiter(&mut self, context: u32, rev: RevisionId, class: u8, reply: Reply) {
+        self.streams.remove(&context);
+        self.count(rev, class, reply.outcome);
+        self.effects.push(Effect::Reply { context, reply });
     }
 
     /// Resuming stream `context` failed: it ended without its end reaching us yet. Its slot
@@ -997,21 +1004,16 @@ impl<H: Host> Worker<H> {
                             rc.name
                         );
                     }
-                    self.streams.remove(&context);
-                    let outcome = Outcome::ShedTimeout;
-                    self.count(rev, class, outcome);
-                    self.effects.push(Effect::Reply {
-                        context,
-                        reply: Reply {
-                            outcome,
-                            retry_after_s: Some(config.retry_after_s),
-                            body: format!(
-                                "inflight: revision {} had no free slot within the maximum wait ({}); retry later\n",
-                                rc.name,
-                                crate::duration::format_ms(rc.class_max_wait_ms(class))
-                            ),
-                        },
-                    });
+                    let reply = Reply {
+                        outcome: Outcome::ShedTimeout,
+                        retry_after_s: Some(config.retry_after_s),
+                        body: format!(
+                            "inflight: revision {} had no free slot within the maximum wait ({}); retry later\n",
+                            rc.name,
+                            crate::duration::format_ms(rc.class_max_wait_ms(class))
+                        ),
+                    };
+                    self.shed_waiter(context, rev, class, reply);
                 }
                 // A grant is on its way; on_wake resumes the stream.
                 Ok(_) => {}
@@ -1057,12 +1059,7 @@ impl<H: Host> Worker<H> {
             };
             match store::update_revision(&self.host, &r.key, |s| s.cancel(ticket, now)) {
                 Ok(Some(_)) => {
-                    self.streams.remove(&context);
-                    self.count(rev, class, Outcome::ShedDraining);
-                    self.effects.push(Effect::Reply {
-                        context,
-                        reply: draining_reply(config, &rc.name),
-                    });
+                    self.shed_waiter(context, rev, class, draining_reply(config, &rc.name));
                 }
                 // A grant is on its way: the stream goes upstream.
                 Ok(None) => {}
