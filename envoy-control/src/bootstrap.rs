@@ -208,6 +208,67 @@ pub fn filter_from_file(yaml: &str, name: &str, ecds_path: &Path) -> Option<(Str
     Some((bootstrap, ecds))
 }
 
+/// The node metadata key naming a gateway's own peer address (`IP:port`) in a fleet: the filter
+/// reads it when the plugin configuration's `fleet.self` is unset (docs/fleet.md).
+pub const FLEET_SELF_KEY: &str = "INFLIGHT_FLEET_SELF";
+
+/// The bootstrap's `node:` line: `id` (also its cluster), with the gateway's own peer address
+/// under [`FLEET_SELF_KEY`] when it is a member of a fleet.
+pub fn node(id: &str, fleet_self: Option<SocketAddr>) -> String {
+    match fleet_self {
+        Some(addr) => {
+            format!("node: {{ id: {id}, cluster: {id}, metadata: {{ {FLEET_SELF_KEY}: \"{addr}\" }} }}\n")
+        }
+        None => format!("node: {{ id: {id}, cluster: {id} }}\n"),
+    }
+}
+
+/// A cluster entry (at 2 spaces, under `clusters:`) of type `ORIGINAL_DST` that sends each
+/// request to the `IP:port` named in request header `header`: the fleet's way to one chosen peer
+/// gateway, for reports and forwarded requests (`fleet.forwardCluster`).
+pub fn forward_cluster(name: &str, header: &str) -> String {
+    format!(
+        "  - name: {name}\n    type: ORIGINAL_DST\n    lb_policy: CLUSTER_PROVIDED\n    connect_timeout: 1s\n    original_dst_lb_config: {{ use_http_header: true, http_header_name: {header} }}\n"
+    )
+}
+
+/// A STATIC cluster entry (at 2 spaces) `name` of the gateways' peer addresses: the fleet's
+/// members (`fleet.peerCluster`), polled through the admin like the revisions' clusters.
+pub fn peer_cluster(name: &str, peers: &[SocketAddr]) -> String {
+    let endpoints: String = peers.iter().map(|p| lb_endpoint(*p)).collect();
+    format!(
+        "  - name: {name}\n    type: STATIC\n    connect_timeout: 1s\n    load_assignment:\n      cluster_name: {name}\n      endpoints:\n      - lb_endpoints:\n{endpoints}"
+    )
+}
+
+/// The forward route, first in each virtual host (a `routes:` entry at 14 spaces, as the
+/// generators indent them): a request carrying `header` (set only by the filter, which strips
+/// it from everything else) goes to the peer gateway it names through `cluster`.
+pub fn forward_route(header: &str, cluster: &str) -> String {
+    format!(
+        "              - match: {{ prefix: \"/\", headers: [{{ name: {header}, present_match: true }}] }}\n                route: {{ cluster: {cluster}, timeout: 0s }}\n"
+    )
+}
+
+/// A listener `name` on loopback `port` that passes TCP connections to the endpoints of
+/// `cluster` (`tcp_proxy`): the L4 load balancer in front of a local fleet of gateways, as a
+/// Kubernetes Service spreads connections over gateway pods. Starts with `  - name:` (under
+/// `listeners:`).
+pub fn tcp_proxy_listener(name: &str, port: u16, cluster: &str) -> String {
+    format!(
+        r#"  - name: {name}
+    address: {{ socket_address: {{ address: 127.0.0.1, port_value: {port} }} }}
+    filter_chains:
+    - filters:
+      - name: envoy.filters.network.tcp_proxy
+        typed_config:
+          "@type": type.googleapis.com/envoy.extensions.filters.network.tcp_proxy.v3.TcpProxy
+          stat_prefix: {name}
+          cluster: {cluster}
+"#
+    )
+}
+
 /// What a generator wrote for a representative input before the generators shared these
 /// fragments (`envoy-control/testdata/<name>`), for its tests to compare with.
 pub fn captured(name: &str) -> std::io::Result<String> {
