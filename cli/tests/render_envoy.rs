@@ -778,3 +778,269 @@ fn serverless_seed_reaches_knative_unthrottled_through_the_shipped_gateway_confi
     assert!(knative_desired(before.average) <= 2);
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// The `inflight-fleet` EnvoyFilter render writes beside the filter: its patches by `applyTo`.
+fn fleet_patches(text: &str) -> Vec<Value> {
+    yaml_docs(text)
+        .into_iter()
+        .find(|d| d["kind"] == "EnvoyFilter" && d["metadata"]["name"] == "inflight-fleet")
+        .map(|d| d["spec"]["configPatches"].as_array().unwrap().clone())
+        .unwrap_or_default()
+}
+
+/// The gateway's plain-HTTP listener as Istio generates it for a `Gateway` server on port 80
+/// (one filter chain, the connection manager, no filter-chain match), with one virtual host per
+/// revision host routing to `cluster`. Static routes stand in for Istio's RDS `http.8080`.
+fn istio_http_listener(port: u16, hosts: &[&str], cluster: &str) -> Value {
+    let vhosts: Vec<Value> = hosts
+        .iter()
+        .map(|h| {
+            json!({
+                "name": format!("{h}:80"),
+                "domains": [h, format!("{h}:*")],
+                "routes": [{"match": {"prefix": "/"}, "route": {"cluster": cluster, "timeout": "0s"}}]
+            })
+        })
+        .collect();
+    json!({
+        "@type": "type.googleapis.com/envoy.config.listener.v3.Listener",
+        "name": "0.0.0.0_8080",
+        "address": {"socket_address": {"address": "0.0.0.0", "port_value": port}},
+        "filter_chains": [{"filters": [{
+            "name": "envoy.filters.network.http_connection_manager",
+            "typed_config": {
+                "@type": "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager",
+                "stat_prefix": "outbound_0.0.0.0_8080",
+                "route_config": {"name": "http.8080", "virtual_hosts": vhosts},
+                "http_filters": [
+                    {"name": "envoy.filters.http.router", "typed_config": {"@type": "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"}}
+                ]
+            }
+        }]}]
+    })
+}
+
+/// What Istio does with the fleet's patches: `LISTENER MERGE` into the listener on the matched
+/// port, `HTTP_ROUTE INSERT_FIRST` (no route match) at the head of every virtual host, `CLUSTER
+/// ADD` appended to the clusters.
+fn apply_fleet_patches(patches: &[Value], listener: &mut Value, clusters: &mut Vec<Value>) {
+    for p in patches {
+        let value = &p["patch"]["value"];
+        match (
+            p["applyTo"].as_str().unwrap(),
+            p["patch"]["operation"].as_str().unwrap(),
+        ) {
+            ("LISTENER", "MERGE") => {
+                let port = listener["address"]["socket_address"]["port_value"].clone();
+                assert_eq!(p["match"]["listener"]["portNumber"], 8080);
+                assert_eq!(port, 8080, "the test listener stands for Istio's 8080");
+                proto_merge(listener, value);
+            }
+            ("HTTP_ROUTE", "INSERT_FIRST") => {
+                assert!(p["match"].get("routeConfiguration").is_none(), "{p}");
+                let hcm = &mut listener["filter_chains"][0]["filters"][0]["typed_config"];
+                for vh in hcm["route_config"]["virtual_hosts"].as_array_mut().unwrap() {
+                    vh["routes"]
+                        .as_array_mut()
+                        .unwrap()
+                        .insert(0, value.clone());
+                }
+            }
+            ("CLUSTER", "ADD") => clusters.push(value.clone()),
+            other => panic!("unexpected patch {other:?}"),
+        }
+    }
+}
+
+/// Moves the file `tmp` onto `path` (a rename), so that Envoy's watch on the directory sees one
+/// complete new file.
+fn replace_file(path: &Path, contents: &str) {
+    let tmp = path.with_extension("tmp");
+    std::fs::write(&tmp, contents).unwrap();
+    std::fs::rename(&tmp, path).unwrap();
+}
+
+fn admin_stat(admin: SocketAddr, name: &str) -> u64 {
+    let (_, body) = http_get(admin, &format!("/stats?filter=^{name}$")).unwrap();
+    body.split(": ")
+        .nth(1)
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(0)
+}
+
+/// The fleet's Istio pieces in a real Envoy 1.40: the patches of `inflight-fleet`, applied as
+/// Istio applies them to a gateway shaped like Istio's (its plain-HTTP listener, the revision's
+/// cluster), validate; on a running gateway, applying them is an in-place listener update (no
+/// restart, nothing rejected) after which the peer port serves the same routes as the public
+/// one; a request carrying the peer header goes, by the forward route, to the address it names
+/// (here a stand-in peer); and the peer cluster lists the gateway pods its DNS name resolves to.
+#[test]
+fn fleet_patches_merge_into_an_istio_gateway_and_forward_by_the_peer_header() {
+    let _s = serial();
+    let mut args = ISVCS.to_vec();
+    args.extend(["--format", "wasmplugin"]);
+    let patches = fleet_patches(&render_ok(&args));
+    args.pop();
+    args.push("envoyfilter");
+    assert_eq!(patches, fleet_patches(&render_ok(&args)));
+    assert_eq!(patches.len(), 4, "{patches:?}");
+
+    let upstreams = [Upstream::start().unwrap(), Upstream::start().unwrap()];
+    let ports: Vec<u16> = upstreams.iter().map(Upstream::port).collect();
+    // A stand-in for a peer gateway: the forward route must reach it, not the revision.
+    let peer = Upstream::start().unwrap();
+    let hosts = [
+        "torchserve-raw-default.example.com",
+        "torchserve-raw-predictor-default.example.com",
+    ];
+    let before = istio_http_listener(8080, &hosts, RAW_CLUSTER);
+    let mut after = before.clone();
+    let mut clusters = vec![istio_service_cluster(RAW_CLUSTER, &ports)];
+    apply_fleet_patches(&patches, &mut after, &mut clusters);
+    let peer_port = after["additional_addresses"][0]["address"]["socket_address"]["port_value"]
+        .as_u64()
+        .unwrap();
+    assert_eq!(peer_port, 15081);
+    assert_eq!(
+        after["additional_addresses"][0]["address"]["socket_address"]["address"],
+        "0.0.0.0"
+    );
+    let routes =
+        &after["filter_chains"][0]["filters"][0]["typed_config"]["route_config"]["virtual_hosts"];
+    for vh in routes.as_array().unwrap() {
+        assert_eq!(vh["routes"][0]["route"]["cluster"], "inflight-peer-direct");
+        assert_eq!(vh["routes"][1]["route"]["cluster"], RAW_CLUSTER);
+    }
+
+    // As rendered (the headless Service's DNS name, ports 8080 and 15081): Envoy accepts it.
+    let dir = scratch("fleet");
+    let lds = dir.join("lds.json");
+    let bootstrap = |clusters: &[Value]| {
+        json!({
+            "admin": {"address": {"socket_address": {"address": "127.0.0.1", "port_value": 0}}},
+            "node": {"id": "gateway", "cluster": "gateway"},
+            "dynamic_resources": {"lds_config": {"resource_api_version": "V3", "path_config_source": {
+                "path": lds.to_str().unwrap(),
+                "watched_directory": {"path": dir.to_str().unwrap()}
+            }}},
+            "static_resources": {"clusters": clusters}
+        })
+    };
+    // (Validation does not read LDS files: the listener goes into the static resources.)
+    let config = dir.join("bootstrap.json");
+    let mut listener = after.clone();
+    listener.as_object_mut().unwrap().remove("@type");
+    let mut static_config = bootstrap(&clusters);
+    static_config
+        .as_object_mut()
+        .unwrap()
+        .remove("dynamic_resources");
+    static_config["static_resources"]["listeners"] = json!([listener]);
+    std::fs::write(
+        &config,
+        serde_json::to_string_pretty(&static_config).unwrap(),
+    )
+    .unwrap();
+    envoy::validate(&config).unwrap();
+
+    // Running: free ports for 8080 and 15081, and the peer cluster's DNS name resolving to this
+    // gateway (`localhost`, its peer port), as the headless Service resolves to the pods.
+    let (public, peer_listen) = (free_port(), free_port());
+    let on_ports = |l: &Value| {
+        let mut l = l.clone();
+        l["address"]["socket_address"]["port_value"] = Value::from(public);
+        if l.get("additional_addresses").is_some() {
+            l["additional_addresses"][0]["address"]["socket_address"]["port_value"] =
+                Value::from(peer_listen);
+        }
+        l
+    };
+    for c in &mut clusters {
+        if c["name"] == "inflight-peers" {
+            let a = &mut c["load_assignment"]["endpoints"][0]["lb_endpoints"][0]["endpoint"]
+                ["address"]["socket_address"];
+            assert_eq!(
+                a["address"],
+                "inflight-peers.istio-system.svc.cluster.local"
+            );
+            a["address"] = Value::from("localhost");
+            a["port_value"] = Value::from(peer_listen);
+        }
+    }
+    std::fs::write(
+        &config,
+        serde_json::to_string_pretty(&bootstrap(&clusters)).unwrap(),
+    )
+    .unwrap();
+    replace_file(&lds, &json!({"resources": [on_ports(&before)]}).to_string());
+    let gw = Proxy::start(&config, None, &dir);
+    let at = |port: u16| SocketAddr::from(([127, 0, 0, 1], port));
+    let get = |port: u16, peer_header: Option<String>| {
+        let mut r = Request::get(at(port), hosts[0]);
+        if let Some(p) = peer_header {
+            r = r.header("x-inflight-peer", p);
+        }
+        r.send()
+    };
+    assert_eq!(get(public, None).unwrap().status, 200);
+    assert!(
+        get(peer_listen, None).is_err(),
+        "nothing listens on the peer port before the patch"
+    );
+
+    // The EnvoyFilter applied to the running gateway: a listener update, in place.
+    replace_file(&lds, &json!({"resources": [on_ports(&after)]}).to_string());
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while get(peer_listen, None).is_err() {
+        assert!(Instant::now() < deadline, "the peer port never opened");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert_eq!(
+        admin_stat(gw.admin, "listener_manager.lds.update_rejected"),
+        0
+    );
+    assert_eq!(
+        admin_stat(gw.admin, "listener_manager.listener_modified"),
+        1
+    );
+    let served = upstreams[0].total() + upstreams[1].total();
+    // The same routes on both ports.
+    for port in [public, peer_listen] {
+        let r = get(port, None).unwrap();
+        assert_eq!(r.status, 200, "{port}: {r:?}");
+    }
+    assert_eq!(upstreams[0].total() + upstreams[1].total(), served + 2);
+    // The forward route: the request goes to the peer it names, on either port.
+    for port in [public, peer_listen] {
+        let r = get(port, Some(format!("127.0.0.1:{}", peer.port()))).unwrap();
+        assert_eq!(r.status, 200, "{r:?}");
+    }
+    assert_eq!(peer.total(), 2);
+    assert_eq!(upstreams[0].total() + upstreams[1].total(), served + 2);
+    // The peer cluster lists the address its DNS name resolves to, healthy: the fleet.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let member = format!("inflight-peers::127.0.0.1:{peer_listen}::health_flags::healthy");
+    loop {
+        let (_, clusters) = http_get(gw.admin, "/clusters").unwrap();
+        if clusters.lines().any(|l| l == member) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "{member} not in\n{clusters}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+
+    // Deleting the EnvoyFilter is an in-place update too: the peer port closes.
+    replace_file(&lds, &json!({"resources": [on_ports(&before)]}).to_string());
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while get(peer_listen, None).is_ok() {
+        assert!(Instant::now() < deadline, "the peer port stayed open");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert_eq!(get(public, None).unwrap().status, 200);
+    assert_eq!(
+        admin_stat(gw.admin, "listener_manager.lds.update_rejected"),
+        0
+    );
+    drop(gw);
+    let _ = std::fs::remove_dir_all(&dir);
+}

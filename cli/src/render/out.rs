@@ -6,6 +6,7 @@
 //! Outputs are serde structs with their fields in the order a person reads them, so the text is
 //! stable (golden-tested) whatever features `serde_json` is built with.
 
+use super::fleet::{self, Fleet};
 use super::isvc::{self, Mode, Predictor};
 use super::Args;
 use anyhow::{bail, Context as _, Result};
@@ -43,6 +44,8 @@ pub struct Gateway<'a> {
     pub selector: BTreeMap<String, String>,
     pub wasm_url: &'a str,
     pub wasm_file: &'a str,
+    /// The port of the gateway's plain-HTTP listener, where a fleet's peer port is added.
+    pub http_port: u16,
 }
 
 /// `k=v[,k=v]` → labels.
@@ -69,7 +72,42 @@ pub type FilterConfig = ConfigDoc;
 /// The validated result: the filter configuration and what the operator should know.
 pub struct Plan {
     pub config: FilterConfig,
+    /// The gateway replicas split each pod's containerConcurrency (the configuration's `fleet`).
+    pub fleet: Option<Fleet>,
     pub notes: Vec<String>,
+}
+
+/// The plugin configuration as written: core's document plus the `fleet` section.
+// TEMPORARY until core's ConfigDoc has `fleet`: then this is `&plan.config`.
+#[derive(Serialize)]
+pub struct PluginDoc<'a> {
+    #[serde(flatten)]
+    config: &'a FilterConfig,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    fleet: Option<FleetDoc>,
+}
+
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+struct FleetDoc {
+    peer_cluster: String,
+    forward_cluster: String,
+    forward_header: String,
+    peer_port: u16,
+}
+
+impl Plan {
+    pub fn plugin_config(&self) -> PluginDoc<'_> {
+        PluginDoc {
+            config: &self.config,
+            fleet: self.fleet.as_ref().map(|f| FleetDoc {
+                peer_cluster: f.peer_cluster.clone(),
+                forward_cluster: f.forward_cluster.clone(),
+                forward_header: f.forward_header.clone(),
+                peer_port: f.peer_port,
+            }),
+        }
+    }
 }
 
 impl Plan {
@@ -153,6 +191,7 @@ impl Plan {
                 ..RevisionDoc::default()
             });
         }
+        let fleet = fleet_plan(args, membership.is_some(), &mut notes)?;
         let config = FilterConfig {
             revisions,
             membership,
@@ -162,12 +201,57 @@ impl Plan {
             }),
             ..FilterConfig::default()
         };
+        let plan = Plan {
+            config,
+            fleet,
+            notes,
+        };
         // The filter's own parser is the judge: never print a config it would refuse.
-        let json = serde_json::to_vec(&config)?;
+        let json = serde_json::to_vec(&plan.plugin_config())?;
         if let Err(e) = inflight_core::Config::parse(&json) {
             bail!("the rendered filter configuration is invalid: {e}");
         }
-        Ok(Plan { config, notes })
+        Ok(plan)
+    }
+}
+
+/// Whether the gateway replicas split each pod's containerConcurrency, and under which names.
+/// On by default for the Istio outputs: Istio's gateway runs as a Deployment that is often
+/// scaled (istioctl's default installs an HPA of 1 to 5 replicas), and without the fleet N
+/// replicas allow N × containerConcurrency per pod; a fleet of one behaves as no fleet. Off by
+/// default for plain Envoy (`filter-config`), whose peer cluster and listener the operator adds.
+/// The split needs the endpoints (membership) and the pick (endpoint picking).
+fn fleet_plan(args: &Args, membership: bool, notes: &mut Vec<String>) -> Result<Option<Fleet>> {
+    let wanted = match (args.fleet, args.no_fleet, args.format) {
+        (true, _, _) => true,
+        (_, true, _) => false,
+        (false, false, Format::FilterConfig) => false,
+        (false, false, _) => true,
+    };
+    if !wanted {
+        return Ok(None);
+    }
+    let missing = match (membership, args.no_endpoint_picking) {
+        (false, _) => {
+            Some("membership (--no-membership, or filter-config without --membership-cluster)")
+        }
+        (true, true) => Some("endpoint picking (--no-endpoint-picking)"),
+        (true, false) => None,
+    };
+    match missing {
+        Some(what) if args.fleet => bail!(
+            "--fleet needs {what}: the gateways split each pod's slots, so they must learn the pods and pick them"
+        ),
+        Some(what) => {
+            notes.push(format!(
+                "no fleet: it needs {what}; with N gateway replicas a revision may get N × containerConcurrency per pod (pass --no-fleet to say this is meant)"
+            ));
+            Ok(None)
+        }
+        None => Ok(Some(Fleet {
+            peer_port: args.peer_port,
+            ..Fleet::default()
+        })),
     }
 }
 
@@ -278,13 +362,15 @@ struct Object<S> {
 }
 
 #[derive(Serialize)]
-struct Metadata {
+pub(super) struct Metadata {
     name: String,
     namespace: String,
     labels: BTreeMap<String, String>,
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    pub(super) annotations: BTreeMap<String, String>,
 }
 
-fn metadata(name: &str, namespace: &str) -> Metadata {
+pub(super) fn metadata(name: &str, namespace: &str) -> Metadata {
     let mut labels = BTreeMap::new();
     labels.insert("app.kubernetes.io/name".into(), PLUGIN.into());
     labels.insert(
@@ -295,6 +381,7 @@ fn metadata(name: &str, namespace: &str) -> Metadata {
         name: name.into(),
         namespace: namespace.into(),
         labels,
+        annotations: BTreeMap::new(),
     }
 }
 
@@ -311,7 +398,7 @@ struct WasmPluginSpec<'a> {
     fail_strategy: &'static str,
     #[serde(rename = "type")]
     plugin_type: &'static str,
-    plugin_config: &'a FilterConfig,
+    plugin_config: PluginDoc<'a>,
 }
 
 #[derive(Serialize)]
@@ -328,8 +415,8 @@ struct EnvoyFilterSpec<P> {
 }
 
 #[derive(Serialize)]
-struct Labels {
-    labels: BTreeMap<String, String>,
+pub(super) struct Labels {
+    pub(super) labels: BTreeMap<String, String>,
 }
 
 #[derive(Serialize)]
@@ -453,7 +540,7 @@ struct StringValue {
 }
 
 /// The wasm HTTP filter with this configuration, loading the module from `wasm_file`.
-pub fn wasm_filter(config: &FilterConfig, wasm_file: &str) -> Result<WasmFilter> {
+pub fn wasm_filter(config: &PluginDoc<'_>, wasm_file: &str) -> Result<WasmFilter> {
     Ok(WasmFilter {
         name: PLUGIN,
         typed_config: WasmTyped {
@@ -594,7 +681,7 @@ pub fn write(plan: &Plan, format: Format, gw: &Gateway<'_>, notes: &[String]) ->
     }
     let body = match format {
         Format::FilterConfig => {
-            let mut s = serde_json::to_string_pretty(&plan.config)?;
+            let mut s = serde_json::to_string_pretty(&plan.plugin_config())?;
             s.push('\n');
             s
         }
@@ -612,7 +699,7 @@ pub fn write(plan: &Plan, format: Format, gw: &Gateway<'_>, notes: &[String]) ->
                 phase: "UNSPECIFIED_PHASE",
                 fail_strategy: "FAIL_RELOAD",
                 plugin_type: "HTTP",
-                plugin_config: &plan.config,
+                plugin_config: plan.plugin_config(),
             },
         })?,
         Format::Envoyfilter => serde_norway::to_string(&Object {
@@ -640,20 +727,22 @@ pub fn write(plan: &Plan, format: Format, gw: &Gateway<'_>, notes: &[String]) ->
                     },
                     patch: Patch {
                         operation: "INSERT_BEFORE",
-                        value: wasm_filter(&plan.config, gw.wasm_file)?,
+                        value: wasm_filter(&plan.plugin_config(), gw.wasm_file)?,
                     },
                 }],
             },
         })?,
     };
-    let picking = match format {
-        Format::FilterConfig => None,
-        Format::Wasmplugin | Format::Envoyfilter => endpoint_picking(&plan.config, gw)?,
-    };
-    Ok(match picking {
-        Some(p) => format!("{header}{body}---\n{p}"),
-        None => header + &body,
-    })
+    let mut text = header + &body;
+    if format != Format::FilterConfig {
+        if let Some(p) = endpoint_picking(&plan.config, gw)? {
+            text = format!("{text}---\n{p}");
+        }
+        if let Some(f) = &plan.fleet {
+            text = format!("{text}---\n{}", fleet::documents(f, gw)?);
+        }
+    }
+    Ok(text)
 }
 
 #[cfg(test)]
@@ -779,6 +868,7 @@ mod tests {
             selector: parse_selector("istio=ingressgateway").unwrap(),
             wasm_url: DEFAULT_WASM_URL,
             wasm_file: DEFAULT_WASM_FILE,
+            http_port: 8080,
         };
         let config = FilterConfig {
             revisions: vec![revision("m", &["outbound|80||m"], None)],
