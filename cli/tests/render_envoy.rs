@@ -1044,3 +1044,135 @@ fn fleet_patches_merge_into_an_istio_gateway_and_forward_by_the_peer_header() {
     drop(gw);
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// One Istio-shaped gateway of a fleet: the filter of `manifests/istio/envoyfilter/envoyfilter.yaml`
+/// (its plugin configuration, `fleet` included, with the peer port this gateway listens on),
+/// the membership cluster, the revision's cluster with the endpoint-picking policy, and the
+/// `inflight-fleet` patches applied as Istio applies them, the peer cluster listing every
+/// gateway's peer address. Its identity comes from Istio's node metadata `INSTANCE_IPS`, as in
+/// a gateway pod.
+fn istio_fleet_gateway(
+    admin_port: u16,
+    peer_port: u16,
+    peers: &[u16],
+    upstream_ports: &[u16],
+) -> Value {
+    let mut filter = patch_value("istio/envoyfilter/envoyfilter.yaml", "HTTP_FILTER");
+    filter["typed_config"]["config"]["vm_config"]["code"]["local"]["filename"] =
+        Value::from(envoy::filter_wasm().to_str().unwrap());
+    let config = &mut filter["typed_config"]["config"]["configuration"]["value"];
+    let mut plugin: Value = serde_json::from_str(config.as_str().unwrap()).unwrap();
+    assert!(plugin["fleet"].get("self").is_none(), "{plugin}");
+    plugin["fleet"]["peerPort"] = Value::from(peer_port);
+    *config = Value::from(plugin.to_string());
+    let mut membership = patch_value("istio/common/membership-cluster.yaml", "CLUSTER");
+    membership["load_assignment"]["endpoints"][0]["lb_endpoints"][0]["endpoint"]["address"]
+        ["socket_address"]["port_value"] = Value::from(admin_port);
+    let mut bootstrap = istio_like_bootstrap(&filter, &membership, admin_port, upstream_ports);
+    bootstrap["node"] = json!({
+        "id": format!("router~127.0.0.1~istio-ingressgateway-{peer_port}.istio-system~istio-system.svc.cluster.local"),
+        "cluster": "istio-ingressgateway.istio-system",
+        "metadata": {"INSTANCE_IPS": "127.0.0.1", "NAMESPACE": "istio-system"}
+    });
+    let listener = &mut bootstrap["static_resources"]["listeners"][0];
+    // Istio's gateway listener: 0.0.0.0_8080 on all addresses; here on loopback, any port.
+    listener["address"]["socket_address"]["port_value"] = Value::from(8080);
+    let mut clusters: Vec<Value> = Vec::new();
+    let mut args = ISVCS.to_vec();
+    args.extend(["--format", "envoyfilter"]);
+    let rendered = render_ok(&args);
+    apply_fleet_patches(&fleet_patches(&rendered), listener, &mut clusters);
+    listener["address"]["socket_address"]["port_value"] = Value::from(free_port());
+    listener["additional_addresses"][0]["address"]["socket_address"]["port_value"] =
+        Value::from(peer_port);
+    // The revision's cluster follows the filter's pick, as inflight-endpoint-picking makes it.
+    let picking = endpoint_picking_patches(&rendered);
+    let all = bootstrap["static_resources"]["clusters"]
+        .as_array_mut()
+        .unwrap();
+    proto_merge(&mut all[0], &picking[0]["patch"]["value"]);
+    for mut c in clusters {
+        if c["name"] == "inflight-peers" {
+            // The headless Service's DNS name resolves to every gateway pod; here every
+            // gateway's loopback peer port.
+            let endpoints: Vec<Value> = peers
+                .iter()
+                .map(|p| json!({"endpoint": {"address": {"socket_address": {"address": "127.0.0.1", "port_value": p}}}}))
+                .collect();
+            c["load_assignment"]["endpoints"][0]["lb_endpoints"] = Value::from(endpoints);
+        }
+        all.push(c);
+    }
+    bootstrap
+}
+
+/// Two gateways configured as render configures them on Istio find each other and split the
+/// revision: each identifies itself by `INSTANCE_IPS` and its peer port, counts a fleet of 2,
+/// and their capacities add up to containerConcurrency × ready pods (10 × 2), one pod's worth
+/// each; both serve requests.
+#[test]
+fn two_istio_gateways_form_a_fleet_from_the_rendered_pieces() {
+    let _s = serial();
+    let upstreams = [Upstream::start().unwrap(), Upstream::start().unwrap()];
+    let ports: Vec<u16> = upstreams.iter().map(Upstream::port).collect();
+    let peers = [free_port(), free_port()];
+    let cm = yaml_docs(
+        &std::fs::read_to_string(manifests_dir().join("istio/common/stats-bootstrap.yaml"))
+            .unwrap(),
+    )
+    .remove(0);
+    let overlay = cm["data"]["custom_bootstrap.json"].as_str().unwrap();
+    let dirs = [scratch("fleet-a"), scratch("fleet-b")];
+    let gateways: Vec<Proxy> = peers
+        .iter()
+        .zip(&dirs)
+        .map(|(peer, dir)| {
+            let config = dir.join("bootstrap.json");
+            let b = istio_fleet_gateway(free_port(), *peer, &peers, &ports);
+            std::fs::write(&config, serde_json::to_string_pretty(&b).unwrap()).unwrap();
+            validate_with_overlay(&config, overlay);
+            Proxy::start(&config, Some(overlay), dir)
+        })
+        .collect();
+    let rev = "torchserve-raw";
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let stats = loop {
+        let s: Vec<Stats> = gateways.iter().map(Proxy::stats).collect();
+        let formed = s.iter().all(|s| {
+            s.gauge("inflight_fleet_gateways", rev) == 2
+                && s.gauge("inflight_ready_replicas", rev) == 2
+        }) && s
+            .iter()
+            .map(|s| s.gauge("inflight_capacity", rev))
+            .sum::<u64>()
+            == 20;
+        if formed || Instant::now() > deadline {
+            break s;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    for s in &stats {
+        assert_eq!(
+            s.gauge("inflight_fleet_gateways", rev),
+            2,
+            "{}",
+            s.inflight_lines()
+        );
+        assert_eq!(
+            s.gauge("inflight_capacity", rev),
+            10,
+            "{}",
+            s.inflight_lines()
+        );
+    }
+    for gw in &gateways {
+        let r = Request::get(gw.listener, "torchserve-raw-default.example.com")
+            .send()
+            .unwrap();
+        assert_eq!(r.status, 200, "{r:?}");
+    }
+    drop(gateways);
+    for d in dirs {
+        let _ = std::fs::remove_dir_all(d);
+    }
+}
