@@ -174,6 +174,8 @@ fn configure(vm: &SharedVm, bytes: &[u8]) -> Result<(), String> {
         .map_err(|_| "the worker is busy".to_string())?;
     let v = &mut *v;
     let w = v.worker.as_mut().ok_or("this worker VM did not start")?;
+    // The node's metadata is readable from the plugin's configure on (not at VM start).
+    w.set_node(host::node_facts());
     let config = w
         .configure(bytes, clock::now_ms())
         .map_err(|e| e.to_string())?;
@@ -229,6 +231,13 @@ impl HttpContext for Stream {
             Some(inflight_core::Verdict::Pause) => Action::Pause,
             Some(inflight_core::Verdict::Reply(reply)) => {
                 send_reply(&reply);
+                Action::Pause
+            }
+            Some(inflight_core::Verdict::Report(body)) => {
+                let headers = vec![("content-type", "application/json")];
+                if let Err(e) = hostcalls::send_http_response(200, headers, Some(body.as_bytes())) {
+                    log::warn!("answering a peer's report request failed: {e:?}");
+                }
                 Action::Pause
             }
             Some(inflight_core::Verdict::Continue) | None => Action::Continue,
@@ -304,11 +313,57 @@ fn apply(vm: &SharedVm, effects: &mut Vec<Effect>) {
                 let sent = dispatch(&request);
                 with_worker(vm, |w| w.on_poll_dispatched(request.kind, sent));
             }
+            Effect::PeerCall {
+                cluster,
+                header,
+                peer,
+                timeout_ms,
+            } => {
+                let headers = vec![
+                    (":method", "GET"),
+                    (":path", inflight_core::fleet::REPORT_PATH),
+                    (":authority", "inflight-fleet"),
+                    (&*header, peer.as_str()),
+                ];
+                let sent = hostcalls::dispatch_http_call(
+                    &cluster,
+                    headers,
+                    None,
+                    vec![],
+                    Duration::from_millis(timeout_ms),
+                )
+                .map_err(|e| format!("dispatch to cluster `{cluster}` failed: {e:?}"));
+                with_worker(vm, |w| w.on_peer_dispatched(&peer, sent, clock::now_ms()));
+            }
+            Effect::Forward {
+                context,
+                header,
+                peer,
+            } => {
+                let set = hostcalls::set_effective_context(context).and_then(|()| {
+                    hostcalls::set_map_value(MapType::HttpRequestHeaders, &header, peer.as_deref())
+                });
+                if let Err(e) = set {
+                    log::warn!("setting `{header}` on stream {context} failed: {e:?}");
+                }
+                clear_route_cache();
+            }
             other => {
                 if let Ok(v) = vm.try_borrow() {
                     v.metrics.apply(&other);
                 }
             }
+        }
+    }
+}
+
+/// Makes Envoy pick the route again (after the forward header changed): Envoy ≥ 1.33 offers
+/// the foreign function `clear_route_cache`; older ones clear the cache on every header change.
+fn clear_route_cache() {
+    if let Err(e) = hostcalls::call_foreign_function("clear_route_cache", None) {
+        static WARNED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+        if !WARNED.swap(true, std::sync::atomic::Ordering::Relaxed) {
+            log::warn!("clear_route_cache is not available ({e:?}); relying on Envoy clearing the route cache when headers change");
         }
     }
 }
