@@ -32,11 +32,11 @@ use inflight_envoy_control::bootstrap;
 use serde::Serialize;
 use std::collections::BTreeMap;
 
-/// The filter configuration's `fleet` defaults (docs/fleet.md).
+pub use inflight_core::config::{
+    DEFAULT_FORWARD_CLUSTER, DEFAULT_FORWARD_HEADER, DEFAULT_PEER_PORT,
+};
+/// The peer cluster's name (the filter has no default: `fleet.peerCluster` is required).
 pub const DEFAULT_PEER_CLUSTER: &str = "inflight-peers";
-pub const DEFAULT_FORWARD_CLUSTER: &str = "inflight-peer-direct";
-pub const DEFAULT_FORWARD_HEADER: &str = "x-inflight-peer";
-pub const DEFAULT_PEER_PORT: u16 = 15081;
 /// The headless Service of the gateway pods (named as the peer cluster that resolves it).
 pub const PEERS_SERVICE: &str = "inflight-peers";
 /// The EnvoyFilter with the fleet's clusters, peer port and forward route.

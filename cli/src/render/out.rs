@@ -11,7 +11,8 @@ use super::isvc::{self, Mode, Predictor};
 use super::Args;
 use anyhow::{bail, Context as _, Result};
 use inflight_core::config::{
-    AutoscalingDoc, ConfigDoc, MembershipDoc, RevisionDoc, RoutingDoc, DEFAULT_ENDPOINT_HEADER,
+    AutoscalingDoc, ConfigDoc, FleetDoc, MembershipDoc, RevisionDoc, RoutingDoc,
+    DEFAULT_ENDPOINT_HEADER,
 };
 use inflight_envoy_control::bootstrap;
 use serde::Serialize;
@@ -72,42 +73,9 @@ pub type FilterConfig = ConfigDoc;
 /// The validated result: the filter configuration and what the operator should know.
 pub struct Plan {
     pub config: FilterConfig,
-    /// The gateway replicas split each pod's containerConcurrency (the configuration's `fleet`).
+    /// The gateway replicas split each pod's containerConcurrency (`config.fleet`, by name).
     pub fleet: Option<Fleet>,
     pub notes: Vec<String>,
-}
-
-/// The plugin configuration as written: core's document plus the `fleet` section.
-// TEMPORARY until core's ConfigDoc has `fleet`: then this is `&plan.config`.
-#[derive(Serialize)]
-pub struct PluginDoc<'a> {
-    #[serde(flatten)]
-    config: &'a FilterConfig,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    fleet: Option<FleetDoc>,
-}
-
-#[derive(Serialize)]
-#[serde(rename_all = "camelCase")]
-struct FleetDoc {
-    peer_cluster: String,
-    forward_cluster: String,
-    forward_header: String,
-    peer_port: u16,
-}
-
-impl Plan {
-    pub fn plugin_config(&self) -> PluginDoc<'_> {
-        PluginDoc {
-            config: &self.config,
-            fleet: self.fleet.as_ref().map(|f| FleetDoc {
-                peer_cluster: f.peer_cluster.clone(),
-                forward_cluster: f.forward_cluster.clone(),
-                forward_header: f.forward_header.clone(),
-                peer_port: f.peer_port,
-            }),
-        }
-    }
 }
 
 impl Plan {
@@ -199,6 +167,15 @@ impl Plan {
                 enabled: Some(false),
                 endpoint_header: None,
             }),
+            // Every name written out, so that the file shows what the Envoy pieces must match;
+            // `self` unset: each gateway takes the first of Istio's INSTANCE_IPS (its pod IP).
+            fleet: fleet.as_ref().map(|f| FleetDoc {
+                peer_cluster: f.peer_cluster.clone(),
+                forward_cluster: Some(f.forward_cluster.clone()),
+                forward_header: Some(f.forward_header.clone()),
+                peer_port: Some(f.peer_port),
+                ..FleetDoc::default()
+            }),
             ..FilterConfig::default()
         };
         let plan = Plan {
@@ -207,7 +184,7 @@ impl Plan {
             notes,
         };
         // The filter's own parser is the judge: never print a config it would refuse.
-        let json = serde_json::to_vec(&plan.plugin_config())?;
+        let json = serde_json::to_vec(&plan.config)?;
         if let Err(e) = inflight_core::Config::parse(&json) {
             bail!("the rendered filter configuration is invalid: {e}");
         }
@@ -398,7 +375,7 @@ struct WasmPluginSpec<'a> {
     fail_strategy: &'static str,
     #[serde(rename = "type")]
     plugin_type: &'static str,
-    plugin_config: PluginDoc<'a>,
+    plugin_config: &'a FilterConfig,
 }
 
 #[derive(Serialize)]
@@ -540,7 +517,7 @@ struct StringValue {
 }
 
 /// The wasm HTTP filter with this configuration, loading the module from `wasm_file`.
-pub fn wasm_filter(config: &PluginDoc<'_>, wasm_file: &str) -> Result<WasmFilter> {
+pub fn wasm_filter(config: &FilterConfig, wasm_file: &str) -> Result<WasmFilter> {
     Ok(WasmFilter {
         name: PLUGIN,
         typed_config: WasmTyped {
@@ -681,7 +658,7 @@ pub fn write(plan: &Plan, format: Format, gw: &Gateway<'_>, notes: &[String]) ->
     }
     let body = match format {
         Format::FilterConfig => {
-            let mut s = serde_json::to_string_pretty(&plan.plugin_config())?;
+            let mut s = serde_json::to_string_pretty(&plan.config)?;
             s.push('\n');
             s
         }
@@ -699,7 +676,7 @@ pub fn write(plan: &Plan, format: Format, gw: &Gateway<'_>, notes: &[String]) ->
                 phase: "UNSPECIFIED_PHASE",
                 fail_strategy: "FAIL_RELOAD",
                 plugin_type: "HTTP",
-                plugin_config: plan.plugin_config(),
+                plugin_config: &plan.config,
             },
         })?,
         Format::Envoyfilter => serde_norway::to_string(&Object {
@@ -727,7 +704,7 @@ pub fn write(plan: &Plan, format: Format, gw: &Gateway<'_>, notes: &[String]) ->
                     },
                     patch: Patch {
                         operation: "INSERT_BEFORE",
-                        value: wasm_filter(&plan.plugin_config(), gw.wasm_file)?,
+                        value: wasm_filter(&plan.config, gw.wasm_file)?,
                     },
                 }],
             },
