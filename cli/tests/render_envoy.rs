@@ -2,14 +2,19 @@
 //! (`envoy --mode validate`, then one request through a running gateway):
 //!
 //! - `inflight render --format filter-config` in the project's own gateway config (plain Envoy);
-//! - the HTTP filter inside `manifests/istio/envoyfilter/envoyfilter.yaml` and the membership
-//!   cluster of `manifests/istio/common/membership-cluster.yaml`, in a bootstrap shaped like
-//!   Istio's (its stats tags and a stats matcher that would drop the filter's stats), with
+//! - the HTTP filter inside `manifests/istio/envoyfilter/envoyfilter.yaml`, the membership
+//!   cluster of `manifests/istio/common/membership-cluster.yaml` and the fleet's patches, in a
+//!   bootstrap shaped like Istio's (its stats tags and a stats matcher that would drop the
+//!   filter's stats, `INSTANCE_IPS` in the node metadata), with
 //!   `manifests/istio/common/stats-bootstrap.yaml` passed as `--config-yaml`, exactly as
 //!   pilot-agent passes ISTIO_BOOTSTRAP_OVERRIDE: the series must come out labelled;
 //! - the endpoint-picking `EnvoyFilter` render writes beside the WasmPlugin/EnvoyFilter, merged
 //!   the way Istio merges a `CLUSTER` patch into a cluster shaped like the ones Istio generates
 //!   (`lb_policy: LEAST_REQUEST` and all): a request goes to the endpoint its header names;
+//! - the fleet's `EnvoyFilter` (`inflight-fleet`) merged into an Istio-shaped gateway: applied
+//!   to a running gateway in place, the peer port serves the same routes, a request with the
+//!   peer header goes to the peer it names; and two such gateways find each other and split the
+//!   revision's slots;
 //! - the same `override_host` policy in the plain Envoy configs we ship (`envoy/envoy.yaml`,
 //!   `docs/envoy-minimal.yaml`), on the header their plugin configuration names.
 //!
@@ -284,15 +289,11 @@ fn validate_with_overlay(config: &Path, overlay: &str) {
 #[test]
 fn envoyfilter_and_stats_bootstrap_run_in_an_istio_like_envoy() {
     let _s = serial();
-    let mut filter = patch_value("istio/envoyfilter/envoyfilter.yaml", "HTTP_FILTER");
-    // The module is mounted into the pod in Kubernetes; here it is the freshly built one.
-    filter["typed_config"]["config"]["vm_config"]["code"]["local"]["filename"] =
-        Value::from(envoy::filter_wasm().to_str().unwrap());
-    let mut membership = patch_value("istio/common/membership-cluster.yaml", "CLUSTER");
-    // Istio's admin is 127.0.0.1:15000; here a free port, so tests can run side by side.
+    // The filter, the membership cluster (Istio's admin is 127.0.0.1:15000; here a free port, so
+    // tests can run side by side), and the fleet's pieces: a fleet of this one gateway, as a
+    // gateway Deployment with one replica has.
     let admin_port = free_port();
-    membership["load_assignment"]["endpoints"][0]["lb_endpoints"][0]["endpoint"]["address"]
-        ["socket_address"]["port_value"] = Value::from(admin_port);
+    let peer_port = free_port();
     let cm = yaml_docs(
         &std::fs::read_to_string(manifests_dir().join("istio/common/stats-bootstrap.yaml"))
             .unwrap(),
@@ -304,7 +305,7 @@ fn envoyfilter_and_stats_bootstrap_run_in_an_istio_like_envoy() {
     let ports: Vec<u16> = upstreams.iter().map(Upstream::port).collect();
     let dir = scratch("istio");
     let config = dir.join("bootstrap.json");
-    let bootstrap = istio_like_bootstrap(&filter, &membership, admin_port, &ports);
+    let bootstrap = istio_fleet_gateway(admin_port, peer_port, &[peer_port], &ports);
     std::fs::write(&config, serde_json::to_string_pretty(&bootstrap).unwrap()).unwrap();
     validate_with_overlay(&config, overlay);
 
@@ -323,6 +324,8 @@ fn envoyfilter_and_stats_bootstrap_run_in_an_istio_like_envoy() {
             s.outcome("torchserve", "admitted") == 1
                 && s.outcome("torchserve-raw", "admitted") == 1
                 && s.gauge("inflight_ready_replicas", "torchserve-raw") == 2
+                && s.gauge("inflight_fleet_gateways", "torchserve-raw") == 1
+                && s.gauge("inflight_capacity", "torchserve-raw") == 20
         };
         let deadline = Instant::now() + Duration::from_secs(10);
         let stats = loop {
