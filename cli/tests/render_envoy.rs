@@ -1112,7 +1112,8 @@ fn istio_fleet_gateway(
 /// Two gateways configured as render configures them on Istio find each other and split the
 /// revision: each identifies itself by `INSTANCE_IPS` and its peer port, counts a fleet of 2,
 /// and their capacities add up to containerConcurrency × ready pods (10 × 2), one pod's worth
-/// each; both serve requests.
+/// each; both serve requests; and the first forwards what it has no slot for to the second
+/// over the rendered forward route and peer port, with no pod above containerConcurrency.
 #[test]
 fn two_istio_gateways_form_a_fleet_from_the_rendered_pieces() {
     let _s = serial();
@@ -1174,6 +1175,53 @@ fn two_istio_gateways_form_a_fleet_from_the_rendered_pieces() {
             .unwrap();
         assert_eq!(r.status, 200, "{r:?}");
     }
+
+    // 20 clients on the first gateway only, each request held 300 ms by its pod: it holds 10
+    // slots (5 of each pod) and forwards the rest through the peer header, the forward route
+    // and the second gateway's peer port, where they are admitted and never forwarded again.
+    // The pods never see more than containerConcurrency 10 each.
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let clients: Vec<_> = (0..20)
+        .map(|_| {
+            let (stop, listener) = (stop.clone(), gateways[0].listener);
+            std::thread::spawn(move || {
+                let mut statuses = Vec::new();
+                while !stop.load(std::sync::atomic::Ordering::SeqCst) {
+                    let r = Request::get(listener, "torchserve-raw-default.example.com")
+                        .header("x-hold-ms", 300)
+                        .send();
+                    statuses.push(r.map_or(0, |r| r.status));
+                }
+                statuses
+            })
+        })
+        .collect();
+    std::thread::sleep(Duration::from_secs(4));
+    stop.store(true, std::sync::atomic::Ordering::SeqCst);
+    let statuses: Vec<u16> = clients
+        .into_iter()
+        .flat_map(|c| c.join().unwrap())
+        .collect();
+    assert!(
+        statuses.iter().all(|s| *s == 200),
+        "{:?}",
+        statuses.iter().filter(|s| **s != 200).collect::<Vec<_>>()
+    );
+    let (a, b) = (gateways[0].stats(), gateways[1].stats());
+    assert!(a.outcome(rev, "forwarded") > 0, "{}", a.inflight_lines());
+    assert!(b.outcome(rev, "admitted") > 5, "{}", b.inflight_lines());
+    assert_eq!(b.outcome(rev, "forwarded"), 0, "{}", b.inflight_lines());
+    for u in &upstreams {
+        assert!(u.max_concurrency() <= 10, "{}", u.max_concurrency());
+    }
+    eprintln!(
+        "two Istio-shaped gateways, 20 clients on the first: {} requests, first gateway admitted {} and forwarded {}, second admitted {}; pods' most in flight {:?}",
+        statuses.len(),
+        a.outcome(rev, "admitted"),
+        a.outcome(rev, "forwarded"),
+        b.outcome(rev, "admitted"),
+        upstreams.iter().map(Upstream::max_concurrency).collect::<Vec<_>>()
+    );
     drop(gateways);
     for d in dirs {
         let _ = std::fs::remove_dir_all(d);
