@@ -413,7 +413,7 @@ fn fleet_pieces_agree_with_the_plugin_configuration() {
     .unwrap();
     assert_eq!(with["fleet"]["peerCluster"], "inflight-peers");
     inflight_core::Config::parse(with.to_string().as_bytes()).unwrap();
-    // Asked for, but impossible: an error that says why.
+    // Asked for, but impossible (or on the HTTP listener's own port): an error that says why.
     for (flags, want) in [
         (
             &["--format", "filter-config", "--fleet"][..],
@@ -426,6 +426,10 @@ fn fleet_pieces_agree_with_the_plugin_configuration() {
         (
             &["--fleet", "--no-membership"][..],
             "--fleet needs membership",
+        ),
+        (
+            &["--peer-port", "8080"][..],
+            "--peer-port 8080: expected a port of its own",
         ),
     ] {
         let mut args = vec!["-f", input];

@@ -317,9 +317,10 @@ pub fn documents(fleet: &Fleet, gw: &Gateway<'_>) -> Result<String> {
         "# Fleet (docs/deploy.md, \"A fleet of gateways\"): the gateway replicas split each pod's\n\
          # containerConcurrency. `{peers}` lists the ready gateway pods (the headless Service\n\
          # below); the listener on port {http} also listens on the peer port {port}, which the\n\
-         # public Service does not expose; a request the filter forwards carries `{header}` and\n\
-         # goes, by the first route of every virtual host, through `{forward}` to the peer named.\n\
-         # --gateway-http-port must be the port of the gateway's plain-HTTP listener.\n\
+         # public Service does not expose; a request the filter forwards carries `{header}`\n\
+         # and goes, by the first route of every virtual host, through `{forward}`\n\
+         # to the peer named. --gateway-http-port must be the port of the gateway's plain-HTTP\n\
+         # listener.\n\
          {filter}---\n\
          # The gateway pods on the peer port, for the peer cluster's DNS: ready pods only, so a\n\
          # draining gateway leaves the fleet. Headless: nothing load-balances through it.\n\

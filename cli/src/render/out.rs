@@ -208,6 +208,13 @@ fn fleet_plan(args: &Args, membership: bool, notes: &mut Vec<String>) -> Result<
     if !wanted {
         return Ok(None);
     }
+    if args.peer_port == 0 || args.peer_port == args.gateway_http_port {
+        bail!(
+            "--peer-port {}: expected a port of its own, other than the gateway's HTTP port {}",
+            args.peer_port,
+            args.gateway_http_port
+        );
+    }
     let missing = match (membership, args.no_endpoint_picking) {
         (false, _) => {
             Some("membership (--no-membership, or filter-config without --membership-cluster)")
