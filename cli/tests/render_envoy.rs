@@ -945,6 +945,14 @@ fn fleet_patches_merge_into_an_istio_gateway_and_forward_by_the_peer_header() {
     )
     .unwrap();
     envoy::validate(&config).unwrap();
+    // …and uses nothing Envoy has deprecated (a field Envoy drops would break the patch).
+    let out = Command::new(envoy::envoy_binary().unwrap())
+        .args(["--mode", "validate", "-l", "warn", "-c"])
+        .arg(&config)
+        .output()
+        .unwrap();
+    let log = String::from_utf8_lossy(&out.stderr);
+    assert!(!log.contains("Deprecated field"), "{log}");
 
     // Running: free ports for 8080 and 15081, and the peer cluster's DNS name resolving to this
     // gateway (`localhost`, its peer port), as the headless Service resolves to the pods.

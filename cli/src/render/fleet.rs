@@ -41,10 +41,6 @@ pub const DEFAULT_PEER_CLUSTER: &str = "inflight-peers";
 pub const PEERS_SERVICE: &str = "inflight-peers";
 /// The EnvoyFilter with the fleet's clusters, peer port and forward route.
 pub const FLEET_ENVOYFILTER: &str = "inflight-fleet";
-/// How often the peer cluster re-resolves the headless Service: the membership poll's default
-/// interval, so a gateway that joins or leaves is seen within about one poll after Kubernetes'
-/// endpoints and DNS (CoreDNS answers with a 5 s TTL) have it.
-const DNS_REFRESH: &str = "1s";
 
 /// The names a fleet's Envoy pieces share with the filter configuration's `fleet` section.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -176,16 +172,18 @@ struct Operation {
     value: serde_norway::Value,
 }
 
-/// The peer cluster: the headless Service's addresses on the peer port, re-resolved every
-/// second. IPv4 only, as the first of Istio's `INSTANCE_IPS` is on an IPv4 or dual-stack
-/// cluster: the filter finds itself among the peers by that address.
+/// The peer cluster: the headless Service's addresses on the peer port. Re-resolved at Envoy's
+/// default rate (5 s, CoreDNS's TTL for Service records; `dns_refresh_rate` is deprecated in
+/// Envoy 1.40): a gateway that joins is seen within that, one that dies is taken for dead by
+/// its missing reports (`fleet.lostAfter`) sooner. IPv4 only, as the first of Istio's
+/// `INSTANCE_IPS` is on an IPv4 or dual-stack cluster: the filter finds itself among the peers
+/// by that address.
 pub fn peer_cluster(fleet: &Fleet, gateway_namespace: &str) -> String {
     let host = peers_fqdn(gateway_namespace);
     format!(
         r#"name: {name}
 type: STRICT_DNS
 dns_lookup_family: V4_ONLY
-dns_refresh_rate: {DNS_REFRESH}
 connect_timeout: 1s
 load_assignment:
   cluster_name: {name}
