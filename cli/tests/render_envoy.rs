@@ -1230,6 +1230,54 @@ fn two_istio_gateways_form_a_fleet_from_the_rendered_pieces() {
         b.outcome(rev, "admitted"),
         upstreams.iter().map(Upstream::max_concurrency).collect::<Vec<_>>()
     );
+
+    // What the hop costs: with the first gateway's 10 slots held, each request sent to it is
+    // forwarded; the same requests sent to the second gateway are not. Paced at 8 a second:
+    // between two reports a gateway sends a peer no more than the free slots it reported (10).
+    // (Printed, not asserted: a measurement on a shared machine.)
+    let held: Vec<_> = (0..10)
+        .map(|_| {
+            Request::get(gateways[0].listener, "torchserve-raw-default.example.com")
+                .header("x-hold-ms", 8000)
+                .start()
+                .unwrap()
+        })
+        .collect();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while gateways[0].stats().gauge("inflight_active", rev) < 10 {
+        assert!(
+            Instant::now() < deadline,
+            "the 10 held requests were not admitted"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let before = gateways[0].stats().outcome(rev, "forwarded");
+    let median = |gw: &Proxy| {
+        let mut t: Vec<Duration> = (0..20)
+            .map(|_| {
+                std::thread::sleep(Duration::from_millis(125));
+                let r = Request::get(gw.listener, "torchserve-raw-default.example.com")
+                    .send()
+                    .unwrap();
+                assert_eq!(r.status, 200, "{r:?}");
+                r.elapsed
+            })
+            .collect();
+        t.sort();
+        t[t.len() / 2]
+    };
+    let (forwarded, direct) = (median(&gateways[0]), median(&gateways[1]));
+    let forwarded_now = gateways[0].stats().outcome(rev, "forwarded") - before;
+    for h in held {
+        assert_eq!(h.wait().unwrap().status, 200);
+    }
+    assert_eq!(
+        forwarded_now, 20,
+        "every request to the full gateway was forwarded"
+    );
+    eprintln!(
+        "forwarding hop: median {forwarded:?} through the first gateway (forwarded) vs {direct:?} straight to the second (20 requests each)"
+    );
     drop(gateways);
     for d in dirs {
         let _ = std::fs::remove_dir_all(d);
