@@ -86,6 +86,10 @@ struct ServiceSpec {
     /// Headless: DNS returns the pods themselves, no virtual IP spreads connections.
     #[serde(rename = "clusterIP")]
     cluster_ip: &'static str,
+    /// IPv4, as the peer cluster resolves it and the peer address listens: an IPv6-only
+    /// cluster refuses the Service (saying why) rather than leaving the fleet empty.
+    ip_family_policy: &'static str,
+    ip_families: Vec<&'static str>,
     publish_not_ready_addresses: bool,
     selector: BTreeMap<String, String>,
     ports: Vec<ServicePort>,
@@ -113,6 +117,8 @@ fn service(fleet: &Fleet, gw: &Gateway<'_>) -> Service {
         metadata,
         spec: ServiceSpec {
             cluster_ip: "None",
+            ip_family_policy: "SingleStack",
+            ip_families: vec!["IPv4"],
             publish_not_ready_addresses: false,
             selector: gw.selector.clone(),
             ports: vec![ServicePort {
@@ -407,6 +413,7 @@ mod tests {
         assert_eq!(svc["kind"], "Service");
         assert_eq!(svc["metadata"]["name"], PEERS_SERVICE);
         assert_eq!(svc["spec"]["clusterIP"], "None");
+        assert_eq!(svc["spec"]["ipFamilies"], serde_json::json!(["IPv4"]));
         assert_eq!(svc["spec"]["publishNotReadyAddresses"], false);
         assert_eq!(svc["spec"]["selector"]["istio"], "ingressgateway");
         assert_eq!(svc["spec"]["ports"][0]["port"], 15081);
