@@ -1,8 +1,8 @@
 //! The Istio pieces a fleet of gateway replicas needs (docs/fleet.md, docs/deploy.md "A fleet of
 //! gateways"), written after the filter by the two Istio outputs:
 //!
-//! - a headless `Service` of the gateway pods on the peer port, whose DNS name lists the ready
-//!   gateway pods: the peer cluster resolves it;
+//! - a headless `Service` of the gateway pods on the peer port, whose DNS name lists every
+//!   gateway pod that exists, ready or not: the peer cluster resolves it;
 //! - the `EnvoyFilter` `inflight-fleet`, four patches on the gateway's Envoy:
 //!   1. `CLUSTER ADD` of the peer cluster (`STRICT_DNS` of that Service), which the filter polls
 //!      through the admin like the revisions' clusters;
@@ -62,9 +62,10 @@ impl Default for Fleet {
     }
 }
 
-/// The headless Service's DNS name: Kubernetes answers it with the addresses of the ready
-/// gateway pods (`publishNotReadyAddresses: false`), a draining one (readiness failed after
-/// `/healthcheck/fail`) drops out.
+/// The headless Service's DNS name: Kubernetes answers it with the addresses of every gateway
+/// pod that exists (`publishNotReadyAddresses: true`): one that is starting, or draining after
+/// `/healthcheck/fail`, may hold slots and must be counted (docs/fleet.md, `peerCluster`); one
+/// that is gone drops out, and its peers also give it up when it stops answering reports.
 pub fn peers_fqdn(gateway_namespace: &str) -> String {
     format!("{PEERS_SERVICE}.{gateway_namespace}.svc.cluster.local")
 }
@@ -119,7 +120,7 @@ fn service(fleet: &Fleet, gw: &Gateway<'_>) -> Service {
             cluster_ip: "None",
             ip_family_policy: "SingleStack",
             ip_families: vec!["IPv4"],
-            publish_not_ready_addresses: false,
+            publish_not_ready_addresses: true,
             selector: gw.selector.clone(),
             ports: vec![ServicePort {
                 name: "http-inflight-peer",
@@ -319,15 +320,16 @@ pub fn documents(fleet: &Fleet, gw: &Gateway<'_>) -> Result<String> {
     let service = serde_norway::to_string(&service(fleet, gw))?;
     Ok(format!(
         "# Fleet (docs/deploy.md, \"A fleet of gateways\"): the gateway replicas split each pod's\n\
-         # containerConcurrency. `{peers}` lists the ready gateway pods (the headless Service\n\
+         # containerConcurrency. `{peers}` lists the gateway pods (the headless Service\n\
          # below); the listener on port {http} also listens on the peer port {port}, which the\n\
          # public Service does not expose; a request the filter forwards carries `{header}`\n\
          # and goes, by the first route of every virtual host, through `{forward}`\n\
          # to the peer named. --gateway-http-port must be the port of the gateway's plain-HTTP\n\
          # listener.\n\
          {filter}---\n\
-         # The gateway pods on the peer port, for the peer cluster's DNS: ready pods only, so a\n\
-         # draining gateway leaves the fleet. Headless: nothing load-balances through it.\n\
+         # The gateway pods on the peer port, for the peer cluster's DNS: every pod that exists,\n\
+         # ready or not (a starting or draining gateway may hold slots: it must be counted).\n\
+         # Headless: nothing load-balances through it.\n\
          {service}",
         peers = fleet.peer_cluster,
         http = gw.http_port,
@@ -414,7 +416,7 @@ mod tests {
         assert_eq!(svc["metadata"]["name"], PEERS_SERVICE);
         assert_eq!(svc["spec"]["clusterIP"], "None");
         assert_eq!(svc["spec"]["ipFamilies"], serde_json::json!(["IPv4"]));
-        assert_eq!(svc["spec"]["publishNotReadyAddresses"], false);
+        assert_eq!(svc["spec"]["publishNotReadyAddresses"], true);
         assert_eq!(svc["spec"]["selector"]["istio"], "ingressgateway");
         assert_eq!(svc["spec"]["ports"][0]["port"], 15081);
         assert_eq!(svc["spec"]["ports"][0]["targetPort"], 15081);
