@@ -67,6 +67,8 @@ pub struct Spec {
     pub workers: u32,
     /// `membership.interval`: how often a gateway polls its clusters and asks its peers.
     pub poll: Duration,
+    /// `membership.timeout`: how long a poll or a report request may take.
+    pub poll_timeout: Duration,
     pub tick: Duration,
     pub max_wait: Duration,
     pub buffer_depth: u32,
@@ -78,14 +80,15 @@ pub struct Spec {
 }
 
 impl Spec {
-    /// `gateways` gateways in a fleet serving `revisions`: one worker each, poll 200 ms, tick
-    /// 50 ms, a generous `maxWait` (30 s) and buffer (1000), an L4 Envoy in front.
+    /// `gateways` gateways in a fleet serving `revisions`: one worker each, poll 200 ms (timeout
+    /// 500 ms), tick 50 ms, a generous `maxWait` (30 s) and buffer (1000), an L4 Envoy in front.
     pub fn new(gateways: usize, revisions: Vec<Revision>) -> Spec {
         Spec {
             gateways,
             revisions,
             workers: 1,
             poll: Duration::from_millis(200),
+            poll_timeout: Duration::from_millis(500),
             tick: Duration::from_millis(50),
             max_wait: Duration::from_secs(30),
             buffer_depth: 1000,
@@ -112,6 +115,7 @@ impl Spec {
             "membership": {
                 "cluster": ADMIN_CLUSTER,
                 "interval": format!("{}ms", self.poll.as_millis()),
+                "timeout": format!("{}ms", self.poll_timeout.as_millis()),
             },
             "tick": format!("{}ms", self.tick.as_millis()),
         });
@@ -447,6 +451,32 @@ impl Fleet {
                     && (!in_fleet || fleet_size(s) == fleet as u64)
             },
         )
+    }
+
+    /// Waits until the caps of the gateways in `which` on revision `revision` sum to `slots`
+    /// (`inflight_capacity`: each gateway's slice): the split has settled and every slot is
+    /// usable by some gateway.
+    pub fn wait_capacity(
+        &self,
+        which: &[usize],
+        revision: &str,
+        slots: u64,
+        timeout: Duration,
+    ) -> Result<Vec<u64>> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let caps = which
+                .iter()
+                .map(|&i| Ok(self.stats(i)?.gauge("inflight_capacity", revision)))
+                .collect::<Result<Vec<u64>>>()?;
+            if caps.iter().sum::<u64>() == slots {
+                return Ok(caps);
+            }
+            if Instant::now() > deadline {
+                bail!("timed out after {timeout:?} waiting for {revision}'s caps to sum to {slots}: {caps:?}");
+            }
+            thread::sleep(Duration::from_millis(20));
+        }
     }
 
     /// Every gateway's log tail, for a failing test's message.
