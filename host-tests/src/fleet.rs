@@ -471,17 +471,34 @@ impl Fleet {
         slots: u64,
         timeout: Duration,
     ) -> Result<Vec<u64>> {
+        self.wait_caps(which, revision, timeout, &format!("sum {slots}"), |caps| {
+            caps.iter().sum::<u64>() == slots
+        })
+    }
+
+    /// Waits until `check` holds for the caps (`inflight_capacity`) on `revision` of the
+    /// gateways in `which`, in that order; returns them.
+    pub fn wait_caps(
+        &self,
+        which: &[usize],
+        revision: &str,
+        timeout: Duration,
+        what: &str,
+        check: impl Fn(&[u64]) -> bool,
+    ) -> Result<Vec<u64>> {
         let deadline = Instant::now() + timeout;
         loop {
             let caps = which
                 .iter()
                 .map(|&i| Ok(self.stats(i)?.gauge("inflight_capacity", revision)))
                 .collect::<Result<Vec<u64>>>()?;
-            if caps.iter().sum::<u64>() == slots {
+            if check(&caps) {
                 return Ok(caps);
             }
             if Instant::now() > deadline {
-                bail!("timed out after {timeout:?} waiting for {revision}'s caps to sum to {slots}: {caps:?}");
+                bail!(
+                    "timed out after {timeout:?} waiting for {revision}'s caps ({what}): {caps:?}"
+                );
             }
             thread::sleep(Duration::from_millis(20));
         }
