@@ -222,13 +222,17 @@ fn one_slot_serves_clients_of_every_gateway() {
     let _g = serial();
     let group = Group::new();
     let ups = upstreams(1, &group);
-    let fleet = start(spec(3, Revision::new("rev-a", "a.test", 1, ports(&ups))));
+    // 12 clients holding 20 ms on one slot: each waits about 240 ms; 10 s is generous.
+    let fleet = start(Spec {
+        max_wait: Duration::from_secs(10),
+        ..spec(3, Revision::new("rev-a", "a.test", 1, ports(&ups)))
+    });
     let publics: Vec<SocketAddr> = (0..3).map(|i| fleet.public(i)).collect();
     let load = Load::start(
         &spread(&publics, &[4, 4, 4]),
         "a.test",
         Duration::from_millis(20),
-        Duration::from_secs(40),
+        Duration::from_secs(15),
     );
     thread::sleep(Duration::from_secs(3));
     let out = load.finish();
