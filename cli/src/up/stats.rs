@@ -21,6 +21,8 @@ pub struct RevisionStats {
     pub state_unavailable: f64,
     /// Shed because the gateway drains.
     pub shed_draining: f64,
+    /// Sent to a peer gateway of a fleet (admitted there).
+    pub forwarded: f64,
     pub cancelled: f64,
     pub active: f64,
     pub queued: f64,
@@ -110,6 +112,7 @@ pub fn parse(text: &str) -> Result<Snapshot> {
                     Some(Outcome::StateUnavailable) => r.state_unavailable = v,
                     Some(Outcome::ShedDraining) => r.shed_draining = v,
                     Some(Outcome::Cancelled) => r.cancelled = v,
+                    Some(Outcome::Forwarded) => r.forwarded = v,
                     Some(Outcome::UnknownRevision) | None => {}
                 }
             }
