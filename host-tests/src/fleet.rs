@@ -77,9 +77,6 @@ pub struct Spec {
     pub fleet: Option<serde_json::Value>,
     /// An L4 Envoy in front of the gateways' public listeners.
     pub l4: bool,
-    /// Each gateway's own peer address also as `fleet.self` in its plugin configuration (not
-    /// only in node metadata `INFLIGHT_FLEET_SELF`).
-    pub self_in_config: bool,
 }
 
 impl Spec {
@@ -97,7 +94,6 @@ impl Spec {
             buffer_depth: 1000,
             fleet: Some(serde_json::json!({})),
             l4: true,
-            self_in_config: false,
         }
     }
 
@@ -216,11 +212,7 @@ fn eds_file(dir: &Path, name: &str) -> PathBuf {
 /// the forward cluster and the admin cluster the filter polls.
 fn gateway_yaml(spec: &Spec, dir: &Path, index: usize, ports: (u16, u16, u16)) -> String {
     let (public, peer, admin) = ports;
-    let mut config = spec.plugin_config();
-    if spec.self_in_config && spec.fleet.is_some() {
-        config["fleet"]["self"] = serde_json::json!(loopback(peer).to_string());
-    }
-    let config = config.to_string();
+    let config = spec.plugin_config().to_string();
     let forward = bootstrap::forward_route(FORWARD_HEADER, FORWARD_CLUSTER);
     let mut vhosts = String::new();
     let route = |vhosts: &mut String, name: &str, domain: &str, cluster: &str| {

@@ -47,12 +47,11 @@ fn ports(ups: &[Arc<Upstream>]) -> Vec<u16> {
     ups.iter().map(|u| u.port()).collect()
 }
 
-/// The scenarios name each gateway's peer address in its plugin configuration too
-/// (`fleet.self`); [`a_gateway_knows_itself_from_node_metadata`] covers node metadata alone.
+/// Each gateway learns its own peer address from node metadata `INFLIGHT_FLEET_SELF`, as
+/// `inflight up --gateways N` sets it.
 fn spec(gateways: usize, revision: Revision) -> Spec {
     Spec {
         workers: 2,
-        self_in_config: true,
         poll: POLL,
         poll_timeout: POLL_TIMEOUT,
         tick: TICK,
@@ -130,24 +129,6 @@ fn assert_all_ok(what: &str, out: &[Outcome]) {
 fn the_fleet_bootstraps_are_valid_envoy_configs() {
     let spec = spec(3, Revision::new("rev-a", "a.test", 4, vec![1, 2]));
     fleet::validate(&spec).unwrap();
-}
-
-/// How `inflight up --gateways N` names each gateway: node metadata `INFLIGHT_FLEET_SELF` only.
-/// Every gateway finds itself among the members, and their caps add up to every slot.
-#[test]
-fn a_gateway_knows_itself_from_node_metadata() {
-    let _g = serial();
-    let group = Group::new();
-    let ups = upstreams(2, &group);
-    let mut spec = spec(3, Revision::new("rev-a", "a.test", 4, ports(&ups)));
-    spec.self_in_config = false;
-    spec.l4 = false;
-    let fleet = start(spec);
-    let r = inflight_host_tests::client::Request::get(fleet.public(0), "a.test")
-        .timeout(Duration::from_secs(10))
-        .send()
-        .unwrap();
-    assert_eq!(r.status, 200, "{r:?}");
 }
 
 /// The control: three gateways without `fleet` each allow cc per pod, so the pods see more
