@@ -262,8 +262,9 @@ struct RevisionVm {
     seen: Vec<u32>,
     /// A request of this revision reached another endpoint than picked (logged once).
     mismatch_seen: bool,
-    /// The gateway is part of a fleet: slots exist only on known endpoints.
-    fleet: bool,
+    /// Slots exist only on known endpoints (endpoint picking from the admin poll, or a fleet):
+    /// until the first poll lists them, the revision counts no ready endpoint and requests wait.
+    needs_endpoints: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -362,7 +363,10 @@ impl<H: Host> Worker<H> {
                 last_desired: None,
                 seen: Vec::new(),
                 mismatch_seen: false,
-                fleet: config.fleet.is_some(),
+                needs_endpoints: config.fleet.is_some()
+                    || (config.endpoint_header.is_some()
+                        && config.membership.is_some()
+                        && r.upstream_cluster.is_some()),
             });
         }
         log::info!(
@@ -1500,12 +1504,12 @@ impl RevisionVm {
     /// VMs of the old one apply the new limits too), with ready replicas learned from Envoy.
     fn limits(&self, rc: &RevisionConfig, s: &RevisionState) -> Limits {
         let p = s.limit_params(self.generation, rc.limit_params());
-        let mut limits = p.limits(s.ready().unwrap_or(p.ready_replicas));
-        if self.fleet && s.endpoints().is_none() {
-            // In a fleet a slot is a share of an endpoint: none before the endpoints are known.
-            limits.capacity = limits.capacity.map(|_| 0);
+        if self.needs_endpoints && s.endpoints().is_none() {
+            // Every request must name its endpoint (Envoy's override_host policy refuses one
+            // that does not): before the first poll, no endpoint is ready yet.
+            return p.limits(0);
         }
-        limits
+        p.limits(s.ready().unwrap_or(p.ready_replicas))
     }
 }
 

@@ -88,8 +88,11 @@ pub fn lb_endpoint(addr: SocketAddr) -> String {
 
 /// A cluster's `load_balancing_policy` (at 4 spaces, inside a cluster) that routes a request to
 /// the endpoint named in request header `header` (`IP:port`, Envoy's `override_host` policy),
-/// the filter's pick; requests without the header, or naming an endpoint the cluster does not
-/// have, go to the least-loaded endpoint (least request, full scan).
+/// the filter's pick. A request without the header, or naming an endpoint the cluster no longer
+/// has (a pod removed from EDS before the filter's next poll), gets Envoy's 503 `no healthy
+/// upstream`: the fallback is a subset balancer whose one subset matches no host and which has
+/// no fallback of its own. A balancing fallback would send it to another pod, which may
+/// already hold `containerConcurrency` (measured: 1–3 over the limit per removal under load).
 pub fn override_host_policy(header: &str) -> String {
     format!(
         r#"    load_balancing_policy:
@@ -102,10 +105,16 @@ pub fn override_host_policy(header: &str) -> String {
             fallback_policy:
               policies:
               - typed_extension_config:
-                  name: envoy.load_balancing_policies.least_request
+                  name: envoy.load_balancing_policies.subset
                   typed_config:
-                    "@type": type.googleapis.com/envoy.extensions.load_balancing_policies.least_request.v3.LeastRequest
-                    selection_method: FULL_SCAN
+                    "@type": type.googleapis.com/envoy.extensions.load_balancing_policies.subset.v3.Subset
+                    fallback_policy: NO_FALLBACK
+                    subset_selectors: [{{ keys: [inflight.never] }}]
+                    subset_lb_policy:
+                      policies:
+                      - typed_extension_config:
+                          name: envoy.load_balancing_policies.round_robin
+                          typed_config: {{ "@type": type.googleapis.com/envoy.extensions.load_balancing_policies.round_robin.v3.RoundRobin }}
 "#
     )
 }

@@ -60,8 +60,8 @@ pub const ENDPOINT_HEADER: &str = "x-gateway-destination-endpoint";
 /// A cluster's load-balancing policy in these configs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Lb {
-    /// By the filter's pick (`override_host` on the endpoint header), least request otherwise:
-    /// what inflight ships.
+    /// By the filter's pick (`override_host` on the endpoint header), 503 without a pick of a
+    /// listed endpoint: what inflight ships.
     Pick,
     /// Envoy's default, round robin.
     RoundRobin,

@@ -246,10 +246,7 @@ impl<H: Host> Worker<H> {
         if let (Some(l), true) = (&listed, self.fleet.candidates.len() > 1) {
             if let Some(c) = self.fleet.candidates.iter().find(|c| l.contains(c)) {
                 self.fleet.me = Some(c.clone());
-                self.fleet.my_port = c
-                    .parse::<std::net::SocketAddr>()
-                    .ok()
-                    .map(|a| a.port());
+                self.fleet.my_port = c.parse::<std::net::SocketAddr>().ok().map(|a| a.port());
             }
         }
         let me = self.fleet.me.clone().unwrap_or_default();

@@ -348,8 +348,10 @@ fn membership_sets_ready_replicas_and_grants_what_now_fits() {
         }),
     );
     let a = host("a.test");
-    g.request(0, 1, &a, 0);
-    g.request(0, 2, &a, 0);
+    // Before the first poll no endpoint is known to be ready: both wait (a request must name
+    // its endpoint, and there is none to name yet).
+    assert_eq!(g.request(0, 1, &a, 0), Verdict::Pause);
+    assert_eq!(g.request(0, 2, &a, 0), Verdict::Pause);
     g.workers[0].on_tick(100);
     g.collect(0);
     let polls: Vec<_> = g.effects[0]
@@ -378,7 +380,7 @@ fn membership_sets_ready_replicas_and_grants_what_now_fits() {
     g.workers[0].on_poll_answer(7, "200", Ok(body.to_vec()), 250);
     assert_eq!(g.state().ready(), Some(2));
     g.wake(0, 251);
-    assert_eq!(g.resumed(0), vec![2], "capacity grew to 2");
+    assert_eq!(g.resumed(0), vec![1, 2], "2 ready endpoints: both go");
     // A failed answer keeps the count and is counted.
     g.workers[0].on_tick(1_300);
     g.workers[0].on_poll_dispatched(PollKind::Endpoints, Ok(9));
@@ -632,16 +634,19 @@ fn a_client_copy_of_the_endpoint_header_never_survives() {
         "x-gateway-destination-endpoint".into(),
         "10.9.9.9:80".into(),
     ));
-    // Before the first poll: admitted on the revision, the client's header removed.
-    assert_eq!(g.request(0, 1, &a, 0), Verdict::Continue);
-    assert_eq!(g.routes(0), vec![(1, None)]);
+    // Before the first poll it waits (no endpoint to name yet); the client's header is not
+    // used: the grant names the pick.
+    assert_eq!(g.request(0, 1, &a, 0), Verdict::Pause);
     // A host of no revision passes through, also without the client's header.
     let mut x = host("x.test");
     x.headers = a.headers.clone();
     assert_eq!(g.request(0, 2, &x, 0), Verdict::Continue);
     assert_eq!(g.routes(0), vec![(2, None)]);
-    // Endpoints known: the pick overwrites it.
+    // Endpoints known: the waiter goes with the pick, and so does the next one.
     g.poll(0, 100, &[("10.0.0.1:80", "healthy")]);
+    g.wake(0, 150);
+    assert_eq!(g.resumed(0), vec![1]);
+    assert_eq!(g.routes(0), vec![(1, Some("10.0.0.1:80".into()))]);
     assert_eq!(g.request(0, 3, &a, 200), Verdict::Continue);
     assert_eq!(g.routes(0), vec![(3, Some("10.0.0.1:80".into()))]);
 }
