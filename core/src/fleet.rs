@@ -138,6 +138,9 @@ pub struct PeerRecord {
     pub lost: bool,
     /// Per revision, its cumulative demand as last reported (to add only its increments).
     pub demand_seen: Vec<(String, u64)>,
+    /// Per revision, its demand level (in flight + queued) as last reported.
+    #[serde(default)]
+    pub levels: Vec<(String, u32)>,
 }
 
 /// The fleet as this gateway sees it: shared by its workers (one JSON record in shared data).
@@ -259,6 +262,14 @@ impl FleetRecord {
         let Some(p) = self.peers.iter_mut().find(|p| p.address == from) else {
             return false;
         };
+        p.levels = report
+            .revisions
+            .iter()
+            .map(|r| {
+                let active: u32 = r.endpoints.iter().map(|e| e.active).sum();
+                (r.name.clone(), active.saturating_add(r.queued))
+            })
+            .collect();
         for r in &report.revisions {
             let seen = p.demand_seen.iter_mut().find(|(n, _)| n == &r.name);
             let delta = match seen {
@@ -325,6 +336,27 @@ impl FleetRecord {
             .iter()
             .find(|(n, _)| n == name)
             .map_or(0, |(_, d)| *d)
+    }
+
+    /// The peers' demand for revision `name` up to `now`: their reported increments, plus each
+    /// fresh peer's last level carried on since its report (at most `fresh_ms`), so the sum
+    /// grows smoothly between reports instead of in steps of one report interval (steps that
+    /// a 6 s panic window would read as up to a sixth too much or too little).
+    pub fn peer_demand_at(&self, name: &str, now: u64, fresh_ms: u64) -> u64 {
+        let carried: u64 = self
+            .peers
+            .iter()
+            .filter(|p| p.report.is_some())
+            .map(|p| {
+                let level = p
+                    .levels
+                    .iter()
+                    .find(|(n, _)| n == name)
+                    .map_or(0, |(_, l)| u64::from(*l));
+                level.saturating_mul(now.saturating_sub(p.received_ms).min(fresh_ms))
+            })
+            .sum();
+        self.peer_demand_ms(name).saturating_add(carried)
     }
 
     /// Whether this gateway may raise caps of revision `rev` now: its view of the members has
@@ -607,6 +639,24 @@ mod tests {
         r.revisions[0].demand_ms = 300; // restarted
         f.on_report(&b, r, 2000);
         assert_eq!(f.peer_demand_ms("r"), 2_800);
+    }
+
+    #[test]
+    fn peers_demand_grows_between_reports_at_their_last_level() {
+        let (a, b) = ("a:1".to_string(), "b:1".to_string());
+        let mut f = FleetRecord::default();
+        f.set_members([a.clone(), b.clone()], &a, 0);
+        let mut r = report(&b, &[], "r", 2, &[("e:1", 2, 2)]);
+        r.revisions[0].queued = 3;
+        r.revisions[0].demand_ms = 1_000;
+        f.on_report(&b, r.clone(), 1_000);
+        // Level 5 (2 in flight + 3 queued) carried on for 400 ms.
+        assert_eq!(f.peer_demand_at("r", 1_400, 3_000), 2_000);
+        // Not beyond freshness.
+        assert_eq!(f.peer_demand_at("r", 9_000, 3_000), 15_000);
+        r.revisions[0].demand_ms = 6_000;
+        f.on_report(&b, r, 2_000);
+        assert_eq!(f.peer_demand_at("r", 2_000, 3_000), 5_000);
     }
 
     #[test]

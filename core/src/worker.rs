@@ -647,6 +647,14 @@ impl<H: Host> Worker<H> {
         );
     }
 
+    /// Whether stream `context` of this VM waits with `ticket` of `rev`.
+    fn waits_with(&self, context: u32, rev: RevisionId, ticket: u64) -> bool {
+        matches!(
+            self.streams.get(&context),
+            Some(StreamState::Waiting { rev: r, ticket: t, .. }) if *r == rev && *t == ticket
+        )
+    }
+
     /// Whether stream `context` waits for a grant (its body and trailers must stay paused:
     /// continuing would send the held headers upstream and bypass the limit).
     pub fn is_waiting(&self, context: u32) -> bool {
@@ -850,25 +858,34 @@ impl<H: Host> Worker<H> {
         let mut pending: VecDeque<Grant> = grants.into();
         let mut handovers = 0;
         while let Some(g) = pending.pop_front() {
-            let message = Wake::Grant {
-                revision: rc.name.clone(),
-                ticket: g.ticket,
-                context: g.owner.context,
-                endpoint: g.endpoint.clone(),
+            if g.owner.vm == self.id {
+                // This VM's own waiter: resume it here, no wake message through the queue.
+                if self.waits_with(g.owner.context, rev, g.ticket) {
+                    self.on_grant(&rc.name, g.ticket, g.owner.context, g.endpoint, now);
+                    continue;
+                }
+                // Its stream is gone: pass the slot on.
+            } else {
+                let message = Wake::Grant {
+                    revision: rc.name.clone(),
+                    ticket: g.ticket,
+                    context: g.owner.context,
+                    endpoint: g.endpoint.clone(),
+                }
+                .encode();
+                let sent = match self.wake_token(g.owner.vm) {
+                    Some(t) => self.host.enqueue(t, &message),
+                    None => Err(store::HostError::NotFound),
+                };
+                let Err(e) = sent else {
+                    continue;
+                };
+                log::warn!(
+                    "worker VM {} unreachable ({e}); passing ticket {}'s slot on",
+                    g.owner.vm,
+                    g.ticket
+                );
             }
-            .encode();
-            let sent = match self.wake_token(g.owner.vm) {
-                Some(t) => self.host.enqueue(t, &message),
-                None => Err(store::HostError::NotFound),
-            };
-            let Err(e) = sent else {
-                continue;
-            };
-            log::warn!(
-                "worker VM {} unreachable ({e}); passing ticket {}'s slot on",
-                g.owner.vm,
-                g.ticket
-            );
             handovers += 1;
             if handovers > MAX_HANDOVERS {
                 log::error!(

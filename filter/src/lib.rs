@@ -224,9 +224,11 @@ impl HttpContext for Stream {
         #[cfg(feature = "fault-injection")]
         fault::maybe_crash();
         let context = self.context;
+        let previous = IN_STREAM.replace(Some(context));
         let verdict = with_worker(&self.vm, |w| {
             w.on_request(context, &EnvoyRequest, clock::now_ms())
         });
+        IN_STREAM.set(previous);
         match verdict {
             Some(inflight_core::Verdict::Pause) => Action::Pause,
             Some(inflight_core::Verdict::Reply(reply)) => {
@@ -275,9 +277,30 @@ impl HttpContext for Stream {
 /// Header carrying the outcome on every local reply of the filter.
 pub const SHED_HEADER: &str = "x-inflight-shed";
 
+thread_local! {
+    /// The stream whose request-headers callback runs now: Envoy made it the effective context,
+    /// so effects on it need no `set_effective_context` (one host call less per request).
+    static IN_STREAM: std::cell::Cell<Option<u32>> = const { std::cell::Cell::new(None) };
+}
+
+/// Makes stream `context` the effective one unless it is already (`effective`, updated).
+fn make_effective(
+    effective: &mut Option<u32>,
+    context: u32,
+) -> Result<(), proxy_wasm::types::Status> {
+    if *effective != Some(context) {
+        hostcalls::set_effective_context(context)?;
+        *effective = Some(context);
+    }
+    Ok(())
+}
+
 /// Applies `effects` in order. Holds no borrow of the VM while resuming or replying: both can
 /// re-enter this VM (a resumed stream's body callback, say).
 fn apply(vm: &SharedVm, effects: &mut Vec<Effect>) {
+    // The effective context as far as known: the current stream's, until a call that may
+    // re-enter Envoy (resume, reply, dispatch) leaves it unknown.
+    let mut effective = IN_STREAM.get();
     for effect in effects.drain(..) {
         match effect {
             Effect::Route {
@@ -285,7 +308,7 @@ fn apply(vm: &SharedVm, effects: &mut Vec<Effect>) {
                 header,
                 endpoint,
             } => {
-                let set = hostcalls::set_effective_context(context).and_then(|()| {
+                let set = make_effective(&mut effective, context).and_then(|()| {
                     hostcalls::set_map_value(
                         MapType::HttpRequestHeaders,
                         &header,
@@ -297,6 +320,7 @@ fn apply(vm: &SharedVm, effects: &mut Vec<Effect>) {
                 }
             }
             Effect::Resume { context } => {
+                effective = None;
                 let resumed = hostcalls::set_effective_context(context)
                     .and_then(|()| hostcalls::resume_http_request());
                 if resumed.is_err() {
@@ -305,11 +329,13 @@ fn apply(vm: &SharedVm, effects: &mut Vec<Effect>) {
                 }
             }
             Effect::Reply { context, reply } => {
+                effective = None;
                 if hostcalls::set_effective_context(context).is_ok() {
                     send_reply(&reply);
                 }
             }
             Effect::Poll(request) => {
+                effective = None;
                 let sent = dispatch(&request);
                 with_worker(vm, |w| w.on_poll_dispatched(request.kind, sent));
             }
@@ -319,6 +345,7 @@ fn apply(vm: &SharedVm, effects: &mut Vec<Effect>) {
                 peer,
                 timeout_ms,
             } => {
+                effective = None;
                 let headers = vec![
                     (":method", "GET"),
                     (":path", inflight_core::fleet::REPORT_PATH),
@@ -340,7 +367,7 @@ fn apply(vm: &SharedVm, effects: &mut Vec<Effect>) {
                 header,
                 peer,
             } => {
-                let set = hostcalls::set_effective_context(context).and_then(|()| {
+                let set = make_effective(&mut effective, context).and_then(|()| {
                     hostcalls::set_map_value(MapType::HttpRequestHeaders, &header, peer.as_deref())
                 });
                 if let Err(e) = set {

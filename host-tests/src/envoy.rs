@@ -166,7 +166,11 @@ impl Gateway {
                 first.name
             );
         }
-        let mut clusters = clusters_yaml(&self.clusters);
+        // Without membership the filter picks nothing, and a cluster following picks would
+        // refuse every request (no fallback): such clusters balance round robin instead.
+        let picking = serde_json::from_str::<serde_json::Value>(&self.plugin_config)
+            .is_ok_and(|c| c.get("membership").is_some());
+        let mut clusters = clusters_yaml_picking(&self.clusters, picking);
         if let Some(port) = self.admin_port {
             clusters.push_str(&bootstrap::admin_cluster(ADMIN_CLUSTER, port));
         }
@@ -190,6 +194,16 @@ impl Gateway {
 /// The `clusters:` entries (at 2 spaces) of `clusters`: STATIC on their loopback ports, or EDS
 /// from their file.
 pub fn clusters_yaml(clusters: &[Cluster]) -> String {
+    clusters_yaml_picking(clusters, true)
+}
+
+/// [`clusters_yaml`], where `Lb::Pick` clusters balance round robin unless `picking` (the
+/// filter learns endpoints and names one on every request).
+pub fn clusters_yaml_picking(clusters: &[Cluster], picking: bool) -> String {
+    let lb = |l: Lb| match l {
+        Lb::Pick if !picking => Lb::RoundRobin.yaml(),
+        other => other.yaml(),
+    };
     let mut out = String::new();
     for c in clusters {
         if let Some(file) = &c.eds_file {
@@ -197,7 +211,7 @@ pub fn clusters_yaml(clusters: &[Cluster]) -> String {
                 out,
                 "  - name: {name}\n    type: EDS\n    connect_timeout: 1s\n    circuit_breakers:\n      thresholds:\n      - {{ max_connections: 100000, max_pending_requests: 100000, max_requests: 100000 }}\n{lb}{extra}{eds}",
                 name = c.name,
-                lb = c.lb.yaml(),
+                lb = lb(c.lb),
                 extra = c.extra,
                 eds = bootstrap::eds_from_file(file),
             );
@@ -207,7 +221,7 @@ pub fn clusters_yaml(clusters: &[Cluster]) -> String {
             out,
             "  - name: {name}\n    type: STATIC\n    connect_timeout: 1s\n    circuit_breakers:\n      thresholds:\n      - {{ max_connections: 100000, max_pending_requests: 100000, max_requests: 100000 }}\n{lb}{extra}    load_assignment:\n      cluster_name: {name}\n      endpoints:\n      - lb_endpoints:\n",
             name = c.name,
-            lb = c.lb.yaml(),
+            lb = lb(c.lb),
             extra = c.extra,
         );
         for &p in &c.ports {
@@ -432,7 +446,9 @@ mod golden {
     #[test]
     fn generated_yaml_is_unchanged() {
         let with_admin = Gateway {
-            plugin_config: r#"{"revisions":[{"name":"rev-a"}]}"#.into(),
+            plugin_config:
+                r#"{"revisions":[{"name":"rev-a"}],"membership":{"cluster":"inflight_admin"}}"#
+                    .into(),
             routes: vec![
                 ("a.example".into(), "rev-a".into()),
                 ("b.example".into(), "rev-b".into()),
@@ -445,6 +461,7 @@ mod golden {
             admin_port: Some(9901),
         };
         let plain = Gateway {
+            plugin_config: r#"{"revisions":[{"name":"rev-a"}]}"#.into(),
             routes: vec![],
             clusters: vec![Cluster::fixed("rev-a", vec![9001])],
             admin_port: None,

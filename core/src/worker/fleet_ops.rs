@@ -60,6 +60,8 @@ pub(super) struct FleetVm {
     logged_members: Vec<String>,
     /// Streams a peer forwarded here (they are never forwarded again).
     forwarded_in: std::collections::HashSet<u32>,
+    /// Per revision, the peers' demand this VM last gave its autoscaler (never less after).
+    peer_demand: HashMap<String, u64>,
 }
 
 /// What the caps of one revision are computed from.
@@ -176,12 +178,23 @@ impl FleetVm {
     }
 
     /// What the peers report for revision `rev`.
-    pub(super) fn peer_load(&self, rev: &str, now: u64) -> PeerLoad {
+    pub(super) fn peer_load(&mut self, rev: &str, now: u64) -> PeerLoad {
         let (Some(t), true) = (self.timing, self.on) else {
             return PeerLoad::default();
         };
+        let at = self.view.peer_demand_at(rev, now, t.fresh_ms);
+        let demand_ms = match self.peer_demand.get_mut(rev) {
+            Some(last) => {
+                *last = (*last).max(at);
+                *last
+            }
+            None => {
+                self.peer_demand.insert(rev.to_string(), at);
+                at
+            }
+        };
         let mut load = PeerLoad {
-            demand_ms: self.view.peer_demand_ms(rev),
+            demand_ms,
             ..PeerLoad::default()
         };
         for p in &self.view.peers {
