@@ -15,6 +15,13 @@ pub const DEMO: &str = include_str!("../../../demo/torchserve.json");
 /// The name of the STATIC cluster through which the filter reads Envoy's own admin endpoint.
 pub const ADMIN_CLUSTER: &str = "inflight_admin";
 
+/// A fleet of gateways (`gateways` ≥ 2, docs/fleet.md): the cluster of the gateways' peer
+/// addresses (`fleet.peerCluster`), the `ORIGINAL_DST` cluster through which a gateway reaches one
+/// of them (`fleet.forwardCluster`), and the header naming that peer (`fleet.forwardHeader`).
+pub const PEER_CLUSTER: &str = "inflight-peers";
+pub const FORWARD_CLUSTER: &str = "inflight-peer-direct";
+pub const FORWARD_HEADER: &str = "x-inflight-peer";
+
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct StackConfig {
@@ -36,6 +43,11 @@ pub struct StackConfig {
     /// The filter's own tick.
     #[serde(default = "default_filter_tick")]
     pub filter_tick: String,
+    /// Gateways (Envoy processes with the filter). 1: one gateway on `port`. 2 or more: a
+    /// fleet that splits every replica's containerConcurrency among its members, behind one
+    /// more Envoy on `port` that spreads connections over them (L4, `tcp_proxy`).
+    #[serde(default = "one")]
+    pub gateways: u32,
     pub revisions: Vec<RevisionSpec>,
 }
 
@@ -136,7 +148,12 @@ impl StackConfig {
         Ok(c)
     }
 
-    fn check(&self) -> Result<()> {
+    /// Checks the config as a whole (after command-line overrides too): the filter's own
+    /// validation of the plugin configuration included.
+    pub fn check(&self) -> Result<()> {
+        if self.gateways == 0 {
+            bail!("`gateways`: 0; run at least one gateway");
+        }
         if self.revisions.is_empty() {
             bail!("`revisions`: empty; configure at least one revision");
         }
@@ -200,7 +217,27 @@ impl StackConfig {
             ..ConfigDoc::default()
         };
         // A plain struct of strings and numbers always converts.
-        serde_json::to_value(doc).unwrap_or_default()
+        let mut plugin = serde_json::to_value(doc).unwrap_or_default();
+        if self.fleet() {
+            // Each gateway's own peer address comes from its node metadata
+            // (`INFLIGHT_FLEET_SELF`), so every gateway reads the same file.
+            if let Some(map) = plugin.as_object_mut() {
+                map.insert(
+                    "fleet".into(),
+                    serde_json::json!({
+                        "peerCluster": PEER_CLUSTER,
+                        "forwardCluster": FORWARD_CLUSTER,
+                        "forwardHeader": FORWARD_HEADER,
+                    }),
+                );
+            }
+        }
+        plugin
+    }
+
+    /// Whether the stack runs a fleet of gateways (two or more).
+    pub fn fleet(&self) -> bool {
+        self.gateways >= 2
     }
 }
 
@@ -240,6 +277,30 @@ mod tests {
         let p = c.plugin_config();
         assert_eq!(p["revisions"][0]["upstreamCluster"], "torchserve");
         assert_eq!(p["membership"]["cluster"], ADMIN_CLUSTER);
+        assert_eq!(c.gateways, 1);
+        assert!(p.get("fleet").is_none(), "one gateway, no fleet: {p}");
+    }
+
+    #[test]
+    fn a_fleet_names_its_clusters_and_header_in_the_plugin_configuration() {
+        let mut c = StackConfig::parse(DEMO).unwrap();
+        c.gateways = 3;
+        let p = c.plugin_config();
+        assert_eq!(
+            p["fleet"],
+            serde_json::json!({
+                "peerCluster": "inflight-peers",
+                "forwardCluster": "inflight-peer-direct",
+                "forwardHeader": "x-inflight-peer",
+            })
+        );
+        assert!(
+            p["fleet"].get("self").is_none(),
+            "self comes from node metadata"
+        );
+        c.gateways = 0;
+        let e = format!("{:#}", c.check().unwrap_err());
+        assert!(e.contains("`gateways`"), "{e}");
     }
 
     #[test]

@@ -65,7 +65,7 @@ pub fn run(stack: &mut Stack, args: &Args) -> Result<()> {
     }
     let url = format!("http://{}/v1/models/mnist:predict", stack.listener());
     stack.console.log(&[
-        format!("gateway http://{}  admin http://{}", stack.listener(), stack.envoy.admin),
+        format!("gateway http://{}  admin http://{}", stack.listener(), stack.admin()),
         format!(
             "revision {}: containerConcurrency {}, target {} at {} % utilization, {} ready replica(s)",
             spec.name,
