@@ -454,13 +454,49 @@ mod tests {
         }
     }
 
-    /// `envoy --mode validate` on every bootstrap of one gateway and of a fleet of three, with
-    /// the EDS and ECDS files they name in place (Envoy from `make setup`).
+    /// The bootstrap with its filter's `config_discovery` entry replaced by the filter itself,
+    /// from the ECDS file's text: `envoy --mode validate` does not read ECDS files, so this is
+    /// how the plugin configuration gets checked too.
+    fn with_filter_inline(yaml: &str, ecds: &str) -> String {
+        const INDENT: &str = "          ";
+        let head = format!("{INDENT}- name: {}\n", envoy::FILTER);
+        let start = yaml
+            .find(&format!("{head}{INDENT}  config_discovery:\n"))
+            .unwrap();
+        let rest = &yaml[start + head.len()..];
+        let len = rest.find(&format!("\n{INDENT}- ")).unwrap() + 1;
+        let filter: String = ecds
+            .lines()
+            .skip(2) // `resources:` and the resource's `@type`
+            .map(|l| {
+                let l = l.replacen(
+                    "  name: ",
+                    "- name: ",
+                    usize::from(l.starts_with("  name: ")),
+                );
+                format!("{INDENT}{l}\n")
+            })
+            .collect();
+        assert!(filter.starts_with(&head), "{filter}");
+        let yaml = format!("{}{filter}{}", &yaml[..start], &rest[len..]);
+        // The peer listener has the same entry.
+        if yaml.contains("config_discovery") {
+            with_filter_inline(&yaml, ecds)
+        } else {
+            yaml
+        }
+    }
+
+    /// `envoy --mode validate` on every bootstrap of one gateway and of fleets (with the filter
+    /// and its plugin configuration inline, and the EDS files they name in place; Envoy from
+    /// `make setup`, the filter built as the host tests build it).
     #[test]
     fn envoy_validates_every_generated_bootstrap() {
         let envoy_bin = crate::up::find_envoy(&None).unwrap();
-        let wasm = Path::new(env!("CARGO_MANIFEST_DIR"))
-            .join("../envoy-control/testdata/validate-placeholder.wasm");
+        let root = Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap();
+        let wasm = inflight_envoy_control::WasmBuild::filter(root, "target-emu-wasm")
+            .run()
+            .unwrap();
         for (name, gateways, lb) in [
             ("one gateway", 1, L4Lb::RoundRobin),
             ("fleet of three, round robin", 3, L4Lb::RoundRobin),
@@ -492,9 +528,18 @@ mod tests {
             );
             for (file, yaml) in files {
                 std::fs::create_dir_all(file.parent().unwrap()).unwrap();
-                std::fs::write(&file, yaml).unwrap();
-                if let Err(e) = inflight_envoy_control::validate(&envoy_bin, &file, None) {
-                    panic!("{name}: {}: {e}", file.display());
+                // As written (the filter through ECDS), then with the filter inline.
+                let mut variants = vec![(file.clone(), yaml.to_string())];
+                if yaml.contains("config_discovery") {
+                    let inline = with_filter_inline(yaml, &p.filter);
+                    assert!(!inline.contains("config_discovery"), "{inline}");
+                    variants.push((file.with_file_name("inline.yaml"), inline));
+                }
+                for (file, yaml) in variants {
+                    std::fs::write(&file, yaml).unwrap();
+                    if let Err(e) = inflight_envoy_control::validate(&envoy_bin, &file, None) {
+                        panic!("{name}: {}: {e}", file.display());
+                    }
                 }
             }
             let _ = std::fs::remove_dir_all(&dir);
