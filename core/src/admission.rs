@@ -126,7 +126,13 @@ pub struct Endpoint {
     /// Requests holding a slot on it.
     pub active: u32,
     pub state: EndpointState,
+    /// Slots this gateway may use on it: its share in a fleet of gateways (docs/fleet.md);
+    /// [`NO_CAP`] outside a fleet.
+    pub cap: u32,
 }
+
+/// An endpoint's `cap` outside a fleet: only `containerConcurrency` limits it.
+pub const NO_CAP: u32 = u32::MAX;
 
 /// Why a request was shed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -182,7 +188,7 @@ pub enum DecodeError {
     Cursors(usize),
 }
 
-const VERSION: u8 = 6;
+const VERSION: u8 = 7;
 /// `ready` when the filter has not learned it (static configuration applies).
 const READY_UNKNOWN: u32 = u32::MAX;
 const WAITER_BYTES: usize = 8 + 4 + 4 + 8 + 4 + 1 + 3;
@@ -239,8 +245,9 @@ impl Endpoints {
             let Some(e) = self.list.get(i) else {
                 continue;
             };
-            let eligible =
-                e.state == EndpointState::Ready && per_endpoint.is_none_or(|cap| e.active < cap);
+            let eligible = e.state == EndpointState::Ready
+                && e.active < e.cap
+                && per_endpoint.is_none_or(|cap| e.active < cap);
             if eligible && best.is_none_or(|(_, a)| e.active < a) {
                 best = Some((i, e.active));
             }
@@ -295,6 +302,16 @@ impl RevisionState {
                 .is_none_or(|cap| self.active < cap)
                 .then_some(None),
         }
+    }
+
+    /// Whether an arrival would be admitted now (nobody waits, a slot is free), without taking
+    /// the slot.
+    pub fn can_admit(&self, limits: Limits) -> bool {
+        self.waiters.is_empty()
+            && match self.endpoints.as_ref() {
+                Some(eps) => eps.pick(limits.per_endpoint).is_some(),
+                None => limits.capacity.is_none_or(|cap| self.active < cap),
+            }
     }
 
     /// Admit, queue or shed one arriving request (one class, one group: FIFO).
@@ -572,6 +589,17 @@ impl RevisionState {
     /// leave (or stay as gone while they hold slots). Ready replicas = ready endpoints. The
     /// caller then grants with the new limits.
     pub fn set_endpoints<'a>(&mut self, listed: impl IntoIterator<Item = (&'a str, bool)>) {
+        self.set_endpoints_capped(listed, NO_CAP);
+    }
+
+    /// [`set_endpoints`](Self::set_endpoints), where a new endpoint starts with cap
+    /// `initial_cap` (0 in a fleet: a gateway takes slots on it only once the hand-over rule
+    /// gives them, see [`set_caps`](Self::set_caps)).
+    pub fn set_endpoints_capped<'a>(
+        &mut self,
+        listed: impl IntoIterator<Item = (&'a str, bool)>,
+        initial_cap: u32,
+    ) {
         let eps = self.endpoints.get_or_insert_with(Endpoints::default);
         for e in &mut eps.list {
             e.state = EndpointState::Gone;
@@ -591,6 +619,7 @@ impl RevisionState {
                         address: address.to_string(),
                         active: 0,
                         state,
+                        cap: initial_cap,
                     });
                 }
             }
@@ -598,6 +627,31 @@ impl RevisionState {
         eps.list
             .retain(|e| e.state != EndpointState::Gone || e.active > 0);
         self.ready = Some(eps.ready());
+    }
+
+    /// Sets each endpoint's cap to `cap(endpoint)` (a fleet's hand-over rule; the caller then
+    /// grants with the new caps).
+    pub fn set_caps(&mut self, mut cap: impl FnMut(&Endpoint) -> u32) {
+        if let Some(eps) = self.endpoints.as_mut() {
+            for e in &mut eps.list {
+                e.cap = cap(e);
+            }
+        }
+    }
+
+    /// The slots on ready endpoints, each the smaller of `per_endpoint` (cc; `None`: no limit)
+    /// and its cap; `None` if unlimited or the endpoints are unknown.
+    pub fn endpoint_slots(&self, per_endpoint: Option<u32>) -> Option<u32> {
+        let eps = self.endpoints.as_ref()?;
+        let mut total = 0u32;
+        for e in eps.list.iter().filter(|e| e.state == EndpointState::Ready) {
+            let slots = per_endpoint.map_or(e.cap, |cc| cc.min(e.cap));
+            if slots == NO_CAP {
+                return None;
+            }
+            total = total.saturating_add(slots);
+        }
+        Some(total)
     }
 
     /// The revision's endpoints, if known.
@@ -631,7 +685,7 @@ impl RevisionState {
             + 4
             + self.holders.len() * 12
             + self.endpoints.as_ref().map_or(1, |e| {
-                13 + e.list.iter().map(|x| 10 + x.address.len()).sum::<usize>()
+                13 + e.list.iter().map(|x| 14 + x.address.len()).sum::<usize>()
             })
             + 1
             + 4 * self.cursors.len()
@@ -671,6 +725,7 @@ impl RevisionState {
                 for e in &eps.list {
                     out.extend_from_slice(&e.id.to_le_bytes());
                     out.extend_from_slice(&e.active.to_le_bytes());
+                    out.extend_from_slice(&e.cap.to_le_bytes());
                     out.push(match e.state {
                         EndpointState::Ready => 0,
                         EndpointState::NotReady => 1,
@@ -740,13 +795,14 @@ impl RevisionState {
                 let next_id = r.u32()?;
                 let cursor = r.u32()?;
                 let n = r.u32()? as usize;
-                if bytes.len().saturating_sub(r.at) < n.saturating_mul(10) {
+                if bytes.len().saturating_sub(r.at) < n.saturating_mul(14) {
                     return Err(DecodeError::Truncated(bytes.len()));
                 }
                 let mut list = Vec::with_capacity(n);
                 for _ in 0..n {
                     let id = r.u32()?;
                     let active = r.u32()?;
+                    let cap = r.u32()?;
                     let state = match r.u8()? {
                         0 => EndpointState::Ready,
                         1 => EndpointState::NotReady,
@@ -761,6 +817,7 @@ impl RevisionState {
                         address,
                         active,
                         state,
+                        cap,
                     });
                 }
                 Some(Endpoints {
@@ -1509,6 +1566,7 @@ mod tests {
         );
         s.set_ready(2);
         s.set_endpoints([("10.0.0.1:8080", true), ("[::1]:80", false)]);
+        s.set_caps(|e| if e.address == "[::1]:80" { 3 } else { NO_CAP });
         s.take_unexported_demand_ms(1_080);
         s
     }
@@ -1516,28 +1574,29 @@ mod tests {
     /// The encoding of [`golden_state`] (VERSION 6: version 5 — version 4, which the `VecDeque`
     /// implementation wrote and the byte queue kept, plus per-endpoint holders and the endpoint
     /// list — plus the per-class round-robin cursors and 32-byte waiter records with fairness
-    /// group and class; regenerated deliberately for issue 19). Pinned so that a change of shared data is deliberate (and bumps VERSION): VMs of
+    /// group and class; VERSION 7 adds each endpoint's fleet cap, regenerated deliberately for
+    /// issue 15). Pinned so that a change of shared data is deliberate (and bumps VERSION): VMs of
     /// two builds sharing an Envoy must never misread each other.
     const GOLDEN_BYTES: &[u8] = &[
-        0x06, 0x02, 0x00, 0x00, 0x00, 0x06, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x34, 0x01,
+        0x07, 0x02, 0x00, 0x00, 0x00, 0x06, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x34, 0x01,
         0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x01, 0x00, 0x00, 0x00, 0x07, 0x01, 0x01, 0x06, 0xb5,
         0x08, 0xa2, 0x02, 0x01, 0x07, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x04, 0x00, 0x00,
         0x00, 0x08, 0x00, 0x00, 0x00, 0x02, 0x00, 0x00, 0x00, 0x02, 0x00, 0x00, 0x00, 0x02, 0x00,
         0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x01, 0x00, 0x00, 0x00, 0x03, 0x00, 0x00, 0x00, 0x00,
         0x00, 0x00, 0x00, 0x01, 0x00, 0x00, 0x00, 0x01, 0x02, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00,
-        0x00, 0x02, 0x00, 0x00, 0x00, 0x01, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x0d,
-        0x31, 0x30, 0x2e, 0x30, 0x2e, 0x30, 0x2e, 0x31, 0x3a, 0x38, 0x30, 0x38, 0x30, 0x02, 0x00,
-        0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x01, 0x08, 0x5b, 0x3a, 0x3a, 0x31, 0x5d, 0x3a, 0x38,
-        0x30, 0x01, 0x09, 0x00, 0x00, 0x00, 0x04, 0x00, 0x00, 0x00, 0x02, 0x00, 0x00, 0x00, 0x00,
-        0x00, 0x00, 0x00, 0x04, 0x00, 0x00, 0x00, 0x28, 0x00, 0x00, 0x00, 0x10, 0x04, 0x00, 0x00,
-        0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x03, 0x00, 0x00,
-        0x00, 0x00, 0x00, 0x00, 0x00, 0x02, 0x00, 0x00, 0x00, 0x15, 0x00, 0x00, 0x00, 0x1a, 0x04,
-        0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x04,
-        0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x01, 0xef, 0xcd, 0xab, 0x78, 0x56, 0x34, 0x12,
-        0x33, 0x04, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00,
-        0x00, 0x05, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x05, 0x00, 0x00, 0x00, 0x32, 0x00,
-        0x00, 0x00, 0x35, 0x04, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0xef, 0xbe, 0xad, 0xde, 0x02,
-        0x00, 0x00, 0x00,
+        0x00, 0x02, 0x00, 0x00, 0x00, 0x01, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0xff, 0xff,
+        0xff, 0xff, 0x00, 0x0d, 0x31, 0x30, 0x2e, 0x30, 0x2e, 0x30, 0x2e, 0x31, 0x3a, 0x38, 0x30,
+        0x38, 0x30, 0x02, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x03, 0x00, 0x00, 0x00, 0x01,
+        0x08, 0x5b, 0x3a, 0x3a, 0x31, 0x5d, 0x3a, 0x38, 0x30, 0x01, 0x09, 0x00, 0x00, 0x00, 0x04,
+        0x00, 0x00, 0x00, 0x02, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x04, 0x00, 0x00, 0x00,
+        0x28, 0x00, 0x00, 0x00, 0x10, 0x04, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00,
+        0x00, 0x00, 0x00, 0x00, 0x00, 0x03, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x02, 0x00,
+        0x00, 0x00, 0x15, 0x00, 0x00, 0x00, 0x1a, 0x04, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00,
+        0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x04, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00,
+        0x01, 0xef, 0xcd, 0xab, 0x78, 0x56, 0x34, 0x12, 0x33, 0x04, 0x00, 0x00, 0x00, 0x00, 0x00,
+        0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x05, 0x00, 0x00, 0x00, 0x00, 0x00,
+        0x00, 0x00, 0x05, 0x00, 0x00, 0x00, 0x32, 0x00, 0x00, 0x00, 0x35, 0x04, 0x00, 0x00, 0x00,
+        0x00, 0x00, 0x00, 0xef, 0xbe, 0xad, 0xde, 0x02, 0x00, 0x00, 0x00,
     ];
 
     #[test]

@@ -108,6 +108,33 @@ pub struct ConfigDoc {
     /// an auth filter); none: one group.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub fairness_header: Option<String>,
+    /// Several gateway replicas sharing every endpoint's slots (docs/fleet.md).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fleet: Option<FleetDoc>,
+}
+
+/// A fleet of gateways: where the peers are listed, how to reach one, and who this one is.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct FleetDoc {
+    /// The Envoy cluster whose endpoints are the gateways' peer addresses.
+    pub peer_cluster: String,
+    /// An ORIGINAL_DST cluster keyed by `forwardHeader`; default `inflight-peer-direct`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub forward_cluster: Option<String>,
+    /// Default `x-inflight-peer`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub forward_header: Option<String>,
+    /// This gateway's peer address (`IP:port`); default: node metadata `INFLIGHT_FLEET_SELF`,
+    /// else Istio's `INSTANCE_IPS` with `peerPort`.
+    #[serde(default, rename = "self", skip_serializing_if = "Option::is_none")]
+    pub self_address: Option<String>,
+    /// Default 15081.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub peer_port: Option<u16>,
+    /// Default: 3 × the membership interval.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lost_after: Option<String>,
 }
 
 /// One priority class of a revision's buffer.
@@ -273,6 +300,22 @@ pub struct Membership {
     pub authority: String,
 }
 
+/// The validated `fleet` section.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Fleet {
+    pub peer_cluster: String,
+    pub forward_cluster: String,
+    /// Lower-case.
+    pub forward_header: Rc<str>,
+    pub self_address: Option<String>,
+    pub peer_port: u16,
+    pub lost_after_ms: u64,
+}
+
+pub const DEFAULT_FORWARD_CLUSTER: &str = "inflight-peer-direct";
+pub const DEFAULT_FORWARD_HEADER: &str = "x-inflight-peer";
+pub const DEFAULT_PEER_PORT: u16 = 15081;
+
 /// Capacity and buffer of a revision at a given number of ready replicas.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Limits {
@@ -405,6 +448,8 @@ pub struct Config {
     pub class_header: Option<String>,
     /// Lower-case header holding a request's fairness key; none: one group.
     pub fairness_header: Option<String>,
+    /// The gateway fleet, when several replicas share the endpoints' slots.
+    pub fleet: Option<Fleet>,
     pub table: RevisionTable,
 }
 
@@ -498,6 +543,14 @@ impl Config {
             (true, None) => Some(Rc::from(DEFAULT_ENDPOINT_HEADER)),
             (true, Some(h)) => Some(Rc::from(header_name("routing.endpointHeader", &h)?)),
         };
+        let fleet = match raw.fleet {
+            None => None,
+            Some(f) => Some(validate_fleet(
+                f,
+                membership.as_ref(),
+                endpoint_header.is_some(),
+            )?),
+        };
         if raw.revisions.is_empty() {
             return Err(ConfigError::invalid(
                 "revisions",
@@ -536,6 +589,7 @@ impl Config {
             endpoint_header,
             class_header,
             fairness_header,
+            fleet,
             table,
         })
     }
@@ -567,6 +621,69 @@ fn is_header_char(b: u8) -> bool {
 }
 
 /// DNS-1123 label, as Kubernetes names revisions; it also keeps metric names parseable.
+fn validate_fleet(
+    f: FleetDoc,
+    membership: Option<&Membership>,
+    routing: bool,
+) -> Result<Fleet, ConfigError> {
+    let Some(m) = membership else {
+        return Err(ConfigError::invalid(
+            "fleet",
+            "a fleet needs `membership`: the peers and the endpoints come from Envoy's admin",
+        ));
+    };
+    if !routing {
+        return Err(ConfigError::invalid(
+            "fleet",
+            "a fleet splits each endpoint's slots: it needs endpoint picking (`routing.enabled`)",
+        ));
+    }
+    if f.peer_cluster.trim().is_empty() {
+        return Err(ConfigError::invalid(
+            "fleet.peerCluster",
+            "empty; name the Envoy cluster whose endpoints are the gateways' peer addresses",
+        ));
+    }
+    let self_address = match f.self_address {
+        None => None,
+        Some(a) if a.parse::<std::net::SocketAddr>().is_ok() => Some(a),
+        Some(a) => {
+            return Err(ConfigError::invalid(
+                "fleet.self",
+                format!("`{a}` is not an IP:port address"),
+            ))
+        }
+    };
+    let lost_after_ms = match f.lost_after.as_deref() {
+        None => 3 * m.interval_ms,
+        Some(d) => duration_key("fleet.lostAfter", d)?,
+    };
+    if lost_after_ms < m.interval_ms {
+        return Err(ConfigError::invalid(
+            "fleet.lostAfter",
+            format!(
+                "{lost_after_ms}ms is shorter than the membership interval ({}ms): a live peer would be taken for dead",
+                m.interval_ms
+            ),
+        ));
+    }
+    Ok(Fleet {
+        peer_cluster: f.peer_cluster.trim().to_string(),
+        forward_cluster: f
+            .forward_cluster
+            .unwrap_or_else(|| DEFAULT_FORWARD_CLUSTER.into()),
+        forward_header: Rc::from(header_name(
+            "fleet.forwardHeader",
+            f.forward_header
+                .as_deref()
+                .unwrap_or(DEFAULT_FORWARD_HEADER),
+        )?),
+        self_address,
+        peer_port: f.peer_port.unwrap_or(DEFAULT_PEER_PORT),
+        lost_after_ms,
+    })
+}
+
 pub fn is_dns_label(s: &str) -> bool {
     !s.is_empty()
         && s.len() <= 63

@@ -9,6 +9,7 @@ pub mod admission;
 pub mod autoscaler;
 pub mod config;
 pub mod duration;
+pub mod fleet;
 pub mod kpa;
 pub mod membership;
 pub mod outcome;

@@ -22,29 +22,33 @@ pub enum Outcome {
     StateUnavailable,
     /// Shed because the gateway drains (shutting down): it would have waited, or it was waiting.
     ShedDraining,
+    /// Sent to a peer gateway of the fleet that has a slot (counted there when admitted).
+    Forwarded,
     /// Matched no revision, under `unknownRevision: reject` (counted once, not per revision).
     UnknownRevision,
 }
 
 impl Outcome {
-    pub const ALL: [Outcome; 7] = [
+    pub const ALL: [Outcome; 8] = [
         Outcome::Admitted,
         Outcome::ShedFull,
         Outcome::ShedTimeout,
         Outcome::Cancelled,
         Outcome::StateUnavailable,
         Outcome::ShedDraining,
+        Outcome::Forwarded,
         Outcome::UnknownRevision,
     ];
 
     /// Outcomes counted per revision, in metric order.
-    pub const PER_REVISION: [Outcome; 6] = [
+    pub const PER_REVISION: [Outcome; 7] = [
         Outcome::Admitted,
         Outcome::ShedFull,
         Outcome::ShedTimeout,
         Outcome::Cancelled,
         Outcome::StateUnavailable,
         Outcome::ShedDraining,
+        Outcome::Forwarded,
     ];
 
     /// The `outcome` label of `inflight_requests_total`.
@@ -56,6 +60,7 @@ impl Outcome {
             Outcome::Cancelled => "cancelled",
             Outcome::StateUnavailable => "state_unavailable",
             Outcome::ShedDraining => "shed_draining",
+            Outcome::Forwarded => "forwarded",
             Outcome::UnknownRevision => "unknown_revision",
         }
     }
@@ -63,7 +68,7 @@ impl Outcome {
     /// The `x-inflight-shed` value on the gateway's own reply; `None` when there is no reply.
     pub fn shed_header(self) -> Option<&'static str> {
         match self {
-            Outcome::Admitted | Outcome::Cancelled => None,
+            Outcome::Admitted | Outcome::Cancelled | Outcome::Forwarded => None,
             Outcome::ShedFull => Some("buffer-full"),
             Outcome::ShedTimeout => Some("wait-timeout"),
             Outcome::StateUnavailable => Some("state-unavailable"),
@@ -106,10 +111,12 @@ pub enum Gauge {
     StableConcurrencyMilli,
     /// The autoscaler's panic-window average concurrency, × 1000.
     PanicConcurrencyMilli,
+    /// Gateways in the fleet as this one sees it (1 without a fleet).
+    FleetGateways,
 }
 
 impl Gauge {
-    pub const ALL: [Gauge; 7] = [
+    pub const ALL: [Gauge; 8] = [
         Gauge::Active,
         Gauge::Queued,
         Gauge::Capacity,
@@ -117,6 +124,7 @@ impl Gauge {
         Gauge::ReadyReplicas,
         Gauge::StableConcurrencyMilli,
         Gauge::PanicConcurrencyMilli,
+        Gauge::FleetGateways,
     ];
 
     pub fn name(self) -> &'static str {
@@ -128,6 +136,7 @@ impl Gauge {
             Gauge::ReadyReplicas => "ready_replicas",
             Gauge::StableConcurrencyMilli => "stable_concurrency_milli",
             Gauge::PanicConcurrencyMilli => "panic_concurrency_milli",
+            Gauge::FleetGateways => "fleet_gateways",
         }
     }
 
@@ -176,7 +185,10 @@ mod tests {
             let replies = o.shed_header().is_some();
             assert_eq!(
                 replies,
-                !matches!(o, Outcome::Admitted | Outcome::Cancelled),
+                !matches!(
+                    o,
+                    Outcome::Admitted | Outcome::Cancelled | Outcome::Forwarded
+                ),
                 "{o:?}"
             );
             assert_eq!(o.index().is_some(), o != Outcome::UnknownRevision, "{o:?}");

@@ -31,7 +31,12 @@
 //! - **endpoint picking** (routing on): a request is admitted on an endpoint with a free slot
 //!   and the adapter names it in the endpoint header ([`Effect::Route`]) for Envoy's
 //!   `override_host` policy; every other request passing the filter has a client's copy of that
-//!   header removed; the response is checked against the pick ([`Worker::on_response`]).
+//!   header removed; the response is checked against the pick ([`Worker::on_response`]);
+//! - **the fleet** (`fleet` configured, `fleet_ops`): the same poll lists the peer gateways, and
+//!   the polling worker asks each peer for its report; each endpoint's cap (this gateway's
+//!   usable share of its slots) follows `crate::fleet`'s hand-over rule; a request this gateway
+//!   has no slot for, or would queue while a peer has a free one, is forwarded to that peer
+//!   ([`Effect::Forward`]); the report is answered on the peer port ([`Verdict::Report`]).
 
 use crate::admission::{Admission, Arrival, Grant, Owner, Pick, RevisionState, Waiter};
 use crate::autoscaler::{Autoscaler, Observation, DEFAULT_DECISION_PERIOD_MS};
@@ -45,6 +50,9 @@ use crate::wake::Wake;
 use std::collections::{HashMap, VecDeque};
 use std::rc::Rc;
 use thiserror::Error;
+
+mod fleet_ops;
+pub use fleet_ops::NodeFacts;
 
 /// Bound on slot hand-overs in one delivery (each failed hand-over releases to the next waiter).
 pub const MAX_HANDOVERS: usize = 10_000;
@@ -82,6 +90,10 @@ pub trait RequestFacts {
     fn cluster(&self) -> Option<String>;
     /// A request header.
     fn header(&self, name: &str) -> Option<String>;
+    /// The local port the request arrived on (`destination.port`); read only in a fleet.
+    fn local_port(&self) -> Option<u16> {
+        None
+    }
 }
 
 /// What Envoy knows about the response of the request at hand.
@@ -112,6 +124,8 @@ pub enum Verdict {
     Pause,
     /// Answer it now (and stop it).
     Reply(Reply),
+    /// Answer a peer gateway's report request: 200 with this JSON body.
+    Report(String),
 }
 
 /// The membership request to send to Envoy's admin.
@@ -188,6 +202,22 @@ pub enum Effect {
     PollFailed,
     /// Send this request to Envoy's admin; then call [`Worker::on_poll_dispatched`].
     Poll(PollRequest),
+    /// Ask peer gateway `peer` for its report: `GET` [`crate::fleet::REPORT_PATH`] through
+    /// `cluster` with request header `header: peer`; then call [`Worker::on_peer_dispatched`].
+    PeerCall {
+        cluster: String,
+        header: Rc<str>,
+        peer: String,
+        timeout_ms: u64,
+    },
+    /// Set request header `header` of stream `context` to `peer` (forward the request to that
+    /// peer gateway), or remove it (`None`); then clear Envoy's route cache, so the route
+    /// follows the header.
+    Forward {
+        context: u32,
+        header: Rc<str>,
+        peer: Option<String>,
+    },
 }
 
 /// Why a configuration was refused.
@@ -232,6 +262,8 @@ struct RevisionVm {
     seen: Vec<u32>,
     /// A request of this revision reached another endpoint than picked (logged once).
     mismatch_seen: bool,
+    /// The gateway is part of a fleet: slots exist only on known endpoints.
+    fleet: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -259,6 +291,10 @@ pub struct Worker<H: Host> {
     ready_poll: Poll,
     /// The gateway drains: waiters were answered, and nothing new waits.
     draining: bool,
+    /// What Envoy's node says about this gateway (its fleet identity).
+    node: NodeFacts,
+    /// This gateway's fleet state, refreshed at each tick and after each update.
+    fleet: fleet_ops::FleetVm,
     effects: Vec<Effect>,
 }
 
@@ -292,6 +328,8 @@ impl<H: Host> Worker<H> {
             poll: Poll::Idle,
             ready_poll: Poll::Idle,
             draining: false,
+            node: NodeFacts::default(),
+            fleet: fleet_ops::FleetVm::default(),
             effects: Vec::new(),
         })
     }
@@ -324,6 +362,7 @@ impl<H: Host> Worker<H> {
                 last_desired: None,
                 seen: Vec::new(),
                 mismatch_seen: false,
+                fleet: config.fleet.is_some(),
             });
         }
         log::info!(
@@ -338,6 +377,7 @@ impl<H: Host> Worker<H> {
         );
         self.learned_clusters.clear();
         self.revisions = revisions;
+        self.fleet.configure(&config, &self.node);
         self.beat(now);
         let config = Rc::new(config);
         self.config = Some(Rc::clone(&config));
@@ -363,6 +403,20 @@ impl<H: Host> Worker<H> {
             // Envoy does not create streams for a VM whose configuration failed.
             return Verdict::Continue;
         };
+        let mut forwarded_in = false;
+        if let Some(f) = &config.fleet {
+            forwarded_in = self.fleet.arrived_on_peer_port(facts);
+            if forwarded_in && facts.header(":path").as_deref() == Some(crate::fleet::REPORT_PATH) {
+                return Verdict::Report(self.fleet_report(&config, now));
+            }
+            if facts.header(&f.forward_header).is_some() {
+                self.effects.push(Effect::Forward {
+                    context,
+                    header: Rc::clone(&f.forward_header),
+                    peer: None,
+                });
+            }
+        }
         let Some(rev) = self.identify(&config, facts) else {
             return match config.unknown_revision {
                 UnknownRevision::PassThrough => {
@@ -397,8 +451,21 @@ impl<H: Host> Worker<H> {
             .as_deref()
             .and_then(|h| facts.header(h))
             .map_or(0, |key| fairness_group(&key));
+        // In a fleet: where this request would go if it cannot be admitted here (a peer with a
+        // free slot; or, when this gateway owns no slot of the revision, any peer with slots).
+        let (to_free, to_any) = match (&config.fleet, forwarded_in) {
+            (Some(_), false) => self.fleet.forward_targets(&rc.name, now),
+            _ => (None, None),
+        };
         let admission = store::update_revision(&self.host, &r.key, |s| {
             let mut limits = r.limits(rc, s);
+            if (to_free.is_some() || to_any.is_some()) && !s.can_admit(limits) {
+                let owned = s.endpoint_slots(limits.per_endpoint).unwrap_or(0);
+                let target = if owned == 0 { &to_any } else { &to_free };
+                if let Some(peer) = target {
+                    return Err(peer.clone());
+                }
+            }
             if draining {
                 // Admitted if a slot is free; nothing new waits (or evicts) on a gateway that
                 // goes away.
@@ -411,8 +478,25 @@ impl<H: Host> Worker<H> {
                 class_buffer: rc.class_buffer(class, limits.buffer),
             };
             let (admission, evicted) = s.try_admit_as(limits, arrival, now);
-            (admission, evicted, limits)
+            Ok((admission, evicted, limits))
         });
+        let admission = match admission {
+            Ok(Err(peer)) => {
+                self.route(&config, context, None);
+                if let Some(f) = &config.fleet {
+                    self.effects.push(Effect::Forward {
+                        context,
+                        header: Rc::clone(&f.forward_header),
+                        peer: Some(peer.clone()),
+                    });
+                }
+                self.fleet.forwarded_to(&peer);
+                self.count(rev, class, Outcome::Forwarded);
+                return Verdict::Continue;
+            }
+            Ok(Ok(a)) => Ok(a),
+            Err(e) => Err(e),
+        };
         match admission {
             Ok((Admission::Admitted { endpoint }, _, _)) => {
                 self.route(&config, context, endpoint.as_ref());
@@ -944,6 +1028,9 @@ impl<H: Host> Worker<H> {
         };
         self.release_abandoned(now);
         self.beat(now);
+        if config.fleet.is_some() {
+            self.fleet.refresh(&self.host);
+        }
         self.follow_drain(&config, now);
         self.expire_waiters(&config, now);
         for i in 0..self.revisions.len() {
@@ -1144,23 +1231,32 @@ impl<H: Host> Worker<H> {
             });
         }
         let ready = h.state.ready().unwrap_or(rc.ready_replicas);
+        // In a fleet the autoscaler sees the fleet's demand: its own plus its peers' reported
+        // increments (docs/fleet.md, "Scaling signals").
+        let peers = self.fleet.peer_load(&rc.name, now);
         let observation = Observation {
             now_ms: now,
-            demand_ms: h.state.demand_ms(now),
-            active: h.state.active,
-            queued: h.state.queued(),
+            demand_ms: h.state.demand_ms(now).saturating_add(peers.demand_ms),
+            active: h.state.active.saturating_add(peers.active),
+            queued: h.state.queued().saturating_add(peers.queued),
             capacity: h.limits.and_then(|l| l.capacity),
             ready,
+        };
+        // The capacity gauge is this gateway's slice in a fleet: its slots on ready endpoints.
+        let capacity = match &config.fleet {
+            Some(_) => h
+                .state
+                .endpoint_slots(h.limits.and_then(|l| l.per_endpoint))
+                .or(Some(0)),
+            None => h.limits.and_then(|l| l.capacity),
         };
         self.step_autoscaler(rc, rev, &observation);
         for (gauge, value) in [
             (Gauge::Active, u64::from(h.state.active)),
             (Gauge::Queued, u64::from(h.state.queued())),
-            (
-                Gauge::Capacity,
-                h.limits.and_then(|l| l.capacity).map_or(0, u64::from),
-            ),
+            (Gauge::Capacity, capacity.map_or(0, u64::from)),
             (Gauge::ReadyReplicas, u64::from(ready)),
+            (Gauge::FleetGateways, self.fleet.gateways()),
         ] {
             self.effects.push(Effect::Gauge { rev, gauge, value });
         }
@@ -1259,6 +1355,9 @@ impl<H: Host> Worker<H> {
             path: READY_PATH.to_string(),
             timeout_ms: m.timeout_ms,
         }));
+        if let Some(f) = &config.fleet {
+            self.ask_peers(f, m, now);
+        }
     }
 
     /// The adapter sent (`Ok(token)`) or could not send the poll of [`Effect::Poll`] of `kind`.
@@ -1276,9 +1375,12 @@ impl<H: Host> Worker<H> {
         }
     }
 
-    /// Whether `token` is one of this VM's admin polls (the answer to read).
+    /// Whether `token` is one of this VM's admin polls or peer report requests (the answer to
+    /// read).
     pub fn awaits_poll(&self, token: u32) -> bool {
-        self.poll == Poll::InFlight(token) || self.ready_poll == Poll::InFlight(token)
+        self.poll == Poll::InFlight(token)
+            || self.ready_poll == Poll::InFlight(token)
+            || self.fleet.awaits(token)
     }
 
     /// The answer to the `/ready` poll: 503 `DRAINING` starts the drain for every worker (a
@@ -1309,6 +1411,9 @@ impl<H: Host> Worker<H> {
             self.ready_poll = Poll::Idle;
             return self.on_ready_answer(status, body);
         }
+        if self.fleet.awaits(token) {
+            return self.on_peer_answer(token, status, body, now);
+        }
         if self.poll != Poll::InFlight(token) {
             return;
         }
@@ -1328,10 +1433,20 @@ impl<H: Host> Worker<H> {
             .revisions
             .iter()
             .filter_map(|r| r.upstream_cluster.as_deref())
+            .chain(config.fleet.as_ref().map(|f| f.peer_cluster.as_str()))
             .collect();
         let reported = match membership::endpoints(&body, &clusters) {
             Ok(h) => h,
             Err(e) => return self.poll_failed(&e.to_string()),
+        };
+        let fleet = match &config.fleet {
+            Some(f) => {
+                let listed = reported
+                    .get(f.peer_cluster.as_str())
+                    .map(|hosts| hosts.iter().map(|h| h.address.clone()).collect::<Vec<_>>());
+                self.fleet_members(listed, now)
+            }
+            None => None,
         };
         let routing = config.endpoint_header.is_some();
         for (i, rc) in config.revisions.iter().enumerate() {
@@ -1345,7 +1460,10 @@ impl<H: Host> Worker<H> {
             };
             match store::update_revision(&self.host, &r.key, |s| {
                 let before = s.ready();
-                if routing {
+                if let Some(f) = &fleet {
+                    s.set_endpoints_capped(hosts.iter().map(|h| (h.address.as_str(), h.ready)), 0);
+                    f.apply(&rc.name, s, r.limits(rc, s), now);
+                } else if routing {
                     s.set_endpoints(hosts.iter().map(|h| (h.address.as_str(), h.ready)));
                 } else {
                     s.set_ready(n);
@@ -1378,7 +1496,12 @@ impl RevisionVm {
     /// VMs of the old one apply the new limits too), with ready replicas learned from Envoy.
     fn limits(&self, rc: &RevisionConfig, s: &RevisionState) -> Limits {
         let p = s.limit_params(self.generation, rc.limit_params());
-        p.limits(s.ready().unwrap_or(p.ready_replicas))
+        let mut limits = p.limits(s.ready().unwrap_or(p.ready_replicas));
+        if self.fleet && s.endpoints().is_none() {
+            // In a fleet a slot is a share of an endpoint: none before the endpoints are known.
+            limits.capacity = limits.capacity.map(|_| 0);
+        }
+        limits
     }
 }
 
@@ -1421,6 +1544,7 @@ fn poll_request(m: &Membership, config: &Config) -> PollRequest {
         .revisions
         .iter()
         .filter_map(|r| r.upstream_cluster.as_deref())
+        .chain(config.fleet.as_ref().map(|f| f.peer_cluster.as_str()))
         .collect();
     PollRequest {
         kind: PollKind::Endpoints,

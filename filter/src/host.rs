@@ -54,6 +54,28 @@ impl RequestFacts for EnvoyRequest {
             .ok()
             .flatten()
     }
+
+    fn local_port(&self) -> Option<u16> {
+        // Envoy serializes integer attributes as 8 little-endian bytes.
+        let bytes = hostcalls::get_property(vec!["destination", "port"]).ok()??;
+        let raw: [u8; 8] = bytes.get(..8)?.try_into().ok()?;
+        u16::try_from(u64::from_le_bytes(raw)).ok()
+    }
+}
+
+/// What Envoy's node says about this gateway's place in a fleet (its metadata).
+pub fn node_facts() -> inflight_core::worker::NodeFacts {
+    let string = |key: &str| {
+        hostcalls::get_property(vec!["node", "metadata", key])
+            .ok()
+            .flatten()
+            .and_then(|b| String::from_utf8(b).ok())
+            .filter(|s| !s.trim().is_empty())
+    };
+    inflight_core::worker::NodeFacts {
+        fleet_self: string(inflight_core::fleet::SELF_METADATA_KEY),
+        instance_ips: string("INSTANCE_IPS"),
+    }
 }
 
 /// The current response, as Envoy sees it at response headers.

@@ -103,7 +103,8 @@ impl RootContext for Root {
         }
         let started = Worker::start(EnvoyHost).map_err(|e| e.to_string());
         match (started, self.vm.try_borrow_mut()) {
-            (Ok(w), Ok(mut v)) => {
+            (Ok(mut w), Ok(mut v)) => {
+                w.set_node(host::node_facts());
                 v.worker = Some(w);
                 true
             }
@@ -231,6 +232,13 @@ impl HttpContext for Stream {
                 send_reply(&reply);
                 Action::Pause
             }
+            Some(inflight_core::Verdict::Report(body)) => {
+                let headers = vec![("content-type", "application/json")];
+                if let Err(e) = hostcalls::send_http_response(200, headers, Some(body.as_bytes())) {
+                    log::warn!("answering a peer's report request failed: {e:?}");
+                }
+                Action::Pause
+            }
             Some(inflight_core::Verdict::Continue) | None => Action::Continue,
         }
     }
@@ -304,11 +312,57 @@ fn apply(vm: &SharedVm, effects: &mut Vec<Effect>) {
                 let sent = dispatch(&request);
                 with_worker(vm, |w| w.on_poll_dispatched(request.kind, sent));
             }
+            Effect::PeerCall {
+                cluster,
+                header,
+                peer,
+                timeout_ms,
+            } => {
+                let headers = vec![
+                    (":method", "GET"),
+                    (":path", inflight_core::fleet::REPORT_PATH),
+                    (":authority", "inflight-fleet"),
+                    (&*header, peer.as_str()),
+                ];
+                let sent = hostcalls::dispatch_http_call(
+                    &cluster,
+                    headers,
+                    None,
+                    vec![],
+                    Duration::from_millis(timeout_ms),
+                )
+                .map_err(|e| format!("dispatch to cluster `{cluster}` failed: {e:?}"));
+                with_worker(vm, |w| w.on_peer_dispatched(&peer, sent, clock::now_ms()));
+            }
+            Effect::Forward {
+                context,
+                header,
+                peer,
+            } => {
+                let set = hostcalls::set_effective_context(context).and_then(|()| {
+                    hostcalls::set_map_value(MapType::HttpRequestHeaders, &header, peer.as_deref())
+                });
+                if let Err(e) = set {
+                    log::warn!("setting `{header}` on stream {context} failed: {e:?}");
+                }
+                clear_route_cache();
+            }
             other => {
                 if let Ok(v) = vm.try_borrow() {
                     v.metrics.apply(&other);
                 }
             }
+        }
+    }
+}
+
+/// Makes Envoy pick the route again (after the forward header changed): Envoy ≥ 1.33 offers
+/// the foreign function `clear_route_cache`; older ones clear the cache on every header change.
+fn clear_route_cache() {
+    if let Err(e) = hostcalls::call_foreign_function("clear_route_cache", None) {
+        static WARNED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+        if !WARNED.swap(true, std::sync::atomic::Ordering::Relaxed) {
+            log::warn!("clear_route_cache is not available ({e:?}); relying on Envoy clearing the route cache when headers change");
         }
     }
 }

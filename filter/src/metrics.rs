@@ -228,7 +228,9 @@ impl Metrics {
             Effect::Route { .. }
             | Effect::Resume { .. }
             | Effect::Reply { .. }
-            | Effect::Poll(_) => {}
+            | Effect::Poll(_)
+            | Effect::PeerCall { .. }
+            | Effect::Forward { .. } => {}
         }
     }
 }

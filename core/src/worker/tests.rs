@@ -1086,7 +1086,7 @@ proptest! {
                     match g.request(w, ctx, &as_class(names[usize::from(c)]), now) {
                         Verdict::Continue => running.push((w, ctx)),
                         Verdict::Pause => waiting.push((w, ctx, class, now)),
-                        Verdict::Reply(_) => {}
+                        Verdict::Reply(_) | Verdict::Report(_) => {}
                     }
                 }
                 ClassOp::Finish(i) => {
