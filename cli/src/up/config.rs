@@ -3,7 +3,7 @@
 //! configuration and the Envoy bootstrap.
 
 use anyhow::{bail, Context as _, Result};
-use inflight_core::config::{AutoscalingDoc, ConfigDoc, MembershipDoc, RevisionDoc};
+use inflight_core::config::{AutoscalingDoc, ConfigDoc, FleetDoc, MembershipDoc, RevisionDoc};
 use serde::Deserialize;
 use serde_json::Value;
 use std::path::Path;
@@ -19,8 +19,8 @@ pub const ADMIN_CLUSTER: &str = "inflight_admin";
 /// addresses (`fleet.peerCluster`), the `ORIGINAL_DST` cluster through which a gateway reaches one
 /// of them (`fleet.forwardCluster`), and the header naming that peer (`fleet.forwardHeader`).
 pub const PEER_CLUSTER: &str = "inflight-peers";
-pub const FORWARD_CLUSTER: &str = "inflight-peer-direct";
-pub const FORWARD_HEADER: &str = "x-inflight-peer";
+pub const FORWARD_CLUSTER: &str = inflight_core::config::DEFAULT_FORWARD_CLUSTER;
+pub const FORWARD_HEADER: &str = inflight_core::config::DEFAULT_FORWARD_HEADER;
 
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
@@ -214,25 +214,18 @@ impl StackConfig {
                 interval: Some(self.membership_interval.clone()),
                 ..MembershipDoc::default()
             }),
+            // Each gateway's own peer address comes from its node metadata
+            // (`INFLIGHT_FLEET_SELF`), so every gateway reads the same file.
+            fleet: self.fleet().then(|| FleetDoc {
+                peer_cluster: PEER_CLUSTER.into(),
+                forward_cluster: Some(FORWARD_CLUSTER.into()),
+                forward_header: Some(FORWARD_HEADER.into()),
+                ..FleetDoc::default()
+            }),
             ..ConfigDoc::default()
         };
         // A plain struct of strings and numbers always converts.
-        let mut plugin = serde_json::to_value(doc).unwrap_or_default();
-        if self.fleet() {
-            // Each gateway's own peer address comes from its node metadata
-            // (`INFLIGHT_FLEET_SELF`), so every gateway reads the same file.
-            if let Some(map) = plugin.as_object_mut() {
-                map.insert(
-                    "fleet".into(),
-                    serde_json::json!({
-                        "peerCluster": PEER_CLUSTER,
-                        "forwardCluster": FORWARD_CLUSTER,
-                        "forwardHeader": FORWARD_HEADER,
-                    }),
-                );
-            }
-        }
-        plugin
+        serde_json::to_value(doc).unwrap_or_default()
     }
 
     /// Whether the stack runs a fleet of gateways (two or more).

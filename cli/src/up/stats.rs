@@ -178,10 +178,6 @@ pub fn parse(text: &str) -> Result<Snapshot> {
         let v = scalar.unwrap_or(0.0);
         r.tracked = true;
         match name {
-            // A fleet's forwarded requests: matched by label until core's Outcome names it.
-            "inflight_requests_total" if s.labels.get("outcome") == Some("forwarded") => {
-                r.forwarded = v;
-            }
             "inflight_requests_total" => {
                 match s.labels.get("outcome").and_then(Outcome::from_label) {
                     Some(Outcome::Admitted) => r.admitted = v,
@@ -190,6 +186,7 @@ pub fn parse(text: &str) -> Result<Snapshot> {
                     Some(Outcome::StateUnavailable) => r.state_unavailable = v,
                     Some(Outcome::ShedDraining) => r.shed_draining = v,
                     Some(Outcome::Cancelled) => r.cancelled = v,
+                    Some(Outcome::Forwarded) => r.forwarded = v,
                     Some(Outcome::UnknownRevision) | None => {}
                 }
             }
