@@ -283,7 +283,7 @@ pub fn shows_limit(capacity: f64, cc: u32, ready: f64, fleet: Option<f64>) -> bo
         Some(n) => {
             let n = n as u32;
             let base = f64::from(cc / n);
-            let extra = f64::from(u32::from(cc % n > 0));
+            let extra = f64::from(u32::from(!cc.is_multiple_of(n)));
             capacity >= base * ready && capacity <= (base + extra) * ready
         }
     }
