@@ -90,6 +90,24 @@ pub struct Args {
     /// The empty filter's .wasm instead of building bench/empty-filter.
     #[arg(long)]
     pub empty_wasm: Option<PathBuf>,
+    /// Refuse to start unless the machine is quiet (1-minute load average at most
+    /// `QUIET_LOAD_PER_CORE` × cores): for a run of record. Without it a loaded run is flagged.
+    #[arg(long)]
+    pub require_quiet: bool,
+}
+
+/// The 1-minute load average per core at or below which a machine counts as quiet.
+pub const QUIET_LOAD_PER_CORE: f64 = 0.25;
+
+/// The machine's load: 1-minute load average (`/proc/loadavg`) and cores.
+pub fn machine_load() -> Option<report::MachineLoad> {
+    let text = std::fs::read_to_string("/proc/loadavg").ok()?;
+    let avg1: f64 = text.split_whitespace().next()?.parse().ok()?;
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    Some(report::MachineLoad {
+        avg1,
+        cores: u32::try_from(cores).unwrap_or(u32::MAX),
+    })
 }
 
 /// The fixed setups, as named on the command line.
@@ -256,6 +274,21 @@ pub fn run(args: Args) -> Result<()> {
 /// warm-up, then measures every setup at every concurrency, round after round.
 fn measure(args: &Args) -> Result<Report> {
     let plan = Plan::from(args)?;
+    let load_before = machine_load();
+    match load_before {
+        Some(l) if !l.quiet() && args.require_quiet => bail!(
+            "the machine is not quiet: load average {:.2} on {} core(s) (a run of record needs at most {:.2}); stop what runs (`uptime`, `top`) and try again",
+            l.avg1,
+            l.cores,
+            QUIET_LOAD_PER_CORE * f64::from(l.cores)
+        ),
+        Some(l) if !l.quiet() => eprintln!(
+            "bench: WARNING: load average {:.2} on {} core(s) before the run: the figures will be flagged as taken on a loaded machine",
+            l.avg1, l.cores
+        ),
+        Some(l) => eprintln!("bench: load average {:.2} on {} core(s): quiet", l.avg1, l.cores),
+        None => eprintln!("bench: cannot read the load average (/proc/loadavg)"),
+    }
     let root = workspace_root();
     let envoy_bin = envoy_binary(&root)?;
     let generator = Generator::find(args.load)?;
@@ -292,10 +325,10 @@ fn measure(args: &Args) -> Result<Report> {
     }
     drop(gateways);
     drop(upstream);
-    Ok(Report {
-        meta: meta(args, &plan, &root, &envoy_bin, &generator, raw_names),
-        samples,
-    })
+    let mut meta = meta(args, &plan, &root, &envoy_bin, &generator, raw_names);
+    meta.load_before = load_before;
+    meta.load_after = machine_load();
+    Ok(Report { meta, samples })
 }
 
 /// One gateway per setup of the plan, with the filter builds it needs (built here unless given).
@@ -516,6 +549,8 @@ fn meta(
         cap: args.cap,
         variants,
         variants_at_cap: args.variants_at_cap,
+        load_before: None,
+        load_after: None,
     }
 }
 

@@ -451,19 +451,16 @@ impl<H: Host> Worker<H> {
             .as_deref()
             .and_then(|h| facts.header(h))
             .map_or(0, |key| fairness_group(&key));
-        // In a fleet: where this request would go if it cannot be admitted here (a peer with a
-        // free slot; or, when this gateway owns no slot of the revision, any peer with slots).
-        let (to_free, to_any) = match (&config.fleet, forwarded_in) {
-            (Some(_), false) => self.fleet.forward_targets(&rc.name, now),
-            _ => (None, None),
-        };
+        // In a fleet, a request that cannot be admitted here goes to a peer with a free slot;
+        // or, when this gateway owns no slot of the revision, to any peer with slots.
+        let may_forward = config.fleet.is_some() && !forwarded_in;
+        let fleet = &self.fleet;
         let admission = store::update_revision(&self.host, &r.key, |s| {
             let mut limits = r.limits(rc, s);
-            if (to_free.is_some() || to_any.is_some()) && !s.can_admit(limits) {
+            if may_forward && !s.can_admit(limits) {
                 let owned = s.endpoint_slots(limits.per_endpoint).unwrap_or(0);
-                let target = if owned == 0 { &to_any } else { &to_free };
-                if let Some(peer) = target {
-                    return Err(peer.clone());
+                if let Some(peer) = fleet.forward_target(&rc.name, now, owned == 0) {
+                    return Err(peer);
                 }
             }
             if draining {

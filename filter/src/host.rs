@@ -63,12 +63,18 @@ impl RequestFacts for EnvoyRequest {
     }
 }
 
-/// What Envoy's node says about this gateway's place in a fleet (its metadata).
+/// What Envoy's node says about this gateway's place in a fleet (its metadata, attribute
+/// `xds.node`; Istio's proxy also offers it as `node`).
 pub fn node_facts() -> inflight_core::worker::NodeFacts {
     let string = |key: &str| {
-        hostcalls::get_property(vec!["node", "metadata", key])
+        hostcalls::get_property(vec!["xds", "node", "metadata", key])
             .ok()
             .flatten()
+            .or_else(|| {
+                hostcalls::get_property(vec!["node", "metadata", key])
+                    .ok()
+                    .flatten()
+            })
             .and_then(|b| String::from_utf8(b).ok())
             .filter(|s| !s.trim().is_empty())
     };

@@ -103,8 +103,7 @@ impl RootContext for Root {
         }
         let started = Worker::start(EnvoyHost).map_err(|e| e.to_string());
         match (started, self.vm.try_borrow_mut()) {
-            (Ok(mut w), Ok(mut v)) => {
-                w.set_node(host::node_facts());
+            (Ok(w), Ok(mut v)) => {
                 v.worker = Some(w);
                 true
             }
@@ -175,6 +174,8 @@ fn configure(vm: &SharedVm, bytes: &[u8]) -> Result<(), String> {
         .map_err(|_| "the worker is busy".to_string())?;
     let v = &mut *v;
     let w = v.worker.as_mut().ok_or("this worker VM did not start")?;
+    // The node's metadata is readable from the plugin's configure on (not at VM start).
+    w.set_node(host::node_facts());
     let config = w
         .configure(bytes, clock::now_ms())
         .map_err(|e| e.to_string())?;

@@ -78,6 +78,23 @@ pub struct Meta {
     pub variants: Vec<String>,
     /// The variants run configured as setup 3's inflight-cap (else as setup 2).
     pub variants_at_cap: bool,
+    /// The machine's load when the run started and when it ended.
+    pub load_before: Option<MachineLoad>,
+    pub load_after: Option<MachineLoad>,
+}
+
+/// A machine's 1-minute load average and cores.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct MachineLoad {
+    pub avg1: f64,
+    pub cores: u32,
+}
+
+impl MachineLoad {
+    /// At most [`crate::bench::QUIET_LOAD_PER_CORE`] per core.
+    pub fn quiet(self) -> bool {
+        self.avg1 <= crate::bench::QUIET_LOAD_PER_CORE * f64::from(self.cores)
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -167,6 +184,7 @@ impl Report {
             "Envoy: {} · {} worker(s) in gateway and upstream · load: {} · {} per run · {} round(s), setups alternating · code: {}\n",
             m.envoy, m.workers, m.generator, m.duration, m.rounds, m.revision
         );
+        out.push_str(&self.load_line());
         out.push_str(&self.setups_table());
         out.push('\n');
         out.push_str(&self.ratios_table());
@@ -175,6 +193,30 @@ impl Report {
         out.push('\n');
         out.push_str(&self.targets());
         out
+    }
+
+    /// The machine's load before and after, and whether the run can be trusted.
+    fn load_line(&self) -> String {
+        let m = &self.meta;
+        let show =
+            |l: Option<MachineLoad>| l.map_or("unknown".to_string(), |l| format!("{:.2}", l.avg1));
+        let cores = m.load_before.or(m.load_after).map_or(0, |l| l.cores);
+        let quiet = [m.load_before, m.load_after]
+            .iter()
+            .all(|l| l.is_some_and(MachineLoad::quiet));
+        let verdict = if quiet {
+            "quiet".to_string()
+        } else {
+            format!(
+                "**NOT QUIET (above {:.2} per core): figures inflated, not a run of record**",
+                crate::bench::QUIET_LOAD_PER_CORE
+            )
+        };
+        format!(
+            "Machine load (1-minute average): {} before, {} after, on {cores} core(s): {verdict}\n\n",
+            show(m.load_before),
+            show(m.load_after)
+        )
     }
 
     fn setups_table(&self) -> String {
@@ -642,5 +684,34 @@ mod tests {
             Wait::from_buckets(&[], &beyond).unwrap().max_ms,
             f64::INFINITY
         );
+    }
+
+    #[test]
+    fn a_run_on_a_loaded_machine_is_flagged_and_a_quiet_one_is_not() {
+        let mut r = Report {
+            meta: Meta::default(),
+            samples: Vec::new(),
+        };
+        r.meta.load_before = Some(MachineLoad {
+            avg1: 0.1,
+            cores: 2,
+        });
+        r.meta.load_after = Some(MachineLoad {
+            avg1: 0.4,
+            cores: 2,
+        });
+        let line = r.load_line();
+        assert!(
+            line.contains("0.10 before, 0.40 after, on 2 core(s): quiet"),
+            "{line}"
+        );
+        r.meta.load_after = Some(MachineLoad {
+            avg1: 2.4,
+            cores: 2,
+        });
+        assert!(r.load_line().contains("NOT QUIET"), "{}", r.load_line());
+        r.meta.load_before = None;
+        assert!(r.load_line().contains("unknown before"));
+        assert!(r.load_line().contains("NOT QUIET"));
     }
 }

@@ -21,6 +21,8 @@ pub struct RevisionStats {
     pub state_unavailable: f64,
     /// Shed because the gateway drains.
     pub shed_draining: f64,
+    /// Sent to a peer gateway of a fleet (admitted there).
+    pub forwarded: f64,
     pub cancelled: f64,
     /// Sent on to a peer gateway of a fleet, which admits and counts it (outcome `forwarded`).
     pub forwarded: f64,

@@ -124,17 +124,12 @@ impl FleetVm {
         self.my_port.is_some() && facts.local_port() == self.my_port
     }
 
-    /// Where a request of revision `rev` may be forwarded: (a member with a free slot, a member
-    /// with slots), by this VM's copy of the reports.
-    pub(super) fn forward_targets(&self, rev: &str, now: u64) -> (Option<String>, Option<String>) {
-        let Some(t) = self.timing else {
-            return (None, None);
-        };
+    /// Where a request of revision `rev` may be forwarded, by this VM's copy of the reports: a
+    /// member with a free slot, else (with `any`) a member with slots.
+    pub(super) fn forward_target(&self, rev: &str, now: u64, any: bool) -> Option<String> {
+        let t = self.timing?;
         let sent = |p: &str| self.sent.get(p).copied().unwrap_or(0);
-        (
-            self.view.forward_target(rev, now, t.fresh_ms, &sent, false),
-            self.view.forward_target(rev, now, t.fresh_ms, &sent, true),
-        )
+        self.view.forward_target(rev, now, t.fresh_ms, &sent, any)
     }
 
     pub(super) fn forwarded_to(&mut self, peer: &str) {

@@ -1269,6 +1269,13 @@ impl RequestBuilder<'_> {
         self
     }
 
+    /// A property this stream reads, as raw bytes (Envoy serializes integers as 8
+    /// little-endian bytes, e.g. `destination.port`).
+    pub fn property_bytes(mut self, path: &str, value: &[u8]) -> Self {
+        self.properties.insert(path.to_string(), value.to_vec());
+        self
+    }
+
     /// A request body: `on_request_headers` sees end_of_stream=false, then `on_request_body`
     /// is called with the whole body right after, also while the headers are paused.
     pub fn body(mut self, body: &[u8]) -> Self {
