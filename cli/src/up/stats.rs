@@ -24,8 +24,6 @@ pub struct RevisionStats {
     /// Sent to a peer gateway of a fleet (admitted there).
     pub forwarded: f64,
     pub cancelled: f64,
-    /// Sent on to a peer gateway of a fleet, which admits and counts it (outcome `forwarded`).
-    pub forwarded: f64,
     pub active: f64,
     pub queued: f64,
     pub capacity: f64,
