@@ -5,6 +5,10 @@
 //! autoscaling page (50 clients against target 10 → 5 replicas) and ends with the `hey` summary,
 //! a `kubectl get pods`-style table, totals and a plot.
 //!
+//! `--gateways N` (N ≥ 2) runs a fleet instead of the one Envoy: N gateways that split every
+//! replica's containerConcurrency (docs/fleet.md) behind one more Envoy, the L4 load balancer,
+//! on the stack's port ([`gateways`]); the scaler and the view read every gateway.
+//!
 //! Every child runs in its own process group; Ctrl-C / SIGTERM reach only this process, which
 //! stops the load, drains and stops the replicas, then Envoy, and waits for each pid.
 
