@@ -314,9 +314,9 @@ impl Stack {
         }
         if let Some(b) = &gateways.balancer {
             console.log(&[format!(
-                "envoy (pid {}), L4 load balancer ({:?}): http://{} → the {} gateways' listeners, admin http://{}",
+                "envoy (pid {}), L4 load balancer ({}): http://{} → the {} gateways' listeners, admin http://{}",
                 b.pid(),
-                args.l4_lb,
+                args.l4_lb.name(),
                 b.listener,
                 gateways.members.len(),
                 b.admin

@@ -260,6 +260,14 @@ pub enum L4Lb {
 }
 
 impl L4Lb {
+    /// As the command line says it.
+    pub fn name(self) -> &'static str {
+        match self {
+            L4Lb::RoundRobin => "round-robin",
+            L4Lb::Random => "random",
+        }
+    }
+
     fn policy(self) -> &'static str {
         match self {
             L4Lb::RoundRobin => "ROUND_ROBIN",
