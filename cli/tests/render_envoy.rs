@@ -2,14 +2,19 @@
 //! (`envoy --mode validate`, then one request through a running gateway):
 //!
 //! - `inflight render --format filter-config` in the project's own gateway config (plain Envoy);
-//! - the HTTP filter inside `manifests/istio/envoyfilter/envoyfilter.yaml` and the membership
-//!   cluster of `manifests/istio/common/membership-cluster.yaml`, in a bootstrap shaped like
-//!   Istio's (its stats tags and a stats matcher that would drop the filter's stats), with
+//! - the HTTP filter inside `manifests/istio/envoyfilter/envoyfilter.yaml`, the membership
+//!   cluster of `manifests/istio/common/membership-cluster.yaml` and the fleet's patches, in a
+//!   bootstrap shaped like Istio's (its stats tags and a stats matcher that would drop the
+//!   filter's stats, `INSTANCE_IPS` in the node metadata), with
 //!   `manifests/istio/common/stats-bootstrap.yaml` passed as `--config-yaml`, exactly as
 //!   pilot-agent passes ISTIO_BOOTSTRAP_OVERRIDE: the series must come out labelled;
 //! - the endpoint-picking `EnvoyFilter` render writes beside the WasmPlugin/EnvoyFilter, merged
 //!   the way Istio merges a `CLUSTER` patch into a cluster shaped like the ones Istio generates
 //!   (`lb_policy: LEAST_REQUEST` and all): a request goes to the endpoint its header names;
+//! - the fleet's `EnvoyFilter` (`inflight-fleet`) merged into an Istio-shaped gateway: applied
+//!   to a running gateway in place, the peer port serves the same routes, a request with the
+//!   peer header goes to the peer it names; and two such gateways find each other and split the
+//!   revision's slots;
 //! - the same `override_host` policy in the plain Envoy configs we ship (`envoy/envoy.yaml`,
 //!   `docs/envoy-minimal.yaml`), on the header their plugin configuration names.
 //!
@@ -284,15 +289,11 @@ fn validate_with_overlay(config: &Path, overlay: &str) {
 #[test]
 fn envoyfilter_and_stats_bootstrap_run_in_an_istio_like_envoy() {
     let _s = serial();
-    let mut filter = patch_value("istio/envoyfilter/envoyfilter.yaml", "HTTP_FILTER");
-    // The module is mounted into the pod in Kubernetes; here it is the freshly built one.
-    filter["typed_config"]["config"]["vm_config"]["code"]["local"]["filename"] =
-        Value::from(envoy::filter_wasm().to_str().unwrap());
-    let mut membership = patch_value("istio/common/membership-cluster.yaml", "CLUSTER");
-    // Istio's admin is 127.0.0.1:15000; here a free port, so tests can run side by side.
+    // The filter, the membership cluster (Istio's admin is 127.0.0.1:15000; here a free port, so
+    // tests can run side by side), and the fleet's pieces: a fleet of this one gateway, as a
+    // gateway Deployment with one replica has.
     let admin_port = free_port();
-    membership["load_assignment"]["endpoints"][0]["lb_endpoints"][0]["endpoint"]["address"]
-        ["socket_address"]["port_value"] = Value::from(admin_port);
+    let peer_port = free_port();
     let cm = yaml_docs(
         &std::fs::read_to_string(manifests_dir().join("istio/common/stats-bootstrap.yaml"))
             .unwrap(),
@@ -304,7 +305,7 @@ fn envoyfilter_and_stats_bootstrap_run_in_an_istio_like_envoy() {
     let ports: Vec<u16> = upstreams.iter().map(Upstream::port).collect();
     let dir = scratch("istio");
     let config = dir.join("bootstrap.json");
-    let bootstrap = istio_like_bootstrap(&filter, &membership, admin_port, &ports);
+    let bootstrap = istio_fleet_gateway(admin_port, peer_port, &[peer_port], &ports);
     std::fs::write(&config, serde_json::to_string_pretty(&bootstrap).unwrap()).unwrap();
     validate_with_overlay(&config, overlay);
 
@@ -323,6 +324,8 @@ fn envoyfilter_and_stats_bootstrap_run_in_an_istio_like_envoy() {
             s.outcome("torchserve", "admitted") == 1
                 && s.outcome("torchserve-raw", "admitted") == 1
                 && s.gauge("inflight_ready_replicas", "torchserve-raw") == 2
+                && s.gauge("inflight_fleet_gateways", "torchserve-raw") == 1
+                && s.gauge("inflight_capacity", "torchserve-raw") == 20
         };
         let deadline = Instant::now() + Duration::from_secs(10);
         let stats = loop {
@@ -777,4 +780,506 @@ fn serverless_seed_reaches_knative_unthrottled_through_the_shipped_gateway_confi
     assert!(before.most <= 10, "{}", before.most);
     assert!(knative_desired(before.average) <= 2);
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// The `inflight-fleet` EnvoyFilter render writes beside the filter: its patches by `applyTo`.
+fn fleet_patches(text: &str) -> Vec<Value> {
+    yaml_docs(text)
+        .into_iter()
+        .find(|d| d["kind"] == "EnvoyFilter" && d["metadata"]["name"] == "inflight-fleet")
+        .map(|d| d["spec"]["configPatches"].as_array().unwrap().clone())
+        .unwrap_or_default()
+}
+
+/// The gateway's plain-HTTP listener as Istio generates it for a `Gateway` server on port 80
+/// (one filter chain, the connection manager, no filter-chain match), with one virtual host per
+/// revision host routing to `cluster`. Static routes stand in for Istio's RDS `http.8080`.
+fn istio_http_listener(port: u16, hosts: &[&str], cluster: &str) -> Value {
+    let vhosts: Vec<Value> = hosts
+        .iter()
+        .map(|h| {
+            json!({
+                "name": format!("{h}:80"),
+                "domains": [h, format!("{h}:*")],
+                "routes": [{"match": {"prefix": "/"}, "route": {"cluster": cluster, "timeout": "0s"}}]
+            })
+        })
+        .collect();
+    json!({
+        "@type": "type.googleapis.com/envoy.config.listener.v3.Listener",
+        "name": "0.0.0.0_8080",
+        "address": {"socket_address": {"address": "0.0.0.0", "port_value": port}},
+        "filter_chains": [{"filters": [{
+            "name": "envoy.filters.network.http_connection_manager",
+            "typed_config": {
+                "@type": "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager",
+                "stat_prefix": "outbound_0.0.0.0_8080",
+                "route_config": {"name": "http.8080", "virtual_hosts": vhosts},
+                "http_filters": [
+                    {"name": "envoy.filters.http.router", "typed_config": {"@type": "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"}}
+                ]
+            }
+        }]}]
+    })
+}
+
+/// What Istio does with the fleet's patches: `LISTENER MERGE` into the listener on the matched
+/// port, `HTTP_ROUTE INSERT_FIRST` (no route match) at the head of every virtual host, `CLUSTER
+/// ADD` appended to the clusters.
+fn apply_fleet_patches(patches: &[Value], listener: &mut Value, clusters: &mut Vec<Value>) {
+    for p in patches {
+        let value = &p["patch"]["value"];
+        match (
+            p["applyTo"].as_str().unwrap(),
+            p["patch"]["operation"].as_str().unwrap(),
+        ) {
+            ("LISTENER", "MERGE") => {
+                let port = listener["address"]["socket_address"]["port_value"].clone();
+                assert_eq!(p["match"]["listener"]["portNumber"], 8080);
+                assert_eq!(port, 8080, "the test listener stands for Istio's 8080");
+                proto_merge(listener, value);
+            }
+            ("HTTP_ROUTE", "INSERT_FIRST") => {
+                assert!(p["match"].get("routeConfiguration").is_none(), "{p}");
+                let hcm = &mut listener["filter_chains"][0]["filters"][0]["typed_config"];
+                for vh in hcm["route_config"]["virtual_hosts"].as_array_mut().unwrap() {
+                    vh["routes"]
+                        .as_array_mut()
+                        .unwrap()
+                        .insert(0, value.clone());
+                }
+            }
+            ("CLUSTER", "ADD") => clusters.push(value.clone()),
+            other => panic!("unexpected patch {other:?}"),
+        }
+    }
+}
+
+/// Moves the file `tmp` onto `path` (a rename), so that Envoy's watch on the directory sees one
+/// complete new file.
+fn replace_file(path: &Path, contents: &str) {
+    let tmp = path.with_extension("tmp");
+    std::fs::write(&tmp, contents).unwrap();
+    std::fs::rename(&tmp, path).unwrap();
+}
+
+fn admin_stat(admin: SocketAddr, name: &str) -> u64 {
+    let (_, body) = http_get(admin, &format!("/stats?filter=^{name}$")).unwrap();
+    body.split(": ")
+        .nth(1)
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(0)
+}
+
+/// The fleet's Istio pieces in a real Envoy 1.40: the patches of `inflight-fleet`, applied as
+/// Istio applies them to a gateway shaped like Istio's (its plain-HTTP listener, the revision's
+/// cluster), validate; on a running gateway, applying them is an in-place listener update (no
+/// restart, nothing rejected) after which the peer port serves the same routes as the public
+/// one; a request carrying the peer header goes, by the forward route, to the address it names
+/// (here a stand-in peer); and the peer cluster lists the gateway pods its DNS name resolves to.
+#[test]
+fn fleet_patches_merge_into_an_istio_gateway_and_forward_by_the_peer_header() {
+    let _s = serial();
+    let mut args = ISVCS.to_vec();
+    args.extend(["--format", "wasmplugin"]);
+    let patches = fleet_patches(&render_ok(&args));
+    args.pop();
+    args.push("envoyfilter");
+    assert_eq!(patches, fleet_patches(&render_ok(&args)));
+    assert_eq!(patches.len(), 4, "{patches:?}");
+
+    let upstreams = [Upstream::start().unwrap(), Upstream::start().unwrap()];
+    let ports: Vec<u16> = upstreams.iter().map(Upstream::port).collect();
+    // A stand-in for a peer gateway: the forward route must reach it, not the revision.
+    let peer = Upstream::start().unwrap();
+    let hosts = [
+        "torchserve-raw-default.example.com",
+        "torchserve-raw-predictor-default.example.com",
+    ];
+    let before = istio_http_listener(8080, &hosts, RAW_CLUSTER);
+    let mut after = before.clone();
+    let mut clusters = vec![istio_service_cluster(RAW_CLUSTER, &ports)];
+    apply_fleet_patches(&patches, &mut after, &mut clusters);
+    let peer_port = after["additional_addresses"][0]["address"]["socket_address"]["port_value"]
+        .as_u64()
+        .unwrap();
+    assert_eq!(peer_port, 15081);
+    assert_eq!(
+        after["additional_addresses"][0]["address"]["socket_address"]["address"],
+        "0.0.0.0"
+    );
+    let routes =
+        &after["filter_chains"][0]["filters"][0]["typed_config"]["route_config"]["virtual_hosts"];
+    for vh in routes.as_array().unwrap() {
+        assert_eq!(vh["routes"][0]["route"]["cluster"], "inflight-peer-direct");
+        assert_eq!(vh["routes"][1]["route"]["cluster"], RAW_CLUSTER);
+    }
+
+    // As rendered (the headless Service's DNS name, ports 8080 and 15081): Envoy accepts it.
+    let dir = scratch("fleet");
+    let lds = dir.join("lds.json");
+    let bootstrap = |clusters: &[Value]| {
+        json!({
+            "admin": {"address": {"socket_address": {"address": "127.0.0.1", "port_value": 0}}},
+            "node": {"id": "gateway", "cluster": "gateway"},
+            "dynamic_resources": {"lds_config": {"resource_api_version": "V3", "path_config_source": {
+                "path": lds.to_str().unwrap(),
+                "watched_directory": {"path": dir.to_str().unwrap()}
+            }}},
+            "static_resources": {"clusters": clusters}
+        })
+    };
+    // (Validation does not read LDS files: the listener goes into the static resources.)
+    let config = dir.join("bootstrap.json");
+    let mut listener = after.clone();
+    listener.as_object_mut().unwrap().remove("@type");
+    let mut static_config = bootstrap(&clusters);
+    static_config
+        .as_object_mut()
+        .unwrap()
+        .remove("dynamic_resources");
+    static_config["static_resources"]["listeners"] = json!([listener]);
+    std::fs::write(
+        &config,
+        serde_json::to_string_pretty(&static_config).unwrap(),
+    )
+    .unwrap();
+    envoy::validate(&config).unwrap();
+    // …and uses nothing Envoy has deprecated (a field Envoy drops would break the patch).
+    let out = Command::new(envoy::envoy_binary().unwrap())
+        .args(["--mode", "validate", "-l", "warn", "-c"])
+        .arg(&config)
+        .output()
+        .unwrap();
+    let log = String::from_utf8_lossy(&out.stderr);
+    assert!(!log.contains("Deprecated field"), "{log}");
+
+    // Running: free ports for 8080 and 15081, and the peer cluster's DNS name resolving to this
+    // gateway (`localhost`, its peer port), as the headless Service resolves to the pods.
+    let (public, peer_listen) = (free_port(), free_port());
+    let on_ports = |l: &Value| {
+        let mut l = l.clone();
+        l["address"]["socket_address"]["port_value"] = Value::from(public);
+        if l.get("additional_addresses").is_some() {
+            l["additional_addresses"][0]["address"]["socket_address"]["port_value"] =
+                Value::from(peer_listen);
+        }
+        l
+    };
+    for c in &mut clusters {
+        if c["name"] == "inflight-peers" {
+            let a = &mut c["load_assignment"]["endpoints"][0]["lb_endpoints"][0]["endpoint"]
+                ["address"]["socket_address"];
+            assert_eq!(
+                a["address"],
+                "inflight-peers.istio-system.svc.cluster.local"
+            );
+            a["address"] = Value::from("localhost");
+            a["port_value"] = Value::from(peer_listen);
+        }
+    }
+    std::fs::write(
+        &config,
+        serde_json::to_string_pretty(&bootstrap(&clusters)).unwrap(),
+    )
+    .unwrap();
+    replace_file(&lds, &json!({"resources": [on_ports(&before)]}).to_string());
+    let gw = Proxy::start(&config, None, &dir);
+    let at = |port: u16| SocketAddr::from(([127, 0, 0, 1], port));
+    let get = |port: u16, peer_header: Option<String>| {
+        let mut r = Request::get(at(port), hosts[0]);
+        if let Some(p) = peer_header {
+            r = r.header("x-inflight-peer", p);
+        }
+        r.send()
+    };
+    assert_eq!(get(public, None).unwrap().status, 200);
+    assert!(
+        get(peer_listen, None).is_err(),
+        "nothing listens on the peer port before the patch"
+    );
+
+    // The EnvoyFilter applied to the running gateway: a listener update, in place.
+    replace_file(&lds, &json!({"resources": [on_ports(&after)]}).to_string());
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while get(peer_listen, None).is_err() {
+        assert!(Instant::now() < deadline, "the peer port never opened");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert_eq!(
+        admin_stat(gw.admin, "listener_manager.lds.update_rejected"),
+        0
+    );
+    assert_eq!(
+        admin_stat(gw.admin, "listener_manager.listener_modified"),
+        1
+    );
+    let served = upstreams[0].total() + upstreams[1].total();
+    // The same routes on both ports.
+    for port in [public, peer_listen] {
+        let r = get(port, None).unwrap();
+        assert_eq!(r.status, 200, "{port}: {r:?}");
+    }
+    assert_eq!(upstreams[0].total() + upstreams[1].total(), served + 2);
+    // The forward route: the request goes to the peer it names, on either port.
+    for port in [public, peer_listen] {
+        let r = get(port, Some(format!("127.0.0.1:{}", peer.port()))).unwrap();
+        assert_eq!(r.status, 200, "{r:?}");
+    }
+    assert_eq!(peer.total(), 2);
+    assert_eq!(upstreams[0].total() + upstreams[1].total(), served + 2);
+    // The peer cluster lists the address its DNS name resolves to, healthy: the fleet.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let member = format!("inflight-peers::127.0.0.1:{peer_listen}::health_flags::healthy");
+    loop {
+        let (_, clusters) = http_get(gw.admin, "/clusters").unwrap();
+        if clusters.lines().any(|l| l == member) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "{member} not in\n{clusters}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+
+    // Deleting the EnvoyFilter is an in-place update too: the peer port closes.
+    replace_file(&lds, &json!({"resources": [on_ports(&before)]}).to_string());
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while get(peer_listen, None).is_ok() {
+        assert!(Instant::now() < deadline, "the peer port stayed open");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert_eq!(get(public, None).unwrap().status, 200);
+    assert_eq!(
+        admin_stat(gw.admin, "listener_manager.lds.update_rejected"),
+        0
+    );
+    drop(gw);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// One Istio-shaped gateway of a fleet: the filter of `manifests/istio/envoyfilter/envoyfilter.yaml`
+/// (its plugin configuration, `fleet` included, with the peer port this gateway listens on),
+/// the membership cluster, the revision's cluster with the endpoint-picking policy, and the
+/// `inflight-fleet` patches applied as Istio applies them, the peer cluster listing every
+/// gateway's peer address. Its identity comes from Istio's node metadata `INSTANCE_IPS`, as in
+/// a gateway pod.
+fn istio_fleet_gateway(
+    admin_port: u16,
+    peer_port: u16,
+    peers: &[u16],
+    upstream_ports: &[u16],
+) -> Value {
+    let mut filter = patch_value("istio/envoyfilter/envoyfilter.yaml", "HTTP_FILTER");
+    filter["typed_config"]["config"]["vm_config"]["code"]["local"]["filename"] =
+        Value::from(envoy::filter_wasm().to_str().unwrap());
+    let config = &mut filter["typed_config"]["config"]["configuration"]["value"];
+    let mut plugin: Value = serde_json::from_str(config.as_str().unwrap()).unwrap();
+    assert!(plugin["fleet"].get("self").is_none(), "{plugin}");
+    plugin["fleet"]["peerPort"] = Value::from(peer_port);
+    *config = Value::from(plugin.to_string());
+    let mut membership = patch_value("istio/common/membership-cluster.yaml", "CLUSTER");
+    membership["load_assignment"]["endpoints"][0]["lb_endpoints"][0]["endpoint"]["address"]
+        ["socket_address"]["port_value"] = Value::from(admin_port);
+    let mut bootstrap = istio_like_bootstrap(&filter, &membership, admin_port, upstream_ports);
+    bootstrap["node"] = json!({
+        "id": format!("router~127.0.0.1~istio-ingressgateway-{peer_port}.istio-system~istio-system.svc.cluster.local"),
+        "cluster": "istio-ingressgateway.istio-system",
+        "metadata": {"INSTANCE_IPS": "127.0.0.1", "NAMESPACE": "istio-system"}
+    });
+    let listener = &mut bootstrap["static_resources"]["listeners"][0];
+    // Istio's gateway listener: 0.0.0.0_8080 on all addresses; here on loopback, any port.
+    listener["address"]["socket_address"]["port_value"] = Value::from(8080);
+    let mut clusters: Vec<Value> = Vec::new();
+    let mut args = ISVCS.to_vec();
+    args.extend(["--format", "envoyfilter"]);
+    let rendered = render_ok(&args);
+    apply_fleet_patches(&fleet_patches(&rendered), listener, &mut clusters);
+    listener["address"]["socket_address"]["port_value"] = Value::from(free_port());
+    listener["additional_addresses"][0]["address"]["socket_address"]["port_value"] =
+        Value::from(peer_port);
+    // The revision's cluster follows the filter's pick, as inflight-endpoint-picking makes it.
+    let picking = endpoint_picking_patches(&rendered);
+    let all = bootstrap["static_resources"]["clusters"]
+        .as_array_mut()
+        .unwrap();
+    proto_merge(&mut all[0], &picking[0]["patch"]["value"]);
+    for mut c in clusters {
+        if c["name"] == "inflight-peers" {
+            // The headless Service's DNS name resolves to every gateway pod; here every
+            // gateway's loopback peer port.
+            let endpoints: Vec<Value> = peers
+                .iter()
+                .map(|p| json!({"endpoint": {"address": {"socket_address": {"address": "127.0.0.1", "port_value": p}}}}))
+                .collect();
+            c["load_assignment"]["endpoints"][0]["lb_endpoints"] = Value::from(endpoints);
+        }
+        all.push(c);
+    }
+    bootstrap
+}
+
+/// Two gateways configured as render configures them on Istio find each other and split the
+/// revision: each identifies itself by `INSTANCE_IPS` and its peer port, counts a fleet of 2,
+/// and their capacities add up to containerConcurrency × ready pods (10 × 2), one pod's worth
+/// each; both serve requests; and the first forwards what it has no slot for to the second
+/// over the rendered forward route and peer port, with no pod above containerConcurrency.
+#[test]
+fn two_istio_gateways_form_a_fleet_from_the_rendered_pieces() {
+    let _s = serial();
+    let upstreams = [Upstream::start().unwrap(), Upstream::start().unwrap()];
+    let ports: Vec<u16> = upstreams.iter().map(Upstream::port).collect();
+    let peers = [free_port(), free_port()];
+    let cm = yaml_docs(
+        &std::fs::read_to_string(manifests_dir().join("istio/common/stats-bootstrap.yaml"))
+            .unwrap(),
+    )
+    .remove(0);
+    let overlay = cm["data"]["custom_bootstrap.json"].as_str().unwrap();
+    let dirs = [scratch("fleet-a"), scratch("fleet-b")];
+    let gateways: Vec<Proxy> = peers
+        .iter()
+        .zip(&dirs)
+        .map(|(peer, dir)| {
+            let config = dir.join("bootstrap.json");
+            let b = istio_fleet_gateway(free_port(), *peer, &peers, &ports);
+            std::fs::write(&config, serde_json::to_string_pretty(&b).unwrap()).unwrap();
+            validate_with_overlay(&config, overlay);
+            Proxy::start(&config, Some(overlay), dir)
+        })
+        .collect();
+    let rev = "torchserve-raw";
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let stats = loop {
+        let s: Vec<Stats> = gateways.iter().map(Proxy::stats).collect();
+        let formed = s.iter().all(|s| {
+            s.gauge("inflight_fleet_gateways", rev) == 2
+                && s.gauge("inflight_ready_replicas", rev) == 2
+        }) && s
+            .iter()
+            .map(|s| s.gauge("inflight_capacity", rev))
+            .sum::<u64>()
+            == 20;
+        if formed || Instant::now() > deadline {
+            break s;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    for s in &stats {
+        assert_eq!(
+            s.gauge("inflight_fleet_gateways", rev),
+            2,
+            "{}",
+            s.inflight_lines()
+        );
+        assert_eq!(
+            s.gauge("inflight_capacity", rev),
+            10,
+            "{}",
+            s.inflight_lines()
+        );
+    }
+    for gw in &gateways {
+        let r = Request::get(gw.listener, "torchserve-raw-default.example.com")
+            .send()
+            .unwrap();
+        assert_eq!(r.status, 200, "{r:?}");
+    }
+
+    // 20 clients on the first gateway only, each request held 300 ms by its pod: it holds 10
+    // slots (5 of each pod) and forwards the rest through the peer header, the forward route
+    // and the second gateway's peer port, where they are admitted and never forwarded again.
+    // The pods never see more than containerConcurrency 10 each.
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let clients: Vec<_> = (0..20)
+        .map(|_| {
+            let (stop, listener) = (stop.clone(), gateways[0].listener);
+            std::thread::spawn(move || {
+                let mut statuses = Vec::new();
+                while !stop.load(std::sync::atomic::Ordering::SeqCst) {
+                    let r = Request::get(listener, "torchserve-raw-default.example.com")
+                        .header("x-hold-ms", 300)
+                        .send();
+                    statuses.push(r.map_or(0, |r| r.status));
+                }
+                statuses
+            })
+        })
+        .collect();
+    std::thread::sleep(Duration::from_secs(4));
+    stop.store(true, std::sync::atomic::Ordering::SeqCst);
+    let statuses: Vec<u16> = clients
+        .into_iter()
+        .flat_map(|c| c.join().unwrap())
+        .collect();
+    assert!(
+        statuses.iter().all(|s| *s == 200),
+        "{:?}",
+        statuses.iter().filter(|s| **s != 200).collect::<Vec<_>>()
+    );
+    let (a, b) = (gateways[0].stats(), gateways[1].stats());
+    assert!(a.outcome(rev, "forwarded") > 0, "{}", a.inflight_lines());
+    assert!(b.outcome(rev, "admitted") > 5, "{}", b.inflight_lines());
+    assert_eq!(b.outcome(rev, "forwarded"), 0, "{}", b.inflight_lines());
+    for u in &upstreams {
+        assert!(u.max_concurrency() <= 10, "{}", u.max_concurrency());
+    }
+    eprintln!(
+        "two Istio-shaped gateways, 20 clients on the first: {} requests, first gateway admitted {} and forwarded {}, second admitted {}; pods' most in flight {:?}",
+        statuses.len(),
+        a.outcome(rev, "admitted"),
+        a.outcome(rev, "forwarded"),
+        b.outcome(rev, "admitted"),
+        upstreams.iter().map(Upstream::max_concurrency).collect::<Vec<_>>()
+    );
+
+    // What the hop costs: with the first gateway's 10 slots held, each request sent to it is
+    // forwarded; the same requests sent to the second gateway are not. Paced at 8 a second:
+    // between two reports a gateway sends a peer no more than the free slots it reported (10).
+    // (Printed, not asserted: a measurement on a shared machine.)
+    let held: Vec<_> = (0..10)
+        .map(|_| {
+            Request::get(gateways[0].listener, "torchserve-raw-default.example.com")
+                .header("x-hold-ms", 8000)
+                .start()
+                .unwrap()
+        })
+        .collect();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while gateways[0].stats().gauge("inflight_active", rev) < 10 {
+        assert!(
+            Instant::now() < deadline,
+            "the 10 held requests were not admitted"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let before = gateways[0].stats().outcome(rev, "forwarded");
+    let median = |gw: &Proxy| {
+        let mut t: Vec<Duration> = (0..20)
+            .map(|_| {
+                std::thread::sleep(Duration::from_millis(125));
+                let r = Request::get(gw.listener, "torchserve-raw-default.example.com")
+                    .send()
+                    .unwrap();
+                assert_eq!(r.status, 200, "{r:?}");
+                r.elapsed
+            })
+            .collect();
+        t.sort();
+        t[t.len() / 2]
+    };
+    let (forwarded, direct) = (median(&gateways[0]), median(&gateways[1]));
+    let forwarded_now = gateways[0].stats().outcome(rev, "forwarded") - before;
+    for h in held {
+        assert_eq!(h.wait().unwrap().status, 200);
+    }
+    assert_eq!(
+        forwarded_now, 20,
+        "every request to the full gateway was forwarded"
+    );
+    eprintln!(
+        "forwarding hop: median {forwarded:?} through the first gateway (forwarded) vs {direct:?} straight to the second (20 requests each)"
+    );
+    drop(gateways);
+    for d in dirs {
+        let _ = std::fs::remove_dir_all(d);
+    }
 }

@@ -246,7 +246,11 @@ fn no_endpoint_picking_turns_routing_off_and_writes_no_cluster_policy() {
             format,
             "--no-endpoint-picking",
         ]));
-        assert_eq!(on.len(), 2, "{format}: the filter and the cluster policy");
+        assert_eq!(
+            on.len(),
+            4,
+            "{format}: the filter, the cluster policy and the fleet's EnvoyFilter and Service"
+        );
         assert_eq!(on[1]["metadata"]["name"], "inflight-endpoint-picking");
         assert_eq!(off.len(), 1, "{format}: {off:?}");
     }
@@ -260,4 +264,178 @@ fn no_endpoint_picking_turns_routing_off_and_writes_no_cluster_policy() {
     .unwrap();
     assert_eq!(config["routing"], serde_json::json!({"enabled": false}));
     inflight_core::Config::parse(config.to_string().as_bytes()).unwrap();
+}
+
+/// The fleet (docs/fleet.md): on by default for the Istio outputs, where it adds the
+/// EnvoyFilter `inflight-fleet` and the headless Service `inflight-peers` after the filter;
+/// off for plain Envoy unless asked; never without membership and endpoint picking. The names
+/// and ports in the plugin configuration's `fleet` are the ones the Envoy pieces use.
+#[test]
+fn fleet_pieces_agree_with_the_plugin_configuration() {
+    let input = golden_dir().join("raw.yaml");
+    let input = input.to_str().unwrap();
+    for format in ["wasmplugin", "envoyfilter"] {
+        for (flags, peer_port, http_port) in [
+            (&[][..], 15081, 8080),
+            (
+                &["--peer-port", "16000", "--gateway-http-port", "80"][..],
+                16000,
+                80,
+            ),
+        ] {
+            let mut args = vec!["-f", input, "--format", format];
+            args.extend_from_slice(flags);
+            let docs = yaml_docs(&render::render_ok(&args));
+            let names: Vec<(&str, &str)> = docs
+                .iter()
+                .map(|d| {
+                    (
+                        d["kind"].as_str().unwrap(),
+                        d["metadata"]["name"].as_str().unwrap(),
+                    )
+                })
+                .collect();
+            let filter_kind = if format == "wasmplugin" {
+                "WasmPlugin"
+            } else {
+                "EnvoyFilter"
+            };
+            assert_eq!(
+                names,
+                [
+                    (filter_kind, "inflight"),
+                    ("EnvoyFilter", "inflight-endpoint-picking"),
+                    ("EnvoyFilter", "inflight-fleet"),
+                    ("Service", "inflight-peers"),
+                ],
+                "{format} {flags:?}"
+            );
+            let config: serde_json::Value = if format == "wasmplugin" {
+                docs[0]["spec"]["pluginConfig"].clone()
+            } else {
+                serde_json::from_str(
+                    docs[0]["spec"]["configPatches"][0]["patch"]["value"]["typed_config"]["config"]
+                        ["configuration"]["value"]
+                        .as_str()
+                        .unwrap(),
+                )
+                .unwrap()
+            };
+            inflight_core::Config::parse(config.to_string().as_bytes()).unwrap();
+            let fleet = &config["fleet"];
+            assert_eq!(
+                fleet,
+                &serde_json::json!({
+                    "peerCluster": "inflight-peers",
+                    "forwardCluster": "inflight-peer-direct",
+                    "forwardHeader": "x-inflight-peer",
+                    "peerPort": peer_port,
+                }),
+                "{format} {flags:?}: `self` stays unset (Istio's INSTANCE_IPS)"
+            );
+            let patches = docs[2]["spec"]["configPatches"].as_array().unwrap();
+            let value = |apply_to: &str, n: usize| {
+                patches
+                    .iter()
+                    .filter(|p| p["applyTo"] == apply_to)
+                    .nth(n)
+                    .unwrap()["patch"]["value"]
+                    .clone()
+            };
+            assert_eq!(value("CLUSTER", 0)["name"], fleet["peerCluster"]);
+            assert_eq!(
+                value("CLUSTER", 0)["load_assignment"]["endpoints"][0]["lb_endpoints"][0]
+                    ["endpoint"]["address"]["socket_address"]["port_value"],
+                peer_port
+            );
+            assert_eq!(value("CLUSTER", 1)["name"], fleet["forwardCluster"]);
+            assert_eq!(
+                value("CLUSTER", 1)["original_dst_lb_config"]["http_header_name"],
+                fleet["forwardHeader"]
+            );
+            assert_eq!(
+                value("LISTENER", 0)["additional_addresses"][0]["address"]["socket_address"]
+                    ["port_value"],
+                peer_port
+            );
+            let listener = patches.iter().find(|p| p["applyTo"] == "LISTENER").unwrap();
+            assert_eq!(listener["match"]["listener"]["portNumber"], http_port);
+            let route = value("HTTP_ROUTE", 0);
+            assert_eq!(route["match"]["headers"][0]["name"], fleet["forwardHeader"]);
+            assert_eq!(route["route"]["cluster"], fleet["forwardCluster"]);
+            // The Service selects the pods the filter and the EnvoyFilters select, on the port.
+            let service = &docs[3];
+            let selector = if format == "wasmplugin" {
+                &docs[0]["spec"]["selector"]["matchLabels"]
+            } else {
+                &docs[0]["spec"]["workloadSelector"]["labels"]
+            };
+            assert_eq!(&service["spec"]["selector"], selector);
+            assert_eq!(&docs[2]["spec"]["workloadSelector"]["labels"], selector);
+            assert_eq!(service["spec"]["ports"][0]["port"], peer_port);
+            assert_eq!(service["spec"]["clusterIP"], "None");
+        }
+        // --no-fleet: the filter and the cluster policy only.
+        let off = yaml_docs(&render::render_ok(&[
+            "-f",
+            input,
+            "--format",
+            format,
+            "--no-fleet",
+        ]));
+        assert_eq!(off.len(), 2, "{format}");
+        assert!(off[0].to_string().find("\"fleet\"").is_none(), "{format}");
+        // Without endpoint picking there is nothing to split: no fleet, and a note says so.
+        let (ok, out, err) = render(&["-f", input, "--format", format, "--no-endpoint-picking"]);
+        assert!(ok, "{err}");
+        assert_eq!(yaml_docs(&out).len(), 1, "{format}");
+        assert!(err.contains("no fleet: it needs endpoint picking"), "{err}");
+    }
+    // Plain Envoy: off unless asked; with --fleet, the section only (the operator adds the
+    // clusters and the peer listener, docs/fleet.md).
+    let plain: serde_json::Value = serde_json::from_str(&render::render_ok(&[
+        "-f",
+        input,
+        "--format",
+        "filter-config",
+    ]))
+    .unwrap();
+    assert!(plain.get("fleet").is_none(), "{plain}");
+    let with: serde_json::Value = serde_json::from_str(&render::render_ok(&[
+        "-f",
+        input,
+        "--format",
+        "filter-config",
+        "--fleet",
+        "--membership-cluster",
+        "admin",
+    ]))
+    .unwrap();
+    assert_eq!(with["fleet"]["peerCluster"], "inflight-peers");
+    inflight_core::Config::parse(with.to_string().as_bytes()).unwrap();
+    // Asked for, but impossible (or on the HTTP listener's own port): an error that says why.
+    for (flags, want) in [
+        (
+            &["--format", "filter-config", "--fleet"][..],
+            "--fleet needs membership",
+        ),
+        (
+            &["--fleet", "--no-endpoint-picking"][..],
+            "--fleet needs endpoint picking",
+        ),
+        (
+            &["--fleet", "--no-membership"][..],
+            "--fleet needs membership",
+        ),
+        (
+            &["--peer-port", "8080"][..],
+            "--peer-port 8080: expected a port of its own",
+        ),
+    ] {
+        let mut args = vec!["-f", input];
+        args.extend_from_slice(flags);
+        let (ok, out, err) = render(&args);
+        assert!(!ok && out.is_empty(), "{flags:?}");
+        assert!(err.contains(want), "{flags:?}: {err}");
+    }
 }

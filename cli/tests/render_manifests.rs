@@ -10,7 +10,7 @@
 mod render;
 
 use render::{manifests_dir, render_ok, validate_object, yaml_docs, yaml_files};
-use serde_json::Value;
+use serde_json::{json, Value};
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 
@@ -250,6 +250,7 @@ const METRICS: &[&str] = &[
     "inflight_desired_replicas",
     "inflight_ready_replicas",
     "inflight_endpoint_mismatch_total",
+    "inflight_fleet_gateways",
 ];
 
 /// Every `inflight_*` name in an alert, a dashboard or a scaler query is a series we export.
@@ -445,4 +446,239 @@ fn keda_scales_the_raw_revision_to_zero_and_the_gateway_holds_requests_meanwhile
         assert!(at_zero.buffer >= raw.container_concurrency, "{file}");
         assert!(raw.max_wait_ms >= 30_000, "{file}");
     }
+}
+
+/// promtool: `.venv/bin/promtool` (`make setup` puts it there), else one on PATH.
+fn promtool() -> PathBuf {
+    let local = render::workspace_root().join(".venv/bin/promtool");
+    if local.is_file() {
+        return local;
+    }
+    let on_path = std::env::var_os("PATH").and_then(|paths| {
+        std::env::split_paths(&paths)
+            .map(|d| d.join("promtool"))
+            .find(|p| p.is_file())
+    });
+    on_path.unwrap_or_else(|| {
+        panic!("promtool not found: run `make setup` (it puts promtool into .venv/bin)")
+    })
+}
+
+/// The revision the synthetic series below belong to (the shipped raw InferenceService's).
+const REV: &str = "torchserve-raw";
+
+/// What each series of a fleet of three gateway pods reads, and what a query over all three must
+/// read for the revision: counters and the per-gateway slices add up (demand 10 + 20 + 5 = 35,
+/// capacity 4 + 3 + 3 = cc 10 × 1 ready pod); the fleet-wide decision does not (every gateway
+/// says 5 replicas: 5, never 15); nor does what every gateway sees alike (1 ready pod, a fleet
+/// of 3). (metric, per-pod values, or per-second rates for counters; counter?; fleet's value)
+const FLEET_SERIES: &[(&str, [f64; 3], bool, f64)] = &[
+    (
+        "inflight_demand_ms_total",
+        [10_000.0, 20_000.0, 5_000.0],
+        true,
+        35.0,
+    ),
+    ("inflight_requests_total", [1.0, 1.5, 0.5], true, 3.0),
+    ("inflight_active", [4.0, 3.0, 3.0], false, 10.0),
+    ("inflight_capacity", [4.0, 3.0, 3.0], false, 10.0),
+    ("inflight_queued", [6.0, 40.0, 2.0], false, 48.0),
+    ("inflight_desired_replicas", [5.0, 5.0, 5.0], false, 5.0),
+    ("inflight_ready_replicas", [1.0, 1.0, 1.0], false, 1.0),
+    ("inflight_fleet_gateways", [3.0, 3.0, 3.0], false, 3.0),
+];
+
+const PODS: [&str; 3] = ["gw-a", "gw-b", "gw-c"];
+
+/// promtool input series for the three gateway pods (`extra` labels, e.g. an outcome), scraped
+/// every 15 s for 20 minutes; counters grow at their per-second rate.
+fn pod_series(metric: &str, values: [f64; 3], counter: bool, extra: &str) -> Vec<Value> {
+    PODS.iter()
+        .zip(values)
+        .map(|(pod, v)| {
+            json!({
+                "series": format!("{metric}{{revision=\"{REV}\",pod=\"{pod}\",namespace=\"istio-system\"{extra}}}"),
+                "values": if counter { format!("0+{}x80", v * 15.0) } else { format!("{v}x80") },
+            })
+        })
+        .collect()
+}
+
+fn fleet_series(replace: &[(&str, [f64; 3])]) -> Vec<Value> {
+    FLEET_SERIES
+        .iter()
+        .flat_map(|(metric, values, counter, _)| {
+            let values = replace
+                .iter()
+                .find(|(m, _)| m == metric)
+                .map_or(*values, |(_, v)| *v);
+            let extra = if *metric == "inflight_requests_total" {
+                ",outcome=\"admitted\""
+            } else {
+                ""
+            };
+            pod_series(metric, values, *counter, extra)
+        })
+        .collect()
+}
+
+/// Every query the manifests hand to an autoscaler or a dashboard, with its template variables
+/// filled in for [`REV`]: (where, PromQL).
+fn scaling_and_dashboard_queries() -> Vec<(String, String)> {
+    let mut out = Vec::new();
+    let so = yaml_docs(&read("autoscaling/keda/scaledobject.yaml")).remove(0);
+    for t in so["spec"]["triggers"].as_array().unwrap() {
+        out.push((
+            "autoscaling/keda/scaledobject.yaml".to_string(),
+            t["metadata"]["query"].as_str().unwrap().to_string(),
+        ));
+    }
+    let adapter = yaml_docs(&read("autoscaling/hpa/prometheus-adapter-values.yaml")).remove(0);
+    for r in adapter["rules"]["external"].as_array().unwrap() {
+        let q = r["metricsQuery"]
+            .as_str()
+            .unwrap()
+            .replace("<<.Series>>", "inflight_demand_ms_total")
+            .replace("<<.LabelMatchers>>", &format!("revision=\"{REV}\""))
+            .replace("<<.GroupBy>>", "revision");
+        out.push(("autoscaling/hpa/prometheus-adapter-values.yaml".into(), q));
+    }
+    let dash: Value = serde_json::from_str(&read("monitoring/grafana-dashboard.json")).unwrap();
+    for p in dash["panels"].as_array().unwrap() {
+        for t in p["targets"].as_array().into_iter().flatten() {
+            let q = t["expr"].as_str().unwrap().replace("$revision", REV);
+            out.push((
+                format!("monitoring/grafana-dashboard.json: {}", p["title"]),
+                q,
+            ));
+        }
+    }
+    out
+}
+
+/// With several gateway pods (a fleet), every scaling query and dashboard panel reads the
+/// fleet's value: per-gateway counters and slices summed across pods, the fleet-wide desired
+/// replicas (and what every gateway sees alike) taken as the max, never summed (docs/fleet.md,
+/// "Scaling signals"). promtool evaluates each query, as written in the manifests, on the
+/// series of three gateway pods, and the alerts on the same fleet and on three ways it goes
+/// wrong.
+#[test]
+fn queries_read_the_fleet_once_across_gateway_pods() {
+    let dir = std::env::temp_dir().join(format!("inflight-promql-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let mut expr_tests = Vec::new();
+    for (origin, q) in scaling_and_dashboard_queries() {
+        // Percentiles of the wait histogram merge buckets (`sum by (le)`), the same with one
+        // gateway or many; the series here have none.
+        if q.contains("histogram_quantile") {
+            continue;
+        }
+        let metric = FLEET_SERIES
+            .iter()
+            .filter(|(m, ..)| q.contains(m))
+            .collect::<Vec<_>>();
+        assert_eq!(metric.len(), 1, "{origin}: `{q}` reads {metric:?}");
+        let (_, _, _, want) = metric[0];
+        // One revision, so each query gives one series; `sum()` only drops its labels.
+        expr_tests.push(json!({
+            "expr": format!("sum({q})"),
+            "eval_time": "10m",
+            "exp_samples": [{"labels": "{}", "value": want}],
+        }));
+    }
+    assert!(expr_tests.len() >= 8, "only {} queries", expr_tests.len());
+    let alerts = yaml_docs(&read("monitoring/prometheusrule.yaml")).remove(0);
+    let names: Vec<String> = alerts["spec"]["groups"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .flat_map(|g| g["rules"].as_array().unwrap().iter())
+        .filter_map(|r| r["alert"].as_str().map(String::from))
+        .collect();
+    let firing = |fire: &[(&str, Value)]| -> Vec<Value> {
+        names
+            .iter()
+            .map(|a| {
+                let exp: Vec<Value> = fire
+                    .iter()
+                    .filter(|(n, _)| n == a)
+                    .map(|(_, labels)| json!({"exp_labels": labels}))
+                    .collect();
+                json!({"eval_time": "20m", "alertname": a, "exp_alerts": exp})
+            })
+            .collect()
+    };
+    let warning = |extra: &[(&str, &str)]| {
+        let mut l = json!({"revision": REV, "severity": "warning"});
+        for (k, v) in extra {
+            l[*k] = Value::from(*v);
+        }
+        l
+    };
+    // 1. The healthy fleet: no alert. Its biggest queue, 40 at one gateway, is half of the
+    //    buffer each gateway has by default, 10 × containerConcurrency 10 × 1 ready pod: the
+    //    fleet's summed capacity, not the gateway's own slice (4).
+    let healthy = fleet_series(&[]);
+    // 2. One gateway's queue passes 80 % of that buffer.
+    let full = fleet_series(&[("inflight_queued", [6.0, 85.0, 2.0])]);
+    // 3. Shedding 0.2/s while gw-c forwards 1/s that gw-a and gw-b admit (and count again):
+    //    0.2 of 3.2 requests a second is 6 %, above the 5 % of InflightSheddingHigh; counting
+    //    the forwarded ones twice would make it 0.2 of 4.2, under it.
+    let mut shedding = fleet_series(&[]);
+    shedding.extend(pod_series(
+        "inflight_requests_total",
+        [0.0, 0.0, 1.0],
+        true,
+        ",outcome=\"forwarded\"",
+    ));
+    shedding.extend(pod_series(
+        "inflight_requests_total",
+        [0.2, 0.0, 0.0],
+        true,
+        ",outcome=\"shed_full\"",
+    ));
+    // 4. Three gateway pods that each see a fleet of one (no fleet, or no peer port).
+    let split = fleet_series(&[("inflight_fleet_gateways", [1.0, 1.0, 1.0])]);
+    // The alerts' expressions and labels are under test; their annotations (templates of the
+    // text) are not, and promtool would compare them too.
+    let mut groups = alerts["spec"]["groups"].clone();
+    for g in groups.as_array_mut().unwrap() {
+        for r in g["rules"].as_array_mut().unwrap() {
+            r.as_object_mut().unwrap().remove("annotations");
+        }
+    }
+    let rules = dir.join("rules.yaml");
+    std::fs::write(
+        &rules,
+        serde_json::to_string(&json!({ "groups": groups })).unwrap(),
+    )
+    .unwrap();
+    let case = |series: Vec<Value>, alerts: Vec<Value>, exprs: Vec<Value>| json!({"interval": "15s", "input_series": series, "alert_rule_test": alerts, "promql_expr_test": exprs});
+    let tests = json!({
+        "rule_files": [rules.to_str().unwrap()],
+        "evaluation_interval": "15s",
+        "tests": [
+            case(healthy, firing(&[]), expr_tests),
+            case(full, firing(&[("InflightBufferNearFull", warning(&[]))]), vec![]),
+            case(shedding, firing(&[
+                ("InflightShedding", warning(&[("outcome", "shed_full")])),
+                ("InflightSheddingHigh", json!({"revision": REV, "severity": "critical"})),
+            ]), vec![]),
+            case(split, firing(&[("InflightFleetSplit", warning(&[]))]), vec![]),
+        ],
+    });
+    let test_file = dir.join("tests.yaml");
+    std::fs::write(&test_file, serde_json::to_string(&tests).unwrap()).unwrap();
+    let out = std::process::Command::new(promtool())
+        .args(["test", "rules"])
+        .arg(&test_file)
+        .output()
+        .unwrap();
+    let _ = std::fs::remove_dir_all(&dir);
+    assert!(
+        out.status.success(),
+        "promtool test rules:\n{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
 }

@@ -406,6 +406,9 @@ impl<H: Host> Worker<H> {
         let mut forwarded_in = false;
         if let Some(f) = &config.fleet {
             forwarded_in = self.fleet.arrived_on_peer_port(facts);
+            if forwarded_in {
+                self.fleet.arrived_forwarded(context);
+            }
             if forwarded_in && facts.header(":path").as_deref() == Some(crate::fleet::REPORT_PATH) {
                 return Verdict::Report(self.fleet_report(&config, now));
             }
@@ -653,6 +656,7 @@ impl<H: Host> Worker<H> {
     /// the upstream's response reached its end.
     pub fn on_done(&mut self, context: u32, response_complete: bool, now: u64) {
         self.release_abandoned(now);
+        self.fleet.ended(context);
         match self.streams.remove(&context) {
             // Envoy destroys filters in chain order, so the router resets the upstream request
             // of a stream that ended early only after this callback: hold its slot a while.
@@ -1030,6 +1034,9 @@ impl<H: Host> Worker<H> {
         }
         self.follow_drain(&config, now);
         self.expire_waiters(&config, now);
+        if config.fleet.is_some() {
+            self.forward_waiters(&config, now);
+        }
         for i in 0..self.revisions.len() {
             self.tick_revision(&config, RevisionId(i), now);
         }

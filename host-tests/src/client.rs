@@ -56,6 +56,11 @@ impl Request {
         }
     }
 
+    pub fn path(mut self, path: &str) -> Request {
+        self.path = path.into();
+        self
+    }
+
     pub fn header(mut self, k: &str, v: impl ToString) -> Request {
         self.headers.push((k.into(), v.to_string()));
         self

@@ -166,33 +166,7 @@ impl Gateway {
                 first.name
             );
         }
-        let mut clusters = String::new();
-        for c in &self.clusters {
-            if let Some(file) = &c.eds_file {
-                let _ = write!(
-                    clusters,
-                    "  - name: {name}\n    type: EDS\n    connect_timeout: 1s\n    circuit_breakers:\n      thresholds:\n      - {{ max_connections: 100000, max_pending_requests: 100000, max_requests: 100000 }}\n{lb}{extra}{eds}",
-                    name = c.name,
-                    lb = c.lb.yaml(),
-                    extra = c.extra,
-                    eds = bootstrap::eds_from_file(file),
-                );
-                continue;
-            }
-            let _ = write!(
-                clusters,
-                "  - name: {name}\n    type: STATIC\n    connect_timeout: 1s\n    circuit_breakers:\n      thresholds:\n      - {{ max_connections: 100000, max_pending_requests: 100000, max_requests: 100000 }}\n{lb}{extra}    load_assignment:\n      cluster_name: {name}\n      endpoints:\n      - lb_endpoints:\n",
-                name = c.name,
-                lb = c.lb.yaml(),
-                extra = c.extra,
-            );
-            for &p in &c.ports {
-                clusters.push_str(&bootstrap::lb_endpoint(SocketAddr::from((
-                    [127, 0, 0, 1],
-                    p,
-                ))));
-            }
-        }
+        let mut clusters = clusters_yaml(&self.clusters);
         if let Some(port) = self.admin_port {
             clusters.push_str(&bootstrap::admin_cluster(ADMIN_CLUSTER, port));
         }
@@ -213,6 +187,39 @@ impl Gateway {
     }
 }
 
+/// The `clusters:` entries (at 2 spaces) of `clusters`: STATIC on their loopback ports, or EDS
+/// from their file.
+pub fn clusters_yaml(clusters: &[Cluster]) -> String {
+    let mut out = String::new();
+    for c in clusters {
+        if let Some(file) = &c.eds_file {
+            let _ = write!(
+                out,
+                "  - name: {name}\n    type: EDS\n    connect_timeout: 1s\n    circuit_breakers:\n      thresholds:\n      - {{ max_connections: 100000, max_pending_requests: 100000, max_requests: 100000 }}\n{lb}{extra}{eds}",
+                name = c.name,
+                lb = c.lb.yaml(),
+                extra = c.extra,
+                eds = bootstrap::eds_from_file(file),
+            );
+            continue;
+        }
+        let _ = write!(
+            out,
+            "  - name: {name}\n    type: STATIC\n    connect_timeout: 1s\n    circuit_breakers:\n      thresholds:\n      - {{ max_connections: 100000, max_pending_requests: 100000, max_requests: 100000 }}\n{lb}{extra}    load_assignment:\n      cluster_name: {name}\n      endpoints:\n      - lb_endpoints:\n",
+            name = c.name,
+            lb = c.lb.yaml(),
+            extra = c.extra,
+        );
+        for &p in &c.ports {
+            out.push_str(&bootstrap::lb_endpoint(SocketAddr::from((
+                [127, 0, 0, 1],
+                p,
+            ))));
+        }
+    }
+    out
+}
+
 /// A running Envoy in a scratch directory of its own, killed by its pid when dropped; the
 /// directory is removed then, or its log tail printed if the test is failing.
 pub struct Envoy {
@@ -222,7 +229,8 @@ pub struct Envoy {
 
 static NEXT: AtomicU32 = AtomicU32::new(0);
 
-fn scratch_dir(tag: &str) -> Result<PathBuf> {
+/// A fresh directory under the system's temporary directory, named for `tag` and this process.
+pub fn scratch_dir(tag: &str) -> Result<PathBuf> {
     let dir = std::env::temp_dir().join(format!(
         "inflight-{tag}-{}-{}",
         std::process::id(),

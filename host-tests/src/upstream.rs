@@ -13,7 +13,7 @@ use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::thread;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 #[derive(Default)]
 struct Record {
@@ -21,6 +21,8 @@ struct Record {
     max: u32,
     total: u64,
     arrivals: Vec<String>,
+    /// `(when, current)` after every change: the in-flight count at every instant.
+    timeline: Vec<(Instant, u32)>,
 }
 
 /// Concurrency seen across several replicas together (a revision's total).
@@ -37,6 +39,11 @@ impl Group {
     /// The most requests the replicas of this group held at once, together.
     pub fn max_concurrency(&self) -> u32 {
         self.record.lock().unwrap_or_else(|e| e.into_inner()).1
+    }
+
+    /// The requests the replicas of this group hold now, together.
+    pub fn current(&self) -> u32 {
+        self.record.lock().unwrap_or_else(|e| e.into_inner()).0
     }
 
     fn enter(&self) {
@@ -116,6 +123,12 @@ impl Upstream {
 
     pub fn total(&self) -> u64 {
         self.lock().total
+    }
+
+    /// `(when, in flight)` after every arrival and every answer, in order: what this replica held
+    /// at every instant.
+    pub fn timeline(&self) -> Vec<(Instant, u32)> {
+        self.lock().timeline.clone()
     }
 
     /// `x-id`s in arrival order.
@@ -214,6 +227,8 @@ fn serve(conn: TcpStream, s: &Shared) {
             r.current += 1;
             r.max = r.max.max(r.current);
             r.total += 1;
+            let now = (Instant::now(), r.current);
+            r.timeline.push(now);
             if let Some(id) = get("x-id") {
                 r.arrivals.push(id.to_string());
             }
@@ -236,6 +251,8 @@ fn serve(conn: TcpStream, s: &Shared) {
         let done = |s: &Shared| {
             let mut r = s.record.lock().unwrap_or_else(|e| e.into_inner());
             r.current -= 1;
+            let now = (Instant::now(), r.current);
+            r.timeline.push(now);
             if let Some(g) = &s.group {
                 g.leave();
             }

@@ -18,6 +18,8 @@
 //!
 //! `EMU_PROPTEST_CASES=N` changes the number of cases (default 80).
 
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
 use inflight_host_tests::emu::{Filter, Host, Req, Response};
 use proptest::prelude::*;
 use proptest::test_runner::{Config, TestCaseError, TestRunner};
@@ -128,6 +130,13 @@ fn header(headers: &[(String, Vec<u8>)], name: &str) -> Option<String> {
         .iter()
         .find(|(k, _)| k == name)
         .map(|(_, v)| String::from_utf8_lossy(v).into_owned())
+}
+
+/// Whether request `r` went upstream to a peer gateway (not to an endpoint).
+fn forwarded(h: &Host, r: Req) -> bool {
+    h.stream(r)
+        .upstream_headers
+        .is_some_and(|hs| header(&hs, PEER_HEADER).is_some())
 }
 
 fn port(p: u16) -> [u8; 8] {
@@ -488,11 +497,7 @@ fn run_case(case: &Case) -> Result<(), TestCaseError> {
                 gw.host.as_ref().map_or(Vec::new(), |h| {
                     h.upstream()
                         .into_iter()
-                        .filter(|r| {
-                            !h.stream(*r)
-                                .upstream_headers
-                                .is_some_and(|hs| header(&hs, PEER_HEADER).is_some())
-                        })
+                        .filter(|r| !forwarded(h, *r))
                         .map(|r| (g, r))
                         .collect()
                 })
@@ -541,9 +546,20 @@ fn the_fleet_never_exceeds_cc_on_an_endpoint_and_answers_everyone() {
 /// two are forwarded to it and served in turn; none is shed, and the endpoint never holds 2.
 #[test]
 fn with_one_slot_in_the_fleet_every_gateway_is_served_through_the_owner() {
+    one_slot_for_three_gateways(1_500);
+}
+
+/// The same, with the requests arriving before the fleet settled (no gateway owns a slot
+/// yet): they wait where they arrived and move to the owner once its reports show the slot.
+#[test]
+fn requests_that_queued_before_the_fleet_settled_move_to_the_owner() {
+    one_slot_for_three_gateways(50);
+}
+
+fn one_slot_for_three_gateways(warm_ms: u64) {
     let mut f = Fleet::new(1, 1);
     f.endpoints = [1, 0, 0];
-    f.advance(1_500);
+    f.advance(warm_ms);
     let mut sent = Vec::new();
     for i in 0..9 {
         let g = i % GATEWAYS;
@@ -566,11 +582,7 @@ fn with_one_slot_in_the_fleet_every_gateway_is_served_through_the_owner() {
                 let h = gw.host.as_ref().expect("alive");
                 h.upstream()
                     .into_iter()
-                    .filter(|r| {
-                        !h.stream(*r)
-                            .upstream_headers
-                            .is_some_and(|hs| header(&hs, PEER_HEADER).is_some())
-                    })
+                    .filter(|r| !forwarded(h, *r))
                     .map(|r| (g, r))
                     .collect::<Vec<_>>()
             })

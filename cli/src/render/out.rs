@@ -6,11 +6,13 @@
 //! Outputs are serde structs with their fields in the order a person reads them, so the text is
 //! stable (golden-tested) whatever features `serde_json` is built with.
 
+use super::fleet::{self, Fleet};
 use super::isvc::{self, Mode, Predictor};
 use super::Args;
 use anyhow::{bail, Context as _, Result};
 use inflight_core::config::{
-    AutoscalingDoc, ConfigDoc, MembershipDoc, RevisionDoc, RoutingDoc, DEFAULT_ENDPOINT_HEADER,
+    AutoscalingDoc, ConfigDoc, FleetDoc, MembershipDoc, RevisionDoc, RoutingDoc,
+    DEFAULT_ENDPOINT_HEADER,
 };
 use inflight_envoy_control::bootstrap;
 use serde::Serialize;
@@ -43,6 +45,8 @@ pub struct Gateway<'a> {
     pub selector: BTreeMap<String, String>,
     pub wasm_url: &'a str,
     pub wasm_file: &'a str,
+    /// The port of the gateway's plain-HTTP listener, where a fleet's peer port is added.
+    pub http_port: u16,
 }
 
 /// `k=v[,k=v]` → labels.
@@ -69,6 +73,8 @@ pub type FilterConfig = ConfigDoc;
 /// The validated result: the filter configuration and what the operator should know.
 pub struct Plan {
     pub config: FilterConfig,
+    /// The gateway replicas split each pod's containerConcurrency (`config.fleet`, by name).
+    pub fleet: Option<Fleet>,
     pub notes: Vec<String>,
 }
 
@@ -153,6 +159,7 @@ impl Plan {
                 ..RevisionDoc::default()
             });
         }
+        let fleet = fleet_plan(args, membership.is_some(), &mut notes)?;
         let config = FilterConfig {
             revisions,
             membership,
@@ -160,14 +167,75 @@ impl Plan {
                 enabled: Some(false),
                 endpoint_header: None,
             }),
+            // Every name written out, so that the file shows what the Envoy pieces must match;
+            // `self` unset: each gateway takes the first of Istio's INSTANCE_IPS (its pod IP).
+            fleet: fleet.as_ref().map(|f| FleetDoc {
+                peer_cluster: f.peer_cluster.clone(),
+                forward_cluster: Some(f.forward_cluster.clone()),
+                forward_header: Some(f.forward_header.clone()),
+                peer_port: Some(f.peer_port),
+                ..FleetDoc::default()
+            }),
             ..FilterConfig::default()
         };
+        let plan = Plan {
+            config,
+            fleet,
+            notes,
+        };
         // The filter's own parser is the judge: never print a config it would refuse.
-        let json = serde_json::to_vec(&config)?;
+        let json = serde_json::to_vec(&plan.config)?;
         if let Err(e) = inflight_core::Config::parse(&json) {
             bail!("the rendered filter configuration is invalid: {e}");
         }
-        Ok(Plan { config, notes })
+        Ok(plan)
+    }
+}
+
+/// Whether the gateway replicas split each pod's containerConcurrency, and under which names.
+/// On by default for the Istio outputs: Istio's gateway runs as a Deployment that is often
+/// scaled (istioctl's default installs an HPA of 1 to 5 replicas), and without the fleet N
+/// replicas allow N × containerConcurrency per pod; a fleet of one behaves as no fleet. Off by
+/// default for plain Envoy (`filter-config`), whose peer cluster and listener the operator adds.
+/// The split needs the endpoints (membership) and the pick (endpoint picking).
+fn fleet_plan(args: &Args, membership: bool, notes: &mut Vec<String>) -> Result<Option<Fleet>> {
+    let wanted = match (args.fleet, args.no_fleet, args.format) {
+        (true, _, _) => true,
+        (_, true, _) => false,
+        (false, false, Format::FilterConfig) => false,
+        (false, false, _) => true,
+    };
+    if !wanted {
+        return Ok(None);
+    }
+    if args.peer_port == 0 || args.peer_port == args.gateway_http_port {
+        bail!(
+            "--peer-port {}: expected a port of its own, other than the gateway's HTTP port {}",
+            args.peer_port,
+            args.gateway_http_port
+        );
+    }
+    let missing = match (membership, args.no_endpoint_picking) {
+        (false, _) => {
+            Some("membership (--no-membership, or filter-config without --membership-cluster)")
+        }
+        (true, true) => Some("endpoint picking (--no-endpoint-picking)"),
+        (true, false) => None,
+    };
+    match missing {
+        Some(what) if args.fleet => bail!(
+            "--fleet needs {what}: the gateways split each pod's slots, so they must learn the pods and pick them"
+        ),
+        Some(what) => {
+            notes.push(format!(
+                "no fleet: it needs {what}; with N gateway replicas a revision may get N × containerConcurrency per pod (pass --no-fleet to say this is meant)"
+            ));
+            Ok(None)
+        }
+        None => Ok(Some(Fleet {
+            peer_port: args.peer_port,
+            ..Fleet::default()
+        })),
     }
 }
 
@@ -278,13 +346,15 @@ struct Object<S> {
 }
 
 #[derive(Serialize)]
-struct Metadata {
+pub(super) struct Metadata {
     name: String,
     namespace: String,
     labels: BTreeMap<String, String>,
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    pub(super) annotations: BTreeMap<String, String>,
 }
 
-fn metadata(name: &str, namespace: &str) -> Metadata {
+pub(super) fn metadata(name: &str, namespace: &str) -> Metadata {
     let mut labels = BTreeMap::new();
     labels.insert("app.kubernetes.io/name".into(), PLUGIN.into());
     labels.insert(
@@ -295,6 +365,7 @@ fn metadata(name: &str, namespace: &str) -> Metadata {
         name: name.into(),
         namespace: namespace.into(),
         labels,
+        annotations: BTreeMap::new(),
     }
 }
 
@@ -328,8 +399,8 @@ struct EnvoyFilterSpec<P> {
 }
 
 #[derive(Serialize)]
-struct Labels {
-    labels: BTreeMap<String, String>,
+pub(super) struct Labels {
+    pub(super) labels: BTreeMap<String, String>,
 }
 
 #[derive(Serialize)]
@@ -646,14 +717,16 @@ pub fn write(plan: &Plan, format: Format, gw: &Gateway<'_>, notes: &[String]) ->
             },
         })?,
     };
-    let picking = match format {
-        Format::FilterConfig => None,
-        Format::Wasmplugin | Format::Envoyfilter => endpoint_picking(&plan.config, gw)?,
-    };
-    Ok(match picking {
-        Some(p) => format!("{header}{body}---\n{p}"),
-        None => header + &body,
-    })
+    let mut text = header + &body;
+    if format != Format::FilterConfig {
+        if let Some(p) = endpoint_picking(&plan.config, gw)? {
+            text = format!("{text}---\n{p}");
+        }
+        if let Some(f) = &plan.fleet {
+            text = format!("{text}---\n{}", fleet::documents(f, gw)?);
+        }
+    }
+    Ok(text)
 }
 
 #[cfg(test)]
@@ -779,6 +852,7 @@ mod tests {
             selector: parse_selector("istio=ingressgateway").unwrap(),
             wasm_url: DEFAULT_WASM_URL,
             wasm_file: DEFAULT_WASM_FILE,
+            http_port: 8080,
         };
         let config = FilterConfig {
             revisions: vec![revision("m", &["outbound|80||m"], None)],

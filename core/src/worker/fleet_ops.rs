@@ -44,6 +44,9 @@ pub(super) struct FleetVm {
     on: bool,
     /// This gateway's peer address, when it could be found.
     me: Option<String>,
+    /// Every address this gateway may be known by (Istio's `INSTANCE_IPS` with `peerPort`, in
+    /// order); the first one the peer cluster lists is `me`.
+    candidates: Vec<String>,
     my_port: Option<u16>,
     timing: Option<Timing>,
     lost_after_ms: u64,
@@ -55,6 +58,8 @@ pub(super) struct FleetVm {
     calls: Vec<(u32, String)>,
     /// The last members this VM logged.
     logged_members: Vec<String>,
+    /// Streams a peer forwarded here (they are never forwarded again).
+    forwarded_in: std::collections::HashSet<u32>,
 }
 
 /// What the caps of one revision are computed from.
@@ -104,7 +109,8 @@ impl FleetVm {
             .membership
             .as_ref()
             .map(|m| Timing::for_poll(m.interval_ms, m.timeout_ms));
-        self.me = own_address(f, node);
+        self.candidates = own_addresses(f, node);
+        self.me = self.candidates.first().cloned();
         self.my_port = self
             .me
             .as_deref()
@@ -130,6 +136,16 @@ impl FleetVm {
         let t = self.timing?;
         let sent = |p: &str| self.sent.get(p).copied().unwrap_or(0);
         self.view.forward_target(rev, now, t.fresh_ms, &sent, any)
+    }
+
+    pub(super) fn arrived_forwarded(&mut self, context: u32) {
+        self.forwarded_in.insert(context);
+    }
+
+    pub(super) fn ended(&mut self, context: u32) {
+        if self.on {
+            self.forwarded_in.remove(&context);
+        }
     }
 
     pub(super) fn forwarded_to(&mut self, peer: &str) {
@@ -182,33 +198,33 @@ impl FleetVm {
     }
 }
 
-/// This gateway's peer address: `fleet.self`, else node metadata `INFLIGHT_FLEET_SELF`, else
-/// the first of Istio's `INSTANCE_IPS` with `peerPort`.
-fn own_address(f: &Fleet, node: &NodeFacts) -> Option<String> {
+/// This gateway's possible peer addresses: `fleet.self`, else node metadata
+/// `INFLIGHT_FLEET_SELF`, else each of Istio's `INSTANCE_IPS` with `peerPort` (a dual-stack pod
+/// has two; the one the peer cluster lists wins).
+fn own_addresses(f: &Fleet, node: &NodeFacts) -> Vec<String> {
     let valid = |a: &str| a.parse::<std::net::SocketAddr>().is_ok();
     if let Some(a) = &f.self_address {
-        return Some(a.clone());
+        return vec![a.clone()];
     }
     if let Some(a) = node.fleet_self.as_deref().map(str::trim) {
         if valid(a) {
-            return Some(a.to_string());
+            return vec![a.to_string()];
         }
         log::error!(
             "fleet: node metadata {} is `{a}`, not an IP:port address",
             crate::fleet::SELF_METADATA_KEY
         );
     }
-    let ip = node
-        .instance_ips
-        .as_deref()?
+    node.instance_ips
+        .as_deref()
+        .unwrap_or_default()
         .split(',')
         .map(str::trim)
-        .find(|ip| ip.parse::<std::net::IpAddr>().is_ok())?;
-    let addr = match ip.parse::<std::net::IpAddr>().ok()? {
-        std::net::IpAddr::V4(_) => format!("{ip}:{}", f.peer_port),
-        std::net::IpAddr::V6(_) => format!("[{ip}]:{}", f.peer_port),
-    };
-    Some(addr)
+        .filter_map(|ip| match ip.parse::<std::net::IpAddr>().ok()? {
+            std::net::IpAddr::V4(_) => Some(format!("{ip}:{}", f.peer_port)),
+            std::net::IpAddr::V6(_) => Some(format!("[{ip}]:{}", f.peer_port)),
+        })
+        .collect()
 }
 
 impl<H: Host> Worker<H> {
@@ -227,6 +243,15 @@ impl<H: Host> Worker<H> {
         let config = self.config.clone()?;
         let f = config.fleet.as_ref()?;
         let timing = self.fleet.timing?;
+        if let (Some(l), true) = (&listed, self.fleet.candidates.len() > 1) {
+            if let Some(c) = self.fleet.candidates.iter().find(|c| l.contains(c)) {
+                self.fleet.me = Some(c.clone());
+                self.fleet.my_port = c
+                    .parse::<std::net::SocketAddr>()
+                    .ok()
+                    .map(|a| a.port());
+            }
+        }
         let me = self.fleet.me.clone().unwrap_or_default();
         if listed.is_none() {
             log::warn!(
@@ -396,6 +421,67 @@ impl<H: Host> Worker<H> {
             }
         }
         self.fleet.view = caps.record;
+    }
+
+    /// Forwards this VM's waiters that a peer can serve sooner: all of them while this gateway
+    /// owns no slot of their revision (to a peer with free slots, else one with slots), else
+    /// the oldest ones while a peer reports free slots. Requests that a peer forwarded here
+    /// stay. Runs each tick: a request that queued here before any peer's report showed slots
+    /// (a gateway that just started, a fleet that just changed) moves as soon as one does.
+    pub(super) fn forward_waiters(&mut self, config: &Config, now: u64) {
+        let Some(f) = &config.fleet else {
+            return;
+        };
+        let mut waiting: Vec<(u32, RevisionId, u64, u8)> = self
+            .streams
+            .iter()
+            .filter(|(ctx, _)| !self.fleet.forwarded_in.contains(ctx))
+            .filter_map(|(ctx, s)| match *s {
+                super::StreamState::Waiting {
+                    rev, ticket, class, ..
+                } => Some((*ctx, rev, ticket, class)),
+                super::StreamState::Admitted { .. } => None,
+            })
+            .collect();
+        if waiting.is_empty() {
+            return;
+        }
+        waiting.sort_unstable_by_key(|w| (w.1 .0, w.2));
+        for (context, rev, ticket, class) in waiting {
+            let (Some(rc), Some(r)) = (config.revision(rev), self.revisions.get(rev.0)) else {
+                continue;
+            };
+            let Ok(bytes) = store::read(&self.host, &r.key) else {
+                continue;
+            };
+            let Ok(state) = store::load_revision(bytes.as_deref()) else {
+                continue;
+            };
+            let limits = r.limits(rc, &state);
+            let owned = state.endpoint_slots(limits.per_endpoint).unwrap_or(0);
+            let Some(peer) = self.fleet.forward_target(&rc.name, now, owned == 0) else {
+                continue;
+            };
+            match store::update_revision(&self.host, &r.key, |s| s.cancel(ticket, now)) {
+                Ok(Some(_)) => {}
+                // A grant is on its way: it goes upstream here.
+                Ok(None) => continue,
+                Err(e) => {
+                    log::warn!("fleet: taking ticket {ticket} out to forward it failed: {e}");
+                    continue;
+                }
+            }
+            self.streams.remove(&context);
+            self.route(config, context, None);
+            self.effects.push(Effect::Forward {
+                context,
+                header: Rc::clone(&f.forward_header),
+                peer: Some(peer.clone()),
+            });
+            self.effects.push(Effect::Resume { context });
+            self.fleet.forwarded_to(&peer);
+            self.count(rev, class, crate::outcome::Outcome::Forwarded);
+        }
     }
 
     /// This gateway's report to a peer.

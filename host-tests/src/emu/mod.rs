@@ -209,7 +209,12 @@ pub struct Filter {
     engine: Engine,
     module: Module,
     pre: InstancePre<VmData>,
+    /// Counts wasm instructions (wasmtime fuel): see [`Filter::metered`] and [`Host::fuel_used`].
+    metered: bool,
 }
+
+/// The fuel each VM of a metered filter starts with (far more than any test uses).
+const FUEL: u64 = u64::MAX / 4;
 
 impl Filter {
     fn engine() -> wasmtime::Result<Engine> {
@@ -223,6 +228,20 @@ impl Filter {
         let engine = Filter::engine()?;
         let module = Module::new(&engine, wasm)?;
         Filter::link(engine, module)
+    }
+
+    /// The module with instruction counting: wasmtime's fuel, one unit per wasm instruction
+    /// (roughly), the same on every run and machine — a steady measure of the filter's own
+    /// work, where wall time is not. Slower than [`Filter::from_bytes`].
+    pub fn metered(wasm: &[u8]) -> wasmtime::Result<Filter> {
+        let mut config = wasmtime::Config::new();
+        config.cranelift_opt_level(wasmtime::OptLevel::None);
+        config.consume_fuel(true);
+        let engine = Engine::new(&config)?;
+        let module = Module::new(&engine, wasm)?;
+        let mut f = Filter::link(engine, module)?;
+        f.metered = true;
+        Ok(f)
     }
 
     /// Like [`Filter::from_bytes`], keeping the compiled code in `cache` (next to the wasm) so
@@ -267,6 +286,7 @@ impl Filter {
             engine,
             module,
             pre,
+            metered: false,
         })
     }
 
@@ -485,6 +505,11 @@ impl Host {
         };
         let f = &self.cfg.filter;
         let mut store = Store::new(&f.engine, data);
+        if f.metered {
+            store
+                .set_fuel(FUEL)
+                .map_err(|e| format!("worker {w}: setting fuel: {e:#}"))?;
+        }
         let instance = f
             .pre
             .instantiate(&mut store)
@@ -1173,6 +1198,30 @@ impl Host {
     }
 
     /// How many times the filter made host call `name` (e.g. `proxy_set_shared_data`).
+    /// Wasm instructions (fuel) the VMs used so far; 0 unless the filter is metered.
+    pub fn fuel_used(&self) -> u64 {
+        if !self.cfg.filter.metered {
+            return 0;
+        }
+        self.vms
+            .iter()
+            .map(|vm| FUEL.saturating_sub(vm.store.get_fuel().unwrap_or(FUEL)))
+            .sum()
+    }
+
+    /// Host calls so far, by name.
+    pub fn hostcall_counts(&self) -> Vec<(&'static str, u64)> {
+        let mut v: Vec<(&'static str, u64)> = self
+            .world
+            .borrow()
+            .hostcall_counts
+            .iter()
+            .map(|(k, n)| (*k, *n))
+            .collect();
+        v.sort_unstable();
+        v
+    }
+
     pub fn hostcall_count(&self, name: &str) -> u64 {
         self.world
             .borrow()
