@@ -2,6 +2,8 @@
 # every test (setup included). Both install what they need first (idempotent).
 SHELL := /bin/bash
 WASM := target/wasm32-wasip1/wasm/inflight_filter.wasm
+# `make demo GATEWAYS=3`: the demo through a fleet of three gateways behind an L4 Envoy.
+GATEWAYS ?= 1
 
 .PHONY: setup build-wasm build test test-rust test-core-wasm test-fuzz test-compose compose lint fmt demo bench chaos-long fuzz clean
 
@@ -60,7 +62,7 @@ fmt:
 
 demo: setup build-wasm
 	LIBTORCH="$$(scripts/setup-torch.sh --print-libtorch)" cargo build --release -p inflight -p inflight-predictor
-	target/release/inflight up --demo
+	target/release/inflight up --demo --gateways $(GATEWAYS)
 
 bench: setup build-wasm
 	cargo run --release -p inflight -- bench

@@ -5,6 +5,10 @@
 //! autoscaling page (50 clients against target 10 → 5 replicas) and ends with the `hey` summary,
 //! a `kubectl get pods`-style table, totals and a plot.
 //!
+//! `--gateways N` (N ≥ 2) runs a fleet instead of the one Envoy: N gateways that split every
+//! replica's containerConcurrency (docs/fleet.md) behind one more Envoy, the L4 load balancer,
+//! on the stack's port ([`gateways`]); the scaler and the view read every gateway.
+//!
 //! Every child runs in its own process group; Ctrl-C / SIGTERM reach only this process, which
 //! stops the load, drains and stops the replicas, then Envoy, and waits for each pid.
 
@@ -12,6 +16,7 @@ pub(crate) mod config;
 mod demo;
 pub(crate) mod eds;
 pub(crate) mod envoy;
+mod gateways;
 pub(crate) mod http;
 pub(crate) mod plot;
 mod process;
@@ -52,9 +57,18 @@ pub struct Args {
     /// Override the soft target of every revision.
     #[arg(long)]
     target: Option<f64>,
-    /// Override Envoy's listener port (0 = any free port).
+    /// Override Envoy's listener port (0 = any free port); with --gateways N ≥ 2, the port of
+    /// the L4 load balancer in front of them.
     #[arg(long)]
     port: Option<u16>,
+    /// Run N gateways (Envoy with the filter) that split every replica's containerConcurrency
+    /// among themselves (docs/fleet.md), behind one more Envoy that spreads connections over
+    /// them (L4, tcp_proxy). 1 (the config's default): one gateway, no fleet.
+    #[arg(long)]
+    gateways: Option<u32>,
+    /// With --gateways N ≥ 2: how the L4 load balancer picks a gateway for each connection.
+    #[arg(long, value_enum, default_value_t = envoy::L4Lb::RoundRobin)]
+    l4_lb: envoy::L4Lb,
     /// Demo: where to save the plot.
     #[arg(long, default_value = "inflight-demo.png")]
     plot: PathBuf,
@@ -95,6 +109,10 @@ pub fn run(args: Args) -> Result<()> {
     }
     if let Some(p) = args.port {
         config.port = p;
+    }
+    if let Some(n) = args.gateways {
+        config.gateways = n;
+        config.check().context("with --gateways")?;
     }
     let stop = Arc::new(AtomicBool::new(false));
     for sig in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
@@ -207,7 +225,8 @@ fn find_predictor(flag: &Option<PathBuf>, command: &str) -> Result<PathBuf> {
 /// The running stack.
 pub struct Stack {
     pub config: StackConfig,
-    pub envoy: envoy::Envoy,
+    /// One gateway, or a fleet behind the L4 load balancer.
+    pub gateways: gateways::Gateways,
     pub pools: Vec<Pool>,
     pub console: view::Console,
     pub started: Instant,
@@ -215,7 +234,11 @@ pub struct Stack {
     pub stop: Arc<AtomicBool>,
     /// Scrapes of the last few seconds, for rates and window quantiles.
     history: VecDeque<(Instant, Snapshot)>,
+    /// The last scrape: of the one gateway, or of the fleet as one (counters and gauges summed,
+    /// the desired count the highest: [`stats::merge`]).
     pub last: Snapshot,
+    /// The last scrape of each gateway, in order.
+    pub last_gateways: Vec<Snapshot>,
     /// Timeline of the first revision, for the plot.
     pub timeline: Vec<plot::Point>,
     state_file: Option<PathBuf>,
@@ -232,39 +255,38 @@ impl Stack {
         let eds_dir = dir.join("eds");
         std::fs::create_dir_all(&eds_dir)
             .with_context(|| format!("creating {}", eds_dir.display()))?;
-        let listener_port = envoy::pick_port(config.port)?;
-        let admin_port = envoy::pick_port(config.admin_port)?;
         // The filter's configuration in its own file (file-based ECDS), so that a new one
         // (`inflight tune --apply`) reaches the running Envoy within a tick, without a restart.
+        // A fleet's gateways all read this one file.
         let ecds_file = envoy::ecds_path(&dir);
-        let generated = envoy::bootstrap(
-            config,
-            listener_port,
-            admin_port,
-            &wasm,
-            &eds_dir,
-            &ecds_file,
-        )?;
+        let plan = gateways::plan(config, args.l4_lb, &wasm, &dir, &eds_dir, &ecds_file)?;
         if let Some(ecds_dir) = ecds_file.parent() {
             std::fs::create_dir_all(ecds_dir)
                 .with_context(|| format!("creating {}", ecds_dir.display()))?;
         }
-        envoy::replace_file(&ecds_file, &generated.filter)?;
-        let bootstrap = generated.yaml;
+        envoy::replace_file(&ecds_file, &plan.filter)?;
         if args.print_config {
             // Empty assignments, so the printed bootstrap is valid as it stands.
             for r in &config.revisions {
                 eds::write(&envoy::eds_path(&eds_dir, &r.name), &r.name, 1, &[])?;
             }
-            println!("{bootstrap}");
+            if let [one] = plan.gateways.as_slice() {
+                println!("{}", one.yaml);
+            } else {
+                for (file, yaml) in plan.files() {
+                    if let Some(d) = file.parent() {
+                        std::fs::create_dir_all(d)?;
+                    }
+                    std::fs::write(&file, yaml)?;
+                    println!("# ---- {} ----\n{yaml}", file.display());
+                }
+            }
             bail!(
                 "--print-config: nothing started (EDS files in {}, the filter's configuration in {})",
                 eds_dir.display(),
                 ecds_file.display()
             );
         }
-        let bootstrap_path = dir.join("envoy.yaml");
-        std::fs::write(&bootstrap_path, &bootstrap)?;
         let mut pools = Vec::new();
         let mut console = view::Console::new(started);
         for r in &config.revisions {
@@ -275,21 +297,34 @@ impl Stack {
             pool.publish()?;
             pools.push(pool);
         }
-        let envoy =
-            envoy::Envoy::start(&envoy_bin, &bootstrap_path, config.envoy_concurrency, &dir)?;
-        console.log(&[format!(
-            "envoy {} (pid {}): listener http://{}, admin http://{}, config {}, filter configuration {} (ECDS; `inflight tune --admin {}` finds it)",
-            envoy_bin.display(),
-            envoy.pid(),
-            envoy.listener,
-            envoy.admin,
-            bootstrap_path.display(),
-            ecds_file.display(),
-            envoy.admin
-        )]);
+        let gateways = gateways::Gateways::start(&plan, &envoy_bin, config.envoy_concurrency)?;
+        for g in &gateways.members {
+            console.log(&[format!(
+                "envoy {} (pid {}){}: listener http://{}{}, admin http://{}, config {}, filter configuration {} (ECDS; `inflight tune --admin {}` finds it)",
+                envoy_bin.display(),
+                g.envoy.pid(),
+                if gateways.fleet() { format!(", {}", g.name) } else { String::new() },
+                g.envoy.listener,
+                g.peer.map_or(String::new(), |p| format!(", peer {p}")),
+                g.envoy.admin,
+                g.config.display(),
+                ecds_file.display(),
+                g.envoy.admin
+            )]);
+        }
+        if let Some(b) = &gateways.balancer {
+            console.log(&[format!(
+                "envoy (pid {}), L4 load balancer ({}): http://{} → the {} gateways' listeners, admin http://{}",
+                b.pid(),
+                args.l4_lb.name(),
+                b.listener,
+                gateways.members.len(),
+                b.admin
+            )]);
+        }
         let mut stack = Stack {
             config: config.clone(),
-            envoy,
+            gateways,
             pools,
             console,
             started,
@@ -297,6 +332,7 @@ impl Stack {
             stop,
             history: VecDeque::new(),
             last: Snapshot::default(),
+            last_gateways: Vec::new(),
             timeline: Vec::new(),
             state_file: args.state_file.clone(),
             tick: config.scaler_tick(),
@@ -309,8 +345,14 @@ impl Stack {
         Ok(stack)
     }
 
+    /// Where clients send requests (the L4 load balancer of a fleet).
     pub fn listener(&self) -> SocketAddr {
-        self.envoy.listener
+        self.gateways.listener()
+    }
+
+    /// The (first) gateway's admin endpoint.
+    pub fn admin(&self) -> SocketAddr {
+        self.gateways.admin()
     }
 
     pub fn stopping(&self) -> bool {
@@ -318,13 +360,28 @@ impl Stack {
     }
 
     fn banner(&mut self) {
-        let mut lines = vec![
-            format!(
-                "gateway   http://{}  (send requests here)",
-                self.envoy.listener
-            ),
-            format!("admin     http://{}  (/stats/prometheus)", self.envoy.admin),
-        ];
+        let mut lines = if self.gateways.fleet() {
+            let mut lines = vec![format!(
+                "gateways  http://{}  (send requests here: the L4 load balancer over {} gateways)",
+                self.listener(),
+                self.gateways.members.len()
+            )];
+            for g in &self.gateways.members {
+                lines.push(format!(
+                    "  {}  listener http://{}, peer {}, admin http://{}  (/stats/prometheus)",
+                    g.name,
+                    g.envoy.listener,
+                    g.peer.map_or("-".into(), |p| p.to_string()),
+                    g.envoy.admin
+                ));
+            }
+            lines
+        } else {
+            vec![
+                format!("gateway   http://{}  (send requests here)", self.listener()),
+                format!("admin     http://{}  (/stats/prometheus)", self.admin()),
+            ]
+        };
         for r in &self.config.revisions {
             lines.push(format!(
                 "revision  {}: hosts {:?}, containerConcurrency {}, target {} at {} % → e.g. curl -H 'Host: {}' http://{}/",
@@ -334,7 +391,7 @@ impl Stack {
                 r.target,
                 r.target_utilization_percentage,
                 r.hosts.first().map(String::as_str).unwrap_or(""),
-                self.envoy.listener
+                self.listener()
             ));
         }
         lines.push(format!("logs      {}", self.dir.display()));
@@ -357,16 +414,27 @@ impl Stack {
 
     /// One tick: scrape, let each pool act, record, redraw.
     pub fn tick(&mut self) -> Result<()> {
-        if self.envoy.exited() {
-            bail!("envoy exited:\n{}", self.envoy.log_tail(30));
-        }
-        let snap = match stats::scrape(self.envoy.admin) {
-            Ok(s) => s,
-            Err(e) => {
-                self.console.log(&[format!("scrape failed: {e:#}")]);
-                self.last.clone()
-            }
+        self.gateways.check_running()?;
+        let scrapes = self.gateways.scrape();
+        let mut failed = Vec::new();
+        let per_gateway: Vec<Snapshot> = scrapes
+            .into_iter()
+            .enumerate()
+            .map(|(i, s)| {
+                s.unwrap_or_else(|e| {
+                    failed.push(format!("scrape failed: {e:#}"));
+                    self.last_gateways.get(i).cloned().unwrap_or_default()
+                })
+            })
+            .collect();
+        self.console.log(&failed);
+        // The fleet as the scaler sees it: counters and gauges summed over the gateways, the
+        // desired count the highest (it is fleet-wide: docs/fleet.md, "Scaling signals").
+        let snap = match per_gateway.as_slice() {
+            [one] => one.clone(),
+            all => stats::merge(all),
         };
+        self.last_gateways = per_gateway;
         let now = Instant::now();
         for pool in &mut self.pools {
             let lines = pool.tick(snap.revisions.get(pool.name()))?;
@@ -421,7 +489,18 @@ impl Stack {
     }
 
     fn render(&self, rows: &[view::Row]) -> String {
-        let mut text = view::render(rows);
+        let mut text = if self.gateways.fleet() {
+            let named: Vec<(String, Snapshot)> = self
+                .gateways
+                .members
+                .iter()
+                .map(|g| g.name.clone())
+                .zip(self.last_gateways.iter().cloned())
+                .collect();
+            view::render_fleet(rows, &named)
+        } else {
+            view::render(rows)
+        };
         text.push('\n');
         text.push_str(&self.pods_table());
         text
@@ -482,10 +561,27 @@ impl Stack {
                 })
             })
             .collect();
+        let gateways: Vec<_> = self
+            .gateways
+            .members
+            .iter()
+            .map(|g| {
+                serde_json::json!({
+                    "name": g.name, "listener": g.envoy.listener.to_string(),
+                    "admin": g.envoy.admin.to_string(), "pid": g.envoy.pid(),
+                    "peer": g.peer.map(|p| p.to_string()),
+                })
+            })
+            .collect();
         let state = serde_json::json!({
-            "listener": self.envoy.listener.to_string(),
-            "admin": self.envoy.admin.to_string(),
-            "envoyPid": self.envoy.pid(),
+            "listener": self.listener().to_string(),
+            "admin": self.admin().to_string(),
+            "envoyPid": self.gateways.members.first().map(|g| g.envoy.pid()),
+            "envoyPids": self.gateways.pids(),
+            "gateways": gateways,
+            "balancer": self.gateways.balancer.as_ref().map(|b| serde_json::json!({
+                "listener": b.listener.to_string(), "admin": b.admin.to_string(), "pid": b.pid(),
+            })),
             "revisions": pools,
         });
         let tmp = path.with_extension("tmp");
@@ -496,7 +592,7 @@ impl Stack {
 
     /// Every pid the stack started (Envoy, every replica process, the load).
     pub fn pids(&self) -> Vec<u32> {
-        let mut pids = vec![self.envoy.pid()];
+        let mut pids = self.gateways.pids();
         for p in &self.pools {
             pids.extend(p.pids());
         }
@@ -510,7 +606,7 @@ impl Stack {
         for pool in &mut self.pools {
             pool.shutdown();
         }
-        self.envoy.stop(Duration::from_secs(5));
+        self.gateways.stop(Duration::from_secs(5));
         let pids = self.pids();
         let left: Vec<u32> = pids
             .iter()

@@ -1,6 +1,7 @@
-//! A CI-sized `inflight up --demo` with the real predictor: 10 s of load from 20 clients against
-//! target 4 (cc 10). Asserts it scaled above one replica, answered nothing but 200s and the
-//! gateway's documented sheds (503, counted by the filter as shed_full/shed_timeout; Envoy saw
+//! `inflight up --demo` with the real predictor for 10 s: CI-sized through one gateway (20
+//! clients against target 4, cc 10), and the seed's load (50 clients, target 10, cc 10) through
+//! a fleet of three (`--gateways 3`), which must end at the seed's 5 replicas. Asserts it scaled above one replica, answered nothing
+//! but 200s and the gateway's documented sheds (503, counted by the filter as shed_full/shed_timeout; Envoy saw
 //! no 5xx from the predictors), never let more than cc requests into one predictor, stopped
 //! every process it started, and wrote the plot.
 
@@ -12,29 +13,27 @@ mod up_common;
 use std::time::Duration;
 use up_common::*;
 
-#[test]
-fn ci_sized_demo() {
-    let dir = scratch("demo");
+/// `inflight up --demo` for 10 s with `load` (clients and target) and `extra` arguments. Checks
+/// what holds for every run (only 200s and the gateway's documented sheds, no predictor above
+/// cc, no process left, the plot) and returns the summary.
+fn demo_with(tag: &str, load: &[&str], extra: &[&str]) -> serde_json::Value {
+    let dir = scratch(tag);
     let summary = dir.join("summary.json");
     let plot = dir.join("demo.png");
-    let mut up = Up::start(
-        &dir,
-        &[
-            "--demo",
-            "--port",
-            "0",
-            "--duration",
-            "10s",
-            "--clients",
-            "20",
-            "--target",
-            "4",
-            "--summary-json",
-            summary.to_str().unwrap(),
-            "--plot",
-            plot.to_str().unwrap(),
-        ],
-    );
+    let mut args = vec![
+        "--demo",
+        "--port",
+        "0",
+        "--duration",
+        "10s",
+        "--summary-json",
+        summary.to_str().unwrap(),
+        "--plot",
+        plot.to_str().unwrap(),
+    ];
+    args.extend_from_slice(load);
+    args.extend_from_slice(extra);
+    let mut up = Up::start(&dir, &args);
     let status = loop {
         if let Some(s) = up.child.try_wait().unwrap() {
             break s;
@@ -98,4 +97,48 @@ fn ci_sized_demo() {
         "{out}"
     );
     let _ = std::fs::remove_dir_all(&dir);
+    s
+}
+
+/// CI-sized: 20 clients against target 4 (cc 10).
+const CI_LOAD: [&str; 4] = ["--clients", "20", "--target", "4"];
+/// The seed's load: 50 clients against the demo's target 10 (cc 10): 50 / 10 = 5 replicas.
+const SEED_LOAD: [&str; 2] = ["--clients", "50"];
+
+#[test]
+fn ci_sized_demo() {
+    let s = demo_with("demo", &CI_LOAD, &[]);
+    assert_eq!(s["gateways"].as_array().unwrap().len(), 1, "{s}");
+}
+
+/// The seed's load (10 s of it) through a fleet of three gateways behind the L4 Envoy: the
+/// gateways split each predictor's 10 slots, forward what they have no slot for, and agree on
+/// one desired count, so the scaler (following the highest) ends at the same 5 replicas as one
+/// gateway does, with no predictor ever above cc 10. (The seed's load, not the CI-sized one:
+/// with a queue in the gateways their demand is the 50 clients even on a busy machine, where
+/// 20 clients without a queue kept only ~15 in the gateways and the fleet rightly asked for 4.)
+#[test]
+fn seed_demo_through_a_fleet_of_three_gateways() {
+    let s = demo_with("demo-fleet", &SEED_LOAD, &["--gateways", "3"]);
+    let gateways = s["gateways"].as_array().unwrap();
+    assert_eq!(gateways.len(), 3, "{s}");
+    assert_eq!(s["expectedDesired"].as_u64(), Some(5), "{s}");
+    assert_eq!(
+        s["peakDesired"].as_u64(),
+        Some(5),
+        "the fleet asked for 5: {s}"
+    );
+    assert_eq!(
+        s["finalReady"].as_u64(),
+        Some(5),
+        "ended at 5 replicas: {s}"
+    );
+    // The L4 Envoy spread the clients: every gateway admitted requests itself.
+    for g in gateways {
+        assert!(g["admitted"].as_f64().unwrap() > 0.0, "{g}");
+    }
+    eprintln!(
+        "fleet demo: peak desired {}, ready at the end {}, max in flight per predictor {}, per gateway {}",
+        s["peakDesired"], s["finalReady"], s["maxInFlight"], s["gateways"]
+    );
 }

@@ -114,10 +114,17 @@ pub fn write_and_wait(
             accepted = Some(written.elapsed());
         }
         let Gauges {
-            capacity, ready, ..
+            capacity,
+            ready,
+            fleet,
+            ..
         } = gauges(admin, revision)?;
         let want = f64::from(cc) * ready.unwrap_or(1.0);
-        if capacity == want {
+        // A fleet's slice can be the same under the old limit: wait for Envoy's word too.
+        let in_fleet = fleet.is_some_and(|n| n > 1.0);
+        if shows_limit(capacity, cc, ready.unwrap_or(1.0), fleet)
+            && (!in_fleet || accepted.is_some())
+        {
             return Ok(Applied {
                 file: file.path.clone(),
                 from,
@@ -128,6 +135,14 @@ pub fn write_and_wait(
             });
         }
         if written.elapsed() > Duration::from_secs(10) {
+            let want = if in_fleet {
+                format!(
+                    "this gateway's slice of {want} in a fleet of {}",
+                    fleet.unwrap_or(1.0)
+                )
+            } else {
+                want.to_string()
+            };
             bail!(
                 "wrote {} but after 10 s the gateway's capacity for {revision} is {capacity}, not {want} ({stat}: {before} → {}); see Envoy's log",
                 file.describe(),
@@ -255,6 +270,23 @@ pub struct Gauges {
     pub ready: Option<f64>,
     pub active: f64,
     pub queued: f64,
+    /// The fleet this gateway sees (`fleet_gateways`); None or 1 without a fleet.
+    pub fleet: Option<f64>,
+}
+
+/// Whether a gateway's `capacity` shows the limit `cc` on `ready` replicas: cc × ready alone;
+/// in a fleet of `fleet` gateways, its slice: of each replica's cc it holds cc / N, or one more
+/// where the remainder falls to it (docs/fleet.md, "How slots are split").
+pub fn shows_limit(capacity: f64, cc: u32, ready: f64, fleet: Option<f64>) -> bool {
+    match fleet.filter(|n| *n > 1.0) {
+        None => capacity == f64::from(cc) * ready,
+        Some(n) => {
+            let n = n as u32;
+            let base = f64::from(cc / n);
+            let extra = f64::from(u32::from(!cc.is_multiple_of(n)));
+            capacity >= base * ready && capacity <= (base + extra) * ready
+        }
+    }
 }
 
 /// The revision's gauges.
@@ -276,6 +308,7 @@ pub fn gauges(admin: SocketAddr, revision: &str) -> Result<Gauges> {
         ready: value("ready_replicas"),
         active: value("active").unwrap_or(0.0),
         queued: value("queued").unwrap_or(0.0),
+        fleet: value("fleet_gateways"),
     })
 }
 
@@ -445,6 +478,47 @@ mod tests {
         let ok = lds(r#"{"revisions":[{"name":"a","hosts":["a.test"],"containerConcurrency":1}]}"#);
         let e = format!("{:#}", set_limit(&ok, "a", &rec(2, 0.0)).unwrap_err());
         assert!(e.contains("the filter would reject"), "{e}");
+    }
+
+    #[test]
+    fn a_limit_shows_in_the_capacity_alone_or_as_a_slice_in_a_fleet() {
+        // (case, capacity, cc, ready, fleet) → shows the limit
+        let cases = [
+            ("alone: cc × ready", 8.0, 4, 2.0, None, true),
+            ("alone: the old limit", 10.0, 4, 2.0, None, false),
+            ("a fleet of one is alone", 8.0, 4, 2.0, Some(1.0), true),
+            (
+                "fleet: 10 over 3 is 3 or 4 per replica",
+                7.0,
+                10,
+                2.0,
+                Some(3.0),
+                true,
+            ),
+            ("fleet: the most it can hold", 8.0, 10, 2.0, Some(3.0), true),
+            ("fleet: above its slice", 9.0, 10, 2.0, Some(3.0), false),
+            ("fleet: below its slice", 5.0, 10, 2.0, Some(3.0), false),
+            (
+                "fleet: 2 over 3, none or one per replica",
+                0.0,
+                2,
+                2.0,
+                Some(3.0),
+                true,
+            ),
+            ("fleet: even split is exact", 2.0, 6, 1.0, Some(3.0), true),
+            (
+                "fleet: even split, one more is too many",
+                3.0,
+                6,
+                1.0,
+                Some(3.0),
+                false,
+            ),
+        ];
+        for (name, capacity, cc, ready, fleet, want) in cases {
+            assert_eq!(shows_limit(capacity, cc, ready, fleet), want, "{name}");
+        }
     }
 
     /// The file is found where `inflight up` puts it: the ECDS file its bootstrap names for the

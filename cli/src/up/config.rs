@@ -3,7 +3,7 @@
 //! configuration and the Envoy bootstrap.
 
 use anyhow::{bail, Context as _, Result};
-use inflight_core::config::{AutoscalingDoc, ConfigDoc, MembershipDoc, RevisionDoc};
+use inflight_core::config::{AutoscalingDoc, ConfigDoc, FleetDoc, MembershipDoc, RevisionDoc};
 use serde::Deserialize;
 use serde_json::Value;
 use std::path::Path;
@@ -14,6 +14,13 @@ pub const DEMO: &str = include_str!("../../../demo/torchserve.json");
 
 /// The name of the STATIC cluster through which the filter reads Envoy's own admin endpoint.
 pub const ADMIN_CLUSTER: &str = "inflight_admin";
+
+/// A fleet of gateways (`gateways` ≥ 2, docs/fleet.md): the cluster of the gateways' peer
+/// addresses (`fleet.peerCluster`), the `ORIGINAL_DST` cluster through which a gateway reaches one
+/// of them (`fleet.forwardCluster`), and the header naming that peer (`fleet.forwardHeader`).
+pub const PEER_CLUSTER: &str = "inflight-peers";
+pub const FORWARD_CLUSTER: &str = inflight_core::config::DEFAULT_FORWARD_CLUSTER;
+pub const FORWARD_HEADER: &str = inflight_core::config::DEFAULT_FORWARD_HEADER;
 
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
@@ -36,6 +43,11 @@ pub struct StackConfig {
     /// The filter's own tick.
     #[serde(default = "default_filter_tick")]
     pub filter_tick: String,
+    /// Gateways (Envoy processes with the filter). 1: one gateway on `port`. 2 or more: a
+    /// fleet that splits every replica's containerConcurrency among its members, behind one
+    /// more Envoy on `port` that spreads connections over them (L4, `tcp_proxy`).
+    #[serde(default = "one")]
+    pub gateways: u32,
     pub revisions: Vec<RevisionSpec>,
 }
 
@@ -136,7 +148,12 @@ impl StackConfig {
         Ok(c)
     }
 
-    fn check(&self) -> Result<()> {
+    /// Checks the config as a whole (after command-line overrides too): the filter's own
+    /// validation of the plugin configuration included.
+    pub fn check(&self) -> Result<()> {
+        if self.gateways == 0 {
+            bail!("`gateways`: 0; run at least one gateway");
+        }
         if self.revisions.is_empty() {
             bail!("`revisions`: empty; configure at least one revision");
         }
@@ -197,10 +214,23 @@ impl StackConfig {
                 interval: Some(self.membership_interval.clone()),
                 ..MembershipDoc::default()
             }),
+            // Each gateway's own peer address comes from its node metadata
+            // (`INFLIGHT_FLEET_SELF`), so every gateway reads the same file.
+            fleet: self.fleet().then(|| FleetDoc {
+                peer_cluster: PEER_CLUSTER.into(),
+                forward_cluster: Some(FORWARD_CLUSTER.into()),
+                forward_header: Some(FORWARD_HEADER.into()),
+                ..FleetDoc::default()
+            }),
             ..ConfigDoc::default()
         };
         // A plain struct of strings and numbers always converts.
         serde_json::to_value(doc).unwrap_or_default()
+    }
+
+    /// Whether the stack runs a fleet of gateways (two or more).
+    pub fn fleet(&self) -> bool {
+        self.gateways >= 2
     }
 }
 
@@ -240,6 +270,30 @@ mod tests {
         let p = c.plugin_config();
         assert_eq!(p["revisions"][0]["upstreamCluster"], "torchserve");
         assert_eq!(p["membership"]["cluster"], ADMIN_CLUSTER);
+        assert_eq!(c.gateways, 1);
+        assert!(p.get("fleet").is_none(), "one gateway, no fleet: {p}");
+    }
+
+    #[test]
+    fn a_fleet_names_its_clusters_and_header_in_the_plugin_configuration() {
+        let mut c = StackConfig::parse(DEMO).unwrap();
+        c.gateways = 3;
+        let p = c.plugin_config();
+        assert_eq!(
+            p["fleet"],
+            serde_json::json!({
+                "peerCluster": "inflight-peers",
+                "forwardCluster": "inflight-peer-direct",
+                "forwardHeader": "x-inflight-peer",
+            })
+        );
+        assert!(
+            p["fleet"].get("self").is_none(),
+            "self comes from node metadata"
+        );
+        c.gateways = 0;
+        let e = format!("{:#}", c.check().unwrap_err());
+        assert!(e.contains("`gateways`"), "{e}");
     }
 
     #[test]

@@ -65,7 +65,7 @@ pub fn run(stack: &mut Stack, args: &Args) -> Result<()> {
     }
     let url = format!("http://{}/v1/models/mnist:predict", stack.listener());
     stack.console.log(&[
-        format!("gateway http://{}  admin http://{}", stack.listener(), stack.envoy.admin),
+        format!("gateway http://{}  admin http://{}", stack.listener(), stack.admin()),
         format!(
             "revision {}: containerConcurrency {}, target {} at {} % utilization, {} ready replica(s)",
             spec.name,
@@ -241,7 +241,9 @@ struct Results {
     hey_text: String,
     statuses: BTreeMap<u16, u64>,
     errors: Vec<String>,
+    /// The gateway's counts (a fleet's summed), then each gateway's own.
     gateway: super::stats::RevisionStats,
+    per_gateway: Vec<(String, super::stats::RevisionStats)>,
     max_seen: BTreeMap<String, f64>,
     final_ready: usize,
     peak_desired: u32,
@@ -297,6 +299,16 @@ impl Results {
                 .get(&spec.name)
                 .cloned()
                 .unwrap_or_default(),
+            per_gateway: stack
+                .gateways
+                .members
+                .iter()
+                .zip(&stack.last_gateways)
+                .map(|(g, snap)| {
+                    let s = snap.revisions.get(&spec.name).cloned().unwrap_or_default();
+                    (g.name.clone(), s)
+                })
+                .collect(),
             max_seen,
             final_ready: pool.ready(),
             peak_desired: trace.peak_desired,
@@ -348,13 +360,27 @@ impl Results {
             println!("client errors: {}", self.errors.join("; "));
         }
         println!(
-            "gateway: admitted {}, shed (queue full) {}, shed (wait timeout) {}, cancelled {}; upstream 5xx {}",
+            "{}: admitted {}, shed (queue full) {}, shed (wait timeout) {}, cancelled {}; upstream 5xx {}",
+            match self.per_gateway.len() {
+                0 | 1 => "gateway".to_string(),
+                n => format!("{n} gateways (summed)"),
+            },
             s.admitted,
             s.shed_full,
             s.shed_timeout,
             s.cancelled,
             self.upstream_5xx()
         );
+        if self.per_gateway.len() > 1 {
+            for (name, g) in &self.per_gateway {
+                println!(
+                    "  {name}: admitted {}, forwarded to a peer {}, shed {}",
+                    g.admitted,
+                    g.forwarded,
+                    g.shed()
+                );
+            }
+        }
         println!("max in-flight seen by each predictor (hard limit containerConcurrency = {cc}):");
         for (name, m) in &self.max_seen {
             println!("  {name:<34} {m}");
@@ -396,6 +422,10 @@ impl Results {
             "clientErrors": self.errors,
             "gateway": { "admitted": s.admitted, "shedFull": s.shed_full, "shedTimeout": s.shed_timeout, "cancelled": s.cancelled },
             "upstream5xx": self.upstream_5xx(),
+            "gateways": self.per_gateway.iter().map(|(name, g)| serde_json::json!({
+                "name": name, "admitted": g.admitted, "forwarded": g.forwarded,
+                "shedFull": g.shed_full, "shedTimeout": g.shed_timeout,
+            })).collect::<Vec<_>>(),
             "maxInFlight": self.max_seen,
             "peakDesired": self.peak_desired,
             "peakReady": self.peak_ready,

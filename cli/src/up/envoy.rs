@@ -5,13 +5,13 @@
 //! `inflight tune` can change a limit in the running gateway within a tick), and the process,
 //! started in its own process group and stopped by pid.
 
-use super::config::{StackConfig, ADMIN_CLUSTER};
+use super::config::{StackConfig, ADMIN_CLUSTER, FORWARD_CLUSTER, FORWARD_HEADER, PEER_CLUSTER};
 use anyhow::{bail, Context as _, Result};
 use inflight_core::config::DEFAULT_ENDPOINT_HEADER;
 use inflight_envoy_control::bootstrap::{self, ROUTER, STATS_TAGS};
 use inflight_envoy_control::Launch;
 use std::fmt::Write as _;
-use std::net::TcpListener;
+use std::net::{SocketAddr, TcpListener};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -62,6 +62,20 @@ pub fn pick_port(wanted: u16) -> Result<u16> {
     Ok(l.local_addr()?.port())
 }
 
+/// Ports to listen on, one per entry of `wanted` ([`pick_port`] each), all different: each is
+/// held bound until all are chosen.
+pub fn pick_ports(wanted: &[u16]) -> Result<Vec<u16>> {
+    let mut held = Vec::new();
+    for &w in wanted {
+        let l = match (w != 0).then(|| TcpListener::bind(("127.0.0.1", w))) {
+            Some(Ok(l)) => l,
+            _ => TcpListener::bind(("127.0.0.1", 0)).context("finding a free loopback port")?,
+        };
+        held.push(l);
+    }
+    held.iter().map(|l| Ok(l.local_addr()?.port())).collect()
+}
+
 /// The Envoy bootstrap of the local stack, its filter's configuration read from `ecds_file`.
 pub fn bootstrap(
     config: &StackConfig,
@@ -71,6 +85,53 @@ pub fn bootstrap(
     eds_dir: &Path,
     ecds_file: &Path,
 ) -> Result<Bootstrap> {
+    gateway_bootstrap(
+        config,
+        listener_port,
+        admin_port,
+        None,
+        wasm,
+        eds_dir,
+        ecds_file,
+    )
+}
+
+/// A gateway's place in a fleet (docs/fleet.md): its number, its own peer port (its peer
+/// address is `127.0.0.1:peer_port`), and every member's peer address, its own included.
+#[derive(Debug, Clone, PartialEq)]
+pub struct FleetMember<'a> {
+    pub index: usize,
+    pub peer_port: u16,
+    pub peers: &'a [SocketAddr],
+}
+
+impl FleetMember<'_> {
+    pub fn peer_address(&self) -> SocketAddr {
+        SocketAddr::from(([127, 0, 0, 1], self.peer_port))
+    }
+}
+
+/// The bootstrap of one gateway: alone (`fleet` None, the stack of one gateway), or as a member
+/// of a fleet, which adds what docs/fleet.md asks of each gateway: its peer address in the node
+/// metadata, a peer listener (the public listener's copy on the peer port), the peer and forward
+/// clusters, and the forward route first in every virtual host. Every gateway of a fleet reads
+/// the same EDS files and the same ECDS file (one plugin configuration, so `inflight tune
+/// --apply` on any of them reaches all).
+pub fn gateway_bootstrap(
+    config: &StackConfig,
+    listener_port: u16,
+    admin_port: u16,
+    fleet: Option<&FleetMember>,
+    wasm: &Path,
+    eds_dir: &Path,
+    ecds_file: &Path,
+) -> Result<Bootstrap> {
+    // A forwarded request names its peer gateway in the forward header; this route, before the
+    // revisions' own, sends it there.
+    let forward = match fleet {
+        Some(_) => bootstrap::forward_route(FORWARD_HEADER, FORWARD_CLUSTER),
+        None => String::new(),
+    };
     let mut vhosts = String::new();
     for r in &config.revisions {
         let domains = r
@@ -81,14 +142,14 @@ pub fn bootstrap(
             .join(", ");
         let _ = write!(
             vhosts,
-            "            - name: {name}\n              domains: [{domains}]\n              routes:\n              - match: {{ prefix: \"/\" }}\n                route: {{ cluster: {name}, timeout: 0s, retry_policy: {{ retry_on: \"connect-failure,refused-stream\", num_retries: 2 }} }}\n",
+            "            - name: {name}\n              domains: [{domains}]\n              routes:\n{forward}              - match: {{ prefix: \"/\" }}\n                route: {{ cluster: {name}, timeout: 0s, retry_policy: {{ retry_on: \"connect-failure,refused-stream\", num_retries: 2 }} }}\n",
             name = r.name
         );
     }
     if let Some(first) = config.revisions.first() {
         let _ = write!(
             vhosts,
-            "            - name: default\n              domains: [\"*\"]\n              routes:\n              - match: {{ prefix: \"/\" }}\n                route: {{ cluster: {name}, timeout: 0s, retry_policy: {{ retry_on: \"connect-failure,refused-stream\", num_retries: 2 }} }}\n",
+            "            - name: default\n              domains: [\"*\"]\n              routes:\n{forward}              - match: {{ prefix: \"/\" }}\n                route: {{ cluster: {name}, timeout: 0s, retry_policy: {{ retry_on: \"connect-failure,refused-stream\", num_retries: 2 }} }}\n",
             name = first.name
         );
     }
@@ -116,11 +177,21 @@ pub fn bootstrap(
             eds = bootstrap::eds_from_file(&eds_path(eds_dir, &r.name)),
         );
     }
+    if let Some(member) = fleet {
+        clusters.push_str(&bootstrap::peer_cluster(PEER_CLUSTER, member.peers));
+        clusters.push_str(&bootstrap::forward_cluster(FORWARD_CLUSTER, FORWARD_HEADER));
+    }
+    let node = match fleet {
+        Some(member) => bootstrap::node(
+            &format!("inflight-up-gateway-{}", member.index),
+            Some(member.peer_address()),
+        ),
+        None => bootstrap::node("inflight-up", None),
+    };
     let plugin = config.plugin_config().to_string();
     let inline = format!(
         r#"# Generated by `inflight up`.
-node: {{ id: inflight-up, cluster: inflight-up }}
-{admin}stats_flush_interval: 1s
+{node}{admin}stats_flush_interval: 1s
 stats_config:
 {STATS_TAGS}{listener}          strip_any_host_port: true
           stream_idle_timeout: 600s
@@ -139,7 +210,106 @@ stats_config:
     // and took 130–410 ms.
     let (yaml, filter) = bootstrap::filter_from_file(&inline, FILTER, ecds_file)
         .context("the generated bootstrap has no filter entry to move into its ECDS file")?;
+    let yaml = match fleet {
+        Some(member) => with_peer_listener(&yaml, listener_port, member.peer_port)
+            .context("the generated bootstrap has no listener to copy for the peer port")?,
+        None => yaml,
+    };
     Ok(Bootstrap { yaml, filter })
+}
+
+/// `yaml` (with the one public listener `ingress` on `public_port`) with a copy of that
+/// listener named `peer` on `peer_port`: the same connection manager, routes and filter (its
+/// configuration from the same ECDS file), where peers send forwarded requests and reports.
+fn with_peer_listener(yaml: &str, public_port: u16, peer_port: u16) -> Option<String> {
+    let start = yaml.find("  listeners:\n")? + "  listeners:\n".len();
+    let end = yaml.find("  clusters:\n")?;
+    let public = yaml.get(start..end)?;
+    let mut peer = public.to_string();
+    for (from, to) in [
+        (
+            "  - name: ingress\n".to_string(),
+            "  - name: peer\n".to_string(),
+        ),
+        (
+            format!("port_value: {public_port} }}"),
+            format!("port_value: {peer_port} }}"),
+        ),
+        (
+            "stat_prefix: ingress\n".to_string(),
+            "stat_prefix: peer\n".to_string(),
+        ),
+    ] {
+        if !peer.contains(&from) {
+            return None;
+        }
+        peer = peer.replacen(&from, &to, 1);
+    }
+    Some(format!("{}{peer}{}", &yaml[..end], &yaml[end..]))
+}
+
+/// How the L4 load balancer in front of a fleet spreads connections over the gateways.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
+pub enum L4Lb {
+    /// Each new connection to the next gateway in turn (Envoy's `ROUND_ROBIN`).
+    #[default]
+    RoundRobin,
+    /// Each new connection to a gateway chosen at random (`RANDOM`).
+    Random,
+}
+
+impl L4Lb {
+    /// As the command line says it.
+    pub fn name(self) -> &'static str {
+        match self {
+            L4Lb::RoundRobin => "round-robin",
+            L4Lb::Random => "random",
+        }
+    }
+
+    fn policy(self) -> &'static str {
+        match self {
+            L4Lb::RoundRobin => "ROUND_ROBIN",
+            L4Lb::Random => "RANDOM",
+        }
+    }
+}
+
+/// The cluster of the L4 load balancer: the gateways' public listeners.
+pub const GATEWAYS_CLUSTER: &str = "inflight-gateways";
+
+/// The bootstrap of the L4 load balancer in front of a fleet: a `tcp_proxy` listener on `port`
+/// over the gateways' public listeners, as a Kubernetes Service spreads connections over the
+/// gateway pods. It sees connections, not requests: a client's keep-alive connection stays with
+/// one gateway.
+pub fn l4_bootstrap(port: u16, admin_port: u16, gateways: &[SocketAddr], lb: L4Lb) -> String {
+    let endpoints: String = gateways
+        .iter()
+        .map(|g| bootstrap::lb_endpoint(*g))
+        .collect();
+    format!(
+        r#"# Generated by `inflight up --gateways {n}`: the L4 load balancer in front of the gateways.
+{node}{admin}static_resources:
+  listeners:
+{listener}  clusters:
+  - name: {GATEWAYS_CLUSTER}
+    type: STATIC
+    connect_timeout: 1s
+    lb_policy: {policy}
+    circuit_breakers:
+      thresholds:
+      - {{ max_connections: 100000, max_pending_requests: 100000, max_requests: 100000, max_retries: 100000 }}
+    load_assignment:
+      cluster_name: {GATEWAYS_CLUSTER}
+      endpoints:
+      - lb_endpoints:
+{endpoints}"#,
+        n = gateways.len(),
+        node = bootstrap::node("inflight-up-l4", None),
+        admin = bootstrap::admin(admin_port),
+        listener = bootstrap::tcp_proxy_listener("public", port, GATEWAYS_CLUSTER),
+        policy = lb.policy(),
+    )
 }
 
 /// The running Envoy of the stack: in its own process group, stopped by pid (SIGTERM, then

@@ -62,6 +62,74 @@ impl RevisionStats {
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct Snapshot {
     pub revisions: BTreeMap<String, RevisionStats>,
+    /// The size of the fleet the gateway sees (`inflight_fleet_gateways`), when in a fleet.
+    pub fleet_gateways: Option<f64>,
+}
+
+/// The stats of a fleet's gateways as one gateway's: what each counts of its own requests
+/// (counters, in-flight, queued, its slice of the capacity, histograms) summed, so each request
+/// counts once (a forwarded one is counted where it is admitted); what every gateway computes
+/// for the whole fleet (the desired count, the windows' averages behind it, ready replicas)
+/// the highest, never the sum (docs/fleet.md, "Scaling signals").
+pub fn merge(gateways: &[Snapshot]) -> Snapshot {
+    let mut out = Snapshot::default();
+    for g in gateways {
+        out.fleet_gateways = max_of(out.fleet_gateways, g.fleet_gateways);
+        for (name, r) in &g.revisions {
+            let m = out.revisions.entry(name.clone()).or_default();
+            m.tracked |= r.tracked;
+            m.admitted += r.admitted;
+            m.shed_full += r.shed_full;
+            m.shed_timeout += r.shed_timeout;
+            m.state_unavailable += r.state_unavailable;
+            m.shed_draining += r.shed_draining;
+            m.cancelled += r.cancelled;
+            m.forwarded += r.forwarded;
+            m.active += r.active;
+            m.queued += r.queued;
+            m.capacity += r.capacity;
+            m.desired = max_of(m.desired, r.desired);
+            m.ready = max_of(m.ready, r.ready);
+            m.demand_ms_total = match (m.demand_ms_total, r.demand_ms_total) {
+                (Some(a), Some(b)) => Some(a + b),
+                (a, b) => a.or(b),
+            };
+            m.stable_concurrency = max_of(m.stable_concurrency, r.stable_concurrency);
+            m.panic_concurrency = max_of(m.panic_concurrency, r.panic_concurrency);
+            // Every gateway decides on the fleet's demand, so each counts the same panics.
+            m.queue_aware_scale_ups = m.queue_aware_scale_ups.max(r.queue_aware_scale_ups);
+            m.upstream_time = add_buckets(&m.upstream_time, &r.upstream_time);
+            m.queue_wait = add_buckets(&m.queue_wait, &r.queue_wait);
+            for (class, v) in &r.upstream_rq_xx {
+                *m.upstream_rq_xx.entry(class.clone()).or_default() += v;
+            }
+            for (class, v) in &r.queued_by_class {
+                *m.queued_by_class.entry(class.clone()).or_default() += v;
+            }
+        }
+    }
+    out
+}
+
+fn max_of(a: Option<f64>, b: Option<f64>) -> Option<f64> {
+    match (a, b) {
+        (Some(a), Some(b)) => Some(a.max(b)),
+        (a, b) => a.or(b),
+    }
+}
+
+/// Two cumulative histograms as one, bucket by bucket (the gateways' bounds are the same; a
+/// bound only one has is taken as it is).
+fn add_buckets(a: &[(f64, f64)], b: &[(f64, f64)]) -> Vec<(f64, f64)> {
+    let mut out: Vec<(f64, f64)> = a.to_vec();
+    for &(le, c) in b {
+        match out.iter_mut().find(|(ole, _)| *ole == le) {
+            Some((_, oc)) => *oc += c,
+            None => out.push((le, c)),
+        }
+    }
+    out.sort_by(|x, y| x.0.total_cmp(&y.0));
+    out
 }
 
 /// Scrapes `admin` once.
@@ -77,6 +145,12 @@ pub fn parse(text: &str) -> Result<Snapshot> {
     let scrape = Scrape::parse(text.lines().map(|l| Ok(l.to_string())))?;
     let mut snap = Snapshot::default();
     for s in scrape.samples {
+        if s.metric == "inflight_fleet_gateways" {
+            if let Value::Gauge(v) | Value::Untyped(v) = s.value {
+                snap.fleet_gateways = max_of(snap.fleet_gateways, Some(v));
+            }
+            continue;
+        }
         // Per-revision filter series carry `revision`; Envoy's cluster series carry the cluster
         // name, which for the local stack is the revision's name.
         let (revision, cluster_series) =
@@ -243,6 +317,64 @@ envoy_server_live{} 1
         assert_eq!(r.upstream_time.len(), 3);
         assert_eq!(r.queued_by_class.get("sheddable"), Some(&38.0));
         assert_eq!(r.queued_by_class.len(), 3);
+    }
+
+    #[test]
+    fn a_fleet_sums_what_each_gateway_counts_and_takes_the_highest_decision() {
+        let gateway = |admitted: f64, forwarded: f64, active: f64, desired: f64, le5: f64| {
+            parse(&format!(
+                r#"# TYPE inflight_requests_total counter
+inflight_requests_total{{revision="torchserve",outcome="admitted"}} {admitted}
+inflight_requests_total{{revision="torchserve",outcome="forwarded"}} {forwarded}
+# TYPE inflight_active gauge
+inflight_active{{revision="torchserve"}} {active}
+# TYPE inflight_capacity gauge
+inflight_capacity{{revision="torchserve"}} {active}
+# TYPE inflight_desired_replicas gauge
+inflight_desired_replicas{{revision="torchserve"}} {desired}
+# TYPE inflight_ready_replicas gauge
+inflight_ready_replicas{{revision="torchserve"}} 2
+# TYPE inflight_demand_ms_total counter
+inflight_demand_ms_total{{revision="torchserve"}} 1000
+# TYPE inflight_fleet_gateways gauge
+inflight_fleet_gateways 3
+# TYPE envoy_cluster_upstream_rq_time histogram
+envoy_cluster_upstream_rq_time_bucket{{envoy_cluster_name="torchserve",le="1"}} 1
+envoy_cluster_upstream_rq_time_bucket{{envoy_cluster_name="torchserve",le="5"}} {le5}
+envoy_cluster_upstream_rq_time_bucket{{envoy_cluster_name="torchserve",le="+Inf"}} {le5}
+"#
+            ))
+            .unwrap()
+        };
+        let gateways = [
+            gateway(100.0, 7.0, 4.0, 5.0, 10.0),
+            gateway(50.0, 0.0, 3.0, 4.0, 20.0),
+            gateway(25.0, 1.0, 3.0, 5.0, 30.0),
+        ];
+        assert_eq!(gateways[0].fleet_gateways, Some(3.0));
+        assert_eq!(gateways[0].revisions["torchserve"].forwarded, 7.0);
+        let m = merge(&gateways);
+        let r = &m.revisions["torchserve"];
+        assert_eq!((r.admitted, r.forwarded), (175.0, 8.0), "counters summed");
+        assert_eq!((r.active, r.capacity), (10.0, 10.0), "slices summed");
+        assert_eq!(
+            r.desired,
+            Some(5.0),
+            "the fleet-wide decision: the max, never the sum"
+        );
+        assert_eq!(r.ready, Some(2.0), "every gateway sees the same replicas");
+        assert_eq!(r.demand_ms_total, Some(3000.0));
+        assert_eq!(
+            r.upstream_time,
+            [(1.0, 3.0), (5.0, 60.0), (f64::INFINITY, 60.0)]
+        );
+        assert_eq!(m.fleet_gateways, Some(3.0));
+        assert_eq!(
+            merge(&gateways[..1]),
+            gateways[0],
+            "a fleet of one is that gateway"
+        );
+        assert_eq!(merge(&[]), Snapshot::default());
     }
 
     #[test]

@@ -88,6 +88,15 @@ fn opt(v: Option<f64>, digits: usize) -> String {
 
 /// The table, one line per revision under a header.
 pub fn render(rows: &[Row]) -> String {
+    render_fleet(rows, &[])
+}
+
+/// The table of a fleet: each revision's line is the fleet's (in-flight, queued, capacity, shed,
+/// demand and rates summed over the gateways, the desired count the highest), and under it one
+/// line per gateway with its slice of the capacity (the slots it may use), what it has in flight
+/// and queued, and how many requests it forwarded to a peer, then their total. No gateways: the
+/// table of one gateway.
+pub fn render_fleet(rows: &[Row], gateways: &[(String, Snapshot)]) -> String {
     let mut out = String::new();
     let _ = writeln!(
         out,
@@ -133,7 +142,46 @@ pub fn render(rows: &[Row]) -> String {
                 .collect();
             let _ = writeln!(out, "  queued by class: {}", classes.join(", "));
         }
+        if !gateways.is_empty() {
+            out.push_str(&gateway_lines(&r.revision, gateways));
+        }
     }
+    out
+}
+
+/// One revision's lines per gateway of a fleet, and their total.
+fn gateway_lines(revision: &str, gateways: &[(String, Snapshot)]) -> String {
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "  {:<21} {:>7} {:>9} {:>7} {:>9} {:>8} {:>6}",
+        "GATEWAY", "SLICE", "IN-FLIGHT", "QUEUED", "FORWARDED", "DESIRED", "FLEET"
+    );
+    let empty = RevisionStats::default();
+    let mut total = RevisionStats::default();
+    for (name, snap) in gateways {
+        let s = snap.revisions.get(revision).unwrap_or(&empty);
+        let _ = writeln!(
+            out,
+            "  {:<21} {:>7.0} {:>9.0} {:>7.0} {:>9.0} {:>8} {:>6}",
+            name,
+            s.capacity,
+            s.active,
+            s.queued,
+            s.forwarded,
+            opt(s.desired, 0),
+            opt(snap.fleet_gateways, 0),
+        );
+        total.capacity += s.capacity;
+        total.active += s.active;
+        total.queued += s.queued;
+        total.forwarded += s.forwarded;
+    }
+    let _ = writeln!(
+        out,
+        "  {:<21} {:>7.0} {:>9.0} {:>7.0} {:>9.0}",
+        "fleet", total.capacity, total.active, total.queued, total.forwarded
+    );
     out
 }
 
@@ -259,6 +307,58 @@ mod tests {
         assert!(
             text.contains("  queued by class: critical 0, standard 2, sheddable 38, batch 0\n"),
             "{text}"
+        );
+    }
+
+    #[test]
+    fn a_fleet_shows_each_gateways_slice_under_the_fleets_line() {
+        let gateway = |capacity: f64, active: f64, forwarded: f64| {
+            let r = RevisionStats {
+                tracked: true,
+                capacity,
+                active,
+                queued: 1.0,
+                forwarded,
+                desired: Some(5.0),
+                ..Default::default()
+            };
+            Snapshot {
+                revisions: [("torchserve".to_string(), r)].into_iter().collect(),
+                fleet_gateways: Some(3.0),
+            }
+        };
+        let gateways = vec![
+            ("gateway-0".to_string(), gateway(17.0, 16.0, 120.0)),
+            ("gateway-1".to_string(), gateway(17.0, 15.0, 0.0)),
+            ("gateway-2".to_string(), gateway(16.0, 16.0, 3.0)),
+        ];
+        let snaps: Vec<Snapshot> = gateways.iter().map(|(_, s)| s.clone()).collect();
+        let fleet = super::super::stats::merge(&snaps);
+        let rows = rows(&fleet, &fleet, 1.0, &["torchserve".to_string()]);
+        let text = render_fleet(&rows, &gateways);
+        let lines: Vec<&str> = text.lines().collect();
+        assert_eq!(lines.len(), 7, "{text}");
+        assert!(lines[1].starts_with("torchserve"), "{text}");
+        assert!(lines[1].contains("-/5"), "the fleet's desired: {text}");
+        assert_eq!(
+            lines[1].split_whitespace().nth(2),
+            Some("47"),
+            "in flight summed: {text}"
+        );
+        assert_eq!(
+            lines[3].split_whitespace().collect::<Vec<_>>(),
+            ["gateway-0", "17", "16", "1", "120", "5", "3"],
+            "{text}"
+        );
+        assert_eq!(
+            lines[6].split_whitespace().collect::<Vec<_>>(),
+            ["fleet", "50", "47", "3", "123"],
+            "{text}"
+        );
+        assert_eq!(
+            render_fleet(&rows, &[]),
+            render(&rows),
+            "no gateways, no lines"
         );
     }
 
