@@ -268,7 +268,7 @@ impl Stack {
         if args.print_config {
             // Empty assignments, so the printed bootstrap is valid as it stands.
             for r in &config.revisions {
-                eds::write(&envoy::eds_path(&eds_dir, &r.name), &r.name, 1, &[])?;
+                eds::write(&envoy::eds_path(&eds_dir, &r.name), &r.name, 1, &[], &[])?;
             }
             if let [one] = plan.gateways.as_slice() {
                 println!("{}", one.yaml);

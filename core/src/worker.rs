@@ -647,14 +647,6 @@ impl<H: Host> Worker<H> {
         );
     }
 
-    /// Whether stream `context` of this VM waits with `ticket` of `rev`.
-    fn waits_with(&self, context: u32, rev: RevisionId, ticket: u64) -> bool {
-        matches!(
-            self.streams.get(&context),
-            Some(StreamState::Waiting { rev: r, ticket: t, .. }) if *r == rev && *t == ticket
-        )
-    }
-
     /// Whether stream `context` waits for a grant (its body and trailers must stay paused:
     /// continuing would send the held headers upstream and bypass the limit).
     pub fn is_waiting(&self, context: u32) -> bool {
@@ -858,34 +850,25 @@ impl<H: Host> Worker<H> {
         let mut pending: VecDeque<Grant> = grants.into();
         let mut handovers = 0;
         while let Some(g) = pending.pop_front() {
-            if g.owner.vm == self.id {
-                // This VM's own waiter: resume it here, no wake message through the queue.
-                if self.waits_with(g.owner.context, rev, g.ticket) {
-                    self.on_grant(&rc.name, g.ticket, g.owner.context, g.endpoint, now);
-                    continue;
-                }
-                // Its stream is gone: pass the slot on.
-            } else {
-                let message = Wake::Grant {
-                    revision: rc.name.clone(),
-                    ticket: g.ticket,
-                    context: g.owner.context,
-                    endpoint: g.endpoint.clone(),
-                }
-                .encode();
-                let sent = match self.wake_token(g.owner.vm) {
-                    Some(t) => self.host.enqueue(t, &message),
-                    None => Err(store::HostError::NotFound),
-                };
-                let Err(e) = sent else {
-                    continue;
-                };
-                log::warn!(
-                    "worker VM {} unreachable ({e}); passing ticket {}'s slot on",
-                    g.owner.vm,
-                    g.ticket
-                );
+            let message = Wake::Grant {
+                revision: rc.name.clone(),
+                ticket: g.ticket,
+                context: g.owner.context,
+                endpoint: g.endpoint.clone(),
             }
+            .encode();
+            let sent = match self.wake_token(g.owner.vm) {
+                Some(t) => self.host.enqueue(t, &message),
+                None => Err(store::HostError::NotFound),
+            };
+            let Err(e) = sent else {
+                continue;
+            };
+            log::warn!(
+                "worker VM {} unreachable ({e}); passing ticket {}'s slot on",
+                g.owner.vm,
+                g.ticket
+            );
             handovers += 1;
             if handovers > MAX_HANDOVERS {
                 log::error!(
@@ -1476,7 +1459,28 @@ impl<H: Host> Worker<H> {
         let routing = config.endpoint_header.is_some();
         for (i, rc) in config.revisions.iter().enumerate() {
             let rev = RevisionId(i);
-            let Some(hosts) = rc.upstream_cluster.as_deref().and_then(|c| reported.get(c)) else {
+            let Some(cluster) = rc.upstream_cluster.as_deref() else {
+                continue;
+            };
+            let Some(hosts) = reported.get(cluster) else {
+                // Envoy has no such cluster: nothing to pick from; the configured ready
+                // replicas apply (requests to a missing cluster fail in Envoy anyway).
+                if let Some(r) = self.revisions.get(i) {
+                    let unknown = store::update_revision(&self.host, &r.key, |s| {
+                        let unknown = s.ready().is_none();
+                        if unknown {
+                            s.set_ready(rc.ready_replicas);
+                        }
+                        unknown
+                    });
+                    if unknown.unwrap_or(false) {
+                        log::warn!(
+                            "revision `{}`: Envoy lists no cluster `{cluster}`; using readyReplicas {}",
+                            rc.name,
+                            rc.ready_replicas
+                        );
+                    }
+                }
                 continue;
             };
             let n = u32::try_from(hosts.iter().filter(|h| h.ready).count()).unwrap_or(u32::MAX);
@@ -1521,7 +1525,7 @@ impl RevisionVm {
     /// VMs of the old one apply the new limits too), with ready replicas learned from Envoy.
     fn limits(&self, rc: &RevisionConfig, s: &RevisionState) -> Limits {
         let p = s.limit_params(self.generation, rc.limit_params());
-        if self.needs_endpoints && s.endpoints().is_none() {
+        if self.needs_endpoints && s.endpoints().is_none() && s.ready().is_none() {
             // Every request must name its endpoint (Envoy's override_host policy refuses one
             // that does not): before the first poll, no endpoint is ready yet.
             return p.limits(0);

@@ -514,7 +514,7 @@ mod tests {
             let p = plan(&c, lb, &wasm, &dir, &eds_dir, &ecds).unwrap();
             std::fs::write(&ecds, &p.filter).unwrap();
             for r in &c.revisions {
-                crate::up::eds::write(&envoy::eds_path(&eds_dir, &r.name), &r.name, 1, &[])
+                crate::up::eds::write(&envoy::eds_path(&eds_dir, &r.name), &r.name, 1, &[], &[])
                     .unwrap();
             }
             let files = p.files();

@@ -16,7 +16,8 @@
 //! has passed) and back up on the next request, which waits in the gateway meanwhile.
 //!
 //! Scale-up starts processes and publishes each in EDS only once its readiness probe answers.
-//! Scale-down drains: the replica leaves EDS first, then gets SIGTERM once its own in-flight is
+//! Scale-down drains: the replica stays in EDS as DRAINING (the filter stops picking it at its
+//! next poll; a pick made just before still reaches it), then gets SIGTERM and leaves EDS once its own in-flight is
 //! 0 (bounded by the drain timeout). A replica that dies is restarted in place.
 
 use super::config::RevisionSpec;
@@ -28,8 +29,9 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
-/// How long a replica removed from EDS keeps its slot before its in-flight is trusted: Envoy
-/// applies the file within milliseconds, this covers requests already on their way.
+/// How long a draining replica stays listed in EDS (as `DRAINING`) before it may be stopped:
+/// the filter's next poll (every 500 ms by default) sees it draining and picks it no more, and a
+/// request picked for it just before still finds it there. Also covers requests on their way.
 const EDS_GRACE: Duration = Duration::from_millis(1000);
 /// SIGTERM'd replicas get this long to exit before SIGKILL.
 const TERMINATE_GRACE: Duration = Duration::from_secs(35);
@@ -108,7 +110,7 @@ pub struct Pool {
     pub gone: Vec<Replica>,
     next_name: u32,
     eds_version: u64,
-    published: Option<Vec<SocketAddr>>,
+    published: Option<(Vec<SocketAddr>, Vec<SocketAddr>)>,
     /// The scale the scaler is applying.
     pub target: u32,
     /// The revision has had its initial replicas ready at once, and the gateway has counted
@@ -152,7 +154,7 @@ impl Pool {
         self.count(|p| p == Phase::Ready)
     }
 
-    /// Writes the EDS file if the set of ready replicas changed (and once at start).
+    /// Writes the EDS file if the set of ready or draining replicas changed (and once at start).
     pub fn publish(&mut self) -> Result<Option<String>> {
         let eps: Vec<SocketAddr> = self
             .replicas
@@ -160,22 +162,45 @@ impl Pool {
             .filter(|r| r.phase == Phase::Ready)
             .filter_map(|r| r.addr)
             .collect();
-        if self.published.as_ref() == Some(&eps) {
+        let draining: Vec<SocketAddr> = self
+            .replicas
+            .iter()
+            .filter(|r| matches!(r.phase, Phase::Draining { .. }))
+            .filter_map(|r| r.addr)
+            .collect();
+        let now = (eps, draining);
+        if self.published.as_ref() == Some(&now) {
             return Ok(None);
         }
+        let (eps, draining) = now;
         self.eds_version += 1;
-        eds::write(&self.eds_path, self.name(), self.eds_version, &eps)?;
+        eds::write(
+            &self.eds_path,
+            self.name(),
+            self.eds_version,
+            &eps,
+            &draining,
+        )?;
         let list = eps
             .iter()
             .map(ToString::to_string)
             .collect::<Vec<_>>()
             .join(", ");
-        self.published = Some(eps);
-        Ok(Some(format!(
-            "{}: EDS v{} → [{list}]",
-            self.name(),
-            self.eds_version
-        )))
+        let drain_list = draining
+            .iter()
+            .map(ToString::to_string)
+            .collect::<Vec<_>>()
+            .join(", ");
+        self.published = Some((eps, draining));
+        Ok(Some(if drain_list.is_empty() {
+            format!("{}: EDS v{} → [{list}]", self.name(), self.eds_version)
+        } else {
+            format!(
+                "{}: EDS v{} → [{list}], draining [{drain_list}]",
+                self.name(),
+                self.eds_version
+            )
+        }))
     }
 
     fn start_one(&mut self) -> Result<String> {
