@@ -363,10 +363,9 @@ impl<H: Host> Worker<H> {
                 last_desired: None,
                 seen: Vec::new(),
                 mismatch_seen: false,
-                needs_endpoints: config.fleet.is_some()
-                    || (config.endpoint_header.is_some()
-                        && config.membership.is_some()
-                        && r.upstream_cluster.is_some()),
+                needs_endpoints: r.upstream_cluster.is_some()
+                    && config.membership.is_some()
+                    && (config.fleet.is_some() || config.endpoint_header.is_some()),
             });
         }
         log::info!(

@@ -88,12 +88,48 @@ pub fn lb_endpoint(addr: SocketAddr) -> String {
 
 /// A cluster's `load_balancing_policy` (at 4 spaces, inside a cluster) that routes a request to
 /// the endpoint named in request header `header` (`IP:port`, Envoy's `override_host` policy),
-/// the filter's pick. A request without the header, or naming an endpoint the cluster no longer
-/// has (a pod removed from EDS before the filter's next poll), gets Envoy's 503 `no healthy
-/// upstream`: the fallback is a subset balancer whose one subset matches no host and which has
-/// no fallback of its own. A balancing fallback would send it to another pod, which may
-/// already hold `containerConcurrency` (measured: 1–3 over the limit per removal under load).
+/// the filter's pick; requests without the header, or naming an endpoint the cluster does not
+/// have, go to the least-loaded endpoint (least request, full scan). That fallback keeps a
+/// request whose pod just left EDS (before the filter's next poll) served, at the price of a
+/// pod briefly above `containerConcurrency`; [`override_host_policy_strict`] refuses it
+/// instead. A pod removed gracefully (listed as `DRAINING` until it stops, as `inflight up`
+/// does) needs neither: Envoy still sends it what the filter picked.
 pub fn override_host_policy(header: &str) -> String {
+    override_host_with_fallback(
+        header,
+        r#"              - typed_extension_config:
+                  name: envoy.load_balancing_policies.least_request
+                  typed_config:
+                    "@type": type.googleapis.com/envoy.extensions.load_balancing_policies.least_request.v3.LeastRequest
+                    selection_method: FULL_SCAN
+"#,
+    )
+}
+
+/// [`override_host_policy`] without a balancing fallback: a request naming no endpoint, or one
+/// the cluster no longer has, gets Envoy's 503 `no healthy upstream` (a subset balancer whose
+/// one subset matches no host, with no fallback of its own). No pod ever goes above
+/// `containerConcurrency`, even when pods leave EDS abruptly; requests picked for a pod in the
+/// moment after it left fail instead (docs/deploy.md).
+pub fn override_host_policy_strict(header: &str) -> String {
+    override_host_with_fallback(
+        header,
+        r#"              - typed_extension_config:
+                  name: envoy.load_balancing_policies.subset
+                  typed_config:
+                    "@type": type.googleapis.com/envoy.extensions.load_balancing_policies.subset.v3.Subset
+                    fallback_policy: NO_FALLBACK
+                    subset_selectors: [{ keys: [inflight.never] }]
+                    subset_lb_policy:
+                      policies:
+                      - typed_extension_config:
+                          name: envoy.load_balancing_policies.round_robin
+                          typed_config: { "@type": type.googleapis.com/envoy.extensions.load_balancing_policies.round_robin.v3.RoundRobin }
+"#,
+    )
+}
+
+fn override_host_with_fallback(header: &str, fallback: &str) -> String {
     format!(
         r#"    load_balancing_policy:
       policies:
@@ -104,18 +140,7 @@ pub fn override_host_policy(header: &str) -> String {
             override_host_sources: [{{ header: {header} }}]
             fallback_policy:
               policies:
-              - typed_extension_config:
-                  name: envoy.load_balancing_policies.subset
-                  typed_config:
-                    "@type": type.googleapis.com/envoy.extensions.load_balancing_policies.subset.v3.Subset
-                    fallback_policy: NO_FALLBACK
-                    subset_selectors: [{{ keys: [inflight.never] }}]
-                    subset_lb_policy:
-                      policies:
-                      - typed_extension_config:
-                          name: envoy.load_balancing_policies.round_robin
-                          typed_config: {{ "@type": type.googleapis.com/envoy.extensions.load_balancing_policies.round_robin.v3.RoundRobin }}
-"#
+{fallback}"#
     )
 }
 

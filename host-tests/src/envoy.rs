@@ -60,8 +60,8 @@ pub const ENDPOINT_HEADER: &str = "x-gateway-destination-endpoint";
 /// A cluster's load-balancing policy in these configs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Lb {
-    /// By the filter's pick (`override_host` on the endpoint header), 503 without a pick of a
-    /// listed endpoint: what inflight ships.
+    /// By the filter's pick (`override_host` on the endpoint header), least request otherwise:
+    /// what inflight ships.
     Pick,
     /// Envoy's default, round robin.
     RoundRobin,
@@ -102,21 +102,34 @@ impl Cluster {
 /// Writes a file-based EDS resource for `cluster` with endpoints on 127.0.0.1 `ports`,
 /// atomically (write a temporary file, then rename: Envoy watches the directory for moves).
 pub fn write_eds(path: &Path, cluster: &str, ports: &[u16]) -> Result<()> {
+    write_eds_draining(path, cluster, ports, &[])
+}
+
+/// [`write_eds`], with the endpoints on `draining` listed as `DRAINING` (a pod on its way out:
+/// Envoy still routes a request that names it, the filter picks it no more).
+pub fn write_eds_draining(
+    path: &Path,
+    cluster: &str,
+    ports: &[u16],
+    draining: &[u16],
+) -> Result<()> {
     let mut endpoints = String::new();
-    for p in ports {
+    for (p, status) in ports
+        .iter()
+        .map(|p| (p, ""))
+        .chain(draining.iter().map(|p| (p, "health_status: DRAINING, ")))
+    {
         let _ = writeln!(
             endpoints,
-            "    - endpoint: {{ address: {{ socket_address: {{ address: 127.0.0.1, port_value: {p} }} }} }}"
+            "    - {{ {status}endpoint: {{ address: {{ socket_address: {{ address: 127.0.0.1, port_value: {p} }} }} }} }}"
         );
     }
-    let body = format!(
-        "resources:\n- \"@type\": type.googleapis.com/envoy.config.endpoint.v3.ClusterLoadAssignment\n  cluster_name: {cluster}\n  endpoints:\n  - lb_endpoints:\n{}",
-        if ports.is_empty() { "    []\n".to_string() } else { endpoints }
-    );
-    let body = if ports.is_empty() {
+    let body = if endpoints.is_empty() {
         format!("resources:\n- \"@type\": type.googleapis.com/envoy.config.endpoint.v3.ClusterLoadAssignment\n  cluster_name: {cluster}\n  endpoints: []\n")
     } else {
-        body
+        format!(
+            "resources:\n- \"@type\": type.googleapis.com/envoy.config.endpoint.v3.ClusterLoadAssignment\n  cluster_name: {cluster}\n  endpoints:\n  - lb_endpoints:\n{endpoints}"
+        )
     };
     let tmp = path.with_extension("tmp");
     std::fs::write(&tmp, body).with_context(|| format!("writing {}", tmp.display()))?;

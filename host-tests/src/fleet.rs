@@ -395,6 +395,16 @@ impl Fleet {
         write_eds(&eds_file(&self.dir, name), name, ports)
     }
 
+    /// Like [`Fleet::set_endpoints`], with `draining` listed as `DRAINING` (a pod on its way out).
+    pub fn set_endpoints_draining(
+        &self,
+        name: &str,
+        ports: &[u16],
+        draining: &[u16],
+    ) -> Result<()> {
+        crate::envoy::write_eds_draining(&eds_file(&self.dir, name), name, ports, draining)
+    }
+
     /// Replaces the peer cluster's endpoints with the peer addresses of gateways `members`.
     pub fn set_peers(&self, members: &[usize]) -> Result<()> {
         let ports: Vec<u16> = members

@@ -45,7 +45,8 @@ pub struct GatewaySpec {
 
 /// What endpoint picking adds to a gateway: its admin on a fixed loopback port with a STATIC
 /// cluster [`ADMIN_CLUSTER`] pointing at it (the filter's `membership` polls go there), and the
-/// upstream cluster routed by the filter's endpoint header (`override_host`, no fallback).
+/// upstream cluster routed by the filter's endpoint header (`override_host`, least request
+/// without it).
 #[derive(Debug, Clone, Copy)]
 pub struct Picking {
     pub admin_port: u16,
@@ -356,7 +357,7 @@ mod tests {
             + &bootstrap::admin_cluster(ADMIN_CLUSTER, 19901);
         assert_eq!(five, expected);
         assert!(five.contains("envoy.load_balancing_policies.override_host"));
-        assert!(five.contains("fallback_policy: NO_FALLBACK"));
+        assert!(five.contains("envoy.load_balancing_policies.least_request"));
         assert!(five.contains(&format!("  - name: {UPSTREAM_CLUSTER}\n")));
         assert_eq!(
             five.matches("port_value: 19901").count(),

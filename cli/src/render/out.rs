@@ -588,8 +588,8 @@ fn picked_clusters(config: &FilterConfig) -> Vec<&str> {
 }
 
 /// The `EnvoyFilter` that makes Envoy follow the filter's pick: a `CLUSTER` patch per picked
-/// cluster merging in `load_balancing_policy` = `override_host` on the endpoint header, with no
-/// balancing fallback (503 for a request naming no endpoint or one just removed). The policy is the YAML the project's own
+/// cluster merging in `load_balancing_policy` = `override_host` on the endpoint header, with
+/// least request (full scan) for requests without it. The policy is the YAML the project's own
 /// Envoy configs use (`inflight_envoy_control::bootstrap::override_host_policy`). Istio's
 /// `lb_policy` on the cluster can stay (a MERGE could not clear it): Envoy balances by
 /// `load_balancing_policy` when both are set. What it refuses beside it is locality-weighted
@@ -634,7 +634,7 @@ fn endpoint_picking(config: &FilterConfig, gw: &Gateway<'_>) -> Result<Option<St
     Ok(Some(format!(
         "# Endpoint picking (docs/deploy.md): the filter names the pod it picked for each request\n\
          # in `{header}`; the override_host policy merged into the revision's\n\
-         # cluster sends the request there (503 without the header: no pod above cc). Without it,\n\
+         # cluster sends the request there (least request without the header). Without it,\n\
          # inflight_endpoint_mismatch_total grows.\n{doc}"
     )))
 }

@@ -158,8 +158,9 @@ pub fn gateway_bootstrap(
     // requests in flight) and names it in the endpoint header, which the cluster's
     // `override_host` policy follows. So the replica limit holds from the first request a new
     // replica gets, and follows a new containerConcurrency without a restart (`tune --apply`).
-    // A request without the header, or naming a replica the cluster no longer has, gets 503
-    // (no balancing fallback: another replica may be full). The circuit breakers are only there to be out of the way: with
+    // A request without the header, or naming a replica the cluster no longer has, goes to the
+    // least loaded replica (a replica leaving is listed DRAINING until it stops, so a pick of it
+    // still reaches it: see `eds`). The circuit breakers are only there to be out of the way: with
     // Envoy's defaults (1024 requests, 3 retries) Envoy could refuse what the filter admitted.
     let policy = bootstrap::override_host_policy(DEFAULT_ENDPOINT_HEADER);
     let mut clusters = String::new();
