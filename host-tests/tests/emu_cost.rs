@@ -211,11 +211,25 @@ fn per_request_cost_by_phase() {
             s.arrive.fuel + s.end.fuel
         );
     }
-    for s in &all {
+    // Host calls per request as of issue 17 (each one crosses the V8 boundary), and twice the
+    // instructions measured then: a change that adds a call, or much work, shows here.
+    let expected = [
+        ("limit never reached", 7, 13_180),
+        ("picking", 8, 17_775),
+        ("at the cap (waits, then granted)", 15, 25_352),
+    ];
+    for (s, (name, calls, instr)) in all.iter().zip(expected) {
+        assert_eq!(s.name, name);
+        assert!(s.arrive.fuel > 0 && s.end.fuel > 0, "{name}: not metered");
+        assert_eq!(
+            s.arrive.total_calls() + s.end.total_calls(),
+            calls,
+            "{name}: host calls per request"
+        );
         assert!(
-            s.arrive.fuel > 0 && s.end.fuel > 0,
-            "{}: not metered",
-            s.name
+            s.arrive.fuel + s.end.fuel <= 2 * instr,
+            "{name}: {} instructions per request, more than twice {instr}",
+            s.arrive.fuel + s.end.fuel
         );
     }
 }
