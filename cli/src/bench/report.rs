@@ -195,25 +195,23 @@ impl Report {
         out
     }
 
-    /// The machine's load before and after, and whether the run can be trusted.
+    /// The machine's load before and after, and whether the run can be trusted: only the load
+    /// before counts (after includes the run's own gateway, upstream and load generator).
     fn load_line(&self) -> String {
         let m = &self.meta;
         let show =
             |l: Option<MachineLoad>| l.map_or("unknown".to_string(), |l| format!("{:.2}", l.avg1));
         let cores = m.load_before.or(m.load_after).map_or(0, |l| l.cores);
-        let quiet = [m.load_before, m.load_after]
-            .iter()
-            .all(|l| l.is_some_and(MachineLoad::quiet));
-        let verdict = if quiet {
-            "quiet".to_string()
+        let verdict = if m.load_before.is_some_and(MachineLoad::quiet) {
+            "quiet before the run".to_string()
         } else {
             format!(
-                "**NOT QUIET (above {:.2} per core): figures inflated, not a run of record**",
+                "**NOT QUIET before the run (above {:.2} per core): figures inflated, not a run of record**",
                 crate::bench::QUIET_LOAD_PER_CORE
             )
         };
         format!(
-            "Machine load (1-minute average): {} before, {} after, on {cores} core(s): {verdict}\n\n",
+            "Machine load (1-minute average): {} before, {} after (the run's own load included), on {cores} core(s): {verdict}\n\n",
             show(m.load_before),
             show(m.load_after)
         )
@@ -697,15 +695,15 @@ mod tests {
             cores: 2,
         });
         r.meta.load_after = Some(MachineLoad {
-            avg1: 0.4,
+            avg1: 3.4,
             cores: 2,
         });
         let line = r.load_line();
         assert!(
-            line.contains("0.10 before, 0.40 after, on 2 core(s): quiet"),
+            line.contains("0.10 before, 3.40 after (the run's own load included), on 2 core(s): quiet before the run"),
             "{line}"
         );
-        r.meta.load_after = Some(MachineLoad {
+        r.meta.load_before = Some(MachineLoad {
             avg1: 2.4,
             cores: 2,
         });
