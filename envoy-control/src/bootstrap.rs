@@ -286,7 +286,8 @@ pub fn forward_route(header: &str, cluster: &str) -> String {
 
 /// A listener `name` on loopback `port` that passes TCP connections to the endpoints of
 /// `cluster` (`tcp_proxy`): the L4 load balancer in front of a local fleet of gateways, as a
-/// Kubernetes Service spreads connections over gateway pods. Starts with `  - name:` (under
+/// Kubernetes Service spreads connections over gateway pods. A connection refused by a gateway
+/// that died is tried on another (up to 3 attempts). Starts with `  - name:` (under
 /// `listeners:`).
 pub fn tcp_proxy_listener(name: &str, port: u16, cluster: &str) -> String {
     format!(
@@ -299,6 +300,7 @@ pub fn tcp_proxy_listener(name: &str, port: u16, cluster: &str) -> String {
           "@type": type.googleapis.com/envoy.extensions.filters.network.tcp_proxy.v3.TcpProxy
           stat_prefix: {name}
           cluster: {cluster}
+          max_connect_attempts: 3
 "#
     )
 }

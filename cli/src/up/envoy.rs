@@ -300,6 +300,10 @@ pub fn l4_bootstrap(port: u16, admin_port: u16, gateways: &[SocketAddr], lb: L4L
     circuit_breakers:
       thresholds:
       - {{ max_connections: 100000, max_pending_requests: 100000, max_requests: 100000, max_retries: 100000 }}
+    # A gateway that died leaves the rotation within a second (and a connection it refuses is
+    # tried on another: the listener's max_connect_attempts).
+    health_checks:
+    - {{ timeout: 1s, interval: 1s, no_traffic_interval: 1s, unhealthy_threshold: 1, healthy_threshold: 1, tcp_health_check: {{}} }}
     load_assignment:
       cluster_name: {GATEWAYS_CLUSTER}
       endpoints:
