@@ -220,6 +220,22 @@ pub struct RevisionState {
     /// Per class (by index), the fairness group served last: round-robin goes on after it.
     /// Empty until a class with groups is served; at most [`MAX_CLASSES`].
     cursors: Vec<u32>,
+    /// Slot leases, by vm: slots a worker VM took ahead of its requests (see [`Lease`]).
+    leases: Vec<Lease>,
+}
+
+/// Slots a worker VM took ahead of its requests, so that while a revision is far from its
+/// limit and nobody waits, an arrival and its end on that VM touch no shared state. They count
+/// in `active` and in `holders` (on endpoint 0) like any held slot, so the limit stays exact and
+/// a crashed VM's lease comes back with its other slots. Which of them are in use only the VM
+/// knows: it says so at each merge (`used`), and integrates their demand itself, adding it at
+/// each merge; the shared demand level counts `active` without leased slots.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Lease {
+    pub vm: u32,
+    pub slots: u32,
+    /// Of `slots`, in use at the VM's last merge.
+    pub used: u32,
 }
 
 /// A revision's endpoints and the cursor that spreads ties.
@@ -477,6 +493,13 @@ impl RevisionState {
     }
 
     fn hold(&mut self, vm: u32, endpoint: u32, take: bool) {
+        self.hold_n(vm, endpoint, 1, take);
+    }
+
+    fn hold_n(&mut self, vm: u32, endpoint: u32, n: u32, take: bool) {
+        if n == 0 {
+            return;
+        }
         match self
             .holders
             .binary_search_by_key(&(vm, endpoint), |h| (h.0, h.1))
@@ -484,18 +507,115 @@ impl RevisionState {
             Ok(i) => {
                 if let Some(h) = self.holders.get_mut(i) {
                     h.2 = if take {
-                        h.2.saturating_add(1)
+                        h.2.saturating_add(n)
                     } else {
-                        h.2.saturating_sub(1)
+                        h.2.saturating_sub(n)
                     };
                     if h.2 == 0 {
                         self.holders.remove(i);
                     }
                 }
             }
-            Err(i) if take => self.holders.insert(i, (vm, endpoint, 1)),
+            Err(i) if take => self.holders.insert(i, (vm, endpoint, n)),
             Err(_) => {}
         }
+    }
+
+    // ---- slot leases ---------------------------------------------------------------------
+
+    /// Slots leased by all VMs.
+    fn leased(&self) -> u32 {
+        self.leases
+            .iter()
+            .fold(0u32, |n, l| n.saturating_add(l.slots))
+    }
+
+    /// Leases `n` more slots to worker VM `vm` if the revision is far from its limit: nobody
+    /// waits, slots are not tied to endpoints, there is a buffer (an arrival that does not fit
+    /// may wait while leases come back, not be shed), and after the lease at least `headroom`
+    /// slots stay free. Returns the slots leased (0 or `n`).
+    pub fn lease(&mut self, vm: u32, n: u32, headroom: u32, limits: Limits, now_ms: u64) -> u32 {
+        let room = limits
+            .capacity
+            .is_none_or(|cap| cap.saturating_sub(self.active) >= n.saturating_add(headroom));
+        if n == 0
+            || !room
+            || !self.waiters.is_empty()
+            || self.endpoints.is_some()
+            || limits.buffer == 0
+        {
+            return 0;
+        }
+        self.active = self.active.saturating_add(n);
+        self.hold_n(vm, 0, n, true);
+        match self.leases.binary_search_by_key(&vm, |l| l.vm) {
+            Ok(i) => {
+                if let Some(l) = self.leases.get_mut(i) {
+                    l.slots = l.slots.saturating_add(n);
+                }
+            }
+            Err(i) => self.leases.insert(
+                i,
+                Lease {
+                    vm,
+                    slots: n,
+                    used: 0,
+                },
+            ),
+        }
+        self.observe(now_ms);
+        n
+    }
+
+    /// Worker VM `vm` gives its lease back: its `used` slots become ordinary held slots (each
+    /// released by its stream), the rest free. Returns the grants that follow.
+    pub fn return_lease(&mut self, vm: u32, used: u32, limits: Limits, now_ms: u64) -> Vec<Grant> {
+        let Ok(i) = self.leases.binary_search_by_key(&vm, |l| l.vm) else {
+            return Vec::new();
+        };
+        let lease = self.leases.remove(i);
+        let spare = lease.slots.saturating_sub(used);
+        self.active = self.active.saturating_sub(spare);
+        self.hold_n(vm, 0, spare, false);
+        self.observe(now_ms);
+        self.grant_ready(limits, now_ms)
+    }
+
+    /// Adds `ms` request-milliseconds of demand that worker VM `vm` integrated over its leased
+    /// slots, and records that `used` of them are in use now.
+    pub fn merge_lease(&mut self, vm: u32, ms: u64, used: u32) {
+        self.demand.add(ms);
+        if let Ok(i) = self.leases.binary_search_by_key(&vm, |l| l.vm) {
+            if let Some(l) = self.leases.get_mut(i) {
+                l.used = used.min(l.slots);
+            }
+        }
+    }
+
+    /// The leases, by vm.
+    pub fn leases(&self) -> &[Lease] {
+        &self.leases
+    }
+
+    /// Whether leases should come back now: somebody waits (strict FIFO: no leased slot may
+    /// admit an arrival while an earlier one waits), slots are tied to endpoints, or fewer than
+    /// half of `headroom` slots are free.
+    pub fn should_recall(&self, limits: Limits, headroom: u32) -> bool {
+        !self.leases.is_empty()
+            && (!self.waiters.is_empty()
+                || self.endpoints.is_some()
+                || limits
+                    .capacity
+                    .is_some_and(|cap| cap.saturating_sub(self.active) < headroom / 2))
+    }
+
+    /// Requests in flight: `active` without the leased slots not in use at their VM's last
+    /// merge.
+    pub fn in_flight(&self) -> u32 {
+        let spare = self.leases.iter().fold(0u32, |n, l| {
+            n.saturating_add(l.slots.saturating_sub(l.used))
+        });
+        self.active.saturating_sub(spare)
     }
 
     /// Publishes the limit parameters of configuration `generation` unless a newer one did.
@@ -545,6 +665,7 @@ impl RevisionState {
             }
         }
         self.active = self.active.saturating_sub(slots);
+        self.leases.retain(|l| l.vm != vm);
         let before = self.waiters.len();
         self.waiters.retain(|w| w.owner.vm != vm);
         let waiters = before - self.waiters.len();
@@ -553,8 +674,12 @@ impl RevisionState {
     }
 
     /// Records the current demand level from `now_ms` on (after every change).
+    /// Leased slots are not counted: their VM integrates the ones in use (see [`Lease`]).
     fn observe(&mut self, now_ms: u64) {
-        let level = self.active.saturating_add(self.queued());
+        let level = self
+            .active
+            .saturating_sub(self.leased())
+            .saturating_add(self.queued());
         self.demand.observe(now_ms, level);
     }
 
@@ -690,7 +815,12 @@ impl RevisionState {
             + 1
             + 4 * self.cursors.len()
             + 4
-            + self.waiters.records().len();
+            + self.waiters.records().len()
+            + if self.leases.is_empty() {
+                0
+            } else {
+                4 + 12 * self.leases.len()
+            };
         let mut out = Vec::with_capacity(len);
         out.push(VERSION);
         out.extend_from_slice(&self.active.to_le_bytes());
@@ -746,6 +876,16 @@ impl RevisionState {
         }
         out.extend_from_slice(&self.queued().to_le_bytes());
         out.extend_from_slice(self.waiters.records());
+        // Leases last, and only when there are any: a record without leases is byte for byte
+        // what it was before leases existed.
+        if !self.leases.is_empty() {
+            out.extend_from_slice(&u32::try_from(self.leases.len()).unwrap_or(0).to_le_bytes());
+            for l in &self.leases {
+                out.extend_from_slice(&l.vm.to_le_bytes());
+                out.extend_from_slice(&l.slots.to_le_bytes());
+                out.extend_from_slice(&l.used.to_le_bytes());
+            }
+        }
         out
     }
 
@@ -837,6 +977,20 @@ impl RevisionState {
         }
         let n = r.u32()? as usize;
         let waiters = WaiterQueue::from_records(r.slice(n.saturating_mul(WAITER_BYTES))?);
+        let mut leases = Vec::new();
+        if bytes.len().saturating_sub(r.at) >= 4 {
+            let n = r.u32()? as usize;
+            if bytes.len().saturating_sub(r.at) < n.saturating_mul(12) {
+                return Err(DecodeError::Truncated(bytes.len()));
+            }
+            for _ in 0..n {
+                leases.push(Lease {
+                    vm: r.u32()?,
+                    slots: r.u32()?,
+                    used: r.u32()?,
+                });
+            }
+        }
         if r.at != bytes.len() {
             return Err(DecodeError::Trailing(bytes.len() - r.at));
         }
@@ -851,6 +1005,7 @@ impl RevisionState {
             endpoints,
             published,
             cursors,
+            leases,
         })
     }
 }
@@ -1754,6 +1909,41 @@ mod tests {
         assert!(q.is_empty());
         assert_eq!((q.bytes.len(), q.head), (0, 0));
         assert_eq!(q.pop_front(), None);
+    }
+
+    #[test]
+    fn a_lease_counts_as_held_but_not_as_demand_and_round_trips() {
+        let l = lim(20, 5);
+        let mut s = RevisionState::default();
+        assert!(s.try_admit(l, owner(1, 1), 0) == Admission::Admitted { endpoint: None });
+        assert_eq!(s.lease(1, 4, 8, l, 0), 4, "19 free ≥ 4 + 8");
+        assert_eq!(s.lease(2, 4, 8, l, 0), 4, "15 free ≥ 4 + 8");
+        assert_eq!(s.lease(2, 4, 8, l, 0), 0, "11 free < 4 + 8");
+        assert_eq!((s.active, s.in_flight()), (9, 1));
+        assert_eq!(s.holders().collect::<Vec<_>>(), vec![(1, 5), (2, 4)]);
+        // Demand counts the one ordinary slot; the lessees add theirs when they merge.
+        assert_eq!(s.demand_ms(10), 10);
+        s.merge_lease(2, 25, 3);
+        assert_eq!(s.demand_ms(10), 35);
+        assert_eq!(s.in_flight(), 4);
+        let back = RevisionState::decode(&s.encode()).unwrap();
+        assert_eq!(back, s);
+        assert_eq!(back.leases(), s.leases());
+        assert!(!s.should_recall(l, 8), "11 free ≥ 8 / 2");
+        assert!(s.should_recall(l, 30), "11 free < 30 / 2");
+        // Worker 2 gives its lease back with 3 in use: those become ordinary held slots.
+        assert!(s.return_lease(2, 3, l, 10).is_empty());
+        assert_eq!((s.active, s.in_flight()), (8, 4));
+        assert_eq!(s.holders().collect::<Vec<_>>(), vec![(1, 5), (2, 3)]);
+        // Worker 1 dies: its lease and its slot come back.
+        let (slots, _, _) = s.reap_vm(1, l, 20);
+        assert_eq!((slots, s.active, s.leases().len()), (5, 3, 0));
+        // Nobody leases while somebody waits, or without a buffer.
+        let mut full = RevisionState::default();
+        full.try_admit(lim(1, 5), owner(1, 1), 0);
+        full.try_admit(lim(1, 5), owner(1, 2), 0);
+        assert_eq!(full.lease(1, 1, 0, lim(100, 5), 0), 0);
+        assert_eq!(RevisionState::default().lease(1, 1, 0, lim(100, 0), 0), 0);
     }
 
     #[test]

@@ -111,7 +111,34 @@ pub struct ConfigDoc {
     /// Several gateway replicas sharing every endpoint's slots (docs/fleet.md).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub fleet: Option<FleetDoc>,
+    /// Slot leases: how many slots a worker takes ahead of its requests while a revision is
+    /// far from its limit (docs/configuration.md).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub slot_lease: Option<SlotLeaseDoc>,
 }
+
+/// The `slotLease` section.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct SlotLeaseDoc {
+    /// Slots a worker takes at once; 0 turns leases off. Default 8.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub slots: Option<u32>,
+    /// Slots that must stay free after a lease; leases come back when fewer than half of it
+    /// are. Default 64.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub headroom: Option<u32>,
+}
+
+/// The validated `slotLease` section.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SlotLease {
+    pub slots: u32,
+    pub headroom: u32,
+}
+
+pub const DEFAULT_LEASE_SLOTS: u32 = 8;
+pub const DEFAULT_LEASE_HEADROOM: u32 = 64;
 
 /// A fleet of gateways: where the peers are listed, how to reach one, and who this one is.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
@@ -450,6 +477,8 @@ pub struct Config {
     pub fairness_header: Option<String>,
     /// The gateway fleet, when several replicas share the endpoints' slots.
     pub fleet: Option<Fleet>,
+    /// Slot leases (`slots` 0: off).
+    pub slot_lease: SlotLease,
     pub table: RevisionTable,
 }
 
@@ -551,6 +580,20 @@ impl Config {
                 endpoint_header.is_some(),
             )?),
         };
+        let lease = raw.slot_lease.unwrap_or_default();
+        let slot_lease = SlotLease {
+            slots: lease.slots.unwrap_or(DEFAULT_LEASE_SLOTS),
+            headroom: lease.headroom.unwrap_or(DEFAULT_LEASE_HEADROOM),
+        };
+        if slot_lease.slots > 1024 {
+            return Err(ConfigError::invalid(
+                "slotLease.slots",
+                format!(
+                    "{} is too many; expected 0 (off) to 1024 (default {DEFAULT_LEASE_SLOTS})",
+                    slot_lease.slots
+                ),
+            ));
+        }
         if raw.revisions.is_empty() {
             return Err(ConfigError::invalid(
                 "revisions",
@@ -590,6 +633,7 @@ impl Config {
             class_header,
             fairness_header,
             fleet,
+            slot_lease,
             table,
         })
     }

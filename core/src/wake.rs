@@ -8,6 +8,10 @@
 //! higher class; answer that stream `buffer-full`", sent by the worker that admitted the
 //! higher-class request. It carries no slot, so a Shed that finds no stream needs nothing done.
 //!
+//! [`Wake::Recall`]: "give your slot lease of this revision back", sent by a worker whose
+//! arrival would wait (or the revision nears its limit) while other VMs hold leased slots
+//! (`admission::Lease`). It carries no slot.
+//!
 //! Revisions travel by name, not index, so a message stays meaningful across a configuration
 //! reload (old and new VMs run side by side and share revision state by name).
 
@@ -28,6 +32,9 @@ pub enum Wake {
         ticket: u64,
         context: u32,
     },
+    Recall {
+        revision: String,
+    },
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Error)]
@@ -36,21 +43,31 @@ pub struct WakeDecodeError(pub usize);
 
 const GRANT: u8 = 1;
 const SHED: u8 = 3;
+const RECALL: u8 = 4;
 
 impl Wake {
     pub fn revision(&self) -> &str {
         match self {
-            Wake::Grant { revision, .. } | Wake::Shed { revision, .. } => revision,
+            Wake::Grant { revision, .. }
+            | Wake::Shed { revision, .. }
+            | Wake::Recall { revision } => revision,
         }
     }
 
     /// `kind, name length, name, [ticket, context]`, then for a slot on an endpoint
     /// `[endpoint id, address length, address]`. A Shed is `3, name length, name, ticket,
-    /// context`.
+    /// context`. A Recall is `4, name length, name`.
     pub fn encode(&self) -> Vec<u8> {
         let name = self.revision().as_bytes();
         let len = name.len().min(255);
         let (ticket, context, endpoint) = match self {
+            Wake::Recall { .. } => {
+                let mut out = Vec::with_capacity(2 + len);
+                out.push(RECALL);
+                out.push(len as u8);
+                out.extend_from_slice(name.get(..len).unwrap_or_default());
+                return out;
+            }
             Wake::Grant {
                 ticket,
                 context,
@@ -93,6 +110,12 @@ impl Wake {
         let name = rest.get(..len).ok_or_else(err)?;
         let rest = rest.get(len..).ok_or_else(err)?;
         let revision = std::str::from_utf8(name).map_err(|_| err())?.to_string();
+        if kind == RECALL {
+            return match rest {
+                [] => Ok(Wake::Recall { revision }),
+                _ => Err(err()),
+            };
+        }
         if kind != GRANT && kind != SHED {
             return Err(err());
         }
@@ -174,6 +197,15 @@ mod tests {
         let mut long = s.clone();
         long.push(0);
         assert!(Wake::decode(&long).is_err(), "trailing shed");
+        let recall = Wake::Recall {
+            revision: "torchserve".into(),
+        };
+        let r = recall.encode();
+        assert_eq!(Wake::decode(&r).as_ref(), Ok(&recall));
+        assert!(Wake::decode(&r[..r.len() - 1]).is_err(), "truncated recall");
+        let mut long = r.clone();
+        long.push(0);
+        assert!(Wake::decode(&long).is_err(), "trailing recall");
         let mut bad = g.encode();
         bad[2] = 0xff;
         assert!(Wake::decode(&bad).is_err(), "not utf-8");

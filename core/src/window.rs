@@ -197,6 +197,11 @@ impl Demand {
         self.level = new_level;
     }
 
+    /// Adds `ms` request-milliseconds integrated elsewhere (a worker's leased slots).
+    pub fn add(&mut self, ms: u64) {
+        self.settled_ms = self.settled_ms.saturating_add(ms);
+    }
+
     /// The current demand (in-flight + queued).
     pub fn level(&self) -> u32 {
         self.level

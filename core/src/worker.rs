@@ -52,7 +52,9 @@ use std::rc::Rc;
 use thiserror::Error;
 
 mod fleet_ops;
+mod lease_ops;
 pub use fleet_ops::NodeFacts;
+pub use lease_ops::recall_key;
 
 /// Bound on slot hand-overs in one delivery (each failed hand-over releases to the next waiter).
 pub const MAX_HANDOVERS: usize = 10_000;
@@ -245,6 +247,8 @@ enum StreamState {
         rev: RevisionId,
         /// The endpoint its slot is on, when picked.
         endpoint: Option<Pick>,
+        /// The slot lease it was admitted on (0: none, an ordinary slot).
+        lease: u32,
     },
 }
 
@@ -265,6 +269,9 @@ struct RevisionVm {
     /// Slots exist only on known endpoints (endpoint picking from the admin poll, or a fleet):
     /// until the first poll lists them, the revision counts no ready endpoint and requests wait.
     needs_endpoints: bool,
+    /// The revision's recall epoch key, and this VM's slot lease (`lease_ops`).
+    recall_key: String,
+    lease: lease_ops::LocalLease,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -282,8 +289,11 @@ pub struct Worker<H: Host> {
     revisions: Vec<RevisionVm>,
     /// Every stream that holds a slot or a ticket, by context id.
     streams: HashMap<u32, StreamState>,
-    /// Slots of streams that ended before their response (revision, endpoint id), with when.
-    abandoned: Vec<(RevisionId, u32, u64)>,
+    /// Slots of streams that ended before their response (revision, endpoint id, lease id),
+    /// with when.
+    abandoned: Vec<(RevisionId, u32, u32, u64)>,
+    /// The last slot lease id handed out.
+    lease_ids: u32,
     wake_tokens: HashMap<u32, u32>,
     /// Clusters this VM recorded behind host matches: `Some(rev)`, or `None` once found
     /// ambiguous (so each is written to shared data once).
@@ -324,6 +334,7 @@ impl<H: Host> Worker<H> {
             revisions: Vec::new(),
             streams: HashMap::new(),
             abandoned: Vec::new(),
+            lease_ids: 0,
             wake_tokens: HashMap::new(),
             learned_clusters: HashMap::new(),
             poll: Poll::Idle,
@@ -347,6 +358,8 @@ impl<H: Host> Worker<H> {
     /// Parses, validates and installs a plugin configuration; the previous one stays on error.
     pub fn configure(&mut self, bytes: &[u8], now: u64) -> Result<Rc<Config>, ConfigureError> {
         let config = Config::parse(bytes)?;
+        // Leases are per revision of the running configuration: give them back first.
+        self.give_all_leases_back(now);
         let generation =
             config_generation(&self.host, bytes).map_err(ConfigureError::Generation)?;
         let mut revisions = Vec::with_capacity(config.revisions.len());
@@ -366,6 +379,8 @@ impl<H: Host> Worker<H> {
                 needs_endpoints: r.upstream_cluster.is_some()
                     && config.membership.is_some()
                     && (config.fleet.is_some() || config.endpoint_header.is_some()),
+                recall_key: recall_key(&r.name),
+                lease: lease_ops::LocalLease::default(),
             });
         }
         log::info!(
@@ -439,7 +454,7 @@ impl<H: Host> Worker<H> {
                 }
             };
         };
-        let (Some(rc), Some(r)) = (config.revision(rev), self.revisions.get(rev.0)) else {
+        let (Some(rc), Some(_)) = (config.revision(rev), self.revisions.get(rev.0)) else {
             self.route(&config, context, None);
             return Verdict::Continue;
         };
@@ -457,54 +472,126 @@ impl<H: Host> Worker<H> {
             .as_deref()
             .and_then(|h| facts.header(h))
             .map_or(0, |key| fairness_group(&key));
+        // A spare slot of this VM's lease admits without touching shared state.
+        let lease_ask = self.lease_ask(&config, rev, rc);
+        if lease_ask > 0 && self.admit_on_lease(rev, context, now) {
+            self.route(&config, context, None);
+            self.count(rev, class, Outcome::Admitted);
+            return Verdict::Continue;
+        }
         // In a fleet, a request that cannot be admitted here goes to a peer with a free slot;
         // or, when this gateway owns no slot of the revision, to any peer with slots.
         let may_forward = config.fleet.is_some() && !forwarded_in;
-        let fleet = &self.fleet;
-        let admission = store::update_revision(&self.host, &r.key, |s| {
-            let mut limits = r.limits(rc, s);
-            if may_forward && !s.can_admit(limits) {
-                let owned = s.endpoint_slots(limits.per_endpoint).unwrap_or(0);
-                if let Some(peer) = fleet.forward_target(&rc.name, now, owned == 0) {
-                    return Err(peer);
-                }
-            }
-            if draining {
-                // Admitted if a slot is free; nothing new waits (or evicts) on a gateway that
-                // goes away.
-                limits.buffer = 0;
-            }
-            let arrival = Arrival {
-                owner,
-                class,
-                group,
-                class_buffer: rc.class_buffer(class, limits.buffer),
-            };
-            let (admission, evicted) = s.try_admit_as(limits, arrival, now);
-            Ok((admission, evicted, limits))
-        });
-        let admission = match admission {
-            Ok(Err(peer)) => {
-                self.route(&config, context, None);
-                if let Some(f) = &config.fleet {
-                    self.effects.push(Effect::Forward {
-                        context,
-                        header: Rc::clone(&f.forward_header),
-                        peer: Some(peer.clone()),
-                    });
-                }
-                self.fleet.forwarded_to(&peer);
-                self.count(rev, class, Outcome::Forwarded);
+        let me = self.id;
+        let headroom = config.slot_lease.headroom;
+        let mut recalled = false;
+        let (admission, epoch) = loop {
+            let Some(r) = self.revisions.get(rev.0) else {
                 return Verdict::Continue;
+            };
+            // Read before the swap: a lease taken in it holds only while the epoch does.
+            let epoch = (lease_ask > 0 || r.lease.slots > 0)
+                .then(|| lease_ops::read_epoch(&self.host, &r.recall_key))
+                .flatten();
+            let give_back = r.lease.slots > 0 && (lease_ask == 0 || epoch != Some(r.lease.epoch));
+            let fleet = &self.fleet;
+            let lease = &r.lease;
+            let swapped = store::update(
+                &self.host,
+                &r.key,
+                store::load_revision,
+                RevisionState::encode,
+                |s| {
+                    let mut limits = r.limits(rc, s);
+                    if may_forward && !s.can_admit(limits) {
+                        let owned = s.endpoint_slots(limits.per_endpoint).unwrap_or(0);
+                        if let Some(peer) = fleet.forward_target(&rc.name, now, owned == 0) {
+                            return Change::Keep(Err(Detour::Forward(peer)));
+                        }
+                    }
+                    if draining {
+                        // Admitted if a slot is free; nothing new waits (or evicts) on a
+                        // gateway that goes away.
+                        limits.buffer = 0;
+                    }
+                    let mut change = lease_ops::LeaseChange::default();
+                    if lease.slots > 0 || lease.pending_ms(now) > 0 {
+                        s.merge_lease(me, lease.pending_ms(now), lease.used);
+                    }
+                    // This VM's own lease goes back before this arrival could wait behind it.
+                    if lease.slots > 0
+                        && (give_back || s.should_recall(limits, headroom) || !s.can_admit(limits))
+                    {
+                        change.grants = s.return_lease(me, lease.used, limits, now);
+                        change.returned = true;
+                    }
+                    // Strict FIFO: before this arrival waits (or is shed), no lease may admit.
+                    if !recalled && s.leases().iter().any(|l| l.vm != me) && !s.can_admit(limits) {
+                        let lessees = s.leases().iter().map(|l| l.vm).filter(|vm| *vm != me);
+                        return Change::Keep(Err(Detour::Recall(lessees.collect())));
+                    }
+                    let arrival = Arrival {
+                        owner,
+                        class,
+                        group,
+                        class_buffer: rc.class_buffer(class, limits.buffer),
+                    };
+                    let (admission, evicted) = s.try_admit_as(limits, arrival, now);
+                    if lease_ask > 0
+                        && epoch.is_some()
+                        && matches!(admission, Admission::Admitted { endpoint: None })
+                        && (change.returned || lease.slots == 0 || !give_back)
+                    {
+                        change.taken = s.lease(me, lease_ask, headroom, limits, now);
+                    }
+                    if s.should_recall(limits, headroom) {
+                        change.recall = s
+                            .leases()
+                            .iter()
+                            .map(|l| l.vm)
+                            .filter(|vm| *vm != me)
+                            .collect();
+                    }
+                    Change::Write(Ok((admission, evicted, limits, change)))
+                },
+            );
+            match swapped {
+                Ok(Err(Detour::Recall(lessees))) => {
+                    self.recall(rev, &lessees);
+                    recalled = true;
+                }
+                Ok(Err(Detour::Forward(peer))) => {
+                    self.route(&config, context, None);
+                    if let Some(f) = &config.fleet {
+                        self.effects.push(Effect::Forward {
+                            context,
+                            header: Rc::clone(&f.forward_header),
+                            peer: Some(peer.clone()),
+                        });
+                    }
+                    self.fleet.forwarded_to(&peer);
+                    self.count(rev, class, Outcome::Forwarded);
+                    return Verdict::Continue;
+                }
+                Ok(Ok(a)) => break (Ok(a), epoch),
+                Err(e) => break (Err(e), epoch),
             }
-            Ok(Ok(a)) => Ok(a),
-            Err(e) => Err(e),
         };
+        let admission = admission.map(|(admission, evicted, limits, change)| {
+            self.lease_swapped(rev, change, epoch, now);
+            (admission, evicted, limits)
+        });
         match admission {
             Ok((Admission::Admitted { endpoint }, _, _)) => {
                 self.route(&config, context, endpoint.as_ref());
-                self.streams
-                    .insert(context, StreamState::Admitted { rev, endpoint });
+                self.streams.insert(
+                    context,
+                    StreamState::Admitted {
+                        rev,
+                        endpoint,
+                        lease: 0,
+                    },
+                );
                 self.count(rev, class, Outcome::Admitted);
                 Verdict::Continue
             }
@@ -616,6 +703,7 @@ impl<H: Host> Worker<H> {
         let Some(StreamState::Admitted {
             rev,
             endpoint: Some(pick),
+            ..
         }) = self.streams.get(&context)
         else {
             return;
@@ -663,11 +751,20 @@ impl<H: Host> Worker<H> {
         match self.streams.remove(&context) {
             // Envoy destroys filters in chain order, so the router resets the upstream request
             // of a stream that ended early only after this callback: hold its slot a while.
-            Some(StreamState::Admitted { rev, endpoint }) if !response_complete => {
-                self.abandoned.push((rev, pick_id(endpoint.as_ref()), now));
+            Some(StreamState::Admitted {
+                rev,
+                endpoint,
+                lease,
+            }) if !response_complete => {
+                self.abandoned
+                    .push((rev, pick_id(endpoint.as_ref()), lease, now));
             }
-            Some(StreamState::Admitted { rev, endpoint }) => {
-                self.release(rev, pick_id(endpoint.as_ref()), now);
+            Some(StreamState::Admitted {
+                rev,
+                endpoint,
+                lease,
+            }) => {
+                self.end_slot(rev, pick_id(endpoint.as_ref()), lease, now);
             }
             Some(StreamState::Waiting {
                 rev, ticket, class, ..
@@ -821,14 +918,22 @@ impl<H: Host> Worker<H> {
             return;
         }
         let mut due = Vec::new();
-        self.abandoned.retain(|(rev, endpoint, since)| {
+        self.abandoned.retain(|(rev, endpoint, lease, since)| {
             let ripe = now.saturating_sub(*since) >= ABANDONED_HOLD_MS;
             if ripe {
-                due.push((*rev, *endpoint));
+                due.push((*rev, *endpoint, *lease));
             }
             !ripe
         });
-        for (rev, endpoint) in due {
+        for (rev, endpoint, lease) in due {
+            self.end_slot(rev, endpoint, lease, now);
+        }
+    }
+
+    /// A stream's slot frees: back to this VM's lease if it was admitted on the lease still
+    /// held, else released in shared state.
+    fn end_slot(&mut self, rev: RevisionId, endpoint: u32, lease: u32, now: u64) {
+        if !self.end_on_lease(rev, lease, now) {
             self.release(rev, endpoint, now);
         }
     }
@@ -914,6 +1019,7 @@ impl<H: Host> Worker<H> {
                 ticket,
                 context,
             }) => self.on_evicted(&revision, ticket, context),
+            Ok(Wake::Recall { revision }) => self.on_recall(&revision, now),
             Err(e) => log::warn!("{e}"),
         }
     }
@@ -942,8 +1048,14 @@ impl<H: Host> Worker<H> {
                 class,
             }) if wr == rev && t == ticket => {
                 self.route(&config, context, endpoint.as_ref());
-                self.streams
-                    .insert(context, StreamState::Admitted { rev, endpoint });
+                self.streams.insert(
+                    context,
+                    StreamState::Admitted {
+                        rev,
+                        endpoint,
+                        lease: 0,
+                    },
+                );
                 self.count(rev, class, Outcome::Admitted);
                 let ms = now.saturating_sub(since_ms);
                 self.effects.push(Effect::QueueWait { rev, ms });
@@ -1001,8 +1113,13 @@ impl<H: Host> Worker<H> {
     /// goes to the next ticket.
     pub fn on_resume_failed(&mut self, context: u32, now: u64) {
         log::debug!("resuming stream {context} failed");
-        if let Some(StreamState::Admitted { rev, endpoint }) = self.streams.remove(&context) {
-            self.release(rev, pick_id(endpoint.as_ref()), now);
+        if let Some(StreamState::Admitted {
+            rev,
+            endpoint,
+            lease,
+        }) = self.streams.remove(&context)
+        {
+            self.end_slot(rev, pick_id(endpoint.as_ref()), lease, now);
         }
     }
 
@@ -1017,6 +1134,7 @@ impl<H: Host> Worker<H> {
     /// that had just been lowered.)
     pub fn on_root_done(&mut self, now: u64) -> bool {
         self.release_abandoned(now);
+        self.give_all_leases_back(now);
         self.may_end()
     }
 
@@ -1188,8 +1306,15 @@ impl<H: Host> Worker<H> {
         let Some(r) = self.revisions.get(rev.0) else {
             return;
         };
+        let me = self.id;
+        let headroom = config.slot_lease.headroom;
+        // A lease no request used since the last tick goes back (so does one on a revision
+        // that may no longer lease, e.g. the gateway drains).
+        let idle = r.lease.admits == 0 || !self.may_lease(config, rev);
         let housekeeping = store::update_revision(&self.host, &r.key, |s| {
             let mut h = Housekeeping::default();
+            let limits = r.limits(rc, s);
+            h.lease = Self::lease_in_swap(me, &r.lease, s, limits, headroom, idle, 0, now);
             for d in &dead {
                 let (slots, waiters, grants) = s.reap_vm(*d, r.limits(rc, s), now);
                 h.reclaimed_slots += slots;
@@ -1204,6 +1329,15 @@ impl<H: Host> Worker<H> {
             h.state = s.clone();
             h
         });
+        let mut h = housekeeping;
+        if let Ok(h) = &mut h {
+            let change = std::mem::take(&mut h.lease);
+            self.lease_swapped(rev, change, None, now);
+            if let Some(r) = self.revisions.get_mut(rev.0) {
+                r.lease.admits = 0;
+            }
+        }
+        let housekeeping = h;
         let h = match housekeeping {
             Ok(h) => h,
             Err(e) => {
@@ -1226,7 +1360,6 @@ impl<H: Host> Worker<H> {
                 rc.name
             );
         }
-        let me = self.id;
         if let Some(r) = self.revisions.get_mut(rev.0) {
             r.seen = others(&h.state, me);
         }
@@ -1244,7 +1377,7 @@ impl<H: Host> Worker<H> {
         let observation = Observation {
             now_ms: now,
             demand_ms: h.state.demand_ms(now).saturating_add(peers.demand_ms),
-            active: h.state.active.saturating_add(peers.active),
+            active: h.state.in_flight().saturating_add(peers.active),
             queued: h.state.queued().saturating_add(peers.queued),
             capacity: h.limits.and_then(|l| l.capacity),
             ready,
@@ -1259,7 +1392,7 @@ impl<H: Host> Worker<H> {
         };
         self.step_autoscaler(rc, rev, &observation);
         for (gauge, value) in [
-            (Gauge::Active, u64::from(h.state.active)),
+            (Gauge::Active, u64::from(h.state.in_flight())),
             (Gauge::Queued, u64::from(h.state.queued())),
             (Gauge::Capacity, capacity.map_or(0, u64::from)),
             (Gauge::ReadyReplicas, u64::from(ready)),
@@ -1536,6 +1669,7 @@ impl RevisionVm {
 /// What one tick's CAS on a revision did.
 #[derive(Default)]
 struct Housekeeping {
+    lease: lease_ops::LeaseChange,
     reclaimed_slots: u32,
     reclaimed_waiters: usize,
     reaped: usize,
@@ -1543,6 +1677,13 @@ struct Housekeeping {
     limits: Option<Limits>,
     demand_delta_ms: u64,
     state: RevisionState,
+}
+
+/// Why an arrival's swap wrote nothing: forward it to a peer gateway, or recall the other VMs'
+/// slot leases (these VMs) and decide again.
+enum Detour {
+    Forward(String),
+    Recall(Vec<u32>),
 }
 
 /// What [`Worker::learn_cluster`]'s CAS found.

@@ -74,6 +74,29 @@ struct Root {
     /// Envoy asked this root to end while slots of ended streams were still held: it keeps
     /// ticking until they are released, then tells Envoy it is done.
     ending: bool,
+    /// This VM's wake queue, once a notification named it.
+    queue: Option<u32>,
+}
+
+impl Root {
+    /// Takes up to `n` messages from the wake queue to the worker.
+    fn dequeue(&self, n: usize) {
+        let Some(queue_id) = self.queue else {
+            return;
+        };
+        for _ in 0..n {
+            match hostcalls::dequeue_shared_queue(queue_id) {
+                Ok(Some(message)) => {
+                    with_worker(&self.vm, |w| w.on_wake(&message, clock::now_ms()));
+                }
+                Ok(None) => break,
+                Err(e) => {
+                    log::warn!("dequeue from wake queue failed: {e:?}");
+                    break;
+                }
+            }
+        }
+    }
 }
 
 impl Context for Root {
@@ -126,21 +149,15 @@ impl RootContext for Root {
     }
 
     fn on_queue_ready(&mut self, queue_id: u32) {
-        loop {
-            match hostcalls::dequeue_shared_queue(queue_id) {
-                Ok(Some(message)) => {
-                    with_worker(&self.vm, |w| w.on_wake(&message, clock::now_ms()));
-                }
-                Ok(None) => break,
-                Err(e) => {
-                    log::warn!("dequeue from wake queue failed: {e:?}");
-                    break;
-                }
-            }
-        }
+        // Envoy notifies once per message enqueued, so one dequeue per notification takes
+        // every message (a second would only find the queue empty: one host call per grant
+        // saved). The tick drains whatever a lost notification would leave.
+        self.queue = Some(queue_id);
+        self.dequeue(1);
     }
 
     fn on_tick(&mut self) {
+        self.dequeue(usize::MAX);
         let may_end = with_worker(&self.vm, |w| {
             w.on_tick(clock::now_ms());
             w.may_end()
@@ -320,9 +337,12 @@ fn apply(vm: &SharedVm, effects: &mut Vec<Effect>) {
                 }
             }
             Effect::Resume { context } => {
-                effective = None;
-                let resumed = hostcalls::set_effective_context(context)
+                // A grant's header write just before made this stream effective already: one
+                // host call per grant saved. Resuming may run other callbacks, so nothing is
+                // assumed effective after it.
+                let resumed = make_effective(&mut effective, context)
                     .and_then(|()| hostcalls::resume_http_request());
+                effective = None;
                 if resumed.is_err() {
                     // The stream ended without on_done reaching us yet.
                     with_worker(vm, |w| w.on_resume_failed(context, clock::now_ms()));

@@ -58,6 +58,8 @@ struct Case {
     tick_ms: u64,
     revs: Vec<Rev>,
     ops: Vec<Op>,
+    /// `slotLease` (slots, headroom); `None`: the default.
+    lease: Option<(u32, u32)>,
 }
 
 fn rev_strategy() -> impl Strategy<Value = Rev> {
@@ -98,7 +100,17 @@ fn case_strategy() -> impl Strategy<Value = Case> {
             tick_ms,
             revs,
             ops,
+            lease: None,
         })
+}
+
+/// Cases with slot leases small enough to be taken, used and recalled at these small limits.
+fn lease_case_strategy() -> impl Strategy<Value = Case> {
+    (case_strategy(), 1u32..=3, 0u32..=3).prop_map(|(mut case, slots, headroom)| {
+        case.workers = case.workers.clamp(2, 4);
+        case.lease = Some((slots, headroom));
+        case
+    })
 }
 
 fn authority(rev: usize) -> String {
@@ -131,12 +143,16 @@ fn config(case: &Case) -> String {
             v
         })
         .collect();
-    json!({"revisions": revs, "tick": format!("{}ms", case.tick_ms), "retryAfter": "1s"})
-        .to_string()
+    let mut config =
+        json!({"revisions": revs, "tick": format!("{}ms", case.tick_ms), "retryAfter": "1s"});
+    if let Some((slots, headroom)) = case.lease {
+        config["slotLease"] = json!({"slots": slots, "headroom": headroom});
+    }
+    config.to_string()
 }
 
 /// What the test knows about each request: its revision and, for paused ones, the order in
-/// which they took tickets (pauses are synchronous, so this is ticket order).
+/// which they took tickets (arrivals are one at a time, so this is ticket order).
 struct Model {
     rev_of: Vec<usize>,
     paused_order: Vec<Vec<Req>>,
@@ -222,8 +238,22 @@ fn run_case(case: &Case, with_bodies: bool, t: &Totals) -> Result<(), TestCaseEr
                 }
                 let r = req.send();
                 model.rev_of.push(rev);
-                if h.state(r) == State::Paused {
+                // Paused, or paused and already resumed: a wait can end within the arrival's own
+                // turn when other workers' slot leases are recalled and come back at once.
+                if matches!(h.state(r), State::Paused | State::Resumed { .. }) {
                     model.paused_order[rev].push(r);
+                }
+                // Strict FIFO: nobody gets in on arrival while an earlier request of its
+                // revision waits (a leased slot included).
+                if h.state(r) == State::Admitted {
+                    let earlier = model.paused_order[rev].iter().find(|w| {
+                        let s = h.stream(**w);
+                        s.state == State::Paused && s.ended.is_none()
+                    });
+                    prop_assert!(
+                        earlier.is_none(),
+                        "op {n}: {r:?} admitted on arrival while {earlier:?} of r{rev} waits"
+                    );
                 }
             }
             Op::Finish { pick, status } => {
@@ -347,6 +377,13 @@ fn random_interleavings_keep_the_invariants() {
     run("GET", cases, false);
 }
 
+/// With slot leases at these small limits (1–3 slots, headroom 0–3, 2–4 workers), so leases
+/// are taken, used, given back and recalled: the same invariants, strict FIFO on arrival too.
+#[test]
+fn random_interleavings_with_slot_leases_keep_the_invariants() {
+    run_with("leases", 1500, false, lease_case_strategy());
+}
+
 /// The same with half of the arrivals being POSTs with a body (the reference load).
 #[test]
 fn random_interleavings_with_request_bodies_keep_the_invariants() {
@@ -354,6 +391,10 @@ fn random_interleavings_with_request_bodies_keep_the_invariants() {
 }
 
 fn run(name: &str, cases: u32, with_bodies: bool) {
+    run_with(name, cases, with_bodies, case_strategy());
+}
+
+fn run_with(name: &str, cases: u32, with_bodies: bool, strategy: impl Strategy<Value = Case>) {
     let filter = Filter::built(); // build and compile outside the timing
     drop(Host::new(
         filter,
@@ -367,9 +408,7 @@ fn run(name: &str, cases: u32, with_bodies: bool) {
     });
     let start = Instant::now();
     let totals = Totals::default();
-    let result = runner.run(&case_strategy(), |case| {
-        run_case(&case, with_bodies, &totals)
-    });
+    let result = runner.run(&strategy, |case| run_case(&case, with_bodies, &totals));
     let secs = start.elapsed().as_secs_f64();
     eprintln!(
         "emu_props {name}: {cases} cases in {secs:.1} s = {:.0} cases/s",

@@ -3,6 +3,7 @@
 //! chosen here.
 
 use super::*;
+use crate::admission::Lease;
 use crate::store::fake::{FakeHost, World};
 use proptest::prelude::*;
 use serde_json::json;
@@ -1186,4 +1187,179 @@ fn a_root_that_ends_with_held_slots_lives_until_they_are_released() {
     assert_eq!(g.state().active, 0, "released by the root's own tick");
     // With nothing held a root ends at once.
     assert!(g.workers[0].on_root_done(100));
+}
+
+// ---- slot leases ---------------------------------------------------------------------------
+
+fn leasing(cc: u32, buffer: u32, slots: u32, headroom: u32) -> serde_json::Value {
+    let mut c = one_revision(cc, buffer);
+    c["slotLease"] = json!({"slots": slots, "headroom": headroom});
+    c
+}
+
+impl Gateway {
+    /// The swap counter of the revision's record: it moves with every write.
+    fn writes(&self) -> u32 {
+        self.world.borrow().shared[&store::revision_key("rev-a")].1
+    }
+}
+
+#[test]
+fn a_lease_admits_and_releases_without_writing_shared_state() {
+    let mut g = gateway(2, leasing(1000, 10, 8, 64));
+    let a = host("a.test");
+    // The first arrival goes through shared state and takes 8 slots ahead.
+    assert_eq!(g.request(0, 1, &a, 0), Verdict::Continue);
+    let s = g.state();
+    assert_eq!((s.active, s.in_flight()), (9, 1));
+    let me = g.workers[0].id();
+    assert_eq!(
+        s.leases(),
+        &[Lease {
+            vm: me,
+            slots: 8,
+            used: 0
+        }]
+    );
+    let before = g.writes();
+    for c in 2..=9 {
+        assert_eq!(g.request(0, c, &a, 1), Verdict::Continue);
+    }
+    for c in 2..=9 {
+        g.workers[0].on_done(c, true, 5);
+    }
+    assert_eq!(
+        g.writes(),
+        before,
+        "8 admits and 8 ends on the lease wrote nothing"
+    );
+    assert_eq!(g.count(0, Outcome::Admitted), 9);
+    // The ninth on the lease finds it full: shared state again, and 8 more slots.
+    for c in 10..=18 {
+        assert_eq!(g.request(0, c, &a, 6), Verdict::Continue);
+    }
+    assert!(g.writes() > before);
+    assert_eq!(
+        g.state().active,
+        1 + 8 + 1 + 8,
+        "stream 1, the first lease, stream 18 and the second lease"
+    );
+    for c in 10..=18 {
+        g.workers[0].on_done(c, true, 7);
+    }
+    g.workers[0].on_done(1, true, 8);
+    // A tick with lease admits since the last keeps the lease; the next, with none, gives it
+    // back, and the state is empty again.
+    g.workers[0].on_tick(100);
+    assert_eq!(g.state().in_flight(), 0);
+    g.workers[0].on_tick(200);
+    let s = g.state();
+    assert_eq!((s.active, s.queued(), s.leases().len()), (0, 0, 0));
+    assert_eq!(s.holders().count(), 0);
+}
+
+#[test]
+fn no_lease_near_the_limit_and_leases_come_back_when_it_nears() {
+    // cc 20, headroom 8, slots 4: a lease only while at least 12 slots are free.
+    let mut g = gateway(2, leasing(20, 10, 4, 8));
+    let a = host("a.test");
+    g.request(0, 1, &a, 0);
+    assert_eq!(g.state().active, 5, "leased: 19 free ≥ 4 + 8");
+    let mut c = 100;
+    // Worker 1 fills up through shared state (and leases while there is room).
+    while g.state().active < 17 {
+        c += 1;
+        assert_eq!(g.request(1, c, &a, 1), Verdict::Continue);
+    }
+    // Fewer than headroom / 2 free: the next swap recalls the other worker's lease.
+    c += 1;
+    g.request(1, c, &a, 2);
+    assert!(g.state().leases().iter().any(|l| l.vm == g.workers[0].id()));
+    g.wake(0, 3);
+    let s = g.state();
+    assert!(
+        s.leases().iter().all(|l| l.vm != g.workers[0].id()),
+        "worker 0 gave its lease back: {:?}",
+        s.leases()
+    );
+}
+
+#[test]
+fn an_arrival_that_would_wait_recalls_the_leases_and_waits_first_in_line() {
+    // cc 10, slots 4, headroom 0: two workers lease everything between them.
+    let mut g = gateway(2, leasing(10, 5, 4, 0));
+    let a = host("a.test");
+    g.request(0, 1, &a, 0); // worker 0: 1 in flight, 4 leased spare
+    for c in 10..=14 {
+        assert_eq!(g.request(1, c, &a, 1), Verdict::Continue); // 1 + 4 on its lease
+    }
+    assert_eq!(g.state().active, 10);
+    // Worker 1's next arrival finds no slot while worker 0 holds 4 spare: it recalls them
+    // (the epoch moves first), gives its own lease back, and waits.
+    assert_eq!(g.request(1, 15, &a, 2), Verdict::Pause);
+    // Worker 0 sees a request before the recall message: its lease no longer admits, it goes
+    // through shared state, where giving the lease back grants stream 15 first.
+    assert_eq!(g.request(0, 2, &a, 3), Verdict::Continue);
+    g.wake(1, 4);
+    assert_eq!(
+        g.resumed(1),
+        vec![15],
+        "the waiter got a slot before stream 2 did"
+    );
+    g.wake(0, 5); // the recall finds nothing left to give
+    let s = g.state();
+    assert_eq!(
+        (s.active, s.queued()),
+        (8, 0),
+        "streams 1, 2, 10–15 in flight"
+    );
+    assert!(s.leases().is_empty(), "{:?}", s.leases());
+    // Every slot still frees: the lease streams of worker 1 end through shared state now.
+    for c in 10..=15 {
+        g.workers[1].on_done(c, true, 6);
+    }
+    for c in [1, 2] {
+        g.workers[0].on_done(c, true, 6);
+    }
+    assert_eq!(g.state().active, 0);
+}
+
+#[test]
+fn demand_with_leases_equals_demand_without() {
+    // The same schedule on two gateways, leases on and off: the shared demand integral after
+    // the ticks is the same request-millisecond for request-millisecond.
+    let schedule = |g: &mut Gateway| {
+        let a = host("a.test");
+        let mut t = 0;
+        for round in 0..5u32 {
+            for w in 0..2 {
+                for k in 0..6 {
+                    let c = 1000 * round + 100 * w as u32 + k;
+                    t += 3;
+                    g.request(w, c, &a, t);
+                }
+            }
+            for w in 0..2 {
+                for k in 0..6 {
+                    let c = 1000 * round + 100 * w as u32 + k;
+                    t += 7;
+                    g.workers[w].on_done(c, true, t);
+                }
+            }
+            t += 40;
+            for w in 0..2 {
+                g.workers[w].on_tick(t);
+            }
+        }
+        for w in 0..2 {
+            g.workers[w].on_tick(t + 100);
+            g.workers[w].on_tick(t + 200);
+        }
+        let s = g.state();
+        (s.active, s.leases().len(), s.demand_ms(t + 300))
+    };
+    let with = schedule(&mut gateway(2, leasing(1000, 10, 8, 64)));
+    let without = schedule(&mut gateway(2, leasing(1000, 10, 0, 64)));
+    assert!(with.2 > 0);
+    assert_eq!(with, without);
 }
