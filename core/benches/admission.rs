@@ -10,7 +10,10 @@
 //! Run: `cargo bench -p inflight-core --bench admission` (add `-- --quick` for a fast pass).
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
-use inflight_core::{Admission, Config, Limits, Owner, RevisionState};
+use inflight_core::store::{Host, HostError};
+use inflight_core::{Admission, Config, Limits, Owner, RequestFacts, RevisionState, Worker};
+use std::cell::RefCell;
+use std::collections::HashMap;
 use std::hint::black_box;
 
 const OWNER: Owner = Owner { vm: 1, context: 7 };
@@ -208,5 +211,91 @@ fn identify(c: &mut Criterion) {
     g.finish();
 }
 
-criterion_group!(benches, admit_release, codec, contention, identify);
+/// Shared data as Envoy keeps it (a map of bytes and CAS values), for the worker's whole path.
+#[derive(Default)]
+struct MapHost {
+    shared: RefCell<HashMap<String, (Vec<u8>, u32)>>,
+    cas: RefCell<u32>,
+}
+
+impl Host for MapHost {
+    fn get(&self, key: &str) -> Result<(Option<Vec<u8>>, Option<u32>), HostError> {
+        Ok(match self.shared.borrow().get(key) {
+            Some((v, c)) => (Some(v.clone()), Some(*c)),
+            None => (None, None),
+        })
+    }
+    fn set(&self, key: &str, value: &[u8], cas: Option<u32>) -> Result<(), HostError> {
+        let mut shared = self.shared.borrow_mut();
+        if let (Some(c), Some((_, now))) = (cas, shared.get(key)) {
+            if c != *now {
+                return Err(HostError::CasMismatch);
+            }
+        }
+        let mut n = self.cas.borrow_mut();
+        *n += 1;
+        shared.insert(key.to_string(), (value.to_vec(), *n));
+        Ok(())
+    }
+    fn register_queue(&self, _name: &str) -> Result<u32, HostError> {
+        Ok(1)
+    }
+    fn enqueue(&self, _token: u32, _message: &[u8]) -> Result<(), HostError> {
+        Ok(())
+    }
+}
+
+struct Facts;
+
+impl RequestFacts for Facts {
+    fn authority(&self) -> Option<String> {
+        Some("r0.example.com".into())
+    }
+    fn cluster(&self) -> Option<String> {
+        None
+    }
+    fn header(&self, _name: &str) -> Option<String> {
+        None
+    }
+}
+
+/// The worker's whole request path (identify, admit, route, count; then the end), natively:
+/// with slot leases (the default: one recall-epoch read, no write) and without (two swaps of
+/// the revision record), limit never reached.
+fn worker_path(c: &mut Criterion) {
+    let mut g = c.benchmark_group("worker_request");
+    for (name, slots) in [("slot_lease", 8), ("no_lease", 0)] {
+        let config = format!(
+            r#"{{"revisions":[{{"name":"r0","hosts":["r0.example.com"],"containerConcurrency":1000000,"readyReplicas":1,"bufferDepth":1000}}],"slotLease":{{"slots":{slots}}}}}"#
+        );
+        let Ok(mut w) = Worker::start(MapHost::default()) else {
+            return;
+        };
+        if w.configure(config.as_bytes(), 0).is_err() {
+            return;
+        }
+        let mut effects = Vec::new();
+        let mut t = 0;
+        g.bench_function(name, |b| {
+            b.iter(|| {
+                t += 1;
+                let v = w.on_request(7, &Facts, t);
+                w.on_done(7, true, t);
+                w.take_effects(&mut effects);
+                effects.clear();
+                black_box(v)
+            })
+        });
+    }
+    g.finish();
+}
+
+criterion_group!(
+    benches,
+    admit_release,
+    codec,
+    contention,
+    identify,
+    worker_path
+);
 criterion_main!(benches);

@@ -32,6 +32,10 @@
 //!   and the adapter names it in the endpoint header ([`Effect::Route`]) for Envoy's
 //!   `override_host` policy; every other request passing the filter has a client's copy of that
 //!   header removed; the response is checked against the pick ([`Worker::on_response`]);
+//! - **slot leases** (`lease_ops`): far from its limit, a worker takes a few slots at once and
+//!   admits and releases on them without a shared-data write; a read of the revision's recall
+//!   epoch per arrival keeps strict FIFO (an arrival that would wait bumps it and recalls the
+//!   leases first), and lessees add the demand of their leased requests at each swap;
 //! - **the fleet** (`fleet` configured, `fleet_ops`): the same poll lists the peer gateways, and
 //!   the polling worker asks each peer for its report; each endpoint's cap (this gateway's
 //!   usable share of its slots) follows `crate::fleet`'s hand-over rule; a request this gateway
