@@ -489,6 +489,7 @@ impl<H: Host> Worker<H> {
         let me = self.id;
         let headroom = config.slot_lease.headroom;
         let mut recalled = false;
+        let leased_before = self.revisions.get(rev.0).is_some_and(|r| r.lease.slots > 0);
         let (admission, epoch) = loop {
             let Some(r) = self.revisions.get(rev.0) else {
                 return Verdict::Continue;
@@ -519,7 +520,8 @@ impl<H: Host> Worker<H> {
                         limits.buffer = 0;
                     }
                     let mut change = lease_ops::LeaseChange::default();
-                    if lease.slots > 0 || lease.pending_ms(now) > 0 {
+                    // Demand is pending only while a lease is held (giving one back merges it).
+                    if lease.slots > 0 {
                         s.merge_lease(me, lease.pending_ms(now), lease.used);
                     }
                     // This VM's own lease goes back before this arrival could wait behind it.
@@ -582,7 +584,9 @@ impl<H: Host> Worker<H> {
             }
         };
         let admission = admission.map(|(admission, evicted, limits, change)| {
-            self.lease_swapped(rev, change, epoch, now);
+            if change.taken > 0 || change.returned || !change.recall.is_empty() || leased_before {
+                self.lease_swapped(rev, change, epoch, now);
+            }
             (admission, evicted, limits)
         });
         match admission {

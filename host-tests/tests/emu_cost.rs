@@ -251,8 +251,8 @@ fn per_request_cost_by_phase() {
     let expected = [
         ("empty wasm filter", 0, 1_249),
         ("limit never reached", 4, 6_670),
-        ("picking", 8, 18_340),
-        ("at the cap (waits, then granted)", 13, 26_541),
+        ("picking", 8, 18_051),
+        ("at the cap (waits, then granted)", 13, 26_252),
     ];
     for (s, (name, calls, instr)) in all.iter().zip(expected) {
         assert_eq!(s.name, name);
