@@ -531,19 +531,17 @@ impl RevisionState {
     }
 
     /// Leases `n` more slots to worker VM `vm` if the revision is far from its limit: nobody
-    /// waits, slots are not tied to endpoints, there is a buffer (an arrival that does not fit
-    /// may wait while leases come back, not be shed), and after the lease at least `headroom`
-    /// slots stay free. Returns the slots leased (0 or `n`).
+    /// waits, slots are not tied to endpoints, there is a buffer or no limit (an arrival that
+    /// does not fit may wait while leases come back, not be shed), and after the lease at least
+    /// `headroom` slots stay free. Returns the slots leased (0 or `n`).
     pub fn lease(&mut self, vm: u32, n: u32, headroom: u32, limits: Limits, now_ms: u64) -> u32 {
         let room = limits
             .capacity
             .is_none_or(|cap| cap.saturating_sub(self.active) >= n.saturating_add(headroom));
-        if n == 0
-            || !room
-            || !self.waiters.is_empty()
-            || self.endpoints.is_some()
-            || limits.buffer == 0
-        {
+        // Without a buffer an arrival that finds the slots leased would be shed, not wait for
+        // them to come back; unlimited, nobody waits or is shed.
+        let no_buffer = limits.buffer == 0 && limits.capacity.is_some();
+        if n == 0 || !room || !self.waiters.is_empty() || self.endpoints.is_some() || no_buffer {
             return 0;
         }
         self.active = self.active.saturating_add(n);
@@ -595,6 +593,15 @@ impl RevisionState {
     /// The leases, by vm.
     pub fn leases(&self) -> &[Lease] {
         &self.leases
+    }
+
+    /// The VMs other than `me` holding a lease.
+    pub fn other_lessees(&self, me: u32) -> Vec<u32> {
+        self.leases
+            .iter()
+            .map(|l| l.vm)
+            .filter(|vm| *vm != me)
+            .collect()
     }
 
     /// Whether leases should come back now: somebody waits (strict FIFO: no leased slot may
@@ -1938,12 +1945,18 @@ mod tests {
         // Worker 1 dies: its lease and its slot come back.
         let (slots, _, _) = s.reap_vm(1, l, 20);
         assert_eq!((slots, s.active, s.leases().len()), (5, 3, 0));
-        // Nobody leases while somebody waits, or without a buffer.
+        // Nobody leases while somebody waits, or without a buffer under a limit.
         let mut full = RevisionState::default();
         full.try_admit(lim(1, 5), owner(1, 1), 0);
         full.try_admit(lim(1, 5), owner(1, 2), 0);
         assert_eq!(full.lease(1, 1, 0, lim(100, 5), 0), 0);
         assert_eq!(RevisionState::default().lease(1, 1, 0, lim(100, 0), 0), 0);
+        let unlimited = Limits {
+            capacity: None,
+            buffer: 0,
+            per_endpoint: None,
+        };
+        assert_eq!(RevisionState::default().lease(1, 8, 64, unlimited, 0), 8);
     }
 
     #[test]

@@ -533,8 +533,7 @@ impl<H: Host> Worker<H> {
                     }
                     // Strict FIFO: before this arrival waits (or is shed), no lease may admit.
                     if !recalled && s.leases().iter().any(|l| l.vm != me) && !s.can_admit(limits) {
-                        let lessees = s.leases().iter().map(|l| l.vm).filter(|vm| *vm != me);
-                        return Change::Keep(Err(Detour::Recall(lessees.collect())));
+                        return Change::Keep(Err(Detour::Recall(s.other_lessees(me))));
                     }
                     let arrival = Arrival {
                         owner,
@@ -551,12 +550,7 @@ impl<H: Host> Worker<H> {
                         change.taken = s.lease(me, lease_ask, headroom, limits, now);
                     }
                     if s.should_recall(limits, headroom) {
-                        change.recall = s
-                            .leases()
-                            .iter()
-                            .map(|l| l.vm)
-                            .filter(|vm| *vm != me)
-                            .collect();
+                        change.recall = s.other_lessees(me);
                     }
                     Change::Write(Ok((admission, evicted, limits, change)))
                 },

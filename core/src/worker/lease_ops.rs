@@ -175,12 +175,7 @@ impl<H: Host> Worker<H> {
             change.taken = s.lease(me, take, headroom, limits, now);
         }
         if s.should_recall(limits, headroom) {
-            change.recall = s
-                .leases()
-                .iter()
-                .map(|l| l.vm)
-                .filter(|vm| *vm != me)
-                .collect();
+            change.recall = s.other_lessees(me);
         }
         change
     }
