@@ -477,7 +477,7 @@ impl<H: Host> Worker<H> {
             .and_then(|h| facts.header(h))
             .map_or(0, |key| fairness_group(&key));
         // A spare slot of this VM's lease admits without touching shared state.
-        let lease_ask = self.lease_ask(&config, rev, rc);
+        let lease_ask = self.lease_ask(&config, rev);
         if lease_ask > 0 && self.admit_on_lease(rev, context, now) {
             self.route(&config, context, None);
             self.count(rev, class, Outcome::Admitted);

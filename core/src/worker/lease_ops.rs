@@ -21,7 +21,7 @@
 
 use super::{StreamState, Worker};
 use crate::admission::{Grant, RevisionState};
-use crate::config::{Config, Limits, RevisionConfig};
+use crate::config::{Config, Limits};
 use crate::store::{self, Host};
 use crate::table::RevisionId;
 use crate::wake::Wake;
@@ -301,7 +301,7 @@ impl<H: Host> Worker<H> {
     }
 
     /// The slot lease size to ask for in a swap admitting a request of `rc` (0: none).
-    pub(super) fn lease_ask(&self, config: &Config, rev: RevisionId, _rc: &RevisionConfig) -> u32 {
+    pub(super) fn lease_ask(&self, config: &Config, rev: RevisionId) -> u32 {
         if self.may_lease(config, rev) {
             config.slot_lease.slots
         } else {
