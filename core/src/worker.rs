@@ -585,15 +585,7 @@ impl<H: Host> Worker<H> {
         });
         match admission {
             Ok((Admission::Admitted { endpoint }, _, _)) => {
-                self.route(&config, context, endpoint.as_ref());
-                self.streams.insert(
-                    context,
-                    StreamState::Admitted {
-                        rev,
-                        endpoint,
-                        lease: 0,
-                    },
-                );
+                self.admit_ordinary(&config, context, rev, endpoint);
                 self.count(rev, class, Outcome::Admitted);
                 Verdict::Continue
             }
@@ -932,6 +924,26 @@ impl<H: Host> Worker<H> {
         }
     }
 
+    /// Stream `context` holds an ordinary slot of `rev` (on `endpoint` when picked): name the
+    /// endpoint for Envoy and remember the stream.
+    fn admit_ordinary(
+        &mut self,
+        config: &Config,
+        context: u32,
+        rev: RevisionId,
+        endpoint: Option<Pick>,
+    ) {
+        self.route(config, context, endpoint.as_ref());
+        self.streams.insert(
+            context,
+            StreamState::Admitted {
+                rev,
+                endpoint,
+                lease: 0,
+            },
+        );
+    }
+
     /// A stream's slot frees: back to this VM's lease if it was admitted on the lease still
     /// held, else released in shared state.
     fn end_slot(&mut self, rev: RevisionId, endpoint: u32, lease: u32, now: u64) {
@@ -1049,15 +1061,7 @@ impl<H: Host> Worker<H> {
                 since_ms,
                 class,
             }) if wr == rev && t == ticket => {
-                self.route(&config, context, endpoint.as_ref());
-                self.streams.insert(
-                    context,
-                    StreamState::Admitted {
-                        rev,
-                        endpoint,
-                        lease: 0,
-                    },
-                );
+                self.admit_ordinary(&config, context, rev, endpoint);
                 self.count(rev, class, Outcome::Admitted);
                 let ms = now.saturating_sub(since_ms);
                 self.effects.push(Effect::QueueWait { rev, ms });
